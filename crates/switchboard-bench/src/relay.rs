@@ -1,0 +1,406 @@
+//! `relay`: N clients on `/ws?id=i` sending to pseudo-random peers.
+//!
+//! Client `i` sends text frames
+//! `{"targets":[j],"payload":{"t":<send ns>,"from":i,"seq":k}}`; the server
+//! must deliver `{"t":…,"from":i,"seq":k}` (the JSON of the payload) to the
+//! connection registered as `j`. The peer `j` is a hash of `(i, k)`, so the
+//! receiver can check that a message reached the peer it was meant for.
+//!
+//! The loop is closed: each client has at most K messages in flight; a
+//! delivery observed by the receiver returns a permit to the sender. Before
+//! measuring, every client sends probe messages (sequence 0) to its neighbour
+//! until one arrives, which proves that every client is registered. After the
+//! window, senders stop and the tool waits (the drain period) until every sent
+//! message has been delivered; whatever is missing then is reported as lost.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, bail};
+use serde::{Deserialize, Serialize};
+use tokio::io::AsyncWriteExt;
+use tokio::sync::{Semaphore, watch};
+
+use crate::common::{Phase, Progress, client_path, wait_until};
+use crate::stats::{CpuUse, CpuWindow, Latency, Recorder, fmt_rate, now_ns};
+use crate::ws::{self, FastRng, Message, WsUrl, splitmix};
+
+/// Options of the `relay` workload.
+#[derive(clap::Args, Clone, Debug)]
+pub(crate) struct RelayArgs {
+    /// Relay endpoint; client i connects to `<url>?id=i` (or substitutes
+    /// `{i}` in the URL).
+    #[arg(long, default_value = "ws://127.0.0.1:8080/ws")]
+    pub(crate) url: String,
+    /// Number of clients.
+    #[arg(short = 'n', long, default_value_t = 100)]
+    pub(crate) clients: usize,
+    /// Messages in flight per client (not yet delivered).
+    #[arg(short = 'k', long, default_value_t = 4)]
+    pub(crate) inflight: usize,
+    /// Length of the measured window in seconds.
+    #[arg(long, default_value_t = 5.0)]
+    pub(crate) duration: f64,
+    /// Seconds to wait for in-flight messages after the window.
+    #[arg(long, default_value_t = 3.0)]
+    pub(crate) drain: f64,
+    /// PID of the server, to report deliveries per server CPU-second.
+    #[arg(long)]
+    pub(crate) server_pid: Option<u32>,
+    /// Concurrent handshakes while connecting.
+    #[arg(long, default_value_t = 64)]
+    pub(crate) connect_concurrency: usize,
+}
+
+/// Result of a `relay` run.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub(crate) struct RelayReport {
+    /// Always `"relay"`.
+    pub(crate) workload: String,
+    /// Clients requested.
+    pub(crate) clients: usize,
+    /// Connections that failed to open or broke during the run.
+    pub(crate) connection_errors: usize,
+    /// First error seen, if any.
+    pub(crate) first_error: Option<String>,
+    /// Messages in flight per client.
+    pub(crate) inflight: usize,
+    /// Messages sent in the window.
+    pub(crate) sent: u64,
+    /// Messages delivered (by the end of the drain period).
+    pub(crate) delivered: u64,
+    /// `sent - delivered` after the drain period.
+    pub(crate) lost: u64,
+    /// Deliveries beyond what was sent (duplicates).
+    pub(crate) duplicated: u64,
+    /// Deliveries that reached a client other than the target.
+    pub(crate) misdelivered: u64,
+    /// Frames that could not be parsed as a relay payload.
+    pub(crate) unparsable: u64,
+    /// Messages sent per second.
+    pub(crate) sent_per_sec: f64,
+    /// Deliveries per second.
+    pub(crate) delivered_per_sec: f64,
+    /// Deliveries per server CPU-second.
+    pub(crate) delivered_per_server_cpu_sec: Option<f64>,
+    /// One-way latency (send to delivery).
+    pub(crate) latency: Latency,
+    /// CPU use in the window (including the drain).
+    pub(crate) cpu: CpuUse,
+    /// True when nothing was lost, duplicated or misdelivered and no
+    /// connection failed.
+    pub(crate) ok: bool,
+}
+
+impl RelayReport {
+    /// Prints the human-readable summary.
+    pub(crate) fn print(&self) {
+        println!(
+            "relay: {} clients, {} in flight each",
+            self.clients, self.inflight
+        );
+        println!(
+            "  sent {} delivered {} lost {} duplicated {} misdelivered {} unparsable {} connection errors {}",
+            self.sent,
+            self.delivered,
+            self.lost,
+            self.duplicated,
+            self.misdelivered,
+            self.unparsable,
+            self.connection_errors
+        );
+        if let Some(e) = &self.first_error {
+            println!("  first error: {e}");
+        }
+        println!(
+            "  {} sent/s, {} delivered/s",
+            fmt_rate(self.sent_per_sec),
+            fmt_rate(self.delivered_per_sec)
+        );
+        if let Some(x) = self.delivered_per_server_cpu_sec {
+            println!("  {} deliveries per server CPU-second", fmt_rate(x));
+        }
+        println!("  one way: {}", self.latency.line());
+        println!("  {}", self.cpu.line());
+    }
+}
+
+/// The payload the server delivers.
+#[derive(Deserialize)]
+struct Delivery {
+    t: u64,
+    from: usize,
+    seq: u64,
+}
+
+struct Shared {
+    clients: usize,
+    permits: Vec<Semaphore>,
+    probe_seen: Vec<AtomicBool>,
+    probes_missing: AtomicUsize,
+    sent: AtomicU64,
+    delivered: AtomicU64,
+    misdelivered: AtomicU64,
+    unparsable: AtomicU64,
+    recorder: Recorder,
+}
+
+/// The peer that message `seq` of client `from` goes to (never `from` itself
+/// when there are at least two clients).
+fn target_of(from: usize, seq: u64, clients: usize) -> usize {
+    if clients < 2 {
+        return 0;
+    }
+    let h = splitmix(((from as u64) << 32) ^ seq);
+    let j = (h % (clients as u64 - 1)) as usize;
+    if j >= from { j + 1 } else { j }
+}
+
+/// Runs the workload.
+pub(crate) async fn run(args: &RelayArgs) -> Result<RelayReport> {
+    if args.clients == 0 || args.inflight == 0 {
+        bail!("--clients and --inflight must be at least 1");
+    }
+    let url = WsUrl::parse(&args.url)?;
+    let n = args.clients;
+    let shared = Arc::new(Shared {
+        clients: n,
+        permits: (0..n).map(|_| Semaphore::new(args.inflight)).collect(),
+        probe_seen: (0..n).map(|_| AtomicBool::new(false)).collect(),
+        probes_missing: AtomicUsize::new(n),
+        sent: AtomicU64::new(0),
+        delivered: AtomicU64::new(0),
+        misdelivered: AtomicU64::new(0),
+        unparsable: AtomicU64::new(0),
+        recorder: Recorder::new(8),
+    });
+    let progress = Arc::new(Progress::default());
+    let (phase_tx, phase_rx) = watch::channel(Phase::Connect);
+    let connect_limit = Arc::new(Semaphore::new(args.connect_concurrency.max(1)));
+
+    let mut tasks = Vec::with_capacity(n);
+    for i in 0..n {
+        let url = url.with_path(&client_path(&url.path, i));
+        let (shared, progress, phase_rx, connect_limit) = (
+            shared.clone(),
+            progress.clone(),
+            phase_rx.clone(),
+            connect_limit.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let conn = {
+                let _permit = connect_limit.acquire().await;
+                ws::connect(&url, None, 16 * 1024).await
+            };
+            let result = match conn {
+                Ok((stream, reader)) => {
+                    progress.connected();
+                    client(i, stream, reader, &shared, phase_rx).await
+                }
+                Err(e) => Err(e),
+            };
+            if let Err(e) = &result {
+                progress.failed(e);
+            }
+        }));
+    }
+
+    let (connected, failed) = progress.wait_for(n, Duration::from_secs(60)).await;
+    if connected < n {
+        let _ = phase_tx.send(Phase::Shutdown);
+        bail!(
+            "only {connected} of {n} clients connected ({failed} failed): {}",
+            progress.first_error().unwrap_or_default()
+        );
+    }
+    let _ = phase_tx.send(Phase::Probe);
+    let probed = wait_until(Duration::from_secs(15), || {
+        shared.probes_missing.load(Ordering::Relaxed) == 0
+    })
+    .await;
+    if !probed {
+        let _ = phase_tx.send(Phase::Shutdown);
+        bail!(
+            "{} of {n} clients never received a probe message: does the server relay on {}?",
+            shared.probes_missing.load(Ordering::Relaxed),
+            url.path_only()
+        );
+    }
+
+    let window = CpuWindow::start(args.server_pid);
+    let _ = phase_tx.send(Phase::Run);
+    tokio::time::sleep(Duration::from_secs_f64(args.duration)).await;
+    let _ = phase_tx.send(Phase::Drain);
+    let send_window = window.finish().wall_secs;
+    wait_until(Duration::from_secs_f64(args.drain), || {
+        shared.delivered.load(Ordering::Relaxed) >= shared.sent.load(Ordering::Relaxed)
+            || progress.counts().1 > 0
+    })
+    .await;
+    let cpu = window.finish();
+    let _ = phase_tx.send(Phase::Shutdown);
+    for t in tasks {
+        let _ = t.await;
+    }
+
+    let sent = shared.sent.load(Ordering::Relaxed);
+    let delivered = shared.delivered.load(Ordering::Relaxed);
+    let misdelivered = shared.misdelivered.load(Ordering::Relaxed);
+    let unparsable = shared.unparsable.load(Ordering::Relaxed);
+    let (_, errors) = progress.counts();
+    let lost = sent.saturating_sub(delivered);
+    let duplicated = delivered.saturating_sub(sent);
+    Ok(RelayReport {
+        workload: "relay".into(),
+        clients: n,
+        connection_errors: errors,
+        first_error: progress.first_error(),
+        inflight: args.inflight,
+        sent,
+        delivered,
+        lost,
+        duplicated,
+        misdelivered,
+        unparsable,
+        sent_per_sec: sent as f64 / send_window.max(1e-9),
+        delivered_per_sec: delivered as f64 / cpu.wall_secs.max(1e-9),
+        delivered_per_server_cpu_sec: cpu.per_server_cpu_sec(delivered),
+        latency: Latency::from_histogram(&shared.recorder.merged()),
+        cpu,
+        ok: errors == 0
+            && lost == 0
+            && duplicated == 0
+            && misdelivered == 0
+            && unparsable == 0
+            && sent > 0,
+    })
+}
+
+fn push_message(out: &mut Vec<u8>, text: &mut String, rng: &mut FastRng, i: usize, seq: u64, n: usize) {
+    let j = if seq == 0 { (i + 1) % n } else { target_of(i, seq, n) };
+    text.clear();
+    let _ = write!(
+        text,
+        r#"{{"targets":[{j}],"payload":{{"t":{},"from":{i},"seq":{seq}}}}}"#,
+        now_ns()
+    );
+    ws::encode_frame(out, ws::OP_TEXT, text.as_bytes(), rng.next_u64() as u32);
+}
+
+async fn client(
+    i: usize,
+    mut stream: tokio::net::TcpStream,
+    mut reader: ws::FrameReader,
+    shared: &Shared,
+    mut phase_rx: watch::Receiver<Phase>,
+) -> Result<()> {
+    let n = shared.clients;
+    let mut rng = FastRng::new(i as u64);
+    let mut out = Vec::with_capacity(1024);
+    let mut text = String::with_capacity(128);
+    let mut latencies = Vec::with_capacity(256);
+    let mut seq = 0u64;
+    let mut next_probe = Instant::now();
+    let permits = &shared.permits[i];
+
+    loop {
+        let phase = *phase_rx.borrow_and_update();
+        if phase == Phase::Shutdown {
+            break;
+        }
+        let probing = phase == Phase::Probe && !shared.probe_seen[i].load(Ordering::Relaxed);
+        let running = phase == Phase::Run;
+        tokio::select! {
+            biased;
+            changed = phase_rx.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+            }
+            r = reader.fill(&mut stream) => {
+                r?;
+                let now = now_ns();
+                while let Some(msg) = reader.next_message()? {
+                    let payload = match msg {
+                        Message::Text(p) | Message::Binary(p) => p,
+                        Message::Ping(p) => {
+                            ws::encode_frame(&mut out, Message::PONG, p, rng.next_u64() as u32);
+                            continue;
+                        }
+                        Message::Pong => continue,
+                        Message::Close => bail!("server closed the connection"),
+                    };
+                    let Ok(d) = serde_json::from_slice::<Delivery>(payload) else {
+                        shared.unparsable.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    };
+                    if d.from >= n {
+                        shared.unparsable.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                    if d.seq == 0 {
+                        if !shared.probe_seen[d.from].swap(true, Ordering::Relaxed) {
+                            shared.probes_missing.fetch_sub(1, Ordering::Relaxed);
+                        }
+                        continue;
+                    }
+                    if target_of(d.from, d.seq, n) != i {
+                        shared.misdelivered.fetch_add(1, Ordering::Relaxed);
+                    }
+                    shared.delivered.fetch_add(1, Ordering::Relaxed);
+                    latencies.push(now.saturating_sub(d.t));
+                    shared.permits[d.from].add_permits(1);
+                }
+            }
+            permit = permits.acquire(), if running => {
+                if let Ok(p) = permit {
+                    p.forget();
+                    let mut batch = 1;
+                    while let Ok(p) = permits.try_acquire() {
+                        p.forget();
+                        batch += 1;
+                    }
+                    for _ in 0..batch {
+                        seq += 1;
+                        push_message(&mut out, &mut text, &mut rng, i, seq, n);
+                    }
+                    shared.sent.fetch_add(batch, Ordering::Relaxed);
+                }
+            }
+            _ = tokio::time::sleep_until(next_probe.into()), if probing => {
+                push_message(&mut out, &mut text, &mut rng, i, 0, n);
+                next_probe = Instant::now() + Duration::from_millis(100);
+            }
+        }
+        if !out.is_empty() {
+            stream.write_all(&out).await?;
+            out.clear();
+        }
+        if latencies.len() >= 256 {
+            shared.recorder.record_all(i, &latencies);
+            latencies.clear();
+        }
+    }
+    shared.recorder.record_all(i, &latencies);
+    ws::send_close(&mut stream, &mut rng).await;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::target_of;
+
+    #[test]
+    fn targets_are_peers_and_spread() {
+        let mut hits = [0u32; 10];
+        for seq in 1..10_000 {
+            let j = target_of(3, seq, 10);
+            assert_ne!(j, 3);
+            hits[j] += 1;
+        }
+        assert_eq!(hits[3], 0);
+        assert!(hits.iter().enumerate().all(|(j, &h)| j == 3 || h > 900));
+    }
+}

@@ -1,0 +1,115 @@
+//! The backend's HTTP API, mounted at `/api` by [`app`](crate::app).
+//!
+//! | request | body | answer |
+//! |---------|------|--------|
+//! | `POST /api/send` | `{"targets":[…],"payload":X}` | `{"delivered":[…],"offline":[…],"dropped":[…]}` |
+//! | `POST /api/publish` | `{"topic":"…","payload":X}` | `{"recipients":N}` |
+//! | `GET /api/connections` | | `{"clients":[{"id","connections","connected_since_unix_ms"}],"clients_total":N,"connections_open":N}` |
+//! | `DELETE /api/connections/{id}` | | `{"closed":N}`; the connections get close code 4000; 404 if none |
+//!
+//! Errors are JSON (`{"error":{"code","message"}}`) with status 400 for a
+//! bad body (the same codes as the relay's error frames), 404 for an
+//! unknown ID, 413 for a body over `limits.max_message_size`.
+
+use axum::extract::{Path, Request, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use bytes::Bytes;
+use http::StatusCode;
+use serde_json::json;
+
+use crate::http_error::HttpError;
+use crate::hub::Hub;
+use crate::id::ClientId;
+use crate::metrics::ErrorKind;
+use crate::protocol::close::{CloseCode, CloseFrame};
+use crate::relay::{self, RequestError};
+
+/// The API routes, to be nested under `/api`.
+pub fn router(hub: Hub) -> Router {
+    Router::new()
+        .route("/send", post(send))
+        .route("/publish", post(publish))
+        .route("/connections", get(connections))
+        .route("/connections/{id}", delete(disconnect))
+        .with_state(hub)
+}
+
+async fn body(hub: &Hub, request: Request) -> Result<Bytes, HttpError> {
+    let limit = hub.limits().max_message_size;
+    axum::body::to_bytes(request.into_body(), limit)
+        .await
+        .map_err(|_| {
+            HttpError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                format!("the request body is over {limit} bytes (limits.max_message_size)"),
+            )
+        })
+}
+
+fn bad_request(hub: &Hub, err: RequestError) -> HttpError {
+    hub.metrics().error(ErrorKind::BadRequest);
+    HttpError::new(StatusCode::BAD_REQUEST, err.code, err.message)
+}
+
+async fn send(State(hub): State<Hub>, request: Request) -> Result<Response, HttpError> {
+    let bytes = body(&hub, request).await?;
+    let (targets, payload) =
+        relay::parse_send(&bytes, hub.limits().max_targets).map_err(|e| bad_request(&hub, e))?;
+    let frame = Hub::encode_text(Bytes::copy_from_slice(payload.get().as_bytes()));
+    let report = hub.send(&targets.ids, &frame).await;
+    let list = |indexes: &[usize]| -> Vec<serde_json::Value> {
+        indexes.iter().map(|&i| targets.json(i)).collect()
+    };
+    Ok(Json(json!({
+        "delivered": list(&report.delivered),
+        "offline": list(&report.offline),
+        "dropped": list(&report.dropped),
+    }))
+    .into_response())
+}
+
+async fn publish(State(hub): State<Hub>, request: Request) -> Result<Response, HttpError> {
+    let bytes = body(&hub, request).await?;
+    let (topic, payload) = relay::parse_publish(&bytes).map_err(|e| bad_request(&hub, e))?;
+    let frame = Hub::encode_text(Bytes::copy_from_slice(payload.get().as_bytes()));
+    let recipients = hub.publish(&topic, &frame).await;
+    Ok(Json(json!({ "recipients": recipients })).into_response())
+}
+
+async fn connections(State(hub): State<Hub>) -> Response {
+    let clients = hub.backend().clients().await;
+    Json(json!({
+        "clients_total": clients.len(),
+        "connections_open": hub.live_connections(),
+        "clients": clients,
+    }))
+    .into_response()
+}
+
+async fn disconnect(State(hub): State<Hub>, Path(id): Path<String>) -> Result<Response, HttpError> {
+    let id = ClientId::new(&id).map_err(|e| {
+        HttpError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_id",
+            format!("invalid id: {e}"),
+        )
+    })?;
+    let closed = hub
+        .backend()
+        .disconnect(
+            &id,
+            CloseFrame::new(CloseCode::DISCONNECTED, "disconnected by the server's API"),
+        )
+        .await;
+    if closed == 0 {
+        return Err(HttpError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("client id {id} has no open connection"),
+        ));
+    }
+    Ok(Json(json!({ "closed": closed })).into_response())
+}

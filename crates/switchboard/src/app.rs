@@ -1,0 +1,58 @@
+//! The `switchboard` server's routes, as a router you can serve yourself or
+//! extend.
+//!
+//! ```no_run
+//! use switchboard::{Hub, Limits};
+//!
+//! # async fn run() -> std::io::Result<()> {
+//! let hub = Hub::new(Limits::default());
+//! let app = switchboard::app(hub.clone())
+//!     .route("/version", axum::routing::get(|| async { "1.0" }));
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:8080").await?;
+//! switchboard::serve(listener, app, hub, std::future::pending()).await
+//! # }
+//! ```
+
+use axum::Router;
+use axum::extract::State;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use http::header;
+
+use crate::handlers::{Chat, Echo, Relay};
+use crate::hub::Hub;
+use crate::ws::ws;
+
+/// Every built-in endpoint:
+///
+/// | route | what |
+/// |-------|------|
+/// | `GET /ws?id=N` | the relay ([`Relay`]) |
+/// | `GET /echo` | echo ([`Echo`]) |
+/// | `GET /chat` | broadcast chat ([`Chat`]) |
+/// | `GET /heartbeat` | 200 `{"status":"ok"}` |
+/// | `GET /metrics` | Prometheus text |
+/// | `/api/…` | the backend API ([`crate::api`]) |
+pub fn app(hub: Hub) -> Router {
+    Router::new()
+        .route("/ws", ws(hub.clone(), Relay))
+        .route("/echo", ws(hub.clone(), Echo))
+        .route("/chat", ws(hub.clone(), Chat::default()))
+        .route("/heartbeat", get(heartbeat))
+        .route("/metrics", get(metrics).with_state(hub.clone()))
+        .nest("/api", crate::api::router(hub))
+}
+
+async fn heartbeat() -> impl IntoResponse {
+    axum::Json(serde_json::json!({ "status": "ok" }))
+}
+
+async fn metrics(State(hub): State<Hub>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        hub.metrics().render(hub.live_connections()),
+    )
+}

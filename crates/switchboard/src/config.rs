@@ -1,0 +1,156 @@
+//! Limits every connection runs with, each with its default and what it
+//! costs.
+//!
+//! ```
+//! use std::time::Duration;
+//! use switchboard::Limits;
+//!
+//! let limits = Limits {
+//!     max_message_size: 1 << 20,
+//!     ping_interval: Duration::from_secs(10),
+//!     ..Limits::default()
+//! };
+//! assert_eq!(limits.pong_timeout, Duration::from_secs(10));
+//! ```
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::hub::DuplicateIds;
+
+/// Per-connection and per-server limits.
+///
+/// In a config file these are the keys of the `[limits]` table; durations
+/// are written like `"25s"` or `"500ms"`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct Limits {
+    /// Largest message a client may send, after joining fragments. Default
+    /// 64 KiB. Memory: a message is buffered whole before the handler sees
+    /// it, so a connection may hold up to this much while a message arrives.
+    /// Over the limit: close 1009.
+    pub max_message_size: usize,
+    /// Largest single frame a client may send. Default 64 KiB; refused (1009)
+    /// from its header, before its payload is buffered.
+    pub max_frame_size: usize,
+    /// Messages a connection may have queued for sending. Default 1,024.
+    /// Memory: 48 bytes per queued frame plus its payload, which is shared
+    /// with every other recipient of the same message.
+    pub max_queued_messages: usize,
+    /// Bytes a connection may have queued for sending. Default 1 MiB. When
+    /// either queue limit is hit the client is too slow: it is closed with
+    /// 1008 and the message is reported as dropped. This bounds what a client
+    /// that stops reading can cost the server.
+    pub max_queued_bytes: usize,
+    /// Send a ping when nothing was received for this long. Default 25 s
+    /// (under the 30 s idle cut of common proxies). Zero disables pings.
+    #[serde(with = "duration")]
+    pub ping_interval: Duration,
+    /// Close a connection that sends nothing for this long after a ping.
+    /// Default 10 s.
+    #[serde(with = "duration")]
+    pub pong_timeout: Duration,
+    /// After sending a close frame, wait this long for the client's before
+    /// dropping the TCP connection. Default 5 s.
+    #[serde(with = "duration")]
+    pub close_timeout: Duration,
+    /// Drop an HTTP client that has not sent its request headers after this
+    /// long (slowloris). Default 10 s.
+    #[serde(with = "duration")]
+    pub handshake_timeout: Duration,
+    /// Open TCP connections (HTTP and WebSocket together). Default 100,000.
+    /// Past it a new connection is answered 503 and closed. Each idle
+    /// WebSocket costs its socket buffers in the kernel plus the connection
+    /// state in the process (see docs/design.md).
+    pub max_connections: usize,
+    /// Targets in one relay frame or `/api/send` request. Default 10,000.
+    pub max_targets: usize,
+    /// What a second connection with the same client ID does. Default
+    /// `allow`.
+    pub duplicate_ids: DuplicateIds,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_message_size: 64 * 1024,
+            max_frame_size: 64 * 1024,
+            max_queued_messages: 1024,
+            max_queued_bytes: 1024 * 1024,
+            ping_interval: Duration::from_secs(25),
+            pong_timeout: Duration::from_secs(10),
+            close_timeout: Duration::from_secs(5),
+            handshake_timeout: Duration::from_secs(10),
+            max_connections: 100_000,
+            max_targets: 10_000,
+            duplicate_ids: DuplicateIds::Allow,
+        }
+    }
+}
+
+/// Durations as strings: `"25s"`, `"500ms"`, `"2m"`, `"0"`.
+pub mod duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer, de::Error as _};
+
+    /// Parses `"25s"`, `"500ms"`, `"2m"`, `"1h"` or `"0"`.
+    pub fn parse(s: &str) -> Result<Duration, String> {
+        let s = s.trim();
+        if s == "0" {
+            return Ok(Duration::ZERO);
+        }
+        let split = s.find(|c: char| !c.is_ascii_digit()).ok_or_else(|| {
+            format!("duration {s:?} has no unit: write e.g. \"25s\" or \"500ms\"")
+        })?;
+        let (num, unit) = s.split_at(split);
+        let n: u64 = num
+            .parse()
+            .map_err(|_| format!("duration {s:?} must start with a whole number, e.g. \"25s\""))?;
+        match unit {
+            "ms" => Ok(Duration::from_millis(n)),
+            "s" => Ok(Duration::from_secs(n)),
+            "m" => Ok(Duration::from_secs(n * 60)),
+            "h" => Ok(Duration::from_secs(n * 3600)),
+            _ => Err(format!(
+                "duration {s:?} has unknown unit {unit:?}: use ms, s, m or h"
+            )),
+        }
+    }
+
+    /// Formats a duration the way [`parse`] reads it.
+    pub fn format(d: Duration) -> String {
+        if d.subsec_millis() != 0 || d.is_zero() {
+            format!("{}ms", d.as_millis())
+        } else {
+            format!("{}s", d.as_secs())
+        }
+    }
+
+    pub(crate) fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format(*d))
+    }
+
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        parse(&s).map_err(D::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::duration::parse;
+    use std::time::Duration;
+
+    #[test]
+    fn parses_durations() {
+        assert_eq!(parse("25s"), Ok(Duration::from_secs(25)));
+        assert_eq!(parse("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse("0"), Ok(Duration::ZERO));
+        assert!(parse("25").expect_err("no unit").contains("no unit"));
+        assert!(parse("5y").expect_err("bad unit").contains("\"y\""));
+    }
+}

@@ -1,0 +1,396 @@
+//! A connection's mailbox and the handles other parts of the program use to
+//! reach it.
+//!
+//! Each connection is driven by one task that owns its socket. Everything
+//! else — other connections, the HTTP API, a timer in user code — reaches
+//! it only through its [`Mailbox`]: a bounded queue plus the waker of that
+//! task. Nothing else ever touches the socket, so no lock is held across a
+//! write and a slow client cannot block its senders.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll, Waker};
+use std::time::SystemTime;
+
+use parking_lot::Mutex;
+
+use crate::hub::Hub;
+use crate::id::{ClientId, Topic};
+use crate::protocol::close::{CloseCode, CloseFrame};
+use crate::protocol::frame::WireFrame;
+
+/// A connection's process-unique number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+pub struct ConnId(pub u64);
+
+impl ConnId {
+    fn next() -> Self {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        Self(NEXT.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
+/// Why a message could not be queued to a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PushError {
+    /// The connection has closed or is closing; drop the handle.
+    #[error("connection is closed")]
+    Closed,
+    /// The outgoing queue is full (the client reads too slowly). The
+    /// connection is being closed with 1008; the message was not queued.
+    #[error("outgoing queue is full: the client is not reading fast enough")]
+    Full,
+}
+
+pub(crate) enum Item<I> {
+    Frame(WireFrame),
+    Info(I),
+}
+
+/// What the connection task finds when it looks in its mailbox.
+pub(crate) struct Inbox<I> {
+    pub(crate) items: VecDeque<Item<I>>,
+    /// Set once: a close requested from outside (API, shutdown, overflow).
+    pub(crate) close: Option<CloseFrame>,
+    queued_bytes: usize,
+    closed: bool,
+    waker: Option<Waker>,
+}
+
+/// The shared half of a connection: its queue and its task's waker.
+///
+/// Why a `Mutex<VecDeque>` and not a `tokio::sync::mpsc` channel: an mpsc
+/// channel allocates a block of 32 slots when created, about 1.5 KiB per
+/// connection with 48-byte frames, even while idle; an empty `VecDeque`
+/// allocates nothing. The lock is held only to push or to swap out the
+/// whole queue, never across I/O.
+pub(crate) struct Mailbox<I> {
+    id: ConnId,
+    since: SystemTime,
+    max_messages: usize,
+    max_bytes: usize,
+    inbox: Mutex<Inbox<I>>,
+}
+
+impl<I: Send + 'static> Mailbox<I> {
+    pub(crate) fn new(max_messages: usize, max_bytes: usize) -> Arc<Self> {
+        Arc::new(Self {
+            id: ConnId::next(),
+            since: SystemTime::now(),
+            max_messages,
+            max_bytes,
+            inbox: Mutex::new(Inbox {
+                items: VecDeque::new(),
+                close: None,
+                queued_bytes: 0,
+                closed: false,
+                waker: None,
+            }),
+        })
+    }
+
+    fn push_item(&self, item: Item<I>, bytes: usize) -> Result<(), (PushError, Item<I>)> {
+        let waker = {
+            let mut inbox = self.inbox.lock();
+            if inbox.closed || inbox.close.is_some() {
+                return Err((PushError::Closed, item));
+            }
+            if inbox.items.len() >= self.max_messages
+                || inbox.queued_bytes.saturating_add(bytes) > self.max_bytes
+            {
+                inbox.close = Some(CloseFrame::new(
+                    CloseCode::POLICY_VIOLATION,
+                    "outgoing queue overflow: the client read too slowly",
+                ));
+                let waker = inbox.waker.take();
+                drop(inbox);
+                if let Some(w) = waker {
+                    w.wake();
+                }
+                return Err((PushError::Full, item));
+            }
+            inbox.queued_bytes += bytes;
+            inbox.items.push_back(item);
+            inbox.waker.take()
+        };
+        if let Some(w) = waker {
+            w.wake();
+        }
+        Ok(())
+    }
+
+    pub(crate) fn push_frame(&self, frame: WireFrame) -> Result<(), PushError> {
+        let bytes = frame.wire_len();
+        self.push_item(Item::Frame(frame), bytes)
+            .map_err(|(e, _)| e)
+    }
+
+    pub(crate) fn push_info(&self, info: I) -> Result<(), (PushError, I)> {
+        self.push_item(Item::Info(info), 0)
+            .map_err(|(e, item)| match item {
+                Item::Info(info) => (e, info),
+                // push_item hands back the item it was given.
+                Item::Frame(_) => unreachable!("push_item returned a different item"),
+            })
+    }
+
+    /// Asks the connection to close after the frames already queued.
+    pub(crate) fn request_close(&self, frame: CloseFrame) {
+        let waker = {
+            let mut inbox = self.inbox.lock();
+            if inbox.closed || inbox.close.is_some() {
+                return;
+            }
+            inbox.close = Some(frame);
+            inbox.waker.take()
+        };
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+
+    /// Called by the connection task: takes everything queued, or registers
+    /// the waker and returns `Pending`.
+    pub(crate) fn poll_take(
+        &self,
+        cx: &mut Context<'_>,
+    ) -> Poll<(VecDeque<Item<I>>, Option<CloseFrame>)> {
+        let mut inbox = self.inbox.lock();
+        if inbox.items.is_empty() && inbox.close.is_none() {
+            match &inbox.waker {
+                Some(w) if w.will_wake(cx.waker()) => {}
+                _ => inbox.waker = Some(cx.waker().clone()),
+            }
+            return Poll::Pending;
+        }
+        inbox.queued_bytes = 0;
+        let items = std::mem::take(&mut inbox.items);
+        Poll::Ready((items, inbox.close.take()))
+    }
+
+    /// Marks the mailbox closed; later pushes fail with `Closed`.
+    pub(crate) fn mark_closed(&self) -> usize {
+        let mut inbox = self.inbox.lock();
+        inbox.closed = true;
+        inbox.waker = None;
+        let dropped = inbox.items.len();
+        inbox.items = VecDeque::new();
+        dropped
+    }
+
+    pub(crate) fn is_closed(&self) -> bool {
+        self.inbox.lock().closed
+    }
+}
+
+/// The object-safe view of a mailbox that registries and topics hold: it can
+/// take frames and close requests whatever the handler's `Info` type.
+trait Outlet: Send + Sync {
+    fn id(&self) -> ConnId;
+    fn since(&self) -> SystemTime;
+    fn push_frame(&self, frame: WireFrame) -> Result<(), PushError>;
+    fn request_close(&self, frame: CloseFrame);
+}
+
+impl<I: Send + 'static> Outlet for Mailbox<I> {
+    fn id(&self) -> ConnId {
+        self.id
+    }
+    fn since(&self) -> SystemTime {
+        self.since
+    }
+    fn push_frame(&self, frame: WireFrame) -> Result<(), PushError> {
+        Mailbox::push_frame(self, frame)
+    }
+    fn request_close(&self, frame: CloseFrame) {
+        Mailbox::request_close(self, frame);
+    }
+}
+
+/// A type-erased reference to a live connection, as a [`Backend`] stores
+/// it: it can queue frames and ask the connection to close.
+///
+/// [`Backend`]: crate::Backend
+#[derive(Clone)]
+pub struct ConnRef(Arc<dyn Outlet>);
+
+impl ConnRef {
+    /// The connection's number.
+    pub fn id(&self) -> ConnId {
+        self.0.id()
+    }
+
+    /// When the connection was accepted.
+    pub fn since(&self) -> SystemTime {
+        self.0.since()
+    }
+
+    /// Queues an encoded frame. Cheap: a reference count and a short lock.
+    pub fn push(&self, frame: WireFrame) -> Result<(), PushError> {
+        self.0.push_frame(frame)
+    }
+
+    /// Asks the connection to send `frame` as its close frame after what is
+    /// already queued, then end.
+    pub fn close(&self, frame: CloseFrame) {
+        self.0.request_close(frame);
+    }
+}
+
+impl std::fmt::Debug for ConnRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("ConnRef").field(&self.id()).finish()
+    }
+}
+
+/// A cloneable handle that sends `Info` messages and frames to one
+/// connection from anywhere in the program; the `Kernel.send(pid, msg)` of
+/// the Erlang world. The handler's [`on_info`](crate::Handler::on_info)
+/// receives the messages, in order, on the connection's own task.
+pub struct ConnHandle<I> {
+    mailbox: Arc<Mailbox<I>>,
+}
+
+impl<I> Clone for ConnHandle<I> {
+    fn clone(&self) -> Self {
+        Self {
+            mailbox: Arc::clone(&self.mailbox),
+        }
+    }
+}
+
+impl<I: Send + 'static> ConnHandle<I> {
+    /// The connection's number.
+    pub fn id(&self) -> ConnId {
+        self.mailbox.id
+    }
+
+    /// Sends an info message; on error the message is handed back.
+    pub fn send(&self, info: I) -> Result<(), (PushError, I)> {
+        self.mailbox.push_info(info)
+    }
+
+    /// Queues an encoded frame straight to the client, bypassing the handler.
+    pub fn send_frame(&self, frame: WireFrame) -> Result<(), PushError> {
+        self.mailbox.push_frame(frame)
+    }
+
+    /// Asks the connection to close with `frame`.
+    pub fn close(&self, frame: CloseFrame) {
+        self.mailbox.request_close(frame);
+    }
+
+    /// Whether the connection has ended.
+    pub fn is_closed(&self) -> bool {
+        self.mailbox.is_closed()
+    }
+}
+
+/// The connection as its handler sees it: passed to every callback.
+///
+/// Registrations made through it (an ID, topics) are undone when the
+/// connection ends, however it ends — close, error, reset, panic or a failed
+/// upgrade — because `Conn` undoes them when it is dropped.
+pub struct Conn<I: Send + 'static> {
+    pub(crate) mailbox: Arc<Mailbox<I>>,
+    hub: Hub,
+    client_id: Option<ClientId>,
+    topics: Vec<Topic>,
+}
+
+impl<I: Send + 'static> Conn<I> {
+    pub(crate) fn new(hub: Hub) -> Self {
+        let limits = hub.limits();
+        let mailbox = Mailbox::new(limits.max_queued_messages, limits.max_queued_bytes);
+        hub.track(ConnRef(mailbox.clone()));
+        Self {
+            mailbox,
+            hub,
+            client_id: None,
+            topics: Vec::new(),
+        }
+    }
+
+    /// This connection's number.
+    pub fn id(&self) -> ConnId {
+        self.mailbox.id
+    }
+
+    /// The hub: registry, topics, metrics.
+    pub fn hub(&self) -> &Hub {
+        &self.hub
+    }
+
+    /// A handle for sending `Info` messages to this connection.
+    pub fn handle(&self) -> ConnHandle<I> {
+        ConnHandle {
+            mailbox: Arc::clone(&self.mailbox),
+        }
+    }
+
+    /// The client ID this connection registered, if any.
+    pub fn client_id(&self) -> Option<&ClientId> {
+        self.client_id.as_ref()
+    }
+
+    /// Registers this connection under `id` so that sends to `id` reach it.
+    /// One ID per connection; registering again replaces the first.
+    ///
+    /// What happens when `id` already has connections is the hub's
+    /// [`DuplicateIds`](crate::DuplicateIds) policy.
+    pub fn register(&mut self, id: ClientId) -> Result<(), crate::RegisterError> {
+        if let Some(old) = self.client_id.take() {
+            self.hub.backend().unregister(&old, self.id());
+        }
+        self.hub
+            .backend()
+            .register(&id, &ConnRef(self.mailbox.clone()))?;
+        self.client_id = Some(id);
+        Ok(())
+    }
+
+    /// Subscribes this connection to `topic`; publishes to it reach this
+    /// client as frames, without passing through the handler.
+    pub fn join(&mut self, topic: Topic) {
+        if self.topics.contains(&topic) {
+            return;
+        }
+        self.hub
+            .backend()
+            .subscribe(&topic, &ConnRef(self.mailbox.clone()));
+        self.topics.push(topic);
+    }
+
+    /// Unsubscribes from `topic`; returns whether it was subscribed.
+    pub fn leave(&mut self, topic: &Topic) -> bool {
+        let Some(at) = self.topics.iter().position(|t| t == topic) else {
+            return false;
+        };
+        self.topics.swap_remove(at);
+        self.hub.backend().unsubscribe(topic, self.id());
+        true
+    }
+
+    /// The topics this connection has joined.
+    pub fn topics(&self) -> &[Topic] {
+        &self.topics
+    }
+}
+
+impl<I: Send + 'static> Drop for Conn<I> {
+    fn drop(&mut self) {
+        let id = self.id();
+        let backend = self.hub.backend();
+        if let Some(client) = self.client_id.take() {
+            backend.unregister(&client, id);
+        }
+        for topic in self.topics.drain(..) {
+            backend.unsubscribe(&topic, id);
+        }
+        let dropped = self.mailbox.mark_closed();
+        self.hub.metrics().dropped_messages.add(dropped as u64);
+        self.hub.untrack(id);
+    }
+}

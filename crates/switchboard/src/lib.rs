@@ -1,0 +1,102 @@
+//! # Switchboard
+//!
+//! Real-time WebSocket messaging for Rust: write a [`Handler`] whose
+//! callbacks return an [`Outcome`], mount it on an axum [`Router`] next to
+//! your HTTP routes, and reach any connection from anywhere through the
+//! [`Hub`]: by client ID, by topic, or by a typed [`ConnHandle`].
+//!
+//! ## Quickstart
+//!
+//! ```no_run
+//! use axum::{Router, routing::get};
+//! use switchboard::{Conn, Handler, HttpError, Hub, Limits, Message, Outcome, ws};
+//!
+//! /// Replies `Echo: <msg>` to every text message.
+//! struct Echo;
+//!
+//! impl Handler for Echo {
+//!     type State = u64; // messages seen on this connection
+//!     type Info = ();
+//!
+//!     async fn connect(&self, _req: &http::request::Parts, _conn: &mut Conn<()>) -> Result<u64, HttpError> {
+//!         Ok(0)
+//!     }
+//!
+//!     async fn on_message(&self, seen: &mut u64, msg: Message, _conn: &mut Conn<()>) -> Outcome {
+//!         *seen += 1;
+//!         match msg {
+//!             Message::Text(text) => Outcome::reply_text(format!("Echo: {text}")),
+//!             Message::Binary(_) => Outcome::Continue,
+//!         }
+//!     }
+//! }
+//!
+//! #[tokio::main]
+//! async fn main() -> std::io::Result<()> {
+//!     let hub = Hub::new(Limits::default());
+//!     let app = Router::new()
+//!         .route("/echo", ws(hub.clone(), Echo))
+//!         .route("/", get(|| async { "hello" }));
+//!     let listener = tokio::net::TcpListener::bind("127.0.0.1:8080").await?;
+//!     switchboard::serve(listener, app, hub, async {
+//!         let _ = tokio::signal::ctrl_c().await;
+//!     })
+//!     .await
+//! }
+//! ```
+//!
+//! ## The pieces
+//!
+//! - [`Handler`] — `connect` (accept with state, or refuse with an
+//!   [`HttpError`]), `on_open`, `on_message`, `on_info`, `on_close`; each
+//!   returns an [`Outcome`]: continue, reply, or stop with a [`CloseFrame`].
+//! - [`Conn`] — the connection as its handler sees it: [`Conn::register`]
+//!   an ID, [`Conn::join`] a topic, hand out a [`ConnHandle`] for `Info`
+//!   messages. Everything is undone when the connection ends.
+//! - [`Hub`] — shared by all connections: [`Hub::send`] to IDs,
+//!   [`Hub::publish`] to topics, metrics, limits; behind it a [`Backend`]
+//!   ([`MemoryBackend`] by default).
+//! - [`ws`] mounts a handler on a route; [`serve`] runs a router with a
+//!   connection cap and graceful shutdown; [`app`] is the complete
+//!   `switchboard` server (relay, echo, chat, API, metrics).
+//!
+//! ## Limits and close codes
+//!
+//! Every limit is a field of [`Limits`], documented with its default and
+//! memory cost. Close codes are listed on [`CloseCode`].
+
+pub mod api;
+mod app;
+mod config;
+mod conn;
+pub mod handler;
+pub mod handlers;
+mod http_error;
+mod hub;
+mod id;
+mod memory;
+mod message;
+mod metrics;
+mod protocol;
+pub mod relay;
+mod runtime;
+mod server;
+mod ws;
+
+pub use app::app;
+pub use config::{Limits, duration};
+pub use conn::{Conn, ConnHandle, ConnId, ConnRef, PushError};
+pub use handler::{Closed, Handler};
+pub use http_error::HttpError;
+pub use hub::{Backend, BoxFuture, ClientInfo, DuplicateIds, Hub, RegisterError, SendReport};
+pub use id::{ClientId, MAX_NAME_LEN, NameError, Topic};
+pub use memory::MemoryBackend;
+pub use message::{Message, Outcome, Text};
+pub use metrics::{Counter, ErrorKind, Metrics};
+pub use protocol::close::{CloseCode, CloseFrame};
+pub use protocol::frame::WireFrame;
+pub use server::{DEFAULT_SHUTDOWN_TIMEOUT, json_errors, serve, serve_with};
+pub use ws::ws;
+
+#[doc(no_inline)]
+pub use axum::Router;

@@ -1,0 +1,392 @@
+//! The relay wire protocol: what a client on `/ws?id=N` and the backend on
+//! `/api/send` write, and the errors they get back.
+//!
+//! ```text
+//! {"targets":[2,"alice"],"payload":X}        → the JSON text of X, to every connection of 2 and alice
+//! {"type":"subscribe","topic":"news"}        → {"subscribed":"news"}
+//! {"type":"unsubscribe","topic":"news"}      → {"unsubscribed":"news"}
+//! {"type":"publish","topic":"news","payload":X} → the JSON text of X, to every subscriber of news
+//! ```
+//!
+//! The payload is forwarded as the exact JSON text the sender wrote
+//! (serde_json's `RawValue`): never re-serialized, encoded into one frame
+//! shared by every recipient. Unknown fields are ignored, so clients can
+//! add their own.
+
+use std::borrow::Cow;
+use std::fmt;
+
+use serde::Deserialize;
+use serde::de::{self, Deserializer, SeqAccess, Visitor};
+use serde_json::value::RawValue;
+
+use crate::id::{ClientId, Topic};
+
+/// A relay or API request that could not be used: a stable `code` and a
+/// message that names what to fix. Sent to a WebSocket client as the text
+/// frame `{"error":{"code":…,"message":…}}`, and to an API caller as HTTP
+/// 400 with the same body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestError {
+    /// A stable code, e.g. `"missing_targets"`.
+    pub code: &'static str,
+    /// What was wrong, for people.
+    pub message: Cow<'static, str>,
+}
+
+impl RequestError {
+    pub(crate) fn new(code: &'static str, message: impl Into<Cow<'static, str>>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// The JSON error body.
+    pub fn to_json(&self) -> String {
+        serde_json::json!({"error": {"code": self.code, "message": self.message}}).to_string()
+    }
+}
+
+/// How a target was written, so reports can echo it the same way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Written {
+    Unsigned(u64),
+    Signed(i64),
+    String,
+}
+
+/// The parsed targets: IDs, deduplicated, each with how it was written.
+#[derive(Debug, Default)]
+pub(crate) struct Targets {
+    pub(crate) ids: Vec<ClientId>,
+    pub(crate) written: Vec<Written>,
+}
+
+impl Targets {
+    /// The target as the client wrote it, for reports.
+    pub(crate) fn json(&self, i: usize) -> serde_json::Value {
+        match self.written[i] {
+            Written::Unsigned(n) => n.into(),
+            Written::Signed(n) => n.into(),
+            Written::String => self.ids[i].as_str().into(),
+        }
+    }
+}
+
+/// One parsed relay frame.
+#[derive(Debug)]
+pub(crate) enum Request<'a> {
+    Send {
+        targets: Targets,
+        payload: &'a RawValue,
+    },
+    Subscribe(Topic),
+    Unsubscribe(Topic),
+    Publish {
+        topic: Topic,
+        payload: &'a RawValue,
+    },
+}
+
+#[derive(Deserialize)]
+struct Envelope<'a> {
+    #[serde(rename = "type", borrow, default)]
+    kind: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    targets: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    payload: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    topic: Option<&'a RawValue>,
+}
+
+/// Parses a relay frame; `max_targets` bounds the target list.
+pub(crate) fn parse(input: &[u8], max_targets: usize) -> Result<Request<'_>, RequestError> {
+    let envelope = envelope(input)?;
+    let kind = match envelope.kind {
+        None => None,
+        Some(raw) => Some(serde_json::from_str::<Cow<'_, str>>(raw.get()).map_err(|_| {
+            RequestError::new(
+                "invalid_type",
+                "`type` must be a string: \"send\", \"subscribe\", \"unsubscribe\" or \"publish\"",
+            )
+        })?),
+    };
+    match kind.as_deref() {
+        None | Some("send") => Ok(Request::Send {
+            targets: parse_targets(envelope.targets, max_targets)?,
+            payload: require_payload(envelope.payload)?,
+        }),
+        Some("subscribe") => Ok(Request::Subscribe(parse_topic(envelope.topic)?)),
+        Some("unsubscribe") => Ok(Request::Unsubscribe(parse_topic(envelope.topic)?)),
+        Some("publish") => Ok(Request::Publish {
+            topic: parse_topic(envelope.topic)?,
+            payload: require_payload(envelope.payload)?,
+        }),
+        Some(other) => Err(RequestError::new(
+            "unknown_type",
+            format!(
+                "unknown `type` {:?}: use \"send\", \"subscribe\", \"unsubscribe\" or \"publish\"",
+                truncate(other)
+            ),
+        )),
+    }
+}
+
+/// Parses a `/api/publish` body: `{"topic":…,"payload":…}`.
+pub(crate) fn parse_publish(input: &[u8]) -> Result<(Topic, &RawValue), RequestError> {
+    let envelope = envelope(input)?;
+    Ok((
+        parse_topic(envelope.topic)?,
+        require_payload(envelope.payload)?,
+    ))
+}
+
+/// Parses a `/api/send` body: `{"targets":[…],"payload":…}`.
+pub(crate) fn parse_send(
+    input: &[u8],
+    max_targets: usize,
+) -> Result<(Targets, &RawValue), RequestError> {
+    let envelope = envelope(input)?;
+    Ok((
+        parse_targets(envelope.targets, max_targets)?,
+        require_payload(envelope.payload)?,
+    ))
+}
+
+/// Parses the top-level object. serde's derived structs also accept a JSON
+/// array (as a tuple of fields), so anything not starting with `{` is
+/// refused first.
+fn envelope(input: &[u8]) -> Result<Envelope<'_>, RequestError> {
+    let first = input.iter().find(|b| !b.is_ascii_whitespace());
+    if first != Some(&b'{') {
+        return Err(match serde_json::from_slice::<&RawValue>(input) {
+            Ok(_) => not_an_object(),
+            Err(err) => invalid_json(&err),
+        });
+    }
+    serde_json::from_slice(input).map_err(|err| classify(input, &err))
+}
+
+fn not_an_object() -> RequestError {
+    RequestError::new(
+        "not_an_object",
+        "the message must be a JSON object like {\"targets\":[2,3],\"payload\":…}",
+    )
+}
+
+fn invalid_json(err: &serde_json::Error) -> RequestError {
+    RequestError::new(
+        "invalid_json",
+        format!("the message is not valid JSON ({err}): send {{\"targets\":[…],\"payload\":…}}"),
+    )
+}
+
+/// Names a parse failure of an object: broken JSON, or valid JSON with a
+/// problem inside (a duplicate field). The fast path parses once; only a
+/// failure pays for this second look.
+fn classify(input: &[u8], err: &serde_json::Error) -> RequestError {
+    match serde_json::from_slice::<&RawValue>(input) {
+        Err(_) => invalid_json(err),
+        Ok(_) => RequestError::new("invalid_json", format!("invalid message: {err}")),
+    }
+}
+
+fn require_payload(payload: Option<&RawValue>) -> Result<&RawValue, RequestError> {
+    payload.ok_or_else(|| {
+        RequestError::new(
+            "missing_payload",
+            "`payload` is missing: add \"payload\": <any JSON value>",
+        )
+    })
+}
+
+fn parse_topic(topic: Option<&RawValue>) -> Result<Topic, RequestError> {
+    let raw = topic.ok_or_else(|| {
+        RequestError::new(
+            "missing_topic",
+            "`topic` is missing: add \"topic\": \"<name>\"",
+        )
+    })?;
+    let name: Cow<'_, str> = serde_json::from_str(raw.get())
+        .map_err(|_| RequestError::new("invalid_topic", "`topic` must be a string"))?;
+    Topic::new(&name).map_err(|e| RequestError::new("invalid_topic", e.to_string()))
+}
+
+fn parse_targets(raw: Option<&RawValue>, max: usize) -> Result<Targets, RequestError> {
+    let raw = raw.ok_or_else(|| {
+        RequestError::new(
+            "missing_targets",
+            "`targets` is missing: add \"targets\": [<client id>, …]",
+        )
+    })?;
+    if !raw.get().starts_with('[') {
+        return Err(RequestError::new(
+            "invalid_targets",
+            "`targets` must be an array of client ids (integers or strings)",
+        ));
+    }
+    let mut de = serde_json::Deserializer::from_str(raw.get());
+    let parsed = de.deserialize_seq(TargetsVisitor { max }).map_err(|e| {
+        // Our visitor's messages are complete sentences; drop serde's
+        // position suffix, which points into the array, not the message.
+        let text = e.to_string();
+        let text = text.split(" at line ").next().unwrap_or(&text).to_owned();
+        if text.starts_with("too many") {
+            RequestError::new("too_many_targets", text)
+        } else {
+            RequestError::new("invalid_target", text)
+        }
+    })?;
+    Ok(parsed)
+}
+
+struct TargetsVisitor {
+    max: usize,
+}
+
+impl<'de> Visitor<'de> for TargetsVisitor {
+    type Value = Targets;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an array of client ids")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Targets, A::Error> {
+        let mut out = Targets::default();
+        let mut index = 0usize;
+        while let Some(target) = seq.next_element::<Target<'de>>().map_err(|e| {
+            de::Error::custom(format!(
+                "targets[{index}] must be a client id (an integer or a string): {e}"
+            ))
+        })? {
+            let (id, written) = match target {
+                Target::Unsigned(n) => (ClientId::from(n), Written::Unsigned(n)),
+                Target::Signed(n) => (ClientId::from(n), Written::Signed(n)),
+                Target::Name(s) => (
+                    ClientId::new(&s)
+                        .map_err(|e| de::Error::custom(format!("targets[{index}]: {e}")))?,
+                    Written::String,
+                ),
+            };
+            index += 1;
+            // Each target gets a message once, however often it is listed.
+            if out.ids.contains(&id) {
+                continue;
+            }
+            if out.ids.len() == self.max {
+                return Err(de::Error::custom(format!(
+                    "too many targets: the limit is {} (limits.max_targets)",
+                    self.max
+                )));
+            }
+            out.ids.push(id);
+            out.written.push(written);
+        }
+        Ok(out)
+    }
+}
+
+enum Target<'a> {
+    Unsigned(u64),
+    Signed(i64),
+    Name(Cow<'a, str>),
+}
+
+impl<'de> Deserialize<'de> for Target<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Target<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an integer or a string")
+            }
+            fn visit_u64<E: de::Error>(self, n: u64) -> Result<Target<'de>, E> {
+                Ok(Target::Unsigned(n))
+            }
+            fn visit_i64<E: de::Error>(self, n: i64) -> Result<Target<'de>, E> {
+                Ok(Target::Signed(n))
+            }
+            fn visit_borrowed_str<E: de::Error>(self, s: &'de str) -> Result<Target<'de>, E> {
+                Ok(Target::Name(Cow::Borrowed(s)))
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<Target<'de>, E> {
+                Ok(Target::Name(Cow::Owned(s.to_owned())))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+fn truncate(s: &str) -> String {
+    s.chars().take(40).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn code(input: &str) -> &'static str {
+        parse(input.as_bytes(), 10).expect_err(input).code
+    }
+
+    #[test]
+    fn parses_the_plain_relay_frame() {
+        let Ok(Request::Send { targets, payload }) = parse(
+            br#"{"targets":[2,"alice",2,-3],"payload":{"a": [1, 2]}}"#,
+            10,
+        ) else {
+            panic!("expected a send");
+        };
+        let ids: Vec<&str> = targets.ids.iter().map(ClientId::as_str).collect();
+        assert_eq!(ids, ["2", "alice", "-3"]);
+        assert_eq!(payload.get(), r#"{"a": [1, 2]}"#);
+        assert_eq!(targets.json(0), serde_json::json!(2));
+        assert_eq!(targets.json(1), serde_json::json!("alice"));
+    }
+
+    #[test]
+    fn names_each_bad_input() {
+        assert_eq!(code("not json"), "invalid_json");
+        assert_eq!(code(r#"{"targets":[1],"payload":1"#), "invalid_json");
+        assert_eq!(code("[1,2]"), "not_an_object");
+        assert_eq!(code("42"), "not_an_object");
+        assert_eq!(code(r#"{"payload":1}"#), "missing_targets");
+        assert_eq!(code(r#"{"targets":3,"payload":1}"#), "invalid_targets");
+        assert_eq!(code(r#"{"targets":[1.5],"payload":1}"#), "invalid_target");
+        assert_eq!(code(r#"{"targets":[true],"payload":1}"#), "invalid_target");
+        assert_eq!(code(r#"{"targets":[""],"payload":1}"#), "invalid_target");
+        assert_eq!(code(r#"{"targets":[1]}"#), "missing_payload");
+        assert_eq!(code(r#"{"type":"dance"}"#), "unknown_type");
+        assert_eq!(code(r#"{"type":7}"#), "invalid_type");
+        assert_eq!(code(r#"{"type":"subscribe"}"#), "missing_topic");
+        assert_eq!(
+            code(r#"{"type":"subscribe","topic":"a b"}"#),
+            "invalid_topic"
+        );
+        let many = format!(
+            r#"{{"targets":[{}],"payload":1}}"#,
+            (0..11).map(|i| i.to_string()).collect::<Vec<_>>().join(",")
+        );
+        assert_eq!(code(&many), "too_many_targets");
+    }
+
+    #[test]
+    fn error_messages_point_at_the_bad_target() {
+        let err = parse(br#"{"targets":[1,{"x":1}],"payload":1}"#, 10).expect_err("object");
+        assert!(err.message.contains("targets[1]"), "{}", err.message);
+    }
+
+    #[test]
+    fn parses_topic_frames() {
+        assert!(matches!(
+            parse(br#"{"type":"subscribe","topic":"news"}"#, 10),
+            Ok(Request::Subscribe(t)) if t.as_str() == "news"
+        ));
+        assert!(matches!(
+            parse(br#"{"type":"publish","topic":"news","payload":"hi"}"#, 10),
+            Ok(Request::Publish { payload, .. }) if payload.get() == "\"hi\""
+        ));
+    }
+}

@@ -1,0 +1,742 @@
+//! The connection runtime: one task per WebSocket connection that owns the
+//! socket, reads and answers frames, calls the handler, and writes what is
+//! queued to it.
+//!
+//! The task waits in a single `poll_fn` on four things at once — socket
+//! readable, socket writable (only while bytes are pending), mailbox
+//! non-empty, and one timer — so an idle connection is one parked future
+//! and holds no buffer: reads go through a per-thread scratch buffer and
+//! only the bytes of an unfinished frame are kept per connection.
+
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::future::poll_fn;
+use std::io::{self, IoSlice};
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use futures_util::FutureExt as _;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _, ReadBuf};
+use tokio::time::{Instant, Sleep};
+
+use crate::conn::{Conn, Item};
+use crate::handler::{Closed, Handler};
+use crate::message::{Message, Outcome, Text};
+use crate::metrics::{ErrorKind, Metrics};
+use crate::protocol::close::{CloseCode, CloseFrame, parse_close_payload};
+use crate::protocol::frame::{OpCode, WireFrame, apply_mask, parse_header};
+
+/// Size of the per-thread read buffer. One read takes at most this much;
+/// it is shared by every connection on the thread, so it costs 64 KiB per
+/// worker thread, not per connection.
+const SCRATCH_LEN: usize = 64 * 1024;
+
+/// Stop reading and stop taking from the mailbox while this many bytes are
+/// written but not yet accepted by the socket. A client that sends but does
+/// not read therefore cannot make the server buffer without bound: its own
+/// requests wait in the kernel's receive buffer.
+const WRITE_HIGH_WATER: usize = 256 * 1024;
+
+/// Frames handed to one `writev` call (two slices each: header and body).
+const MAX_IOV: usize = 64;
+
+thread_local! {
+    static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0u8; SCRATCH_LEN].into_boxed_slice());
+}
+
+/// Where the connection is in its life.
+enum Phase {
+    /// Messages flow both ways.
+    Open,
+    /// We sent a close frame and wait for the client's (RFC 6455 §7.1.2)
+    /// until `deadline`.
+    Closing { sent: CloseFrame, deadline: Instant },
+    /// Nothing more will be read: flush what is queued (at most until
+    /// `deadline`) and end.
+    Finishing { closed: Closed, deadline: Instant },
+}
+
+/// What woke the connection task.
+enum Event<I> {
+    Read,
+    Eof,
+    Failed(io::Error),
+    Mailbox(VecDeque<Item<I>>, Option<CloseFrame>),
+    Timer,
+    Flushed,
+}
+
+/// What the reader found in the bytes received.
+enum Incoming {
+    Message(Message),
+    Ping(Bytes),
+    Pong,
+    Close(Option<CloseFrame>),
+}
+
+/// The per-connection limits the runtime reads on every event, copied out of
+/// the hub so no lock or pointer chase is needed.
+#[derive(Clone, Copy)]
+struct Settings {
+    max_frame: usize,
+    max_message: usize,
+    ping_interval: Duration,
+    pong_timeout: Duration,
+    close_timeout: Duration,
+}
+
+/// Drives one upgraded connection until it ends.
+pub(crate) async fn run<S, H>(
+    io: S,
+    leftover: Bytes,
+    handler: Arc<H>,
+    state: H::State,
+    conn: Conn<H::Info>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+    H: Handler,
+{
+    let limits = conn.hub().limits();
+    let settings = Settings {
+        max_frame: limits.max_frame_size,
+        max_message: limits.max_message_size,
+        ping_interval: limits.ping_interval,
+        pong_timeout: limits.pong_timeout,
+        close_timeout: limits.close_timeout,
+    };
+    let now = Instant::now();
+    let sleep = tokio::time::sleep_until(far_future(now));
+    let mut driver = Driver {
+        io,
+        reader: Reader::new(leftover, settings),
+        writer: Writer::default(),
+        phase: Phase::Open,
+        settings,
+        last_seen: now,
+        ping_sent: None,
+        handler,
+        state: Some(state),
+        conn,
+        panicked: false,
+    };
+    tokio::pin!(sleep);
+    driver.arm_keepalive(sleep.as_mut(), now);
+    let closed = driver.drive(sleep).await;
+    driver.finish(closed).await;
+}
+
+fn far_future(now: Instant) -> Instant {
+    now + Duration::from_secs(86_400 * 365)
+}
+
+struct Driver<S, H: Handler> {
+    io: S,
+    reader: Reader,
+    writer: Writer,
+    phase: Phase,
+    settings: Settings,
+    /// When the client last sent anything; any byte proves it alive.
+    last_seen: Instant,
+    /// When we sent a ping that no byte has answered yet.
+    ping_sent: Option<Instant>,
+    handler: Arc<H>,
+    /// Taken by `on_close`.
+    state: Option<H::State>,
+    conn: Conn<H::Info>,
+    /// A callback panicked: its state may be broken, so `on_close` is skipped.
+    panicked: bool,
+}
+
+impl<S, H> Driver<S, H>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+    H: Handler,
+{
+    fn metrics(&self) -> &Metrics {
+        self.conn.hub().metrics()
+    }
+
+    /// The main loop: returns how the connection ended.
+    async fn drive(&mut self, mut sleep: Pin<&mut Sleep>) -> Closed {
+        if let Some(outcome) = self.call_open().await {
+            self.apply(outcome, sleep.as_mut());
+        }
+        loop {
+            // Handle every complete frame already buffered.
+            if let Some(closed) = self.process_frames(sleep.as_mut()).await {
+                self.enter_finishing(closed, sleep.as_mut());
+            }
+            if let Phase::Finishing { .. } = self.phase {
+                if self.writer.is_empty() {
+                    return self.take_finishing();
+                }
+            }
+
+            match self.next_event(sleep.as_mut()).await {
+                Event::Read => {
+                    self.last_seen = Instant::now();
+                    self.ping_sent = None;
+                }
+                Event::Eof => {
+                    let closed = match &self.phase {
+                        Phase::Closing { sent, .. } => Closed::ByServer(sent.clone()),
+                        Phase::Finishing { .. } => return self.take_finishing(),
+                        Phase::Open => Closed::Abnormal(
+                            "the client closed TCP without a close frame".to_owned(),
+                        ),
+                    };
+                    return closed;
+                }
+                Event::Failed(err) => {
+                    self.metrics().error(ErrorKind::Io);
+                    if let Phase::Finishing { .. } = self.phase {
+                        return self.take_finishing();
+                    }
+                    return Closed::Abnormal(format!("socket error: {err}"));
+                }
+                Event::Flushed => {}
+                Event::Mailbox(items, close) => {
+                    self.take_mailbox(items, close, sleep.as_mut()).await;
+                }
+                Event::Timer => {
+                    if let Some(closed) = self.on_timer(sleep.as_mut()) {
+                        return closed;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Waits for the next event, writing pending bytes meanwhile.
+    async fn next_event(&mut self, mut sleep: Pin<&mut Sleep>) -> Event<H::Info> {
+        poll_fn(|cx| {
+            let metrics = self.conn.hub().metrics();
+            if !self.writer.is_empty() {
+                match self.writer.poll_write(&mut self.io, cx, metrics) {
+                    Poll::Ready(Ok(())) => {
+                        if let Phase::Finishing { .. } = self.phase {
+                            return Poll::Ready(Event::Flushed);
+                        }
+                    }
+                    Poll::Ready(Err(err)) => return Poll::Ready(Event::Failed(err)),
+                    Poll::Pending => {}
+                }
+            }
+            let backed_up = self.writer.backlog >= WRITE_HIGH_WATER;
+            if matches!(self.phase, Phase::Open) && !backed_up {
+                if let Poll::Ready((items, close)) = self.conn.mailbox.poll_take(cx) {
+                    return Poll::Ready(Event::Mailbox(items, close));
+                }
+            }
+            if !matches!(self.phase, Phase::Finishing { .. }) && !backed_up {
+                match self.reader.poll_fill(&mut self.io, cx) {
+                    Poll::Ready(Ok(0)) => return Poll::Ready(Event::Eof),
+                    Poll::Ready(Ok(n)) => {
+                        metrics.bytes_in.add(n as u64);
+                        return Poll::Ready(Event::Read);
+                    }
+                    Poll::Ready(Err(err)) => return Poll::Ready(Event::Failed(err)),
+                    Poll::Pending => {}
+                }
+            }
+            if sleep.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Event::Timer);
+            }
+            Poll::Pending
+        })
+        .await
+    }
+
+    /// Parses and dispatches buffered frames; returns `Some` when the
+    /// connection must stop reading (close received or protocol error).
+    async fn process_frames(&mut self, mut sleep: Pin<&mut Sleep>) -> Option<Closed> {
+        if let Phase::Finishing { .. } = self.phase {
+            return None;
+        }
+        loop {
+            let incoming = match self.reader.next() {
+                Ok(Some(incoming)) => incoming,
+                Ok(None) => return None,
+                Err(frame) => {
+                    self.metrics().error(match frame.code {
+                        CloseCode::INVALID_PAYLOAD => ErrorKind::InvalidUtf8,
+                        CloseCode::MESSAGE_TOO_BIG => ErrorKind::MessageTooBig,
+                        _ => ErrorKind::Protocol,
+                    });
+                    self.reader.discard();
+                    // A connection already closing has sent its close frame.
+                    if let Phase::Closing { sent, .. } = &self.phase {
+                        return Some(Closed::ByServer(sent.clone()));
+                    }
+                    self.writer.push(close_frame(&frame));
+                    return Some(Closed::ByServer(frame));
+                }
+            };
+            match incoming {
+                Incoming::Message(message) => {
+                    if !matches!(self.phase, Phase::Open) {
+                        // §7.1.2: data after our close frame is discarded.
+                        continue;
+                    }
+                    self.metrics().frames_in.add(1);
+                    if let Some(outcome) = self.call_message(message).await {
+                        self.apply(outcome, sleep.as_mut());
+                    }
+                }
+                Incoming::Ping(payload) => {
+                    if matches!(self.phase, Phase::Open) {
+                        self.writer.push(WireFrame::new(OpCode::Pong, payload));
+                    }
+                }
+                Incoming::Pong => {}
+                Incoming::Close(received) => {
+                    return Some(match &self.phase {
+                        Phase::Closing { sent, .. } => Closed::ByServer(sent.clone()),
+                        _ => {
+                            // §5.5.1: echo the status code the client sent.
+                            let payload = match &received {
+                                Some(frame) => CloseFrame::new(frame.code, "").payload(),
+                                None => Bytes::new(),
+                            };
+                            self.writer.push(WireFrame::new(OpCode::Close, payload));
+                            Closed::ByClient(received)
+                        }
+                    });
+                }
+            }
+        }
+    }
+
+    async fn take_mailbox(
+        &mut self,
+        items: VecDeque<Item<H::Info>>,
+        close: Option<CloseFrame>,
+        mut sleep: Pin<&mut Sleep>,
+    ) {
+        for item in items {
+            if !matches!(self.phase, Phase::Open) {
+                self.metrics().dropped_messages.add(1);
+                continue;
+            }
+            match item {
+                Item::Frame(frame) => self.writer.push(frame),
+                Item::Info(info) => {
+                    if let Some(outcome) = self.call_info(info).await {
+                        self.apply(outcome, sleep.as_mut());
+                    }
+                }
+            }
+        }
+        if let Some(frame) = close {
+            if frame.code == CloseCode::POLICY_VIOLATION {
+                self.metrics().error(ErrorKind::QueueOverflow);
+            }
+            self.start_close(frame, sleep);
+        }
+    }
+
+    /// Keepalive and close deadlines. Returns `Some` when the connection
+    /// must end now.
+    fn on_timer(&mut self, sleep: Pin<&mut Sleep>) -> Option<Closed> {
+        let now = Instant::now();
+        match &self.phase {
+            Phase::Closing { sent, deadline } if now >= *deadline => {
+                return Some(Closed::ByServer(sent.clone()));
+            }
+            Phase::Finishing { deadline, .. } if now >= *deadline => {
+                return Some(self.take_finishing());
+            }
+            Phase::Open => {
+                let s = self.settings;
+                if !s.ping_interval.is_zero() && now >= self.last_seen + s.ping_interval {
+                    match self.ping_sent {
+                        Some(sent) if now >= sent + s.pong_timeout => {
+                            self.metrics().error(ErrorKind::KeepaliveTimeout);
+                            let frame = CloseFrame::new(
+                                CloseCode::GOING_AWAY,
+                                "keepalive timeout: no pong in time",
+                            );
+                            self.writer.push(close_frame(&frame));
+                            self.enter_finishing(
+                                Closed::Abnormal("keepalive timeout: no pong in time".to_owned()),
+                                sleep,
+                            );
+                            return None;
+                        }
+                        Some(_) => {}
+                        None => {
+                            self.writer.push(WireFrame::new(OpCode::Ping, Bytes::new()));
+                            self.ping_sent = Some(now);
+                        }
+                    }
+                }
+                self.arm_keepalive(sleep, now);
+            }
+            _ => {}
+        }
+        None
+    }
+
+    fn arm_keepalive(&self, sleep: Pin<&mut Sleep>, now: Instant) {
+        let s = self.settings;
+        let at = if s.ping_interval.is_zero() {
+            far_future(now)
+        } else if let Some(sent) = self.ping_sent {
+            sent + s.pong_timeout
+        } else {
+            self.last_seen + s.ping_interval
+        };
+        sleep.reset(at);
+    }
+
+    fn apply(&mut self, outcome: Outcome, sleep: Pin<&mut Sleep>) {
+        match outcome {
+            Outcome::Continue => {}
+            Outcome::Reply(message) => self.writer.push(message.into_frame()),
+            Outcome::ReplyMany(messages) => {
+                for message in messages {
+                    self.writer.push(message.into_frame());
+                }
+            }
+            Outcome::Send(frame) => self.writer.push(frame),
+            Outcome::Stop(frame) => self.start_close(frame, sleep),
+        }
+    }
+
+    /// Sends our close frame and waits for the client's (RFC 6455 §7.1.2).
+    fn start_close(&mut self, frame: CloseFrame, sleep: Pin<&mut Sleep>) {
+        if !matches!(self.phase, Phase::Open) {
+            return;
+        }
+        self.writer.push(close_frame(&frame));
+        let deadline = Instant::now() + self.settings.close_timeout;
+        sleep.reset(deadline);
+        self.phase = Phase::Closing {
+            sent: frame,
+            deadline,
+        };
+    }
+
+    fn enter_finishing(&mut self, closed: Closed, sleep: Pin<&mut Sleep>) {
+        let deadline = Instant::now() + self.settings.close_timeout;
+        sleep.reset(deadline);
+        self.phase = Phase::Finishing { closed, deadline };
+    }
+
+    fn take_finishing(&mut self) -> Closed {
+        match std::mem::replace(&mut self.phase, Phase::Open) {
+            Phase::Finishing { closed, .. } => closed,
+            Phase::Closing { sent, .. } => Closed::ByServer(sent),
+            Phase::Open => Closed::Abnormal("connection ended".to_owned()),
+        }
+    }
+
+    async fn call_open(&mut self) -> Option<Outcome> {
+        let state = self.state.as_mut()?;
+        let result = AssertUnwindSafe(self.handler.on_open(state, &mut self.conn))
+            .catch_unwind()
+            .await;
+        self.after_callback(result)
+    }
+
+    async fn call_message(&mut self, message: Message) -> Option<Outcome> {
+        let state = self.state.as_mut()?;
+        let result = AssertUnwindSafe(self.handler.on_message(state, message, &mut self.conn))
+            .catch_unwind()
+            .await;
+        self.after_callback(result)
+    }
+
+    async fn call_info(&mut self, info: H::Info) -> Option<Outcome> {
+        let state = self.state.as_mut()?;
+        let result = AssertUnwindSafe(self.handler.on_info(state, info, &mut self.conn))
+            .catch_unwind()
+            .await;
+        self.after_callback(result)
+    }
+
+    /// A panicking callback becomes `Stop(1011)`; the panic message was
+    /// already printed by the panic hook.
+    fn after_callback(
+        &mut self,
+        result: Result<Outcome, Box<dyn std::any::Any + Send>>,
+    ) -> Option<Outcome> {
+        match result {
+            Ok(outcome) => Some(outcome),
+            Err(_) => {
+                self.metrics().error(ErrorKind::HandlerPanic);
+                tracing::error!(
+                    conn = self.conn.id().0,
+                    "websocket handler panicked; closing with 1011"
+                );
+                self.panicked = true;
+                self.state = None;
+                Some(Outcome::Stop(CloseFrame::new(
+                    CloseCode::INTERNAL_ERROR,
+                    "internal error: the handler panicked",
+                )))
+            }
+        }
+    }
+
+    /// Shuts the socket down and tells the handler.
+    async fn finish(mut self, closed: Closed) {
+        // Best effort: the peer may be gone already.
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.io.shutdown()).await;
+        if let Some(state) = self.state.take() {
+            if !self.panicked {
+                let result =
+                    AssertUnwindSafe(self.handler.on_close(state, &closed, &mut self.conn))
+                        .catch_unwind()
+                        .await;
+                if result.is_err() {
+                    self.metrics().error(ErrorKind::HandlerPanic);
+                }
+            }
+        }
+        tracing::debug!(conn = self.conn.id().0, ?closed, "connection ended");
+        // Dropping `self.conn` unregisters the ID and topics.
+    }
+}
+
+fn close_frame(frame: &CloseFrame) -> WireFrame {
+    WireFrame::new(OpCode::Close, frame.payload())
+}
+
+/// Assembles messages from the bytes a client sends.
+struct Reader {
+    /// Received bytes not yet parsed. Empty (no allocation) while idle.
+    buf: BytesMut,
+    /// A fragmented message in progress (RFC 6455 §5.4).
+    partial: Option<Partial>,
+    settings: Settings,
+}
+
+struct Partial {
+    text: bool,
+    data: BytesMut,
+    /// For text: bytes already known to be valid UTF-8.
+    checked: usize,
+}
+
+impl Reader {
+    fn new(leftover: Bytes, settings: Settings) -> Self {
+        Self {
+            buf: BytesMut::from(&leftover[..]),
+            partial: None,
+            settings,
+        }
+    }
+
+    /// Reads what the socket has into `buf`, through the per-thread scratch
+    /// buffer so that a connection waiting for data owns no buffer.
+    fn poll_fill<S: AsyncRead + Unpin>(
+        &mut self,
+        io: &mut S,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<usize>> {
+        SCRATCH.with_borrow_mut(|scratch| {
+            let mut rb = ReadBuf::new(scratch);
+            ready!(Pin::new(io).poll_read(cx, &mut rb))?;
+            let filled = rb.filled();
+            self.buf.extend_from_slice(filled);
+            Poll::Ready(Ok(filled.len()))
+        })
+    }
+
+    fn discard(&mut self) {
+        self.buf = BytesMut::new();
+        self.partial = None;
+    }
+
+    /// The next complete message or control frame, if buffered.
+    fn next(&mut self) -> Result<Option<Incoming>, CloseFrame> {
+        loop {
+            let head = match parse_header(&self.buf, self.settings.max_frame) {
+                Ok(Some(head)) => head,
+                Ok(None) => return Ok(None),
+                Err(err) => return Err(CloseFrame::new(err.code, err.reason)),
+            };
+            let frame_len = head.header_len + head.payload_len;
+            if self.buf.len() < frame_len {
+                // Reserve once for the whole frame instead of growing in steps.
+                self.buf.reserve(frame_len - self.buf.len());
+                return Ok(None);
+            }
+            self.buf.advance(head.header_len);
+            let mut payload = self.buf.split_to(head.payload_len);
+            if self.buf.is_empty() {
+                // Drop our hold on the allocation: an idle connection keeps
+                // no read buffer.
+                self.buf = BytesMut::new();
+            }
+            apply_mask(&mut payload, head.mask);
+
+            match head.opcode {
+                OpCode::Ping => return Ok(Some(Incoming::Ping(payload.freeze()))),
+                OpCode::Pong => return Ok(Some(Incoming::Pong)),
+                OpCode::Close => {
+                    return parse_close_payload(&payload).map(|c| Some(Incoming::Close(c)));
+                }
+                OpCode::Text | OpCode::Binary => {
+                    if self.partial.is_some() {
+                        return Err(CloseFrame::new(
+                            CloseCode::PROTOCOL_ERROR,
+                            "new message before the fragmented one finished (RFC 6455 §5.4)",
+                        ));
+                    }
+                    let text = head.opcode == OpCode::Text;
+                    if head.fin {
+                        return finish_message(text, payload).map(Some);
+                    }
+                    let mut partial = Partial {
+                        text,
+                        data: payload,
+                        checked: 0,
+                    };
+                    partial.check_utf8(false)?;
+                    self.partial = Some(partial);
+                }
+                OpCode::Continuation => {
+                    let Some(partial) = self.partial.as_mut() else {
+                        return Err(CloseFrame::new(
+                            CloseCode::PROTOCOL_ERROR,
+                            "continuation frame with nothing to continue (RFC 6455 §5.4)",
+                        ));
+                    };
+                    if partial.data.len() + payload.len() > self.settings.max_message {
+                        return Err(CloseFrame::new(
+                            CloseCode::MESSAGE_TOO_BIG,
+                            "message larger than the configured maximum (RFC 6455 §7.4.1)",
+                        ));
+                    }
+                    partial.data.extend_from_slice(&payload);
+                    partial.check_utf8(head.fin)?;
+                    if head.fin {
+                        if let Some(done) = self.partial.take() {
+                            return finish_message(done.text, done.data).map(Some);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Partial {
+    /// Validates new text bytes as they arrive, so an invalid fragment is
+    /// refused at once rather than after the whole message (RFC 6455 §8.1).
+    /// A character cut at the end of a non-final fragment is allowed.
+    fn check_utf8(&mut self, fin: bool) -> Result<(), CloseFrame> {
+        if !self.text {
+            return Ok(());
+        }
+        match simdutf8::compat::from_utf8(&self.data[self.checked..]) {
+            Ok(_) => self.checked = self.data.len(),
+            Err(e) if e.error_len().is_none() && !fin => self.checked += e.valid_up_to(),
+            Err(_) => return Err(invalid_utf8()),
+        }
+        Ok(())
+    }
+}
+
+fn invalid_utf8() -> CloseFrame {
+    CloseFrame::new(
+        CloseCode::INVALID_PAYLOAD,
+        "text message is not valid UTF-8 (RFC 6455 §8.1)",
+    )
+}
+
+fn finish_message(text: bool, payload: BytesMut) -> Result<Incoming, CloseFrame> {
+    let bytes = payload.freeze();
+    if text {
+        if simdutf8::basic::from_utf8(&bytes).is_err() {
+            return Err(invalid_utf8());
+        }
+        Ok(Incoming::Message(Message::Text(Text::from_validated(
+            bytes,
+        ))))
+    } else {
+        Ok(Incoming::Message(Message::Binary(bytes)))
+    }
+}
+
+/// Frames waiting to be written, written with vectored I/O so that a burst
+/// of small frames costs one system call.
+#[derive(Default)]
+struct Writer {
+    queue: VecDeque<WireFrame>,
+    /// Bytes of the front frame already written.
+    offset: usize,
+    /// Bytes queued and not yet written.
+    backlog: usize,
+}
+
+impl Writer {
+    fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+
+    fn push(&mut self, frame: WireFrame) {
+        self.backlog += frame.wire_len();
+        self.queue.push_back(frame);
+    }
+
+    fn poll_write<S: AsyncWrite + Unpin>(
+        &mut self,
+        io: &mut S,
+        cx: &mut Context<'_>,
+        metrics: &Metrics,
+    ) -> Poll<io::Result<()>> {
+        while !self.queue.is_empty() {
+            let mut slices = [IoSlice::new(&[]); MAX_IOV];
+            let mut n = 0;
+            let mut skip = self.offset;
+            'fill: for frame in &self.queue {
+                for part in [frame.head.as_slice(), &frame.body[..]] {
+                    if skip >= part.len() {
+                        skip -= part.len();
+                        continue;
+                    }
+                    slices[n] = IoSlice::new(&part[skip..]);
+                    skip = 0;
+                    n += 1;
+                    if n == MAX_IOV {
+                        break 'fill;
+                    }
+                }
+            }
+            let written = ready!(Pin::new(&mut *io).poll_write_vectored(cx, &slices[..n]))?;
+            if written == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            metrics.bytes_out.add(written as u64);
+            metrics.frames_out.add(self.consume(written));
+        }
+        // Frees the queue's buffer: an idle connection keeps none.
+        self.queue = VecDeque::new();
+        Pin::new(io).poll_flush(cx)
+    }
+
+    /// Drops `n` written bytes from the front; returns whole frames written.
+    fn consume(&mut self, mut n: usize) -> u64 {
+        self.backlog -= n;
+        let mut frames = 0;
+        while let Some(front) = self.queue.front() {
+            let left = front.wire_len() - self.offset;
+            if n < left {
+                self.offset += n;
+                break;
+            }
+            n -= left;
+            self.offset = 0;
+            self.queue.pop_front();
+            frames += 1;
+        }
+        frames
+    }
+}

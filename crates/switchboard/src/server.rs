@@ -1,0 +1,216 @@
+//! Serving a router: the accept loop, the connection cap, graceful shutdown,
+//! and JSON for every error axum would answer with an empty body.
+//!
+//! The flow, top-down: [`serve`] accepts TCP connections while it holds a
+//! permit of the connection cap, hands each to hyper's HTTP/1.1 server with
+//! upgrades on, and when `shutdown` resolves stops accepting, closes every
+//! WebSocket with 1001 after its queued frames, and waits (bounded) for the
+//! connections to finish.
+
+use std::any::Any;
+use std::convert::Infallible;
+use std::future::Future;
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Request};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use futures_util::FutureExt as _;
+use http::StatusCode;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::AsyncWriteExt as _;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, watch};
+use tower::ServiceExt as _;
+
+use crate::http_error::HttpError;
+use crate::hub::Hub;
+use crate::protocol::close::{CloseCode, CloseFrame};
+use crate::ws::ConnSlot;
+
+/// How long [`serve`] waits for connections to finish after shutdown
+/// begins, by default.
+pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves `router` on `listener` until `shutdown` resolves, then shuts down
+/// gracefully within [`DEFAULT_SHUTDOWN_TIMEOUT`]. See [`serve_with`].
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    hub: Hub,
+    shutdown: impl Future<Output = ()> + Send,
+) -> io::Result<()> {
+    serve_with(listener, router, hub, shutdown, DEFAULT_SHUTDOWN_TIMEOUT).await
+}
+
+/// Serves `router` on `listener` until `shutdown` resolves.
+///
+/// Then: stop accepting; ask in-flight HTTP requests to finish; close every
+/// WebSocket with 1001 "server shutting down" after the frames already
+/// queued to it; wait up to `shutdown_timeout` for all of that; return.
+pub async fn serve_with(
+    listener: TcpListener,
+    router: Router,
+    hub: Hub,
+    shutdown: impl Future<Output = ()> + Send,
+    shutdown_timeout: Duration,
+) -> io::Result<()> {
+    let limits = hub.limits().clone();
+    // Why a semaphore: each permit is one open TCP connection, HTTP or
+    // WebSocket; when none is left, the next client is told 503 at once
+    // instead of queueing in the kernel and timing out.
+    let cap = Arc::new(Semaphore::new(limits.max_connections));
+    let (stop_http, http_stopped) = watch::channel(false);
+    let router = json_errors(router);
+    tokio::pin!(shutdown);
+
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(err) => {
+                    // Out of file descriptors or a transient network error:
+                    // back off a little instead of spinning.
+                    tracing::warn!(%err, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let Ok(permit) = Arc::clone(&cap).try_acquire_owned() else {
+            tokio::spawn(refuse_over_capacity(stream));
+            continue;
+        };
+        let slot = ConnSlot::new(permit);
+        let router = router.clone();
+        let service = hyper::service::service_fn(move |mut request: http::Request<Incoming>| {
+            request.extensions_mut().insert(slot.clone());
+            request.extensions_mut().insert(ConnectInfo(peer));
+            router.clone().oneshot(request.map(Body::new))
+        });
+        let mut stopping = http_stopped.clone();
+        let handshake_timeout = limits.handshake_timeout;
+        tokio::spawn(async move {
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(handshake_timeout)
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades();
+            tokio::pin!(conn);
+            let stop = async {
+                // Drop the `Ref` guard at once: it must not live across an await.
+                let _ = stopping.wait_for(|stop| *stop).await.map(|_| ());
+            };
+            let result = tokio::select! {
+                result = conn.as_mut() => result,
+                () = stop => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(err) = result {
+                tracing::debug!(%err, %peer, "http connection ended with an error");
+            }
+        });
+    }
+
+    drop(listener);
+    drop(http_stopped);
+    tracing::info!(
+        connections = hub.live_connections(),
+        "shutting down: closing connections with 1001"
+    );
+    let _ = stop_http.send(true);
+    hub.close_all(CloseFrame::new(
+        CloseCode::GOING_AWAY,
+        "server shutting down",
+    ));
+    let all_closed = async {
+        hub.drained().await;
+        stop_http.closed().await;
+    };
+    if tokio::time::timeout(shutdown_timeout, all_closed)
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            connections = hub.live_connections(),
+            "shutdown timeout reached; dropping the remaining connections"
+        );
+    }
+    Ok(())
+}
+
+/// Answers a connection over the cap with 503 and closes it.
+async fn refuse_over_capacity(mut stream: TcpStream) {
+    const BODY: &str = r#"{"error":{"code":"over_capacity","message":"the server is at its connection limit (limits.max_connections); retry later"}}"#;
+    let response = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nretry-after: 1\r\nconnection: close\r\n\r\n{BODY}",
+        BODY.len()
+    );
+    let write = async {
+        stream.write_all(response.as_bytes()).await?;
+        stream.shutdown().await
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(2), write).await;
+}
+
+/// Makes a router answer every error with a JSON body: unknown paths (404),
+/// wrong methods (405), and panics in HTTP handlers (500, with the server
+/// still running). [`serve`] applies it; call it yourself with `axum::serve`.
+pub fn json_errors(router: Router) -> Router {
+    router
+        .fallback(|request: Request| async move {
+            HttpError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("no route for {} {}", request.method(), request.uri().path()),
+            )
+        })
+        .method_not_allowed_fallback(|request: Request| async move {
+            HttpError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                format!(
+                    "{} is not allowed on {}",
+                    request.method(),
+                    request.uri().path()
+                ),
+            )
+        })
+        .layer(middleware::from_fn(catch_panics))
+}
+
+async fn catch_panics(request: Request, next: Next) -> Result<Response, Infallible> {
+    let path = request.uri().path().to_owned();
+    match std::panic::AssertUnwindSafe(next.run(request))
+        .catch_unwind()
+        .await
+    {
+        Ok(response) => Ok(response),
+        Err(panic) => {
+            tracing::error!(%path, panic = panic_message(&*panic), "http handler panicked");
+            Ok(HttpError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal_error",
+                "the handler for this route panicked; the server keeps running",
+            )
+            .into_response())
+        }
+    }
+}
+
+fn panic_message(panic: &(dyn Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(non-string panic)")
+}
