@@ -1,0 +1,301 @@
+//! The server's configuration: defaults, then a TOML file, then
+//! `SWITCHBOARD_*` environment variables, then flags — each later source
+//! overriding the earlier ones, key by key.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use serde::Deserialize;
+use switchboard::{DuplicateIds, Limits};
+
+/// A WebSocket messaging server: relay by client ID, topics, chat, echo, and
+/// an HTTP API for your backend.
+///
+/// Every option can also be set by the environment variable shown, or in
+/// the TOML file given with --config (keys as in docs/configuration.md).
+/// Precedence: flag, then environment, then file, then default.
+#[derive(Debug, Parser)]
+#[command(name = "switchboard", version, about, long_about)]
+pub(crate) struct Cli {
+    /// TOML configuration file.
+    #[arg(long, env = "SWITCHBOARD_CONFIG", value_name = "PATH")]
+    pub(crate) config: Option<PathBuf>,
+    /// Address to listen on; port 0 picks a free port [default: 127.0.0.1:8080].
+    #[arg(long, env = "SWITCHBOARD_LISTEN", value_name = "ADDR")]
+    pub(crate) listen: Option<SocketAddr>,
+    /// Log format [default: text].
+    #[arg(long, env = "SWITCHBOARD_LOG_FORMAT", value_enum)]
+    pub(crate) log_format: Option<LogFormat>,
+    /// Log filter, e.g. "info" or "switchboard=debug" [default: info].
+    #[arg(long, env = "SWITCHBOARD_LOG_LEVEL", value_name = "FILTER")]
+    pub(crate) log_level: Option<String>,
+    /// How long shutdown waits for connections to close [default: 10s].
+    #[arg(long, env = "SWITCHBOARD_SHUTDOWN_TIMEOUT", value_parser = duration, value_name = "DURATION")]
+    pub(crate) shutdown_timeout: Option<Duration>,
+
+    /// Largest message a client may send, in bytes [default: 65536].
+    #[arg(
+        long,
+        env = "SWITCHBOARD_MAX_MESSAGE_SIZE",
+        value_name = "BYTES",
+        help_heading = "Limits"
+    )]
+    pub(crate) max_message_size: Option<usize>,
+    /// Largest frame a client may send, in bytes [default: 65536].
+    #[arg(
+        long,
+        env = "SWITCHBOARD_MAX_FRAME_SIZE",
+        value_name = "BYTES",
+        help_heading = "Limits"
+    )]
+    pub(crate) max_frame_size: Option<usize>,
+    /// Frames that may wait to be sent to one client [default: 1024].
+    #[arg(
+        long,
+        env = "SWITCHBOARD_MAX_QUEUED_MESSAGES",
+        value_name = "N",
+        help_heading = "Limits"
+    )]
+    pub(crate) max_queued_messages: Option<usize>,
+    /// Bytes that may wait to be sent to one client [default: 1048576].
+    #[arg(
+        long,
+        env = "SWITCHBOARD_MAX_QUEUED_BYTES",
+        value_name = "BYTES",
+        help_heading = "Limits"
+    )]
+    pub(crate) max_queued_bytes: Option<usize>,
+    /// Ping a client silent for this long; 0 disables [default: 25s].
+    #[arg(long, env = "SWITCHBOARD_PING_INTERVAL", value_parser = duration, value_name = "DURATION", help_heading = "Limits")]
+    pub(crate) ping_interval: Option<Duration>,
+    /// Drop a client silent this long after a ping [default: 10s].
+    #[arg(long, env = "SWITCHBOARD_PONG_TIMEOUT", value_parser = duration, value_name = "DURATION", help_heading = "Limits")]
+    pub(crate) pong_timeout: Option<Duration>,
+    /// Wait this long for the client's close frame [default: 5s].
+    #[arg(long, env = "SWITCHBOARD_CLOSE_TIMEOUT", value_parser = duration, value_name = "DURATION", help_heading = "Limits")]
+    pub(crate) close_timeout: Option<Duration>,
+    /// Drop an HTTP client that sends no headers for this long [default: 10s].
+    #[arg(long, env = "SWITCHBOARD_HANDSHAKE_TIMEOUT", value_parser = duration, value_name = "DURATION", help_heading = "Limits")]
+    pub(crate) handshake_timeout: Option<Duration>,
+    /// Open TCP connections before new ones get 503 [default: 100000].
+    #[arg(
+        long,
+        env = "SWITCHBOARD_MAX_CONNECTIONS",
+        value_name = "N",
+        help_heading = "Limits"
+    )]
+    pub(crate) max_connections: Option<usize>,
+    /// Targets in one relay frame or /api/send [default: 10000].
+    #[arg(
+        long,
+        env = "SWITCHBOARD_MAX_TARGETS",
+        value_name = "N",
+        help_heading = "Limits"
+    )]
+    pub(crate) max_targets: Option<usize>,
+    /// A second connection with the same client ID [default: allow].
+    #[arg(
+        long,
+        env = "SWITCHBOARD_DUPLICATE_IDS",
+        value_enum,
+        help_heading = "Limits"
+    )]
+    pub(crate) duplicate_ids: Option<DuplicateIdsArg>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub(crate) enum DuplicateIdsArg {
+    Allow,
+    ReplaceOldest,
+    RejectNew,
+}
+
+impl From<DuplicateIdsArg> for DuplicateIds {
+    fn from(arg: DuplicateIdsArg) -> Self {
+        match arg {
+            DuplicateIdsArg::Allow => Self::Allow,
+            DuplicateIdsArg::ReplaceOldest => Self::ReplaceOldest,
+            DuplicateIdsArg::RejectNew => Self::RejectNew,
+        }
+    }
+}
+
+fn duration(s: &str) -> Result<Duration, String> {
+    switchboard::duration::parse(s)
+}
+
+/// The config file's shape. Unknown keys are errors that name the key.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    listen: Option<SocketAddr>,
+    log_format: Option<LogFormat>,
+    log_level: Option<String>,
+    #[serde(default, deserialize_with = "opt_duration")]
+    shutdown_timeout: Option<Duration>,
+    #[serde(default)]
+    limits: Option<Limits>,
+}
+
+fn opt_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    let s = String::deserialize(d)?;
+    duration(&s).map(Some).map_err(serde::de::Error::custom)
+}
+
+/// The merged configuration the server runs with.
+#[derive(Debug)]
+pub(crate) struct Config {
+    pub(crate) listen: SocketAddr,
+    pub(crate) log_format: LogFormat,
+    pub(crate) log_level: String,
+    pub(crate) shutdown_timeout: Duration,
+    pub(crate) limits: Limits,
+}
+
+/// A configuration problem; the binary exits with code 2.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ConfigError {
+    #[error("cannot read config file {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: Box<toml::de::Error>,
+    },
+    #[error(
+        "unknown environment variable {name}: the SWITCHBOARD_ prefix is reserved for options listed by --help"
+    )]
+    UnknownEnv { name: String },
+    #[error("invalid value for {key}: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+impl Cli {
+    /// Merges defaults, the file, the environment and the flags (clap has
+    /// already put environment values into unset flags).
+    pub(crate) fn resolve(self) -> Result<Config, ConfigError> {
+        check_env_names()?;
+        let file = match &self.config {
+            Some(path) => read_file(path)?,
+            None => FileConfig::default(),
+        };
+        let mut limits = file.limits.unwrap_or_default();
+        macro_rules! set {
+            ($($field:ident),*) => {$(
+                if let Some(v) = self.$field { limits.$field = v.into(); }
+            )*};
+        }
+        set!(
+            max_message_size,
+            max_frame_size,
+            max_queued_messages,
+            max_queued_bytes,
+            ping_interval,
+            pong_timeout,
+            close_timeout,
+            handshake_timeout,
+            max_connections,
+            max_targets,
+            duplicate_ids
+        );
+        validate(&limits)?;
+        Ok(Config {
+            listen: self
+                .listen
+                .or(file.listen)
+                .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 8080))),
+            log_format: self
+                .log_format
+                .or(file.log_format)
+                .unwrap_or(LogFormat::Text),
+            log_level: self
+                .log_level
+                .or(file.log_level)
+                .unwrap_or_else(|| "info".to_owned()),
+            shutdown_timeout: self
+                .shutdown_timeout
+                .or(file.shutdown_timeout)
+                .unwrap_or(switchboard::DEFAULT_SHUTDOWN_TIMEOUT),
+            limits,
+        })
+    }
+}
+
+fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|source| ConfigError::Parse {
+        path: path.to_owned(),
+        source: Box::new(source),
+    })
+}
+
+/// A misspelt `SWITCHBOARD_*` variable would otherwise be ignored silently.
+fn check_env_names() -> Result<(), ConfigError> {
+    use clap::CommandFactory as _;
+    let command = Cli::command();
+    let known: Vec<String> = command
+        .get_arguments()
+        .filter_map(|arg| arg.get_env())
+        .map(|name| name.to_string_lossy().into_owned())
+        .collect();
+    for (name, _) in std::env::vars_os() {
+        let name = name.to_string_lossy();
+        if name.starts_with("SWITCHBOARD_") && !known.iter().any(|k| *k == name) {
+            return Err(ConfigError::UnknownEnv {
+                name: name.into_owned(),
+            });
+        }
+    }
+    Ok(())
+}
+
+fn validate(limits: &Limits) -> Result<(), ConfigError> {
+    let positive: [(&'static str, usize); 6] = [
+        ("limits.max_message_size", limits.max_message_size),
+        ("limits.max_frame_size", limits.max_frame_size),
+        ("limits.max_queued_messages", limits.max_queued_messages),
+        ("limits.max_queued_bytes", limits.max_queued_bytes),
+        ("limits.max_connections", limits.max_connections),
+        ("limits.max_targets", limits.max_targets),
+    ];
+    for (key, value) in positive {
+        if value == 0 {
+            return Err(ConfigError::Invalid {
+                key,
+                message: "must be at least 1".to_owned(),
+            });
+        }
+    }
+    if limits.max_connections > tokio::sync::Semaphore::MAX_PERMITS {
+        return Err(ConfigError::Invalid {
+            key: "limits.max_connections",
+            message: format!("must be at most {}", tokio::sync::Semaphore::MAX_PERMITS),
+        });
+    }
+    if limits.pong_timeout.is_zero() && !limits.ping_interval.is_zero() {
+        return Err(ConfigError::Invalid {
+            key: "limits.pong_timeout",
+            message:
+                "must be above 0 while pings are on (set ping_interval = \"0\" to turn them off)"
+                    .to_owned(),
+        });
+    }
+    Ok(())
+}
