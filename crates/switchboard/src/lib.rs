@@ -100,3 +100,8 @@ pub use ws::ws;
 
 #[doc(no_inline)]
 pub use axum::Router;
+
+/// The README's Rust examples, compiled as doctests so they cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+pub struct ReadmeDoctests;

@@ -340,15 +340,22 @@ where
     }
 
     /// Keepalive and close deadlines. Returns `Some` when the connection
-    /// must end now.
-    fn on_timer(&mut self, sleep: Pin<&mut Sleep>) -> Option<Closed> {
+    /// must end now. Every path re-arms the timer: an elapsed `Sleep` left
+    /// as it is would wake the task again at once, forever.
+    fn on_timer(&mut self, mut sleep: Pin<&mut Sleep>) -> Option<Closed> {
         let now = Instant::now();
         match &self.phase {
-            Phase::Closing { sent, deadline } if now >= *deadline => {
-                return Some(Closed::ByServer(sent.clone()));
+            Phase::Closing { sent, deadline } => {
+                if now >= *deadline {
+                    return Some(Closed::ByServer(sent.clone()));
+                }
+                sleep.as_mut().reset(*deadline);
             }
-            Phase::Finishing { deadline, .. } if now >= *deadline => {
-                return Some(self.take_finishing());
+            Phase::Finishing { deadline, .. } => {
+                if now >= *deadline {
+                    return Some(self.take_finishing());
+                }
+                sleep.as_mut().reset(*deadline);
             }
             Phase::Open => {
                 let s = self.settings;
@@ -376,7 +383,6 @@ where
                 }
                 self.arm_keepalive(sleep, now);
             }
-            _ => {}
         }
         None
     }
