@@ -10,7 +10,7 @@
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
-use std::future::poll_fn;
+use std::future::{Future, poll_fn};
 use std::io::{self, IoSlice};
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
@@ -21,6 +21,7 @@ use std::time::Duration;
 use bytes::{Buf, Bytes, BytesMut};
 use futures_util::FutureExt as _;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _, ReadBuf};
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::{Instant, Sleep};
 
 use crate::conn::{Conn, Item};
@@ -89,44 +90,23 @@ struct Settings {
     close_timeout: Duration,
 }
 
-/// Drives one upgraded connection until it ends.
-pub(crate) async fn run<S, H>(
+/// Spawns the task that drives one upgraded connection until it ends.
+///
+/// The task's future is `Driver::run` itself, so the connection's fields
+/// are stored once; an `async fn` taking them as arguments would keep a
+/// second, dead copy of every argument for the connection's whole life.
+pub(crate) fn spawn<S, H>(
     io: S,
     leftover: Bytes,
     handler: Arc<H>,
     state: H::State,
     conn: Conn<H::Info>,
+    permit: Option<OwnedSemaphorePermit>,
 ) where
-    S: AsyncRead + AsyncWrite + Unpin + Send,
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     H: Handler,
 {
-    let limits = conn.hub().limits();
-    let settings = Settings {
-        max_frame: limits.max_frame_size,
-        max_message: limits.max_message_size,
-        ping_interval: limits.ping_interval,
-        pong_timeout: limits.pong_timeout,
-        close_timeout: limits.close_timeout,
-    };
-    let now = Instant::now();
-    let sleep = tokio::time::sleep_until(far_future(now));
-    let mut driver = Driver {
-        io,
-        reader: Reader::new(leftover, settings),
-        writer: Writer::default(),
-        phase: Phase::Open,
-        settings,
-        last_seen: now,
-        ping_sent: None,
-        handler,
-        state: Some(state),
-        conn,
-        panicked: false,
-    };
-    tokio::pin!(sleep);
-    driver.arm_keepalive(sleep.as_mut(), now);
-    let closed = driver.drive(sleep).await;
-    driver.finish(closed).await;
+    tokio::spawn(Driver::new(io, leftover, handler, state, conn, permit).run());
 }
 
 fn far_future(now: Instant) -> Instant {
@@ -149,6 +129,8 @@ struct Driver<S, H: Handler> {
     conn: Conn<H::Info>,
     /// A callback panicked: its state may be broken, so `on_close` is skipped.
     panicked: bool,
+    /// This connection's place under `limits.max_connections`.
+    _permit: Option<OwnedSemaphorePermit>,
 }
 
 impl<S, H> Driver<S, H>
@@ -156,13 +138,66 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send,
     H: Handler,
 {
+    fn new(
+        io: S,
+        leftover: Bytes,
+        handler: Arc<H>,
+        state: H::State,
+        conn: Conn<H::Info>,
+        permit: Option<OwnedSemaphorePermit>,
+    ) -> Self {
+        let limits = conn.hub().limits();
+        let settings = Settings {
+            max_frame: limits.max_frame_size,
+            max_message: limits.max_message_size,
+            ping_interval: limits.ping_interval,
+            pong_timeout: limits.pong_timeout,
+            close_timeout: limits.close_timeout,
+        };
+        Self {
+            io,
+            reader: Reader::new(leftover, settings.max_frame, settings.max_message),
+            writer: Writer::default(),
+            phase: Phase::Open,
+            settings,
+            last_seen: Instant::now(),
+            ping_sent: None,
+            handler,
+            state: Some(state),
+            conn,
+            panicked: false,
+            _permit: permit,
+        }
+    }
+
+    /// The connection's whole life: the event loop, then `finish`.
+    ///
+    /// A plain `fn` returning an `async move` block rather than an
+    /// `async fn run(mut self)`: the latter rebinds `self` inside its future
+    /// (`let mut self = self;`), storing the driver twice for the
+    /// connection's whole life. The block uses the captured driver in place.
+    fn run(mut self) -> impl Future<Output = ()> + Send {
+        async move {
+            let now = Instant::now();
+            let sleep = tokio::time::sleep_until(far_future(now));
+            tokio::pin!(sleep);
+            self.arm_keepalive(sleep.as_mut(), now);
+            let closed = self.drive(sleep).await;
+            // Boxed, like every handler call: a future awaited inline is
+            // part of the connection's future for its whole life, idle or
+            // not, so only the small event loop stays inline (see
+            // `connection_future_sizes`).
+            Box::pin(self.finish(closed)).await;
+        }
+    }
+
     fn metrics(&self) -> &Metrics {
         self.conn.hub().metrics()
     }
 
     /// The main loop: returns how the connection ended.
     async fn drive(&mut self, mut sleep: Pin<&mut Sleep>) -> Closed {
-        if let Some(outcome) = self.call_open().await {
+        if let Some(outcome) = Box::pin(self.call_open()).await {
             self.apply(outcome, sleep.as_mut());
         }
         loop {
@@ -200,7 +235,13 @@ where
                 }
                 Event::Flushed => {}
                 Event::Mailbox(items, close) => {
-                    self.take_mailbox(items, close, sleep.as_mut()).await;
+                    // Frames from other connections are the common case and
+                    // need no await; only `Info` messages call the handler.
+                    if items.iter().any(|item| matches!(item, Item::Info(_))) {
+                        Box::pin(self.take_mailbox(items, close, sleep.as_mut())).await;
+                    } else {
+                        self.take_frames(items, close, sleep.as_mut());
+                    }
                 }
                 Event::Timer => {
                     if let Some(closed) = self.on_timer(sleep.as_mut()) {
@@ -283,7 +324,7 @@ where
                         continue;
                     }
                     self.metrics().frames_in.add(1);
-                    if let Some(outcome) = self.call_message(message).await {
+                    if let Some(outcome) = Box::pin(self.call_message(message)).await {
                         self.apply(outcome, sleep.as_mut());
                     }
                 }
@@ -325,12 +366,31 @@ where
             match item {
                 Item::Frame(frame) => self.writer.push(frame),
                 Item::Info(info) => {
-                    if let Some(outcome) = self.call_info(info).await {
+                    if let Some(outcome) = Box::pin(self.call_info(info)).await {
                         self.apply(outcome, sleep.as_mut());
                     }
                 }
             }
         }
+        self.take_close(close, sleep);
+    }
+
+    /// `take_mailbox` for a batch holding only frames: no await.
+    fn take_frames(
+        &mut self,
+        items: VecDeque<Item<H::Info>>,
+        close: Option<CloseFrame>,
+        sleep: Pin<&mut Sleep>,
+    ) {
+        for item in items {
+            if let Item::Frame(frame) = item {
+                self.writer.push(frame);
+            }
+        }
+        self.take_close(close, sleep);
+    }
+
+    fn take_close(&mut self, close: Option<CloseFrame>, sleep: Pin<&mut Sleep>) {
         if let Some(frame) = close {
             if frame.code == CloseCode::POLICY_VIOLATION {
                 self.metrics().error(ErrorKind::QueueOverflow);
@@ -490,7 +550,7 @@ where
     }
 
     /// Shuts the socket down and tells the handler.
-    async fn finish(mut self, closed: Closed) {
+    async fn finish(&mut self, closed: Closed) {
         // Best effort: the peer may be gone already.
         let _ = tokio::time::timeout(Duration::from_secs(1), self.io.shutdown()).await;
         if let Some(state) = self.state.take() {
@@ -519,7 +579,8 @@ struct Reader {
     buf: BytesMut,
     /// A fragmented message in progress (RFC 6455 §5.4).
     partial: Option<Partial>,
-    settings: Settings,
+    max_frame: usize,
+    max_message: usize,
 }
 
 struct Partial {
@@ -530,11 +591,12 @@ struct Partial {
 }
 
 impl Reader {
-    fn new(leftover: Bytes, settings: Settings) -> Self {
+    fn new(leftover: Bytes, max_frame: usize, max_message: usize) -> Self {
         Self {
             buf: BytesMut::from(&leftover[..]),
             partial: None,
-            settings,
+            max_frame,
+            max_message,
         }
     }
 
@@ -562,7 +624,7 @@ impl Reader {
     /// The next complete message or control frame, if buffered.
     fn next(&mut self) -> Result<Option<Incoming>, CloseFrame> {
         loop {
-            let head = match parse_header(&self.buf, self.settings.max_frame) {
+            let head = match parse_header(&self.buf, self.max_frame) {
                 Ok(Some(head)) => head,
                 Ok(None) => return Ok(None),
                 Err(err) => return Err(CloseFrame::new(err.code, err.reason)),
@@ -614,7 +676,7 @@ impl Reader {
                             "continuation frame with nothing to continue (RFC 6455 §5.4)",
                         ));
                     };
-                    if partial.data.len() + payload.len() > self.settings.max_message {
+                    if partial.data.len() + payload.len() > self.max_message {
                         return Err(CloseFrame::new(
                             CloseCode::MESSAGE_TOO_BIG,
                             "message larger than the configured maximum (RFC 6455 §7.4.1)",
@@ -744,5 +806,61 @@ impl Writer {
             frames += 1;
         }
         frames
+    }
+}
+
+#[cfg(test)]
+mod size_tests {
+    use super::*;
+    use crate::handlers::{Echo, Relay};
+    use crate::{Hub, Limits};
+
+    /// What an idle connection costs in its task allocation. Printed so a
+    /// regression is visible with `--nocapture`, and bounded so a large one
+    /// fails (docs/design.md has the breakdown).
+    #[tokio::test]
+    async fn connection_future_sizes() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let hub = Hub::new(Limits::default());
+        let _c1 = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let (s1, _) = listener.accept().await.expect("accept");
+        let relay = Driver::new(
+            s1,
+            Bytes::new(),
+            Arc::new(Relay),
+            (),
+            Conn::new(hub.clone()),
+            None,
+        );
+        let relay = relay.run();
+        let _c2 = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let (s2, _) = listener.accept().await.expect("accept");
+        let echo = Driver::new(
+            s2,
+            Bytes::new(),
+            Arc::new(Echo),
+            (),
+            Conn::new(hub.clone()),
+            None,
+        );
+        let echo = echo.run();
+        let (relay_size, echo_size) = (std::mem::size_of_val(&relay), std::mem::size_of_val(&echo));
+        println!(
+            "relay future {relay_size} B, echo future {echo_size} B; Driver {} B (Reader {}, Writer {}, Phase {}, Settings {}, Conn {}), Sleep {} B",
+            std::mem::size_of::<Driver<tokio::net::TcpStream, Relay>>(),
+            std::mem::size_of::<Reader>(),
+            std::mem::size_of::<Writer>(),
+            std::mem::size_of::<Phase>(),
+            std::mem::size_of::<Settings>(),
+            std::mem::size_of::<Conn<()>>(),
+            std::mem::size_of::<Sleep>(),
+        );
+        assert!(
+            relay_size <= 800,
+            "the relay connection future grew to {relay_size} B"
+        );
     }
 }

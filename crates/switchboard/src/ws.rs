@@ -105,9 +105,11 @@ async fn upgrade<H: Handler>(request: Request, handler: Arc<H>, hub: Hub) -> Res
     };
 
     tokio::spawn(async move {
-        let _permit = slot.as_ref().and_then(ConnSlot::take);
+        let permit = slot.as_ref().and_then(ConnSlot::take);
         match on_upgrade.await {
-            Ok(upgraded) => run_upgraded(upgraded, handler, state, conn).await,
+            // A task of its own, sized for the connection alone: this one
+            // (holding the upgrade future) ends here.
+            Ok(upgraded) => run_upgraded(upgraded, handler, state, conn, permit),
             // The client went away between our 101 and the upgrade; dropping
             // `conn` undoes whatever `connect` registered.
             Err(err) => tracing::debug!(%err, "upgrade failed after 101"),
@@ -128,19 +130,29 @@ async fn upgrade<H: Handler>(request: Request, handler: Arc<H>, hub: Hub) -> Res
 
 /// Takes the raw `TcpStream` back from hyper when the connection is plain
 /// TCP, so the runtime works on the socket directly with hyper's buffers
-/// freed; any other transport (TLS) runs through hyper's `Upgraded`.
-async fn run_upgraded<H: Handler>(
+/// freed; any other transport (TLS) runs through hyper's `Upgraded`. Each
+/// transport gets a task sized for it alone.
+fn run_upgraded<H: Handler>(
     upgraded: Upgraded,
     handler: Arc<H>,
     state: H::State,
     conn: Conn<H::Info>,
+    permit: Option<OwnedSemaphorePermit>,
 ) {
     match upgraded.downcast::<TokioIo<TcpStream>>() {
         Ok(parts) => {
-            runtime::run(parts.io.into_inner(), parts.read_buf, handler, state, conn).await;
+            let io = parts.io.into_inner();
+            runtime::spawn(io, parts.read_buf, handler, state, conn, permit);
         }
         Err(upgraded) => {
-            runtime::run(TokioIo::new(upgraded), Bytes::new(), handler, state, conn).await;
+            runtime::spawn(
+                TokioIo::new(upgraded),
+                Bytes::new(),
+                handler,
+                state,
+                conn,
+                permit,
+            );
         }
     }
 }
