@@ -17,13 +17,16 @@ use crate::protocol::frame::WireFrame;
 /// a full scan (`GET /api/connections`) expensive.
 const SHARDS: usize = 32;
 
+/// One shard: client ID → its live connections, oldest first.
+type ClientShard = Mutex<HashMap<ClientId, Vec<ConnRef>>>;
+
 /// Client IDs and topics, in this process's memory.
 ///
 /// IDs are hashed with a per-process random key (`RandomState`), since they
 /// come from clients and a fixed hash would let them force collisions.
 pub struct MemoryBackend {
     hasher: RandomState,
-    clients: Box<[Mutex<HashMap<ClientId, Vec<ConnRef>>>]>,
+    clients: Box<[ClientShard]>,
     // Publishing reads, subscribing writes; a read-write lock lets
     // publishes to different topics run in parallel.
     topics: RwLock<HashMap<Topic, HashMap<ConnId, ConnRef>>>,
@@ -41,7 +44,7 @@ impl MemoryBackend {
         }
     }
 
-    fn shard(&self, id: &ClientId) -> &Mutex<HashMap<ClientId, Vec<ConnRef>>> {
+    fn shard(&self, id: &ClientId) -> &ClientShard {
         let h = self.hasher.hash_one(id);
         &self.clients[(h as usize) % SHARDS]
     }

@@ -176,6 +176,7 @@ where
     /// `async fn run(mut self)`: the latter rebinds `self` inside its future
     /// (`let mut self = self;`), storing the driver twice for the
     /// connection's whole life. The block uses the captured driver in place.
+    #[allow(clippy::manual_async_fn)] // on purpose: see above
     fn run(mut self) -> impl Future<Output = ()> + Send {
         async move {
             let now = Instant::now();
@@ -205,10 +206,8 @@ where
             if let Some(closed) = self.process_frames(sleep.as_mut()).await {
                 self.enter_finishing(closed, sleep.as_mut());
             }
-            if let Phase::Finishing { .. } = self.phase {
-                if self.writer.is_empty() {
-                    return self.take_finishing();
-                }
+            if matches!(self.phase, Phase::Finishing { .. }) && self.writer.is_empty() {
+                return self.take_finishing();
             }
 
             match self.next_event(sleep.as_mut()).await {
@@ -268,10 +267,11 @@ where
                 }
             }
             let backed_up = self.writer.backlog >= WRITE_HIGH_WATER;
-            if matches!(self.phase, Phase::Open) && !backed_up {
-                if let Poll::Ready((items, close)) = self.conn.mailbox.poll_take(cx) {
-                    return Poll::Ready(Event::Mailbox(items, close));
-                }
+            if matches!(self.phase, Phase::Open)
+                && !backed_up
+                && let Poll::Ready((items, close)) = self.conn.mailbox.poll_take(cx)
+            {
+                return Poll::Ready(Event::Mailbox(items, close));
             }
             if !matches!(self.phase, Phase::Finishing { .. }) && !backed_up {
                 match self.reader.poll_fill(&mut self.io, cx) {
@@ -553,15 +553,14 @@ where
     async fn finish(&mut self, closed: Closed) {
         // Best effort: the peer may be gone already.
         let _ = tokio::time::timeout(Duration::from_secs(1), self.io.shutdown()).await;
-        if let Some(state) = self.state.take() {
-            if !self.panicked {
-                let result =
-                    AssertUnwindSafe(self.handler.on_close(state, &closed, &mut self.conn))
-                        .catch_unwind()
-                        .await;
-                if result.is_err() {
-                    self.metrics().error(ErrorKind::HandlerPanic);
-                }
+        if let Some(state) = self.state.take()
+            && !self.panicked
+        {
+            let result = AssertUnwindSafe(self.handler.on_close(state, &closed, &mut self.conn))
+                .catch_unwind()
+                .await;
+            if result.is_err() {
+                self.metrics().error(ErrorKind::HandlerPanic);
             }
         }
         tracing::debug!(conn = self.conn.id().0, ?closed, "connection ended");
@@ -684,10 +683,10 @@ impl Reader {
                     }
                     partial.data.extend_from_slice(&payload);
                     partial.check_utf8(head.fin)?;
-                    if head.fin {
-                        if let Some(done) = self.partial.take() {
-                            return finish_message(done.text, done.data).map(Some);
-                        }
+                    if head.fin
+                        && let Some(done) = self.partial.take()
+                    {
+                        return finish_message(done.text, done.data).map(Some);
                     }
                 }
             }
