@@ -52,8 +52,13 @@ pub(crate) enum Item<I> {
 /// What the connection task finds when it looks in its mailbox.
 pub(crate) struct Inbox<I> {
     pub(crate) items: VecDeque<Item<I>>,
-    /// Set once: a close requested from outside (API, shutdown, overflow).
+    /// A close requested from outside (API, shutdown, overflow), until the
+    /// connection task takes it.
     pub(crate) close: Option<CloseFrame>,
+    /// Set once the connection is closing, for whatever reason; from then on
+    /// pushes are refused (`Closed`), so senders see the message as not
+    /// delivered instead of queueing it where it would never be written.
+    closing: bool,
     queued_bytes: usize,
     closed: bool,
     waker: Option<Waker>,
@@ -84,6 +89,7 @@ impl<I: Send + 'static> Mailbox<I> {
             inbox: Mutex::new(Inbox {
                 items: VecDeque::new(),
                 close: None,
+                closing: false,
                 queued_bytes: 0,
                 closed: false,
                 waker: None,
@@ -94,7 +100,7 @@ impl<I: Send + 'static> Mailbox<I> {
     fn push_item(&self, item: Item<I>, bytes: usize) -> Result<(), (PushError, Item<I>)> {
         let waker = {
             let mut inbox = self.inbox.lock();
-            if inbox.closed || inbox.close.is_some() {
+            if inbox.closing {
                 return Err((PushError::Closed, item));
             }
             if inbox.items.len() >= self.max_messages
@@ -104,6 +110,7 @@ impl<I: Send + 'static> Mailbox<I> {
                     CloseCode::POLICY_VIOLATION,
                     "outgoing queue overflow: the client read too slowly",
                 ));
+                inbox.closing = true;
                 let waker = inbox.waker.take();
                 drop(inbox);
                 if let Some(w) = waker {
@@ -140,10 +147,11 @@ impl<I: Send + 'static> Mailbox<I> {
     pub(crate) fn request_close(&self, frame: CloseFrame) {
         let waker = {
             let mut inbox = self.inbox.lock();
-            if inbox.closed || inbox.close.is_some() {
+            if inbox.closing {
                 return;
             }
             inbox.close = Some(frame);
+            inbox.closing = true;
             inbox.waker.take()
         };
         if let Some(w) = waker {
@@ -170,10 +178,18 @@ impl<I: Send + 'static> Mailbox<I> {
         Poll::Ready((items, inbox.close.take()))
     }
 
-    /// Marks the mailbox closed; later pushes fail with `Closed`.
+    /// The connection started closing on its own (a handler `Stop`, a
+    /// protocol error, the client's close): refuse further pushes.
+    pub(crate) fn mark_closing(&self) {
+        self.inbox.lock().closing = true;
+    }
+
+    /// Marks the mailbox closed; later pushes fail with `Closed`. Returns how
+    /// many queued items were never delivered.
     pub(crate) fn mark_closed(&self) -> usize {
         let mut inbox = self.inbox.lock();
         inbox.closed = true;
+        inbox.closing = true;
         inbox.waker = None;
         let dropped = inbox.items.len();
         inbox.items = VecDeque::new();

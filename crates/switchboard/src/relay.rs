@@ -89,16 +89,25 @@ pub(crate) enum Request<'a> {
     },
 }
 
+/// The top-level fields. `None` means absent; a JSON `null` is present
+/// (`Some("null")`): `"payload": null` is a payload like any other, and
+/// `"targets": null` is a wrong type, not a missing field.
 #[derive(Deserialize)]
 struct Envelope<'a> {
-    #[serde(rename = "type", borrow, default)]
+    #[serde(rename = "type", borrow, default, deserialize_with = "present")]
     kind: Option<&'a RawValue>,
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "present")]
     targets: Option<&'a RawValue>,
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "present")]
     payload: Option<&'a RawValue>,
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "present")]
     topic: Option<&'a RawValue>,
+}
+
+/// A field that is there, whatever its value (serde's `Option` would read
+/// `null` as absent).
+fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&'de RawValue>::deserialize(d).map(Some)
 }
 
 /// Parses a relay frame; `max_targets` bounds the target list.
@@ -358,6 +367,12 @@ mod tests {
         assert_eq!(code(r#"{"targets":[true],"payload":1}"#), "invalid_target");
         assert_eq!(code(r#"{"targets":[""],"payload":1}"#), "invalid_target");
         assert_eq!(code(r#"{"targets":[1]}"#), "missing_payload");
+        assert_eq!(code(r#"{"targets":null,"payload":1}"#), "invalid_targets");
+        assert_eq!(code(r#"{"type":null}"#), "invalid_type");
+        assert_eq!(
+            code(r#"{"type":"subscribe","topic":null}"#),
+            "invalid_topic"
+        );
         assert_eq!(code(r#"{"type":"dance"}"#), "unknown_type");
         assert_eq!(code(r#"{"type":7}"#), "invalid_type");
         assert_eq!(code(r#"{"type":"subscribe"}"#), "missing_topic");
@@ -370,6 +385,15 @@ mod tests {
             (0..11).map(|i| i.to_string()).collect::<Vec<_>>().join(",")
         );
         assert_eq!(code(&many), "too_many_targets");
+    }
+
+    #[test]
+    fn a_null_payload_is_a_payload() {
+        let Ok(Request::Send { payload, .. }) = parse(br#"{"targets":[1],"payload":null}"#, 10)
+        else {
+            panic!("null payload refused");
+        };
+        assert_eq!(payload.get(), "null");
     }
 
     #[test]
@@ -388,5 +412,46 @@ mod tests {
             parse(br#"{"type":"publish","topic":"news","payload":"hi"}"#, 10),
             Ok(Request::Publish { payload, .. }) if payload.get() == "\"hi\""
         ));
+    }
+}
+
+#[cfg(test)]
+mod props {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        /// Whatever a client sends, the parser answers Ok or a coded error.
+        #[test]
+        fn arbitrary_input_never_panics(input in proptest::collection::vec(any::<u8>(), 0..256)) {
+            if let Err(err) = parse(&input, 100) {
+                prop_assert!(!err.code.is_empty());
+            }
+        }
+
+        #[test]
+        fn arbitrary_json_like_input_never_panics(input in r#"\{("[a-z]{1,8}":(\[[0-9a-z",\-]{0,20}\]|[0-9]{1,3}|"[a-z ]{0,5}"|\{\}|null),?){0,4}\}"#) {
+            if let Err(err) = parse(input.as_bytes(), 100) {
+                prop_assert!(!err.code.is_empty());
+            }
+        }
+
+        /// Valid frames round-trip: the payload text is forwarded exactly.
+        #[test]
+        fn payload_is_forwarded_verbatim(ids in proptest::collection::vec(0u64..1000, 1..20), payload in r#"\{"[a-z]{1,5}": ?\[(([1-9][0-9]{0,2}|0)(, ?([1-9][0-9]{0,2}|0)){0,3})?\]\}"#) {
+            let targets: Vec<String> = ids.iter().map(u64::to_string).collect();
+            let frame = format!(r#"{{"targets":[{}],"payload":{payload}}}"#, targets.join(","));
+            let Ok(Request::Send { targets: parsed, payload: raw }) = parse(frame.as_bytes(), 100) else {
+                return Err(TestCaseError::fail(format!("not a send: {frame}")));
+            };
+            prop_assert_eq!(raw.get(), payload.as_str());
+            let mut unique = ids.clone();
+            unique.dedup_by(|a, b| a == b);
+            let mut seen = std::collections::HashSet::new();
+            let expected: Vec<String> = ids.iter().filter(|i| seen.insert(**i)).map(u64::to_string).collect();
+            let got: Vec<String> = parsed.ids.iter().map(|id| id.as_str().to_owned()).collect();
+            prop_assert_eq!(got, expected);
+        }
     }
 }

@@ -478,6 +478,7 @@ where
         if !matches!(self.phase, Phase::Open) {
             return;
         }
+        self.conn.mailbox.mark_closing();
         self.writer.push(close_frame(&frame));
         let deadline = Instant::now() + self.settings.close_timeout;
         sleep.reset(deadline);
@@ -488,6 +489,7 @@ where
     }
 
     fn enter_finishing(&mut self, closed: Closed, sleep: Pin<&mut Sleep>) {
+        self.conn.mailbox.mark_closing();
         let deadline = Instant::now() + self.settings.close_timeout;
         sleep.reset(deadline);
         self.phase = Phase::Finishing { closed, deadline };
@@ -861,5 +863,118 @@ mod size_tests {
             relay_size <= 800,
             "the relay connection future grew to {relay_size} B"
         );
+    }
+}
+
+/// Property tests of the frame reader: arbitrary bytes never panic it, and
+/// any message, fragmented and masked any way and delivered in chunks of any
+/// size, comes out whole.
+#[cfg(test)]
+mod reader_props {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn masked_frame(out: &mut Vec<u8>, fin: bool, opcode: u8, payload: &[u8], mask: [u8; 4]) {
+        out.push(if fin { 0x80 } else { 0 } | opcode);
+        match payload.len() {
+            n if n < 126 => out.push(0x80 | n as u8),
+            n if n <= 0xFFFF => {
+                out.push(0x80 | 126);
+                out.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                out.push(0x80 | 127);
+                out.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        out.extend_from_slice(&mask);
+        let mut body = payload.to_vec();
+        apply_mask(&mut body, mask);
+        out.extend_from_slice(&body);
+    }
+
+    /// Feeds `wire` to a reader in `chunks`-sized pieces; collects results.
+    fn read_all(wire: &[u8], chunk: usize) -> Vec<Result<Incoming, CloseFrame>> {
+        let mut reader = Reader::new(Bytes::new(), 1 << 20, 1 << 20);
+        let mut out = Vec::new();
+        for piece in wire.chunks(chunk.max(1)) {
+            reader.buf.extend_from_slice(piece);
+            loop {
+                match reader.next() {
+                    Ok(Some(incoming)) => out.push(Ok(incoming)),
+                    Ok(None) => break,
+                    Err(e) => {
+                        out.push(Err(e));
+                        return out;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512), chunk in 1usize..64) {
+            let _ = read_all(&bytes, chunk);
+        }
+
+        #[test]
+        fn fragmented_messages_reassemble(
+            text in ".{0,300}",
+            binary in proptest::collection::vec(any::<u8>(), 0..3000),
+            cuts in proptest::collection::vec(0usize..3000, 0..5),
+            mask in any::<[u8; 4]>(),
+            chunk in 1usize..200,
+            as_text in any::<bool>(),
+        ) {
+            let payload: Vec<u8> = if as_text { text.into_bytes() } else { binary };
+            // Cut points at arbitrary byte offsets, even inside a UTF-8
+            // character: only the whole message must be valid.
+            let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c % (payload.len() + 1)).collect();
+            cuts.sort_unstable();
+            cuts.dedup();
+            let mut bounds = vec![0];
+            bounds.extend(cuts);
+            bounds.push(payload.len());
+            bounds.dedup();
+            let pieces: Vec<&[u8]> = if payload.is_empty() {
+                vec![&[][..]]
+            } else {
+                bounds.windows(2).map(|w| &payload[w[0]..w[1]]).collect()
+            };
+            let mut wire = Vec::new();
+            for (i, piece) in pieces.iter().enumerate() {
+                let opcode = if i > 0 { 0 } else if as_text { 1 } else { 2 };
+                masked_frame(&mut wire, i + 1 == pieces.len(), opcode, piece, mask);
+                if i == 0 {
+                    // A ping between fragments is allowed (RFC 6455 §5.4).
+                    masked_frame(&mut wire, true, 0x9, b"p", mask);
+                }
+            }
+            let results = read_all(&wire, chunk);
+            let messages: Vec<&Message> = results
+                .iter()
+                .filter_map(|r| match r {
+                    Ok(Incoming::Message(m)) => Some(m),
+                    _ => None,
+                })
+                .collect();
+            prop_assert!(results.iter().all(Result::is_ok), "{results:?}");
+            prop_assert_eq!(messages.len(), 1);
+            prop_assert_eq!(messages[0].as_bytes(), &payload[..]);
+        }
+    }
+
+    impl std::fmt::Debug for Incoming {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            match self {
+                Incoming::Message(m) => write!(f, "Message({} bytes)", m.as_bytes().len()),
+                Incoming::Ping(p) => write!(f, "Ping({} bytes)", p.len()),
+                Incoming::Pong => f.write_str("Pong"),
+                Incoming::Close(c) => write!(f, "Close({c:?})"),
+            }
+        }
     }
 }
