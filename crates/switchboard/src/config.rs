@@ -22,10 +22,12 @@ use crate::hub::DuplicateIds;
 /// Per-connection and per-server limits.
 ///
 /// In a config file these are the keys of the `[limits]` table; durations
-/// are written like `"25s"` or `"500ms"`.
+/// are written like `"25s"` or `"500ms"`. In code, build it with struct
+/// update syntax, `Limits { max_message_size: 1 << 20, ..Limits::default() }`,
+/// so that limits added later keep their defaults (deliberately not
+/// `#[non_exhaustive]`, which would forbid exactly that).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
-#[non_exhaustive]
 pub struct Limits {
     /// Largest message a client may send, after joining fragments. Default
     /// 64 KiB. Memory: a message is buffered whole before the handler sees
