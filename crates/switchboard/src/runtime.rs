@@ -625,7 +625,10 @@ impl Reader {
     /// The next complete message or control frame, if buffered.
     fn next(&mut self) -> Result<Option<Incoming>, CloseFrame> {
         loop {
-            let head = match parse_header(&self.buf, self.max_frame) {
+            // A frame may be no larger than a whole message either: an
+            // unfragmented message is one frame.
+            let frame_limit = self.max_frame.min(self.max_message);
+            let head = match parse_header(&self.buf, frame_limit) {
                 Ok(Some(head)) => head,
                 Ok(None) => return Ok(None),
                 Err(err) => return Err(CloseFrame::new(err.code, err.reason)),

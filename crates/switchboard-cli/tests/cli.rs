@@ -1,0 +1,900 @@
+//! The `switchboard` binary, run as a real process: configuration sources
+//! and their precedence, startup errors and exit codes, logs, graceful
+//! shutdown on SIGTERM, and memory over many connect/disconnect cycles.
+//!
+//! Every child process is owned by a guard that kills it on drop, so a
+//! failing test leaves no server behind.
+
+use std::io::Read as _;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt as _, StreamExt as _};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{CloseCode, Data, OpCode};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+const BIN: &str = env!("CARGO_BIN_EXE_switchboard");
+
+/// How long a test waits for something that should happen at once.
+const WAIT: Duration = Duration::from_secs(5);
+
+/// How long the server may take to log its address (a busy machine, a debug
+/// build).
+const STARTUP: Duration = Duration::from_secs(30);
+
+type Client = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+// ---------------------------------------------------------------------------
+// Processes
+// ---------------------------------------------------------------------------
+
+/// The binary with no `SWITCHBOARD_*` variable inherited from the test's
+/// environment, so every test states its whole configuration.
+fn switchboard() -> Command {
+    let mut command = Command::new(BIN);
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("SWITCHBOARD_") {
+            command.env_remove(name);
+        }
+    }
+    command.stdin(Stdio::null());
+    command
+}
+
+/// Kills the child on drop (a no-op if it has exited and been reaped).
+struct Guard(Child);
+
+impl Guard {
+    fn pid(&self) -> u32 {
+        self.0.id()
+    }
+
+    /// Polls for the exit status until `timeout`; `None` if still running.
+    fn wait_timeout(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.0.try_wait().expect("try_wait") {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Collects a pipe's lines on a thread: all of them into `log`, and each
+/// one to `tx` as it comes.
+fn collect_lines(
+    pipe: impl std::io::Read + Send + 'static,
+    log: Arc<Mutex<Vec<String>>>,
+    tx: Option<mpsc::Sender<String>>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        use std::io::BufRead as _;
+        for line in std::io::BufReader::new(pipe).lines() {
+            let Ok(line) = line else { break };
+            log.lock().expect("log lock").push(line.clone());
+            if let Some(tx) = &tx {
+                let _ = tx.send(line);
+            }
+        }
+    })
+}
+
+/// What a process that ran to its end left behind.
+struct Finished {
+    status: ExitStatus,
+    stdout: String,
+    stderr: String,
+}
+
+impl Finished {
+    fn code(&self) -> Option<i32> {
+        self.status.code()
+    }
+}
+
+/// Runs the binary to its end (it must exit within `WAIT`).
+fn run_to_exit(mut command: Command) -> Finished {
+    let mut child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn switchboard");
+    let mut stdout = child.stdout.take().expect("piped stdout");
+    let mut stderr = child.stderr.take().expect("piped stderr");
+    let mut guard = Guard(child);
+    let out = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stdout.read_to_string(&mut s);
+        s
+    });
+    let err = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s);
+        s
+    });
+    let Some(status) = guard.wait_timeout(WAIT) else {
+        drop(guard); // kills it, which closes the pipes
+        let stderr = err.join().unwrap_or_default();
+        panic!("switchboard did not exit within {WAIT:?}; stderr:\n{stderr}");
+    };
+    Finished {
+        status,
+        stdout: out.join().expect("stdout reader"),
+        stderr: err.join().expect("stderr reader"),
+    }
+}
+
+/// A running server and its stderr (the logs).
+struct Server {
+    proc: Guard,
+    addr: SocketAddr,
+    log: Arc<Mutex<Vec<String>>>,
+    stderr_reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Server {
+    /// `switchboard --listen 127.0.0.1:0` plus `args`.
+    fn start(args: &[&str]) -> Self {
+        let mut command = switchboard();
+        command.args(["--listen", "127.0.0.1:0"]).args(args);
+        Self::spawn(command)
+    }
+
+    /// Starts `command` and waits for `listening on http://ADDR` in its log.
+    fn spawn(mut command: Command) -> Self {
+        let mut child = command
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn switchboard");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let mut proc = Guard(child);
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = mpsc::channel();
+        let stderr_reader = collect_lines(stderr, Arc::clone(&log), Some(tx));
+        let deadline = Instant::now() + STARTUP;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) => {
+                    if let Some(addr) = listening_addr(&line) {
+                        return Self {
+                            proc,
+                            addr,
+                            log,
+                            stderr_reader: Some(stderr_reader),
+                        };
+                    }
+                }
+                Err(err) => {
+                    let status = proc.wait_timeout(Duration::from_millis(100));
+                    let log = log.lock().expect("log lock").join("\n");
+                    panic!(
+                        "no `listening on http://` line ({err}); exit status {status:?}; stderr:\n{log}"
+                    );
+                }
+            }
+        }
+    }
+
+    fn http_url(&self) -> SocketAddr {
+        self.addr
+    }
+
+    fn ws_url(&self, path: &str) -> String {
+        format!("ws://{}{}", self.addr, path)
+    }
+
+    async fn connect(&self, path: &str) -> Client {
+        let (client, response) =
+            tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(self.ws_url(path)))
+                .await
+                .expect("connect within the timeout")
+                .unwrap_or_else(|e| panic!("connect to {path}: {e}"));
+        assert_eq!(response.status(), 101);
+        client
+    }
+
+    /// Sends SIGTERM with `kill`, as a service manager would.
+    fn terminate(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.proc.pid().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -TERM failed: {status}");
+    }
+
+    /// Waits for the process to exit; panics after `timeout`. Then returns
+    /// every stderr line it wrote.
+    fn wait_exit(&mut self, timeout: Duration) -> (ExitStatus, Vec<String>) {
+        let Some(status) = self.proc.wait_timeout(timeout) else {
+            panic!(
+                "switchboard still running {timeout:?} later; stderr:\n{}",
+                self.log.lock().expect("log lock").join("\n")
+            );
+        };
+        if let Some(reader) = self.stderr_reader.take() {
+            let _ = reader.join();
+        }
+        (status, self.log.lock().expect("log lock").clone())
+    }
+
+    /// The server's resident memory, from `/proc/PID/status`.
+    fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.proc.pid()))
+            .expect("read /proc/PID/status");
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmRSS:"))
+            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("a VmRSS line in kB")
+    }
+}
+
+/// The address in a log line `… listening on http://127.0.0.1:PORT …`,
+/// text or JSON.
+fn listening_addr(line: &str) -> Option<SocketAddr> {
+    let at = line.find("listening on http://")?;
+    let rest = &line[at + "listening on http://".len()..];
+    let end = rest
+        .find(|c: char| c.is_whitespace() || c == '"')
+        .unwrap_or(rest.len());
+    rest[..end].parse().ok()
+}
+
+/// A config file in the temp directory, removed on drop.
+struct ConfigFile(PathBuf);
+
+impl ConfigFile {
+    fn new(toml: &str) -> Self {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "switchboard-cli-test-{}-{}.toml",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::write(&path, toml).expect("write config file");
+        Self(path)
+    }
+
+    fn path(&self) -> &str {
+        self.0.to_str().expect("temp path is UTF-8")
+    }
+}
+
+impl Drop for ConfigFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// A loopback port that is taken for as long as this lives.
+fn occupied_port() -> (std::net::TcpListener, SocketAddr) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind loopback");
+    let addr = listener.local_addr().expect("local addr");
+    (listener, addr)
+}
+
+// ---------------------------------------------------------------------------
+// Clients
+// ---------------------------------------------------------------------------
+
+/// One HTTP/1.1 request over a fresh connection; returns status and body.
+async fn http(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
+    let exchange = async {
+        let mut stream = TcpStream::connect(addr).await.expect("connect for HTTP");
+        let request =
+            format!("{method} {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n");
+        stream
+            .write_all(request.as_bytes())
+            .await
+            .expect("write request");
+        let mut response = Vec::new();
+        stream
+            .read_to_end(&mut response)
+            .await
+            .expect("read response");
+        response
+    };
+    let response = tokio::time::timeout(WAIT, exchange)
+        .await
+        .expect("HTTP response within the timeout");
+    let text = String::from_utf8(response).expect("UTF-8 response");
+    let (head, body) = text.split_once("\r\n\r\n").expect("a complete response");
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("bad status line: {head}"));
+    (status, body.to_owned())
+}
+
+async fn connections(addr: SocketAddr) -> serde_json::Value {
+    let (status, body) = http(addr, "GET", "/api/connections").await;
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str(&body).expect("JSON body")
+}
+
+/// The next data or close message, skipping pings; panics on timeout.
+async fn next_message(client: &mut Client) -> WsMessage {
+    loop {
+        let next = tokio::time::timeout(WAIT, client.next())
+            .await
+            .expect("a message within the timeout")
+            .expect("stream still open")
+            .expect("no websocket error");
+        match next {
+            WsMessage::Ping(_) | WsMessage::Pong(_) => continue,
+            other => return other,
+        }
+    }
+}
+
+/// Reads to the end of the stream so the client answers the server's close
+/// frame and sees the TCP connection end.
+async fn drain(client: &mut Client) {
+    let _ = tokio::time::timeout(WAIT, async {
+        while let Some(Ok(_)) = client.next().await {}
+    })
+    .await;
+}
+
+/// What `/echo` did with a message.
+#[derive(Debug, PartialEq, Eq)]
+enum Echo {
+    Echoed,
+    Closed(CloseCode),
+}
+
+/// Sends a 150-byte text message to `/echo`, whole or in two fragments
+/// of 75 bytes, and reports whether it came back or the server closed.
+async fn echo_150_bytes(server: &Server, fragmented: bool) -> Echo {
+    let mut client = server.connect("/echo").await;
+    let text = "x".repeat(150);
+    if fragmented {
+        let first = Frame::message(text[..75].to_owned(), OpCode::Data(Data::Text), false);
+        let rest = Frame::message(text[75..].to_owned(), OpCode::Data(Data::Continue), true);
+        client.feed(WsMessage::Frame(first)).await.expect("send");
+        client.feed(WsMessage::Frame(rest)).await.expect("send");
+        client.flush().await.expect("flush");
+    } else {
+        client
+            .send(WsMessage::text(text.clone()))
+            .await
+            .expect("send");
+    }
+    let outcome = match next_message(&mut client).await {
+        WsMessage::Text(echoed) => {
+            assert_eq!(echoed.as_str(), text, "the echo is the message");
+            Echo::Echoed
+        }
+        WsMessage::Close(Some(frame)) => Echo::Closed(frame.code),
+        other => panic!("expected the echo or a close frame, got {other:?}"),
+    };
+    drain(&mut client).await;
+    outcome
+}
+
+// ---------------------------------------------------------------------------
+// Startup, help, configuration
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn runs_with_no_config_and_heartbeat_answers_200() {
+    let mut server = Server::start(&[]);
+    let (status, body) = http(server.http_url(), "GET", "/heartbeat").await;
+    assert_eq!(status, 200, "{body}");
+    let body: serde_json::Value = serde_json::from_str(&body).expect("JSON body");
+    assert_eq!(body, serde_json::json!({"status": "ok"}));
+
+    // The default text log names the address it bound.
+    let log = server.log.lock().expect("log lock").clone();
+    assert!(
+        log.iter()
+            .any(|l| l.contains(&format!("listening on http://{}", server.addr))),
+        "{log:?}"
+    );
+    server.terminate();
+    let (status, _) = server.wait_exit(WAIT);
+    assert_eq!(status.code(), Some(0));
+}
+
+#[test]
+fn help_lists_every_option_and_exits_0() {
+    let mut command = switchboard();
+    command.arg("--help");
+    let run = run_to_exit(command);
+    assert_eq!(run.code(), Some(0), "stderr: {}", run.stderr);
+    let help = run.stdout;
+
+    let mut options: Vec<String> = [
+        "listen",
+        "config",
+        "log_format",
+        "log_level",
+        "shutdown_timeout",
+    ]
+    .map(str::to_owned)
+    .into();
+    // Every field of `Limits`, so a new limit without a flag fails here.
+    let limits = serde_json::to_value(switchboard::Limits::default()).expect("limits as JSON");
+    let limits = limits.as_object().expect("limits are a table");
+    assert!(limits.len() >= 11, "{limits:?}");
+    options.extend(limits.keys().cloned());
+    for option in &options {
+        let flag = format!("--{}", option.replace('_', "-"));
+        let env = format!("SWITCHBOARD_{}", option.to_uppercase());
+        assert!(help.contains(&flag), "--help does not list {flag}:\n{help}");
+        assert!(help.contains(&env), "--help does not list {env}:\n{help}");
+    }
+}
+
+#[tokio::test]
+async fn listen_precedence_is_file_then_env_then_flag() {
+    let (_taken, busy) = occupied_port();
+    let busy = busy.to_string();
+
+    // The file alone applies: its (busy) address cannot be bound.
+    let file = ConfigFile::new(&format!("listen = \"{busy}\"\n"));
+    let mut command = switchboard();
+    command.args(["--config", file.path()]);
+    let run = run_to_exit(command);
+    assert_eq!(run.code(), Some(3), "stderr: {}", run.stderr);
+    assert!(run.stderr.contains(&busy), "{}", run.stderr);
+
+    // The environment beats the file.
+    let mut command = switchboard();
+    command
+        .args(["--config", file.path()])
+        .env("SWITCHBOARD_LISTEN", "127.0.0.1:0");
+    let server = Server::spawn(command);
+    assert_ne!(server.addr.to_string(), busy);
+    drop(server);
+
+    // ...in both directions (and the config path may come from the
+    // environment too).
+    let free = ConfigFile::new("listen = \"127.0.0.1:0\"\n");
+    let mut command = switchboard();
+    command
+        .env("SWITCHBOARD_CONFIG", free.path())
+        .env("SWITCHBOARD_LISTEN", &busy);
+    let run = run_to_exit(command);
+    assert_eq!(run.code(), Some(3), "stderr: {}", run.stderr);
+    assert!(run.stderr.contains(&busy), "{}", run.stderr);
+
+    // A flag beats the environment and the file.
+    let mut command = switchboard();
+    command
+        .args(["--config", file.path(), "--listen", "127.0.0.1:0"])
+        .env("SWITCHBOARD_LISTEN", &busy);
+    let server = Server::spawn(command);
+    assert_ne!(server.addr.to_string(), busy);
+}
+
+#[tokio::test]
+async fn max_message_size_precedence_is_file_then_env_then_flag() {
+    // (file, env, flag, what a 150-byte message gets)
+    let cases: [(u32, Option<&str>, Option<&str>, Echo); 5] = [
+        (100, None, None, Echo::Closed(CloseCode::Size)),
+        (100, Some("200"), None, Echo::Echoed),
+        (200, Some("100"), None, Echo::Closed(CloseCode::Size)),
+        (100, Some("200"), Some("120"), Echo::Closed(CloseCode::Size)),
+        (100, Some("100"), Some("200"), Echo::Echoed),
+    ];
+    for (file, env, flag, expected) in cases {
+        let config = ConfigFile::new(&format!("[limits]\nmax_message_size = {file}\n"));
+        let mut command = switchboard();
+        command.args(["--listen", "127.0.0.1:0", "--config", config.path()]);
+        if let Some(env) = env {
+            command.env("SWITCHBOARD_MAX_MESSAGE_SIZE", env);
+        }
+        if let Some(flag) = flag {
+            command.args(["--max-message-size", flag]);
+        }
+        let server = Server::spawn(command);
+        // Two fragments of 75 bytes: each frame is under every limit tried,
+        // so only the size of the joined message decides.
+        let got = echo_150_bytes(&server, true).await;
+        assert_eq!(
+            got, expected,
+            "file {file}, env {env:?}, flag {flag:?}: a 150-byte message"
+        );
+    }
+}
+
+#[tokio::test]
+async fn max_message_size_applies_to_a_message_sent_as_one_frame() {
+    // The limit is the message size, "after joining fragments" (Limits
+    // docs); a single frame of 150 bytes is a 150-byte message.
+    let server = Server::start(&["--max-message-size", "100"]);
+    assert_eq!(
+        echo_150_bytes(&server, false).await,
+        Echo::Closed(CloseCode::Size),
+        "max_message_size = 100 must refuse a 150-byte single-frame message with 1009"
+    );
+    let server = Server::start(&["--max-message-size", "200"]);
+    assert_eq!(echo_150_bytes(&server, false).await, Echo::Echoed);
+}
+
+/// Runs with `toml` as the config file (and `--listen 127.0.0.1:0`, so a
+/// server that wrongly starts cannot take a real port) and expects exit 2
+/// with every one of `named` in stderr.
+fn assert_config_error(toml: &str, named: &[&str]) {
+    let file = ConfigFile::new(toml);
+    let mut command = switchboard();
+    command.args(["--listen", "127.0.0.1:0", "--config", file.path()]);
+    let run = run_to_exit(command);
+    assert_eq!(
+        run.code(),
+        Some(2),
+        "config {toml:?}: exit code; stderr:\n{}",
+        run.stderr
+    );
+    for name in named {
+        assert!(
+            run.stderr.contains(name),
+            "config {toml:?}: stderr does not name {name}:\n{}",
+            run.stderr
+        );
+    }
+}
+
+#[test]
+fn unknown_key_in_the_file_exits_2_naming_it() {
+    assert_config_error("listn = \"127.0.0.1:0\"\n", &["listn"]);
+    assert_config_error("[limit]\nmax_message_size = 10\n", &["limit"]);
+}
+
+#[test]
+fn unknown_limits_key_exits_2_naming_it() {
+    assert_config_error("[limits]\nmax_mesage_size = 10\n", &["max_mesage_size"]);
+}
+
+#[test]
+fn invalid_values_in_the_file_exit_2_naming_the_key() {
+    assert_config_error(
+        "[limits]\nping_interval = \"5 parsecs\"\n",
+        &["ping_interval", "parsecs"],
+    );
+    assert_config_error("[limits]\nmax_connections = 0\n", &["max_connections"]);
+    assert_config_error("[limits]\nmax_message_size = -1\n", &["max_message_size"]);
+    assert_config_error(
+        "[limits]\nduplicate_ids = \"sometimes\"\n",
+        &["duplicate_ids", "sometimes"],
+    );
+    assert_config_error("listen = \"not an address\"\n", &["listen"]);
+    assert_config_error("shutdown_timeout = \"ten\"\n", &["shutdown_timeout"]);
+    assert_config_error("log_format = \"xml\"\n", &["log_format", "xml"]);
+}
+
+#[test]
+fn invalid_values_in_flags_and_env_exit_2_naming_the_option() {
+    /// Flags, environment variables, and what stderr must name.
+    type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
+    let cases: [Case<'_>; 4] = [
+        (&["--ping-interval", "5 parsecs"], &[], "--ping-interval"),
+        (&["--max-connections", "0"], &[], "max_connections"),
+        (
+            &[],
+            &[("SWITCHBOARD_MAX_CONNECTIONS", "0")],
+            "max_connections",
+        ),
+        (
+            &[],
+            &[("SWITCHBOARD_PING_INTERVAL", "5 parsecs")],
+            "ping-interval",
+        ),
+    ];
+    for (args, envs, named) in cases {
+        let mut command = switchboard();
+        command.args(["--listen", "127.0.0.1:0"]).args(args);
+        for (k, v) in envs {
+            command.env(k, v);
+        }
+        let run = run_to_exit(command);
+        assert_eq!(
+            run.code(),
+            Some(2),
+            "{args:?} {envs:?}: stderr:\n{}",
+            run.stderr
+        );
+        assert!(
+            run.stderr.contains(named),
+            "{args:?} {envs:?}: stderr does not name {named}:\n{}",
+            run.stderr
+        );
+    }
+}
+
+#[test]
+fn unknown_switchboard_env_var_exits_2_naming_it() {
+    let mut command = switchboard();
+    command
+        .args(["--listen", "127.0.0.1:0"])
+        .env("SWITCHBOARD_LISTN", "127.0.0.1:0");
+    let run = run_to_exit(command);
+    assert_eq!(run.code(), Some(2), "stderr:\n{}", run.stderr);
+    assert!(run.stderr.contains("SWITCHBOARD_LISTN"), "{}", run.stderr);
+}
+
+#[test]
+fn address_in_use_exits_3() {
+    let (_taken, busy) = occupied_port();
+    let mut command = switchboard();
+    command.args(["--listen", &busy.to_string()]);
+    let run = run_to_exit(command);
+    assert_eq!(run.code(), Some(3), "stderr:\n{}", run.stderr);
+    assert!(
+        run.stderr.contains(&format!("cannot listen on {busy}")),
+        "{}",
+        run.stderr
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Logs and shutdown
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn log_format_json_writes_json_objects() {
+    let mut server = Server::start(&["--log-format", "json"]);
+    let (status, _) = http(server.http_url(), "GET", "/heartbeat").await;
+    assert_eq!(status, 200);
+    server.terminate();
+    let (status, lines) = server.wait_exit(WAIT);
+    assert_eq!(status.code(), Some(0), "{lines:?}");
+
+    let mut listening = false;
+    let mut shut_down = false;
+    for line in lines.iter().filter(|l| !l.trim().is_empty()) {
+        let value: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("log line is not JSON ({e}): {line}"));
+        let object = value
+            .as_object()
+            .unwrap_or_else(|| panic!("log line is not a JSON object: {line}"));
+        assert!(object.contains_key("level"), "{line}");
+        let message = value["fields"]["message"].as_str().unwrap_or_default();
+        listening |= message.contains(&format!("listening on http://{}", server.addr));
+        shut_down |= message.contains("shut down cleanly");
+    }
+    assert!(
+        listening,
+        "no JSON line with `listening on http://`: {lines:?}"
+    );
+    assert!(shut_down, "no JSON line for the clean shutdown: {lines:?}");
+}
+
+/// Text of the `switchboard_bytes_out_total` counter.
+async fn bytes_out(addr: SocketAddr) -> u64 {
+    let (status, body) = http(addr, "GET", "/metrics").await;
+    assert_eq!(status, 200);
+    body.lines()
+        .find_map(|l| l.strip_prefix("switchboard_bytes_out_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no switchboard_bytes_out_total in:\n{body}"))
+}
+
+#[tokio::test]
+async fn sigterm_flushes_queued_frames_then_closes_1001_and_exits_0() {
+    const FRAMES: usize = 8000;
+    const PAYLOAD: usize = 2048;
+    // Big queues so that a client that does not read is not cut off
+    // (1008) while frames pile up for it.
+    let mut server = Server::start(&[
+        "--max-queued-messages",
+        "100000",
+        "--max-queued-bytes",
+        "1000000000",
+    ]);
+    let mut reader = server.connect("/ws?id=1").await;
+    let mut sender = server.connect("/ws?id=2").await;
+
+    // 16 MiB for client 1, which does not read yet: more than the socket
+    // buffers hold (Linux caps the send buffer at 4 MiB by default), so
+    // most of it waits in the server.
+    let filler = "y".repeat(PAYLOAD - 8);
+    for i in 0..FRAMES {
+        let frame = format!(r#"{{"targets":[1],"payload":"{i:07}:{filler}"}}"#);
+        sender
+            .feed(WsMessage::text(frame))
+            .await
+            .expect("feed relay frame");
+    }
+    sender.flush().await.expect("flush");
+    // Frames of one connection are handled in order: once the sender's
+    // note to itself is back, all of the above sit in client 1's queue.
+    sender
+        .send(WsMessage::text(r#"{"targets":[2],"payload":"marker"}"#))
+        .await
+        .expect("send marker");
+    match tokio::time::timeout(Duration::from_secs(60), next_message(&mut sender)).await {
+        Ok(WsMessage::Text(text)) => assert_eq!(text.as_str(), r#""marker""#),
+        other => panic!("expected the marker back, got {other:?}"),
+    }
+    let total = (FRAMES * (PAYLOAD + 4)) as u64;
+    let out = bytes_out(server.http_url()).await;
+    eprintln!("before SIGTERM: {out} of {total} bytes written to sockets");
+    assert!(
+        out + (1 << 20) < total,
+        "precondition: at least 1 MiB of frames still queued in the server ({out} of {total} bytes written)"
+    );
+
+    let signalled = Instant::now();
+    server.terminate();
+
+    // Client 1 gets every frame, in order, then 1001.
+    let received = tokio::time::timeout(Duration::from_secs(60), async {
+        for i in 0..FRAMES {
+            match next_message(&mut reader).await {
+                WsMessage::Text(text) => {
+                    let expected = format!("\"{i:07}:");
+                    assert!(
+                        text.as_str().starts_with(&expected),
+                        "frame {i} out of order or lost: {}…",
+                        &text.as_str()[..20.min(text.as_str().len())]
+                    );
+                }
+                other => panic!("frame {i}: expected text, got {other:?}"),
+            }
+        }
+        next_message(&mut reader).await
+    })
+    .await
+    .expect("every queued frame within the timeout");
+    match received {
+        WsMessage::Close(Some(frame)) => {
+            assert_eq!(frame.code, CloseCode::Away, "{frame:?}");
+            assert_eq!(frame.reason.as_str(), "server shutting down");
+        }
+        other => panic!("expected close 1001 after the queued frames, got {other:?}"),
+    }
+    drain(&mut reader).await;
+
+    // The idle sender is closed the same way.
+    match next_message(&mut sender).await {
+        WsMessage::Close(Some(frame)) => assert_eq!(frame.code, CloseCode::Away),
+        other => panic!("expected close 1001, got {other:?}"),
+    }
+    drain(&mut sender).await;
+
+    let (status, lines) = server.wait_exit(Duration::from_secs(5));
+    assert_eq!(status.code(), Some(0), "{lines:?}");
+    let took = signalled.elapsed();
+    assert!(took < Duration::from_secs(8), "shutdown took {took:?}");
+    assert!(
+        lines.iter().any(|l| l.contains("received SIGTERM")),
+        "{lines:?}"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Memory over connect/disconnect cycles
+// ---------------------------------------------------------------------------
+
+/// One cycle on `/ws?id=N`: connect over our own socket, relay one frame to
+/// itself, then either close politely or reset the TCP connection.
+async fn cycle(addr: SocketAddr, id: u64, abrupt: bool) {
+    let stream = TcpStream::connect(addr).await.expect("connect");
+    if abrupt {
+        // Dropping the socket then sends RST instead of FIN.
+        stream.set_zero_linger().expect("SO_LINGER 0");
+    }
+    let url = format!("ws://{addr}/ws?id={id}");
+    let (mut ws, _) = tokio_tungstenite::client_async(url, stream)
+        .await
+        .expect("websocket handshake");
+    let frame = format!(r#"{{"targets":[{id}],"payload":{id}}}"#);
+    ws.send(WsMessage::text(frame)).await.expect("send");
+    loop {
+        match ws.next().await {
+            Some(Ok(WsMessage::Text(text))) => {
+                assert_eq!(text.as_str(), id.to_string());
+                break;
+            }
+            Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => continue,
+            other => panic!("client {id}: expected its own frame, got {other:?}"),
+        }
+    }
+    if abrupt {
+        drop(ws);
+    } else {
+        ws.close(None).await.expect("close");
+        while let Some(Ok(_)) = ws.next().await {}
+    }
+}
+
+/// Waits until the server has no client ID and no connection left.
+async fn wait_until_empty(addr: SocketAddr) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let state = connections(addr).await;
+        if state["clients_total"] == 0 && state["connections_open"] == 0 {
+            return state;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "connections never drained: {state}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Connect/disconnect cycles must not leak: the registry ends empty and
+/// memory stops growing once warm.
+///
+/// Tolerance: 2 MiB between round 2 and round 8 (3,000 cycles), i.e. under
+/// 700 bytes per cycle. Rounds 1–2 warm up the allocator and the runtime
+/// (thread-local read buffers, hash-map capacity, the allocator's arenas);
+/// after that a leak of a connection's state (mailbox, registry entry,
+/// socket buffers) would add several KiB per cycle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_disconnect_cycles_leave_no_entries_and_no_memory_growth() {
+    const ROUNDS: u64 = 8;
+    const PER_ROUND: u64 = 500;
+    const PARALLEL: u64 = 25;
+    const TOLERANCE_KIB: u64 = 2 * 1024;
+
+    let server = Server::start(&[]);
+    let addr = server.addr;
+    let mut warm = None;
+    let mut rss = Vec::new();
+    for round in 1..=ROUNDS {
+        let started = Instant::now();
+        for batch in 0..PER_ROUND / PARALLEL {
+            let mut tasks = tokio::task::JoinSet::new();
+            for k in 0..PARALLEL {
+                let n = batch * PARALLEL + k;
+                // A fresh ID every cycle: a registry that kept dead IDs
+                // would grow.
+                let id = round * 1_000_000 + n;
+                tasks.spawn(cycle(addr, id, n % 2 == 1));
+            }
+            let all = async {
+                while let Some(done) = tasks.join_next().await {
+                    done.expect("cycle task");
+                }
+            };
+            tokio::time::timeout(Duration::from_secs(30), all)
+                .await
+                .expect("a batch of cycles within 30 s");
+        }
+        wait_until_empty(addr).await;
+        let now = server.rss_kib();
+        rss.push(now);
+        eprintln!(
+            "round {round}: {PER_ROUND} cycles in {:?}, VmRSS {now} KiB",
+            started.elapsed()
+        );
+        if round == 2 {
+            warm = Some(now);
+        }
+    }
+    let warm = warm.expect("round 2 ran");
+    let last = *rss.last().expect("round 8 ran");
+    assert!(
+        last <= warm + TOLERANCE_KIB,
+        "VmRSS grew from {warm} KiB after round 2 to {last} KiB after round {ROUNDS} (all rounds: {rss:?})"
+    );
+
+    let state = wait_until_empty(addr).await;
+    assert_eq!(state["clients"], serde_json::json!([]), "{state}");
+}
