@@ -178,6 +178,22 @@ impl<I: Send + 'static> Mailbox<I> {
         Poll::Ready((items, inbox.close.take()))
     }
 
+    /// Like `poll_take`, but only for a close request: used while the
+    /// connection's writer is backed up and it takes no frames. A client
+    /// that stops reading is exactly the one whose queue overflows, so the
+    /// overflow close must get through even then.
+    pub(crate) fn poll_close(&self, cx: &mut Context<'_>) -> Poll<CloseFrame> {
+        let mut inbox = self.inbox.lock();
+        if let Some(close) = inbox.close.take() {
+            return Poll::Ready(close);
+        }
+        match &inbox.waker {
+            Some(w) if w.will_wake(cx.waker()) => {}
+            _ => inbox.waker = Some(cx.waker().clone()),
+        }
+        Poll::Pending
+    }
+
     /// The connection started closing on its own (a handler `Stop`, a
     /// protocol error, the client's close): refuse further pushes.
     pub(crate) fn mark_closing(&self) {

@@ -267,11 +267,14 @@ where
                 }
             }
             let backed_up = self.writer.backlog >= WRITE_HIGH_WATER;
-            if matches!(self.phase, Phase::Open)
-                && !backed_up
-                && let Poll::Ready((items, close)) = self.conn.mailbox.poll_take(cx)
-            {
-                return Poll::Ready(Event::Mailbox(items, close));
+            if matches!(self.phase, Phase::Open) {
+                if !backed_up {
+                    if let Poll::Ready((items, close)) = self.conn.mailbox.poll_take(cx) {
+                        return Poll::Ready(Event::Mailbox(items, close));
+                    }
+                } else if let Poll::Ready(close) = self.conn.mailbox.poll_close(cx) {
+                    return Poll::Ready(Event::Mailbox(VecDeque::new(), Some(close)));
+                }
             }
             if !matches!(self.phase, Phase::Finishing { .. }) && !backed_up {
                 match self.reader.poll_fill(&mut self.io, cx) {
@@ -327,6 +330,13 @@ where
                     if let Some(outcome) = Box::pin(self.call_message(message)).await {
                         self.apply(outcome, sleep.as_mut());
                     }
+                    // One read can hold a thousand small messages, each of
+                    // which may queue frames to other connections. Spend
+                    // tokio's cooperative budget so that a burst yields now
+                    // and then, letting the recipients drain their mailboxes
+                    // instead of overflowing them while this task hogs the
+                    // worker.
+                    tokio::task::consume_budget().await;
                 }
                 Incoming::Ping(payload) => {
                     if matches!(self.phase, Phase::Open) {

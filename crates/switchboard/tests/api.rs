@@ -500,8 +500,10 @@ async fn publish_body_missing_payload() {
 
 #[tokio::test]
 async fn send_over_max_targets_is_400_too_many_targets() {
-    let mut limits = Limits::default();
-    limits.max_targets = 3;
+    let limits = Limits {
+        max_targets: 3,
+        ..Limits::default()
+    };
     let server = TestServer::with_limits(limits).await;
     let mut one = server.connect("/ws?id=1").await;
 
@@ -531,10 +533,11 @@ async fn send_over_max_targets_is_400_too_many_targets() {
 }
 
 fn small_limits() -> Limits {
-    let mut limits = Limits::default();
-    limits.max_message_size = 1024;
-    limits.max_frame_size = 1024;
-    limits
+    Limits {
+        max_message_size: 1024,
+        max_frame_size: 1024,
+        ..Limits::default()
+    }
 }
 
 /// A send body to id 1 of exactly `len` bytes.

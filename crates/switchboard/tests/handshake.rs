@@ -278,9 +278,10 @@ async fn refused_handshakes_are_counted_and_the_server_keeps_working() {
 // ---------------------------------------------------------------------------
 
 fn limits_with(policy: DuplicateIds) -> Limits {
-    let mut limits = Limits::default();
-    limits.duplicate_ids = policy;
-    limits
+    Limits {
+        duplicate_ids: policy,
+        ..Limits::default()
+    }
 }
 
 #[tokio::test]

@@ -534,8 +534,10 @@ async fn bad_input_binary_frame() {
 
 #[tokio::test]
 async fn bad_input_too_many_targets() {
-    let mut limits = Limits::default();
-    limits.max_targets = 3;
+    let limits = Limits {
+        max_targets: 3,
+        ..Limits::default()
+    };
     let server = TestServer::with_limits(limits).await;
     let mut sender = server.connect("/ws?id=1").await;
     let mut two = server.connect("/ws?id=2").await;
@@ -582,10 +584,11 @@ async fn many_bad_frames_in_a_row_each_get_an_error_and_nothing_else_breaks() {
 // ---------------------------------------------------------------------------
 
 fn small_limits() -> Limits {
-    let mut limits = Limits::default();
-    limits.max_message_size = 1024;
-    limits.max_frame_size = 1024;
-    limits
+    Limits {
+        max_message_size: 1024,
+        max_frame_size: 1024,
+        ..Limits::default()
+    }
 }
 
 /// A relay frame to `target` of exactly `len` bytes.
