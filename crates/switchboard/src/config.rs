@@ -18,6 +18,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::hub::DuplicateIds;
+use crate::protocol::deflate::Compression;
 
 /// Per-connection and per-server limits.
 ///
@@ -72,6 +73,10 @@ pub struct Limits {
     /// What a second connection with the same client ID does. Default
     /// `allow`.
     pub duplicate_ids: DuplicateIds,
+    /// permessage-deflate (off by default). Not a key of `[limits]`: the
+    /// server reads it from its own `[compression]` table.
+    #[serde(skip)]
+    pub compression: Compression,
 }
 
 impl Default for Limits {
@@ -88,6 +93,7 @@ impl Default for Limits {
             max_connections: 100_000,
             max_targets: 10_000,
             duplicate_ids: DuplicateIds::Allow,
+            compression: Compression::default(),
         }
     }
 }

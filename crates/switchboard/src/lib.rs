@@ -94,6 +94,7 @@ pub use memory::MemoryBackend;
 pub use message::{Message, Outcome, Text};
 pub use metrics::{Counter, ErrorKind, Metrics};
 pub use protocol::close::{CloseCode, CloseFrame};
+pub use protocol::deflate::Compression;
 pub use protocol::frame::WireFrame;
 pub use server::{DEFAULT_SHUTDOWN_TIMEOUT, json_errors, serve, serve_with};
 pub use ws::ws;

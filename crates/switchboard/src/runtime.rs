@@ -29,7 +29,8 @@ use crate::handler::{Closed, Handler};
 use crate::message::{Message, Outcome, Text};
 use crate::metrics::{ErrorKind, Metrics};
 use crate::protocol::close::{CloseCode, CloseFrame, parse_close_payload};
-use crate::protocol::frame::{OpCode, WireFrame, apply_mask, parse_header};
+use crate::protocol::deflate::{Agreed, Deflater, Inflater};
+use crate::protocol::frame::{Head, OpCode, WireFrame, apply_mask, parse_header};
 
 /// Size of the per-thread read buffer. One read takes at most this much;
 /// it is shared by every connection on the thread, so it costs 64 KiB per
@@ -102,11 +103,13 @@ pub(crate) fn spawn<S, H>(
     state: H::State,
     conn: Conn<H::Info>,
     permit: Option<OwnedSemaphorePermit>,
+    deflate: Option<Agreed>,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     H: Handler,
 {
-    tokio::spawn(Driver::new(io, leftover, handler, state, conn, permit).run());
+    let driver = Driver::new(io, leftover, handler, state, conn, permit, deflate);
+    tokio::spawn(driver.run());
 }
 
 fn far_future(now: Instant) -> Instant {
@@ -145,6 +148,7 @@ where
         state: H::State,
         conn: Conn<H::Info>,
         permit: Option<OwnedSemaphorePermit>,
+        deflate: Option<Agreed>,
     ) -> Self {
         let limits = conn.hub().limits();
         let settings = Settings {
@@ -156,8 +160,8 @@ where
         };
         Self {
             io,
-            reader: Reader::new(leftover, settings.max_frame, settings.max_message),
-            writer: Writer::default(),
+            reader: Reader::new(leftover, settings.max_frame, settings.max_message, deflate),
+            writer: Writer::new(deflate),
             phase: Phase::Open,
             settings,
             last_seen: Instant::now(),
@@ -592,22 +596,29 @@ struct Reader {
     partial: Option<Partial>,
     max_frame: usize,
     max_message: usize,
+    /// Set when permessage-deflate was agreed; boxed so that connections
+    /// without it pay one pointer.
+    inflater: Option<Box<Inflater>>,
 }
 
 struct Partial {
     text: bool,
+    /// Compressed (RSV1 on its first frame): inflated when complete, and
+    /// its UTF-8 checked then.
+    compressed: bool,
     data: BytesMut,
     /// For text: bytes already known to be valid UTF-8.
     checked: usize,
 }
 
 impl Reader {
-    fn new(leftover: Bytes, max_frame: usize, max_message: usize) -> Self {
+    fn new(leftover: Bytes, max_frame: usize, max_message: usize, deflate: Option<Agreed>) -> Self {
         Self {
             buf: BytesMut::from(&leftover[..]),
             partial: None,
             max_frame,
             max_message,
+            inflater: deflate.map(|agreed| Box::new(Inflater::new(agreed))),
         }
     }
 
@@ -638,7 +649,7 @@ impl Reader {
             // A frame may be no larger than a whole message either: an
             // unfragmented message is one frame.
             let frame_limit = self.max_frame.min(self.max_message);
-            let head = match parse_header(&self.buf, frame_limit) {
+            let head = match parse_header(&self.buf, frame_limit, self.inflater.is_some()) {
                 Ok(Some(head)) => head,
                 Ok(None) => return Ok(None),
                 Err(err) => return Err(CloseFrame::new(err.code, err.reason)),
@@ -673,10 +684,12 @@ impl Reader {
                     }
                     let text = head.opcode == OpCode::Text;
                     if head.fin {
+                        let payload = self.inflate_if(head.rsv1, payload)?;
                         return finish_message(text, payload).map(Some);
                     }
                     let mut partial = Partial {
                         text,
+                        compressed: head.rsv1,
                         data: payload,
                         checked: 0,
                     };
@@ -701,10 +714,20 @@ impl Reader {
                     if head.fin
                         && let Some(done) = self.partial.take()
                     {
-                        return finish_message(done.text, done.data).map(Some);
+                        let data = self.inflate_if(done.compressed, done.data)?;
+                        return finish_message(done.text, data).map(Some);
                     }
                 }
             }
+        }
+    }
+
+    /// Inflates a complete message if it was sent compressed.
+    fn inflate_if(&mut self, compressed: bool, data: BytesMut) -> Result<Bytes, CloseFrame> {
+        match (compressed, self.inflater.as_mut()) {
+            (true, Some(inflater)) => inflater.inflate(data, self.max_message),
+            // parse_header refuses RSV1 unless an inflater exists.
+            _ => Ok(data.freeze()),
         }
     }
 }
@@ -714,7 +737,7 @@ impl Partial {
     /// refused at once rather than after the whole message (RFC 6455 §8.1).
     /// A character cut at the end of a non-final fragment is allowed.
     fn check_utf8(&mut self, fin: bool) -> Result<(), CloseFrame> {
-        if !self.text {
+        if !self.text || self.compressed {
             return Ok(());
         }
         match simdutf8::compat::from_utf8(&self.data[self.checked..]) {
@@ -733,8 +756,7 @@ fn invalid_utf8() -> CloseFrame {
     )
 }
 
-fn finish_message(text: bool, payload: BytesMut) -> Result<Incoming, CloseFrame> {
-    let bytes = payload.freeze();
+fn finish_message(text: bool, bytes: Bytes) -> Result<Incoming, CloseFrame> {
     if text {
         if simdutf8::basic::from_utf8(&bytes).is_err() {
             return Err(invalid_utf8());
@@ -749,21 +771,43 @@ fn finish_message(text: bool, payload: BytesMut) -> Result<Incoming, CloseFrame>
 
 /// Frames waiting to be written, written with vectored I/O so that a burst
 /// of small frames costs one system call.
-#[derive(Default)]
 struct Writer {
     queue: VecDeque<WireFrame>,
     /// Bytes of the front frame already written.
     offset: usize,
     /// Bytes queued and not yet written.
     backlog: usize,
+    /// Set when permessage-deflate was agreed. Compression happens here,
+    /// per connection, because with context takeover each connection's
+    /// compressed bytes differ.
+    deflater: Option<Box<Deflater>>,
 }
 
 impl Writer {
+    fn new(deflate: Option<Agreed>) -> Self {
+        Self {
+            queue: VecDeque::new(),
+            offset: 0,
+            backlog: 0,
+            deflater: deflate.map(|agreed| Box::new(Deflater::new(agreed))),
+        }
+    }
+
     fn is_empty(&self) -> bool {
         self.queue.is_empty()
     }
 
-    fn push(&mut self, frame: WireFrame) {
+    fn push(&mut self, mut frame: WireFrame) {
+        if let Some(deflater) = self.deflater.as_mut()
+            && let Some(opcode) = frame.data_opcode()
+            && deflater.wants(frame.body.len())
+        {
+            let body = deflater.compress(&frame.body);
+            frame = WireFrame {
+                head: Head::with_rsv1(opcode, body.len(), true),
+                body,
+            };
+        }
         self.backlog += frame.wire_len();
         self.queue.push_back(frame);
     }
@@ -848,6 +892,7 @@ mod size_tests {
             (),
             Conn::new(hub.clone()),
             None,
+            None,
         );
         let relay = relay.run();
         let _c2 = tokio::net::TcpStream::connect(addr).await.expect("connect");
@@ -858,6 +903,7 @@ mod size_tests {
             Arc::new(Echo),
             (),
             Conn::new(hub.clone()),
+            None,
             None,
         );
         let echo = echo.run();
@@ -909,7 +955,7 @@ mod reader_props {
 
     /// Feeds `wire` to a reader in `chunks`-sized pieces; collects results.
     fn read_all(wire: &[u8], chunk: usize) -> Vec<Result<Incoming, CloseFrame>> {
-        let mut reader = Reader::new(Bytes::new(), 1 << 20, 1 << 20);
+        let mut reader = Reader::new(Bytes::new(), 1 << 20, 1 << 20, None);
         let mut out = Vec::new();
         for piece in wire.chunks(chunk.max(1)) {
             reader.buf.extend_from_slice(piece);

@@ -35,6 +35,7 @@ use crate::handler::Handler;
 use crate::http_error::HttpError;
 use crate::hub::Hub;
 use crate::metrics::ErrorKind;
+use crate::protocol::deflate::{Agreed, negotiate};
 use crate::protocol::handshake::accept_key;
 use crate::runtime;
 
@@ -85,6 +86,13 @@ async fn upgrade<H: Handler>(request: Request, handler: Arc<H>, hub: Hub) -> Res
         .into_response();
     };
     let slot = parts.extensions.remove::<ConnSlot>();
+    let deflate = negotiate(
+        &hub.limits().compression,
+        parts
+            .headers
+            .get_all(header::SEC_WEBSOCKET_EXTENSIONS)
+            .iter(),
+    );
 
     let mut conn = Conn::new(hub);
     let state = match AssertUnwindSafe(handler.connect(&parts, &mut conn))
@@ -104,12 +112,13 @@ async fn upgrade<H: Handler>(request: Request, handler: Arc<H>, hub: Hub) -> Res
         }
     };
 
+    let agreed = deflate.as_ref().map(|(agreed, _)| *agreed);
     tokio::spawn(async move {
         let permit = slot.as_ref().and_then(ConnSlot::take);
         match on_upgrade.await {
             // A task of its own, sized for the connection alone: this one
             // (holding the upgrade future) ends here.
-            Ok(upgraded) => run_upgraded(upgraded, handler, state, conn, permit),
+            Ok(upgraded) => run_upgraded(upgraded, handler, state, conn, permit, agreed),
             // The client went away between our 101 and the upgrade; dropping
             // `conn` undoes whatever `connect` registered.
             Err(err) => tracing::debug!(%err, "upgrade failed after 101"),
@@ -125,6 +134,9 @@ async fn upgrade<H: Handler>(request: Request, handler: Arc<H>, hub: Hub) -> Res
         http::HeaderValue::from_static("Upgrade"),
     );
     headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+    if let Some((_, extension)) = deflate {
+        headers.insert(header::SEC_WEBSOCKET_EXTENSIONS, extension);
+    }
     response
 }
 
@@ -138,21 +150,16 @@ fn run_upgraded<H: Handler>(
     state: H::State,
     conn: Conn<H::Info>,
     permit: Option<OwnedSemaphorePermit>,
+    deflate: Option<Agreed>,
 ) {
     match upgraded.downcast::<TokioIo<TcpStream>>() {
         Ok(parts) => {
             let io = parts.io.into_inner();
-            runtime::spawn(io, parts.read_buf, handler, state, conn, permit);
+            runtime::spawn(io, parts.read_buf, handler, state, conn, permit, deflate);
         }
         Err(upgraded) => {
-            runtime::spawn(
-                TokioIo::new(upgraded),
-                Bytes::new(),
-                handler,
-                state,
-                conn,
-                permit,
-            );
+            let io = TokioIo::new(upgraded);
+            runtime::spawn(io, Bytes::new(), handler, state, conn, permit, deflate);
         }
     }
 }

@@ -54,6 +54,8 @@ impl OpCode {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct FrameHeader {
     pub(crate) fin: bool,
+    /// RSV1: "this message is compressed" once permessage-deflate is agreed.
+    pub(crate) rsv1: bool,
     pub(crate) opcode: OpCode,
     pub(crate) mask: [u8; 4],
     /// Length of the header in bytes (2 to 14).
@@ -82,15 +84,18 @@ impl FrameError {
 ///
 /// Returns `Ok(None)` when more bytes are needed. `max_payload` bounds a
 /// single frame's payload; a longer frame is refused with 1009 before any of
-/// its payload is buffered.
+/// its payload is buffered. `rsv1_allowed` is true once permessage-deflate
+/// is agreed (RFC 7692 §6).
 pub(crate) fn parse_header(
     buf: &[u8],
     max_payload: usize,
+    rsv1_allowed: bool,
 ) -> Result<Option<FrameHeader>, FrameError> {
     let [b0, b1, ..] = *buf else {
         return Ok(None);
     };
-    if b0 & 0x70 != 0 {
+    let rsv1 = b0 & 0x40 != 0;
+    if b0 & 0x30 != 0 || (rsv1 && !rsv1_allowed) {
         return Err(FrameError::protocol(
             "reserved bits set without a negotiated extension (RFC 6455 §5.2)",
         ));
@@ -113,6 +118,11 @@ pub(crate) fn parse_header(
         if len7 > 125 {
             return Err(FrameError::protocol(
                 "control frame payload over 125 bytes (RFC 6455 §5.5)",
+            ));
+        }
+        if rsv1 {
+            return Err(FrameError::protocol(
+                "control frames cannot be compressed (RFC 7692 §6.1)",
             ));
         }
     }
@@ -161,8 +171,14 @@ pub(crate) fn parse_header(
     else {
         return Ok(None);
     };
+    if rsv1 && opcode == OpCode::Continuation {
+        return Err(FrameError::protocol(
+            "RSV1 set on a continuation frame (RFC 7692 §6.1)",
+        ));
+    }
     Ok(Some(FrameHeader {
         fin,
+        rsv1,
         opcode,
         mask,
         header_len: mask_at + 4,
@@ -201,8 +217,13 @@ pub(crate) struct Head {
 impl Head {
     /// Encodes a final (FIN) unmasked header for a payload of `len` bytes.
     pub(crate) fn new(opcode: OpCode, len: usize) -> Self {
+        Self::with_rsv1(opcode, len, false)
+    }
+
+    /// The same, with RSV1 ("compressed", RFC 7692 §6) set as asked.
+    pub(crate) fn with_rsv1(opcode: OpCode, len: usize, rsv1: bool) -> Self {
         let mut bytes = [0u8; 10];
-        bytes[0] = 0x80 | opcode.bits();
+        bytes[0] = 0x80 | if rsv1 { 0x40 } else { 0 } | opcode.bits();
         let used = if len < 126 {
             bytes[1] = len as u8;
             2
@@ -272,6 +293,19 @@ impl WireFrame {
     pub fn is_text(&self) -> bool {
         self.head.bytes[0] & 0x0F == OpCode::Text.bits()
     }
+
+    /// The data opcode (text or binary) of an uncompressed data frame, or
+    /// `None` for control frames and frames already compressed.
+    pub(crate) fn data_opcode(&self) -> Option<OpCode> {
+        if self.head.bytes[0] & 0x40 != 0 {
+            return None;
+        }
+        match self.head.bytes[0] & 0x0F {
+            0x1 => Some(OpCode::Text),
+            0x2 => Some(OpCode::Binary),
+            _ => None,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -303,7 +337,7 @@ mod tests {
     fn parses_each_length_encoding() {
         for len in [0usize, 125, 126, 65_535, 65_536] {
             let bytes = masked(0x82, &vec![7u8; len]);
-            let head = parse_header(&bytes, 1 << 20)
+            let head = parse_header(&bytes, 1 << 20, false)
                 .expect("valid")
                 .expect("complete");
             assert_eq!(head.payload_len, len);
@@ -318,7 +352,7 @@ mod tests {
         let bytes = masked(0x81, &[b'a'; 300]);
         for cut in 0..8 {
             assert_eq!(
-                parse_header(&bytes[..cut], 1 << 20),
+                parse_header(&bytes[..cut], 1 << 20, false),
                 Ok(None),
                 "cut at {cut}"
             );
@@ -344,7 +378,7 @@ mod tests {
             ),
         ];
         for (bytes, code) in cases {
-            let err = parse_header(bytes, 65_536).expect_err("must be refused");
+            let err = parse_header(bytes, 65_536, false).expect_err("must be refused");
             assert_eq!(err.code, *code, "{bytes:?}: {}", err.reason);
         }
     }
