@@ -70,6 +70,23 @@ pub struct Limits {
     pub max_connections: usize,
     /// Targets in one relay frame or `/api/send` request. Default 10,000.
     pub max_targets: usize,
+    /// Messages a client may send per second, sustained (a token bucket
+    /// refilled at this rate). Default 10,000; 0 turns the limit off. A
+    /// message over the limit is not handled: the client gets the error frame
+    /// `{"error":{"code":"rate_limited",…}}`. Memory: 32 bytes per connection.
+    pub max_message_rate: u32,
+    /// How many messages a client may send at once above the rate (the
+    /// bucket's size). Default 20,000. A client that keeps sending after
+    /// the bucket is empty — more refused messages than this — is closed
+    /// with 1008.
+    pub message_burst: u32,
+    /// What to do when a connection's outgoing queue is full. Default
+    /// `close` (1008, the message is reported dropped).
+    pub slow_consumer: SlowConsumer,
+    /// Largest HTTP request head (request line and headers) accepted before
+    /// the upgrade; larger gets 431. Default 16 KiB (minimum 8 KiB); it is
+    /// the size of the read buffer of a connection in its HTTP phase.
+    pub max_header_size: usize,
     /// What a second connection with the same client ID does. Default
     /// `allow`.
     pub duplicate_ids: DuplicateIds,
@@ -92,10 +109,30 @@ impl Default for Limits {
             handshake_timeout: Duration::from_secs(10),
             max_connections: 100_000,
             max_targets: 10_000,
+            max_message_rate: 10_000,
+            message_burst: 20_000,
+            slow_consumer: SlowConsumer::Close,
+            max_header_size: 16 * 1024,
             duplicate_ids: DuplicateIds::Allow,
             compression: Compression::default(),
         }
     }
+}
+
+/// What happens when a connection's outgoing queue is full.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SlowConsumer {
+    /// Close the connection with 1008 "outgoing queue overflow"; the message
+    /// that did not fit is reported dropped. A client that cannot keep up
+    /// learns it at once and can reconnect and resynchronise.
+    #[default]
+    Close,
+    /// Drop the oldest queued frames to make room, and tell the client how
+    /// many it lost with the text frame
+    /// `{"warning":{"code":"messages_dropped","count":N}}` before the next
+    /// frame it gets. For feeds where only the latest messages matter.
+    DropOldest,
 }
 
 /// Durations as strings: `"25s"`, `"500ms"`, `"2m"`, `"0"`.

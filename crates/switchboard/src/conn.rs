@@ -60,8 +60,38 @@ pub(crate) struct Inbox<I> {
     /// delivered instead of queueing it where it would never be written.
     closing: bool,
     queued_bytes: usize,
+    /// Frames dropped by the drop-oldest policy since the task last looked.
+    dropped: u64,
     closed: bool,
     waker: Option<Waker>,
+}
+
+/// What the connection task takes from its mailbox in one go.
+pub(crate) struct Taken<I> {
+    pub(crate) items: VecDeque<Item<I>>,
+    pub(crate) close: Option<CloseFrame>,
+    /// Frames dropped (drop-oldest policy) since the last take: the client
+    /// is told before it gets `items`.
+    pub(crate) dropped: u64,
+}
+
+impl<I> Inbox<I> {
+    /// Drop-oldest policy: drops the oldest frames until one of `bytes`
+    /// fits. `Info` messages are never dropped (handlers may rely on them);
+    /// if only those are queued, the overflow closes the connection as usual.
+    fn make_room(&mut self, max_messages: usize, max_bytes: usize, bytes: usize) {
+        while self.items.len() >= max_messages
+            || self.queued_bytes.saturating_add(bytes) > max_bytes
+        {
+            let Some(at) = self.items.iter().position(|i| matches!(i, Item::Frame(_))) else {
+                return;
+            };
+            if let Some(Item::Frame(frame)) = self.items.remove(at) {
+                self.queued_bytes = self.queued_bytes.saturating_sub(frame.wire_len());
+                self.dropped += 1;
+            }
+        }
+    }
 }
 
 /// The shared half of a connection: its queue and its task's waker.
@@ -76,21 +106,24 @@ pub(crate) struct Mailbox<I> {
     since: SystemTime,
     max_messages: usize,
     max_bytes: usize,
+    drop_oldest: bool,
     inbox: Mutex<Inbox<I>>,
 }
 
 impl<I: Send + 'static> Mailbox<I> {
-    pub(crate) fn new(max_messages: usize, max_bytes: usize) -> Arc<Self> {
+    pub(crate) fn new(max_messages: usize, max_bytes: usize, drop_oldest: bool) -> Arc<Self> {
         Arc::new(Self {
             id: ConnId::next(),
             since: SystemTime::now(),
             max_messages,
             max_bytes,
+            drop_oldest,
             inbox: Mutex::new(Inbox {
                 items: VecDeque::new(),
                 close: None,
                 closing: false,
                 queued_bytes: 0,
+                dropped: 0,
                 closed: false,
                 waker: None,
             }),
@@ -102,6 +135,9 @@ impl<I: Send + 'static> Mailbox<I> {
             let mut inbox = self.inbox.lock();
             if inbox.closing {
                 return Err((PushError::Closed, item));
+            }
+            if self.drop_oldest {
+                inbox.make_room(self.max_messages, self.max_bytes, bytes);
             }
             if inbox.items.len() >= self.max_messages
                 || inbox.queued_bytes.saturating_add(bytes) > self.max_bytes
@@ -161,12 +197,9 @@ impl<I: Send + 'static> Mailbox<I> {
 
     /// Called by the connection task: takes everything queued, or registers
     /// the waker and returns `Pending`.
-    pub(crate) fn poll_take(
-        &self,
-        cx: &mut Context<'_>,
-    ) -> Poll<(VecDeque<Item<I>>, Option<CloseFrame>)> {
+    pub(crate) fn poll_take(&self, cx: &mut Context<'_>) -> Poll<Taken<I>> {
         let mut inbox = self.inbox.lock();
-        if inbox.items.is_empty() && inbox.close.is_none() {
+        if inbox.items.is_empty() && inbox.close.is_none() && inbox.dropped == 0 {
             match &inbox.waker {
                 Some(w) if w.will_wake(cx.waker()) => {}
                 _ => inbox.waker = Some(cx.waker().clone()),
@@ -174,8 +207,11 @@ impl<I: Send + 'static> Mailbox<I> {
             return Poll::Pending;
         }
         inbox.queued_bytes = 0;
-        let items = std::mem::take(&mut inbox.items);
-        Poll::Ready((items, inbox.close.take()))
+        Poll::Ready(Taken {
+            items: std::mem::take(&mut inbox.items),
+            close: inbox.close.take(),
+            dropped: std::mem::take(&mut inbox.dropped),
+        })
     }
 
     /// Like `poll_take`, but only for a close request: used while the
@@ -335,7 +371,11 @@ pub struct Conn<I: Send + 'static> {
 impl<I: Send + 'static> Conn<I> {
     pub(crate) fn new(hub: Hub) -> Self {
         let limits = hub.limits();
-        let mailbox = Mailbox::new(limits.max_queued_messages, limits.max_queued_bytes);
+        let mailbox = Mailbox::new(
+            limits.max_queued_messages,
+            limits.max_queued_bytes,
+            limits.slow_consumer == crate::SlowConsumer::DropOldest,
+        );
         hub.track(ConnRef(mailbox.clone()));
         Self {
             mailbox,

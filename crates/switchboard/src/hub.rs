@@ -59,6 +59,11 @@ pub struct SendReport {
     /// Targets whose every connection refused the frame (queue full or
     /// closing): connected, but the message was not delivered.
     pub dropped: Vec<usize>,
+    /// Targets not delivered on this node whose delivery elsewhere could not
+    /// be confirmed: a clustered backend could not reach its backplane, or a
+    /// node that has the target did not answer in time. Treat them as not
+    /// delivered. Always empty with the in-memory backend.
+    pub unconfirmed: Vec<usize>,
     /// Connections the frame was queued to, over all targets.
     pub connections: usize,
 }
@@ -74,6 +79,47 @@ pub struct ClientInfo {
     /// When its oldest live connection was accepted, in milliseconds since
     /// the Unix epoch.
     pub connected_since_unix_ms: u64,
+}
+
+/// A backend's state, for `GET /heartbeat` and `GET /metrics`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[non_exhaustive]
+pub struct BackendHealth {
+    /// The backend's name: `"memory"`, `"redis"`.
+    pub backend: &'static str,
+    /// This node's name in the cluster; `None` for a single-node backend.
+    pub node: Option<String>,
+    /// `false` while the backend cannot do everything it should (a clustered
+    /// backend that lost its backplane: local delivery works, cross-node
+    /// delivery does not).
+    pub healthy: bool,
+    /// Why it is not healthy.
+    pub reason: Option<String>,
+}
+
+impl BackendHealth {
+    /// A healthy single-node backend named `backend`.
+    pub fn healthy(backend: &'static str) -> Self {
+        Self {
+            backend,
+            node: None,
+            healthy: true,
+            reason: None,
+        }
+    }
+
+    /// This node's name in the cluster.
+    pub fn with_node(mut self, node: impl Into<String>) -> Self {
+        self.node = Some(node.into());
+        self
+    }
+
+    /// Marks the backend degraded, saying why.
+    pub fn degraded(mut self, reason: impl Into<String>) -> Self {
+        self.healthy = false;
+        self.reason = Some(reason.into());
+        self
+    }
 }
 
 /// Where client IDs and topic subscriptions live.
@@ -105,10 +151,29 @@ pub trait Backend: Send + Sync + 'static {
     /// Queues `frame` to every subscriber of `topic`; returns how many
     /// connections it was queued to.
     fn publish<'a>(&'a self, topic: &'a Topic, frame: &'a WireFrame) -> BoxFuture<'a, usize>;
-    /// Lists every registered client ID.
+    /// Lists every client ID registered on this node.
     fn clients(&self) -> BoxFuture<'_, Vec<ClientInfo>>;
-    /// Closes every connection of `id` with `frame`; returns how many.
+    /// Closes every connection of `id` with `frame`, on every node; returns
+    /// how many.
     fn disconnect<'a>(&'a self, id: &'a ClientId, frame: CloseFrame) -> BoxFuture<'a, usize>;
+
+    /// Lists every client ID of the whole cluster (IDs connected to several
+    /// nodes once, with their connections added up), or `None` when the
+    /// backend has no cluster or cannot reach it now. The default: `None`.
+    fn cluster_clients(&self) -> BoxFuture<'_, Option<Vec<ClientInfo>>> {
+        Box::pin(std::future::ready(None))
+    }
+
+    /// The backend's state; the default is a healthy `"memory"` backend.
+    fn health(&self) -> BackendHealth {
+        BackendHealth::healthy("memory")
+    }
+
+    /// Appends the backend's own metrics, in the Prometheus text format, to
+    /// `GET /metrics`. The default adds nothing.
+    fn render_metrics(&self, out: &mut String) {
+        let _ = out;
+    }
 }
 
 /// The hub every connection and API call shares. Cloning is a reference
@@ -171,6 +236,7 @@ impl Hub {
         m.deliveries.add(report.connections as u64);
         m.offline_targets.add(report.offline.len() as u64);
         m.dropped_messages.add(report.dropped.len() as u64);
+        m.unconfirmed_targets.add(report.unconfirmed.len() as u64);
         report
     }
 

@@ -78,17 +78,21 @@ mod memory;
 mod message;
 mod metrics;
 mod protocol;
+#[cfg(feature = "redis")]
+pub mod redis;
 pub mod relay;
 mod runtime;
 mod server;
 mod ws;
 
 pub use app::app;
-pub use config::{Limits, duration};
+pub use config::{Limits, SlowConsumer, duration};
 pub use conn::{Conn, ConnHandle, ConnId, ConnRef, PushError};
 pub use handler::{Closed, Handler};
 pub use http_error::HttpError;
-pub use hub::{Backend, BoxFuture, ClientInfo, DuplicateIds, Hub, RegisterError, SendReport};
+pub use hub::{
+    Backend, BackendHealth, BoxFuture, ClientInfo, DuplicateIds, Hub, RegisterError, SendReport,
+};
 pub use id::{ClientId, MAX_NAME_LEN, NameError, Topic};
 pub use memory::MemoryBackend;
 pub use message::{Message, Outcome, Text};
@@ -98,6 +102,9 @@ pub use protocol::deflate::Compression;
 pub use protocol::frame::WireFrame;
 pub use server::{DEFAULT_SHUTDOWN_TIMEOUT, json_errors, serve, serve_with};
 pub use ws::ws;
+
+#[cfg(feature = "redis")]
+pub use crate::redis::{RedisBackend, RedisConfig};
 
 #[doc(no_inline)]
 pub use axum::Router;

@@ -66,6 +66,82 @@ impl MemoryBackend {
         (queued, true)
     }
 
+    /// [`Backend::send`], synchronously: the in-memory backend never waits.
+    pub(crate) fn send_now(&self, targets: &[ClientId], frame: &WireFrame) -> SendReport {
+        let mut report = SendReport::default();
+        for (i, id) in targets.iter().enumerate() {
+            match self.deliver(id, frame) {
+                (0, false) => report.offline.push(i),
+                (0, true) => report.dropped.push(i),
+                (n, _) => {
+                    report.connections += n;
+                    report.delivered.push(i);
+                }
+            }
+        }
+        report
+    }
+
+    /// [`Backend::publish`], synchronously.
+    pub(crate) fn publish_now(&self, topic: &Topic, frame: &WireFrame) -> usize {
+        let topics = self.topics.read();
+        topics.get(topic).map_or(0, |subs| {
+            subs.values()
+                .filter(|conn| conn.push(frame.clone()).is_ok())
+                .count()
+        })
+    }
+
+    /// [`Backend::clients`], synchronously.
+    pub(crate) fn clients_now(&self) -> Vec<ClientInfo> {
+        let mut out = Vec::new();
+        for shard in self.clients.iter() {
+            for (id, conns) in shard.lock().iter() {
+                let oldest = conns.iter().map(ConnRef::since).min();
+                out.push(ClientInfo {
+                    id: id.clone(),
+                    connections: conns.len(),
+                    connected_since_unix_ms: oldest.map_or(0, crate::hub::unix_ms),
+                });
+            }
+        }
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        out
+    }
+
+    /// [`Backend::disconnect`], synchronously.
+    pub(crate) fn disconnect_now(&self, id: &ClientId, frame: &CloseFrame) -> usize {
+        // Closing is asynchronous: each connection unregisters itself when
+        // its task ends, so the entry is left for that path to remove.
+        let conns: Vec<ConnRef> = self.shard(id).lock().get(id).cloned().unwrap_or_default();
+        for conn in &conns {
+            conn.close(frame.clone());
+        }
+        conns.len()
+    }
+
+    /// `id`'s connections on this node and when the oldest was accepted
+    /// (Unix ms), or `None` when it has none.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) fn presence(&self, id: &ClientId) -> Option<(usize, u64)> {
+        let shard = self.shard(id).lock();
+        let conns = shard.get(id).filter(|c| !c.is_empty())?;
+        let oldest = conns.iter().map(ConnRef::since).min();
+        Some((conns.len(), oldest.map_or(0, crate::hub::unix_ms)))
+    }
+
+    /// Whether `topic` has a subscriber on this node.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) fn has_topic(&self, topic: &Topic) -> bool {
+        self.topics.read().contains_key(topic)
+    }
+
+    /// Every topic with a subscriber on this node.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) fn topic_names(&self) -> Vec<Topic> {
+        self.topics.read().keys().cloned().collect()
+    }
+
     /// How many client IDs are registered (for tests and metrics).
     pub fn client_count(&self) -> usize {
         self.clients.iter().map(|s| s.lock().len()).sum()
@@ -135,53 +211,18 @@ impl Backend for MemoryBackend {
         targets: &'a [ClientId],
         frame: &'a WireFrame,
     ) -> BoxFuture<'a, SendReport> {
-        let mut report = SendReport::default();
-        for (i, id) in targets.iter().enumerate() {
-            match self.deliver(id, frame) {
-                (0, false) => report.offline.push(i),
-                (0, true) => report.dropped.push(i),
-                (n, _) => {
-                    report.connections += n;
-                    report.delivered.push(i);
-                }
-            }
-        }
-        Box::pin(std::future::ready(report))
+        Box::pin(std::future::ready(self.send_now(targets, frame)))
     }
 
     fn publish<'a>(&'a self, topic: &'a Topic, frame: &'a WireFrame) -> BoxFuture<'a, usize> {
-        let topics = self.topics.read();
-        let n = topics.get(topic).map_or(0, |subs| {
-            subs.values()
-                .filter(|conn| conn.push(frame.clone()).is_ok())
-                .count()
-        });
-        Box::pin(std::future::ready(n))
+        Box::pin(std::future::ready(self.publish_now(topic, frame)))
     }
 
     fn clients(&self) -> BoxFuture<'_, Vec<ClientInfo>> {
-        let mut out = Vec::new();
-        for shard in self.clients.iter() {
-            for (id, conns) in shard.lock().iter() {
-                let oldest = conns.iter().map(ConnRef::since).min();
-                out.push(ClientInfo {
-                    id: id.clone(),
-                    connections: conns.len(),
-                    connected_since_unix_ms: oldest.map_or(0, crate::hub::unix_ms),
-                });
-            }
-        }
-        out.sort_by(|a, b| a.id.cmp(&b.id));
-        Box::pin(std::future::ready(out))
+        Box::pin(std::future::ready(self.clients_now()))
     }
 
     fn disconnect<'a>(&'a self, id: &'a ClientId, frame: CloseFrame) -> BoxFuture<'a, usize> {
-        // Closing is asynchronous: each connection unregisters itself when
-        // its task ends, so the entry is left for that path to remove.
-        let conns: Vec<ConnRef> = self.shard(id).lock().get(id).cloned().unwrap_or_default();
-        for conn in &conns {
-            conn.close(frame.clone());
-        }
-        Box::pin(std::future::ready(conns.len()))
+        Box::pin(std::future::ready(self.disconnect_now(id, &frame)))
     }
 }

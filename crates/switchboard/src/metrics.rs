@@ -47,10 +47,12 @@ pub enum ErrorKind {
     BadRequest,
     /// An HTTP request to a WebSocket route that was not a valid upgrade.
     Handshake,
+    /// A message refused by the per-connection rate limit.
+    RateLimited,
 }
 
 impl ErrorKind {
-    const ALL: [ErrorKind; 9] = [
+    const ALL: [ErrorKind; 10] = [
         Self::Protocol,
         Self::InvalidUtf8,
         Self::MessageTooBig,
@@ -60,6 +62,7 @@ impl ErrorKind {
         Self::Io,
         Self::BadRequest,
         Self::Handshake,
+        Self::RateLimited,
     ];
 
     /// The `kind` label.
@@ -74,6 +77,7 @@ impl ErrorKind {
             Self::Io => "io",
             Self::BadRequest => "bad_request",
             Self::Handshake => "handshake",
+            Self::RateLimited => "rate_limited",
         }
     }
 }
@@ -101,6 +105,9 @@ pub struct Metrics {
     /// Messages not delivered: queue full, or still queued when the
     /// connection ended.
     pub dropped_messages: Counter,
+    /// Relay or `/api/send` targets whose delivery on another node could
+    /// not be confirmed (clustered backends only).
+    pub unconfirmed_targets: Counter,
     errors: [Counter; ErrorKind::ALL.len()],
 }
 
@@ -185,6 +192,12 @@ impl Metrics {
             "counter",
             "Messages not delivered: outgoing queue full, or still queued when the connection ended.",
             self.dropped_messages.get(),
+        );
+        metric(
+            "switchboard_unconfirmed_targets_total",
+            "counter",
+            "Relay and /api/send targets whose delivery on another node could not be confirmed.",
+            self.unconfirmed_targets.get(),
         );
         let _ = writeln!(
             out,

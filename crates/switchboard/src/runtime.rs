@@ -24,7 +24,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _, ReadBuf};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::{Instant, Sleep};
 
-use crate::conn::{Conn, Item};
+use crate::conn::{Conn, Item, Taken};
 use crate::handler::{Closed, Handler};
 use crate::message::{Message, Outcome, Text};
 use crate::metrics::{ErrorKind, Metrics};
@@ -67,7 +67,7 @@ enum Event<I> {
     Read,
     Eof,
     Failed(io::Error),
-    Mailbox(VecDeque<Item<I>>, Option<CloseFrame>),
+    Mailbox(Taken<I>),
     Timer,
     Flushed,
 }
@@ -84,8 +84,6 @@ enum Incoming {
 /// the hub so no lock or pointer chase is needed.
 #[derive(Clone, Copy)]
 struct Settings {
-    max_frame: usize,
-    max_message: usize,
     ping_interval: Duration,
     pong_timeout: Duration,
     close_timeout: Duration,
@@ -134,6 +132,8 @@ struct Driver<S, H: Handler> {
     panicked: bool,
     /// This connection's place under `limits.max_connections`.
     _permit: Option<OwnedSemaphorePermit>,
+    /// `limits.max_message_rate`.
+    rate: TokenBucket,
 }
 
 impl<S, H> Driver<S, H>
@@ -151,16 +151,20 @@ where
         deflate: Option<Agreed>,
     ) -> Self {
         let limits = conn.hub().limits();
+        let rate = TokenBucket::new(limits.max_message_rate, limits.message_burst);
         let settings = Settings {
-            max_frame: limits.max_frame_size,
-            max_message: limits.max_message_size,
             ping_interval: limits.ping_interval,
             pong_timeout: limits.pong_timeout,
             close_timeout: limits.close_timeout,
         };
         Self {
             io,
-            reader: Reader::new(leftover, settings.max_frame, settings.max_message, deflate),
+            reader: Reader::new(
+                leftover,
+                limits.max_frame_size,
+                limits.max_message_size,
+                deflate,
+            ),
             writer: Writer::new(deflate),
             phase: Phase::Open,
             settings,
@@ -171,6 +175,7 @@ where
             conn,
             panicked: false,
             _permit: permit,
+            rate,
         }
     }
 
@@ -237,13 +242,17 @@ where
                     return Closed::Abnormal(format!("socket error: {err}"));
                 }
                 Event::Flushed => {}
-                Event::Mailbox(items, close) => {
+                Event::Mailbox(taken) => {
+                    if taken.dropped > 0 {
+                        self.metrics().dropped_messages.add(taken.dropped);
+                        self.writer.push(dropped_notice(taken.dropped));
+                    }
                     // Frames from other connections are the common case and
                     // need no await; only `Info` messages call the handler.
-                    if items.iter().any(|item| matches!(item, Item::Info(_))) {
-                        Box::pin(self.take_mailbox(items, close, sleep.as_mut())).await;
+                    if taken.items.iter().any(|item| matches!(item, Item::Info(_))) {
+                        Box::pin(self.take_mailbox(taken.items, taken.close, sleep.as_mut())).await;
                     } else {
-                        self.take_frames(items, close, sleep.as_mut());
+                        self.take_frames(taken.items, taken.close, sleep.as_mut());
                     }
                 }
                 Event::Timer => {
@@ -273,11 +282,15 @@ where
             let backed_up = self.writer.backlog >= WRITE_HIGH_WATER;
             if matches!(self.phase, Phase::Open) {
                 if !backed_up {
-                    if let Poll::Ready((items, close)) = self.conn.mailbox.poll_take(cx) {
-                        return Poll::Ready(Event::Mailbox(items, close));
+                    if let Poll::Ready(taken) = self.conn.mailbox.poll_take(cx) {
+                        return Poll::Ready(Event::Mailbox(taken));
                     }
                 } else if let Poll::Ready(close) = self.conn.mailbox.poll_close(cx) {
-                    return Poll::Ready(Event::Mailbox(VecDeque::new(), Some(close)));
+                    return Poll::Ready(Event::Mailbox(Taken {
+                        items: VecDeque::new(),
+                        close: Some(close),
+                        dropped: 0,
+                    }));
                 }
             }
             if !matches!(self.phase, Phase::Finishing { .. }) && !backed_up {
@@ -331,6 +344,25 @@ where
                         continue;
                     }
                     self.metrics().frames_in.add(1);
+                    match self.rate.take(self.last_seen) {
+                        Rate::Allowed => {}
+                        Rate::Refused => {
+                            self.metrics().error(ErrorKind::RateLimited);
+                            self.writer.push(WireFrame::from_text(RATE_LIMITED));
+                            continue;
+                        }
+                        Rate::Abusive => {
+                            self.metrics().error(ErrorKind::RateLimited);
+                            self.start_close(
+                                CloseFrame::new(
+                                    CloseCode::POLICY_VIOLATION,
+                                    "message rate limit exceeded (limits.max_message_rate)",
+                                ),
+                                sleep.as_mut(),
+                            );
+                            continue;
+                        }
+                    }
                     if let Some(outcome) = Box::pin(self.call_message(message)).await {
                         self.apply(outcome, sleep.as_mut());
                     }
@@ -581,6 +613,70 @@ where
         }
         tracing::debug!(conn = self.conn.id().0, ?closed, "connection ended");
         // Dropping `self.conn` unregisters the ID and topics.
+    }
+}
+
+/// The error frame for a message over the rate limit.
+const RATE_LIMITED: &str = r#"{"error":{"code":"rate_limited","message":"too many messages: this one was not handled (limits.max_message_rate)"}}"#;
+
+/// The notice sent before the frames that follow a drop (drop-oldest policy).
+fn dropped_notice(count: u64) -> WireFrame {
+    WireFrame::from_text(format!(
+        r#"{{"warning":{{"code":"messages_dropped","count":{count},"message":"you read too slowly: the oldest messages queued to you were dropped"}}}}"#
+    ))
+}
+
+/// The verdict of the rate limit on one message.
+enum Rate {
+    Allowed,
+    /// Over the limit: refuse this message.
+    Refused,
+    /// Kept sending after the bucket ran dry: close the connection.
+    Abusive,
+}
+
+/// A token bucket: `rate` tokens a second, at most `burst` saved up. Refused
+/// messages fill a second bucket of the same size; a client that fills it
+/// (sends `burst` messages more than it may) is abusive.
+struct TokenBucket {
+    rate: u32,
+    burst: u32,
+    // f32 is plenty for counts up to millions and keeps the bucket at 32 B.
+    tokens: f32,
+    refused: f32,
+    last: Instant,
+}
+
+impl TokenBucket {
+    fn new(rate: u32, burst: u32) -> Self {
+        Self {
+            rate,
+            burst: burst.max(1),
+            tokens: burst.max(1) as f32,
+            refused: 0.0,
+            last: Instant::now(),
+        }
+    }
+
+    fn take(&mut self, now: Instant) -> Rate {
+        if self.rate == 0 {
+            return Rate::Allowed;
+        }
+        let refill = now.saturating_duration_since(self.last).as_secs_f32() * self.rate as f32;
+        self.last = now;
+        let burst = self.burst as f32;
+        self.tokens = (self.tokens + refill).min(burst);
+        self.refused = (self.refused - refill).max(0.0);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            return Rate::Allowed;
+        }
+        self.refused += 1.0;
+        if self.refused >= burst {
+            Rate::Abusive
+        } else {
+            Rate::Refused
+        }
     }
 }
 

@@ -97,10 +97,14 @@ pub async fn serve_with(
         });
         let mut stopping = http_stopped.clone();
         let handshake_timeout = limits.handshake_timeout;
+        // hyper refuses a head over its read buffer with 431; it will not
+        // go below 8 KiB.
+        let max_header_size = limits.max_header_size.max(8 * 1024);
         tokio::spawn(async move {
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(handshake_timeout)
+                .max_buf_size(max_header_size)
                 .serve_connection(TokioIo::new(stream), service)
                 .with_upgrades();
             tokio::pin!(conn);
