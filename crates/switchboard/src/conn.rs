@@ -62,6 +62,10 @@ pub(crate) struct Inbox<I> {
     queued_bytes: usize,
     /// Frames dropped by the drop-oldest policy since the task last looked.
     dropped: u64,
+    /// The pending close is an overflow: it must get through even while
+    /// the connection's writer is backed up (see `poll_close`). Other closes
+    /// (shutdown, API) wait behind the frames already queued.
+    close_now: bool,
     closed: bool,
     waker: Option<Waker>,
 }
@@ -124,6 +128,7 @@ impl<I: Send + 'static> Mailbox<I> {
                 closing: false,
                 queued_bytes: 0,
                 dropped: 0,
+                close_now: false,
                 closed: false,
                 waker: None,
             }),
@@ -147,6 +152,7 @@ impl<I: Send + 'static> Mailbox<I> {
                     "outgoing queue overflow: the client read too slowly",
                 ));
                 inbox.closing = true;
+                inbox.close_now = true;
                 let waker = inbox.waker.take();
                 drop(inbox);
                 if let Some(w) = waker {
@@ -214,13 +220,15 @@ impl<I: Send + 'static> Mailbox<I> {
         })
     }
 
-    /// Like `poll_take`, but only for a close request: used while the
+    /// Like `poll_take`, but only for an overflow close: used while the
     /// connection's writer is backed up and it takes no frames. A client
-    /// that stops reading is exactly the one whose queue overflows, so the
-    /// overflow close must get through even then.
+    /// that stops reading is exactly the one whose queue overflows, so that
+    /// close must get through even then; flushing first would never end.
     pub(crate) fn poll_close(&self, cx: &mut Context<'_>) -> Poll<CloseFrame> {
         let mut inbox = self.inbox.lock();
-        if let Some(close) = inbox.close.take() {
+        if inbox.close_now
+            && let Some(close) = inbox.close.take()
+        {
             return Poll::Ready(close);
         }
         match &inbox.waker {

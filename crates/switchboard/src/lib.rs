@@ -69,6 +69,8 @@ pub mod api;
 mod app;
 mod config;
 mod conn;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod handler;
 pub mod handlers;
 mod http_error;

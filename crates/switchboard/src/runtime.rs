@@ -616,6 +616,32 @@ where
     }
 }
 
+/// Feeds bytes to a reader in `chunk`-sized pieces, without and with
+/// permessage-deflate agreed (for `crate::fuzzing`).
+pub(crate) fn fuzz_reader(data: &[u8], chunk: usize) {
+    let agreed = crate::protocol::deflate::Agreed {
+        server_window: 15,
+        client_window: 15,
+        server_no_takeover: false,
+        client_no_takeover: false,
+        min_size: 0,
+        level: 1,
+    };
+    for deflate in [None, Some(agreed)] {
+        let mut reader = Reader::new(Bytes::new(), 1 << 16, 1 << 16, deflate);
+        'feed: for piece in data.chunks(chunk) {
+            reader.buf.extend_from_slice(piece);
+            loop {
+                match reader.next() {
+                    Ok(Some(_)) => {}
+                    Ok(None) => break,
+                    Err(_) => break 'feed,
+                }
+            }
+        }
+    }
+}
+
 /// The error frame for a message over the rate limit.
 const RATE_LIMITED: &str = r#"{"error":{"code":"rate_limited","message":"too many messages: this one was not handled (limits.max_message_rate)"}}"#;
 

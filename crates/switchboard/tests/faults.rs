@@ -462,7 +462,11 @@ async fn a_burst_of_relay_frames_to_a_reading_client_is_delivered_whole() {
     server
         .eventually("two connections", |hub| hub.live_connections() == 2)
         .await;
-    let reader = tokio::spawn(async move { collect_seqs(&mut target, BURST).await });
+    // The task hands the client back so it stays connected to the end.
+    let reader = tokio::spawn(async move {
+        let result = collect_seqs(&mut target, BURST).await;
+        (result, target)
+    });
     for seq in 0..BURST {
         sender
             .feed(WsMessage::text(format!(
@@ -472,7 +476,7 @@ async fn a_burst_of_relay_frames_to_a_reading_client_is_delivered_whole() {
             .expect("feed");
     }
     sender.flush().await.expect("flush");
-    let (seen, ending) = tokio::time::timeout(Duration::from_secs(10), reader)
+    let ((seen, ending), _target) = tokio::time::timeout(Duration::from_secs(10), reader)
         .await
         .expect("the reader finishes")
         .expect("reader task");

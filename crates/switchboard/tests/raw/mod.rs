@@ -463,3 +463,146 @@ pub fn parse_server_frame(buf: &[u8]) -> Option<(ServerFrame, usize)> {
         at + len,
     ))
 }
+
+// ---------------------------------------------------------------------------
+// Helpers of the conformance suite (tests/conformance*.rs).
+// ---------------------------------------------------------------------------
+
+impl RawWs {
+    /// Turns Nagle's algorithm off, so that every small write leaves as its
+    /// own segment instead of waiting for an acknowledgement.
+    pub fn no_delay(&self) {
+        self.stream.set_nodelay(true).expect("set TCP_NODELAY");
+    }
+
+    /// Sends `bytes` in pieces of `chunk` bytes, sleeping `pause` after each
+    /// piece (`Duration::ZERO`: no sleep), with Nagle off so the server
+    /// really sees the pieces one by one.
+    pub async fn send_in_chunks(&mut self, bytes: &[u8], chunk: usize, pause: Duration) {
+        self.no_delay();
+        for piece in bytes.chunks(chunk.max(1)) {
+            self.send(piece).await;
+            if !pause.is_zero() {
+                tokio::time::sleep(pause).await;
+            }
+        }
+    }
+
+    /// The next frame and its raw header bytes (to check the length
+    /// encoding the server chose).
+    pub async fn read_frame_and_header(&mut self) -> (ServerFrame, Vec<u8>) {
+        loop {
+            if let Some((frame, used)) = parse_server_frame(&self.buf) {
+                let header = self.buf[..used - frame.payload.len()].to_vec();
+                self.buf.drain(..used);
+                return (frame, header);
+            }
+            let n = self.fill(RAW_WAIT).await;
+            assert!(
+                n > 0,
+                "EOF before a complete frame ({} bytes buffered)",
+                self.buf.len()
+            );
+        }
+    }
+
+    /// The next frame, or a description of why none came within `wait`
+    /// (timeout, EOF, or a socket error such as a reset).
+    pub async fn try_read_frame(&mut self, wait: Duration) -> Result<ServerFrame, String> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            if let Some((frame, used)) = parse_server_frame(&self.buf) {
+                self.buf.drain(..used);
+                return Ok(frame);
+            }
+            let mut chunk = [0u8; 16 * 1024];
+            match tokio::time::timeout_at(deadline, self.stream.read(&mut chunk)).await {
+                Err(_) => {
+                    return Err(format!(
+                        "no complete frame within {wait:?} ({} bytes buffered)",
+                        self.buf.len()
+                    ));
+                }
+                Ok(Err(err)) => {
+                    return Err(format!(
+                        "socket error ({err}) with {} bytes of an unfinished frame buffered",
+                        self.buf.len()
+                    ));
+                }
+                Ok(Ok(0)) => {
+                    return Err(format!(
+                        "EOF with {} bytes of an unfinished frame buffered",
+                        self.buf.len()
+                    ));
+                }
+                Ok(Ok(n)) => self.buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    }
+
+    /// Expects one final, unmasked frame with no reserved bits, carrying
+    /// exactly `payload` with `opcode`: how a message is echoed on a
+    /// connection without extensions.
+    pub async fn expect_frame(&mut self, opcode: u8, payload: &[u8]) {
+        let frame = self.read_frame().await;
+        assert_eq!(
+            (frame.fin, frame.rsv, frame.opcode, frame.masked),
+            (true, 0, opcode, false),
+            "expected a final unmasked frame with opcode {opcode:#x} and {} payload bytes",
+            payload.len()
+        );
+        if frame.payload != payload {
+            let first_diff = frame
+                .payload
+                .iter()
+                .zip(payload)
+                .position(|(a, b)| a != b)
+                .unwrap_or(frame.payload.len().min(payload.len()));
+            panic!(
+                "payload differs: got {} bytes, expected {}; first difference at byte {first_diff}",
+                frame.payload.len(),
+                payload.len()
+            );
+        }
+    }
+
+    /// Expects the server's close frame next (nothing before it), checks its
+    /// form (final, unmasked, no reserved bits, a code, a UTF-8 reason),
+    /// then expects TCP to be closed. Returns the code and the reason.
+    pub async fn expect_close_frame(&mut self) -> (u16, String) {
+        let frame = self.read_frame().await;
+        assert_eq!(
+            (frame.fin, frame.rsv, frame.opcode, frame.masked),
+            (true, 0, 0x8, false),
+            "expected the server's close frame, got {frame:?}"
+        );
+        assert!(frame.payload.len() <= 125, "close frame over 125 bytes");
+        let close = frame.close();
+        self.expect_eof().await;
+        close
+    }
+
+    /// Asserts that nothing at all arrives for `quiet`: no bytes, no EOF.
+    pub async fn expect_silence(&mut self, quiet: Duration) {
+        assert!(
+            self.buf.is_empty(),
+            "unexpected bytes buffered: {:?}",
+            &self.buf[..self.buf.len().min(64)]
+        );
+        let mut chunk = [0u8; 1024];
+        match tokio::time::timeout(quiet, self.stream.read(&mut chunk)).await {
+            Err(_) => {}
+            Ok(Ok(0)) => panic!("expected silence, got EOF"),
+            Ok(Ok(n)) => panic!("expected silence, got {n} bytes: {:?}", &chunk[..n.min(64)]),
+            Ok(Err(err)) => panic!("expected silence, got a socket error: {err}"),
+        }
+    }
+
+    /// Closes with 1000 and expects 1000 back, then EOF: the connection was
+    /// still in a good state.
+    pub async fn close_normally(&mut self) {
+        self.send(&masked(0x88, &close_payload(1000, ""))).await;
+        let (code, _) = self.expect_close_frame().await;
+        assert_eq!(code, 1000, "the server answers a 1000 close with 1000");
+    }
+}

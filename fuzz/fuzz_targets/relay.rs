@@ -1,0 +1,6 @@
+//! Fuzz target: switchboard::fuzzing::relay.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    switchboard::fuzzing::relay(data);
+});
