@@ -80,8 +80,6 @@ mod memory;
 mod message;
 mod metrics;
 mod protocol;
-#[cfg(feature = "redis")]
-pub mod redis;
 pub mod relay;
 mod runtime;
 mod server;
@@ -105,8 +103,6 @@ pub use protocol::frame::WireFrame;
 pub use server::{DEFAULT_SHUTDOWN_TIMEOUT, json_errors, serve, serve_with};
 pub use ws::ws;
 
-#[cfg(feature = "redis")]
-pub use crate::redis::{RedisBackend, RedisConfig};
 
 #[doc(no_inline)]
 pub use axum::Router;
