@@ -149,16 +149,19 @@ pub(crate) async fn run(args: &EchoArgs) -> Result<EchoReport> {
             match conn {
                 Ok((stream, reader)) => {
                     progress.connected();
-                    let result =
-                        connection(idx, stream, reader, &args, phase_rx, &recorder, drain).await;
+                    let mut stats = ConnStats::default();
+                    let result = connection(
+                        idx, stream, reader, &args, phase_rx, &recorder, drain, &mut stats,
+                    )
+                    .await;
                     if let Err(e) = &result {
                         progress.failed(e);
                     }
-                    result
+                    stats
                 }
                 Err(e) => {
                     progress.failed(&e);
-                    Err(e)
+                    ConnStats::default()
                 }
             }
         }));
@@ -179,7 +182,7 @@ pub(crate) async fn run(args: &EchoArgs) -> Result<EchoReport> {
 
     let mut total = ConnStats::default();
     for t in tasks {
-        if let Ok(Ok(s)) = t.await {
+        if let Ok(s) = t.await {
             total.sent += s.sent;
             total.received += s.received;
             total.mismatched += s.mismatched;
@@ -214,7 +217,11 @@ fn template(idx: usize, size: usize, text: bool) -> Vec<u8> {
     (0..size)
         .map(|i| {
             let x = (i + idx * 7) % 26;
-            if text { b'a' + x as u8 } else { (x * 9 + idx) as u8 }
+            if text {
+                b'a' + x as u8
+            } else {
+                (x * 9 + idx) as u8
+            }
         })
         .collect()
 }
@@ -242,7 +249,8 @@ async fn connection(
     mut phase_rx: watch::Receiver<(Phase, Instant)>,
     recorder: &Recorder,
     drain: Duration,
-) -> Result<ConnStats> {
+    stats: &mut ConnStats,
+) -> Result<()> {
     let text = args.text;
     let opcode = if text { ws::OP_TEXT } else { ws::OP_BINARY };
     let base = template(idx, args.size, text);
@@ -252,7 +260,6 @@ async fn connection(
     let mut out = Vec::with_capacity(args.inflight * (args.size + 14));
     let mut fifo: VecDeque<(u64, u64)> = VecDeque::with_capacity(args.inflight);
     let mut latencies = Vec::with_capacity(256);
-    let mut stats = ConnStats::default();
     let mut seq = 0u64;
 
     let deadline = {
@@ -321,7 +328,7 @@ async fn connection(
     }
     recorder.record_all(idx, &latencies);
     ws::send_close(&mut stream, &mut rng).await;
-    Ok(stats)
+    Ok(())
 }
 
 #[cfg(test)]

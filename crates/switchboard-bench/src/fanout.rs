@@ -9,9 +9,9 @@
 //! * `--via topic`: subscribers first send
 //!   `{"type":"subscribe","topic":"bench"}`; the publisher sends
 //!   `{"type":"publish","topic":"bench","payload":X}`;
-//! * `--via api`: `POST /api/publish` with `{"topic":"bench","payload":X}`
-//!   over one keep-alive HTTP/1.1 connection; the reply `{"recipients":N}` is
-//!   checked.
+//! * `--via api`: subscribers subscribe as for `topic`; the publisher sends
+//!   `POST /api/publish` with `{"topic":"bench","payload":X}` over one
+//!   keep-alive HTTP/1.1 connection; the reply `{"recipients":N}` is checked.
 //!
 //! At most `-k` publishes are outstanding (not yet received by every
 //! subscriber). Probe publishes (sequence 0) are repeated before measuring
@@ -211,9 +211,8 @@ pub(crate) async fn run(args: &FanoutArgs) -> Result<FanoutReport> {
     let progress = Arc::new(Progress::default());
     let (phase_tx, phase_rx) = watch::channel(Phase::Connect);
     let connect_limit = Arc::new(Semaphore::new(args.connect_concurrency.max(1)));
-    let subscribe = (args.via == Via::Topic).then(|| {
-        serde_json::json!({"type": "subscribe", "topic": args.topic}).to_string()
-    });
+    let subscribe = (args.via != Via::Relay)
+        .then(|| serde_json::json!({"type": "subscribe", "topic": args.topic}).to_string());
 
     let mut tasks = Vec::with_capacity(n);
     for i in 0..n {
@@ -330,11 +329,10 @@ async fn publish_loop(
     let stall = Duration::from_secs_f64(args.drain);
     let mut published = 0u64;
     for seq in 1..=u64::from(args.publishes) {
-        match tokio::time::timeout(stall, shared.window.acquire()).await {
-            Ok(Ok(p)) => p.forget(),
-            // A publish is stalled (deliveries lost): move on without a
-            // permit; the loss is reported at the end.
-            Ok(Err(_)) | Err(_) => {}
+        // When a publish is stalled (deliveries lost), move on without a
+        // permit; the loss is reported at the end.
+        if let Ok(Ok(p)) = tokio::time::timeout(stall, shared.window.acquire()).await {
+            p.forget();
         }
         if let Some(recipients) = publisher.publish(args, seq).await?
             && recipients != n as u64
@@ -459,7 +457,12 @@ impl Publisher {
                     ),
                 };
                 let mut out = Vec::with_capacity(frame.len() + 14);
-                ws::encode_frame(&mut out, ws::OP_TEXT, frame.as_bytes(), rng.next_u64() as u32);
+                ws::encode_frame(
+                    &mut out,
+                    ws::OP_TEXT,
+                    frame.as_bytes(),
+                    rng.next_u64() as u32,
+                );
                 writer
                     .lock()
                     .await
@@ -513,7 +516,12 @@ async fn subscriber(
     let mut out = Vec::with_capacity(256);
     let mut latencies = Vec::with_capacity(64);
     if let Some(frame) = &subscribe {
-        ws::encode_frame(&mut out, ws::OP_TEXT, frame.as_bytes(), rng.next_u64() as u32);
+        ws::encode_frame(
+            &mut out,
+            ws::OP_TEXT,
+            frame.as_bytes(),
+            rng.next_u64() as u32,
+        );
         stream.write_all(&out).await?;
         out.clear();
     }

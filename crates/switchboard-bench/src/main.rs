@@ -53,7 +53,11 @@ use clap::{Parser, Subcommand};
 use serde::Serialize;
 
 #[derive(Parser, Debug)]
-#[command(name = "switchboard-bench", version, about = "Load generator and benchmarks for Switchboard")]
+#[command(
+    name = "switchboard-bench",
+    version,
+    about = "Load generator and benchmarks for Switchboard"
+)]
 struct Cli {
     /// Runtime worker threads of the load generator (default: one per CPU;
     /// `compare` defaults to 1 because it pins itself to one CPU).

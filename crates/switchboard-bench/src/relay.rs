@@ -278,8 +278,19 @@ pub(crate) async fn run(args: &RelayArgs) -> Result<RelayReport> {
     })
 }
 
-fn push_message(out: &mut Vec<u8>, text: &mut String, rng: &mut FastRng, i: usize, seq: u64, n: usize) {
-    let j = if seq == 0 { (i + 1) % n } else { target_of(i, seq, n) };
+fn push_message(
+    out: &mut Vec<u8>,
+    text: &mut String,
+    rng: &mut FastRng,
+    i: usize,
+    seq: u64,
+    n: usize,
+) {
+    let j = if seq == 0 {
+        (i + 1) % n
+    } else {
+        target_of(i, seq, n)
+    };
     text.clear();
     let _ = write!(
         text,

@@ -44,13 +44,6 @@ impl Recorder {
         }
     }
 
-    /// Records a latency in nanoseconds into shard `idx % shards`.
-    pub(crate) fn record(&self, idx: usize, ns: u64) {
-        self.shards[idx % self.shards.len()]
-            .lock()
-            .saturating_record(ns.max(1));
-    }
-
     /// Records a batch of latencies into one shard.
     pub(crate) fn record_all(&self, idx: usize, values: &[u64]) {
         let mut h = self.shards[idx % self.shards.len()].lock();
@@ -142,7 +135,7 @@ pub(crate) fn fmt_rate(x: f64) -> String {
     let s = n.to_string();
     let mut out = String::with_capacity(s.len() + s.len() / 3);
     for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
@@ -176,6 +169,28 @@ pub(crate) fn process_cpu(pid: u32) -> Result<Duration> {
     ))
 }
 
+/// Busy CPU time of the whole system (all CPUs): user, nice, system, irq,
+/// softirq and steal from the first line of `/proc/stat`.
+pub(crate) fn system_busy() -> Result<Duration> {
+    let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+    let line = stat
+        .lines()
+        .find(|l| l.starts_with("cpu "))
+        .ok_or_else(|| anyhow!("no cpu line in /proc/stat"))?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    let get = |i: usize| v.get(i).copied().unwrap_or(0);
+    // user nice system idle iowait irq softirq steal
+    let ticks = get(0) + get(1) + get(2) + get(5) + get(6) + get(7);
+    let hz = rustix::param::clock_ticks_per_second().max(1);
+    Ok(Duration::from_nanos(
+        (u128::from(ticks) * 1_000_000_000 / u128::from(hz)) as u64,
+    ))
+}
+
 /// Resident set size of a process in bytes (`VmRSS` of `/proc/PID/status`).
 pub(crate) fn process_rss(pid: u32) -> Result<u64> {
     let path = format!("/proc/{pid}/status");
@@ -202,6 +217,9 @@ pub(crate) struct KernelMem {
     pub(crate) slab_bytes: u64,
     /// `TCP: inuse` from sockstat.
     pub(crate) tcp_inuse: u64,
+    /// `TcpExt: ListenOverflows` from netstat: connections dropped because
+    /// a listener's accept queue was full (they are retried after 1 s).
+    pub(crate) listen_overflows: u64,
 }
 
 impl KernelMem {
@@ -222,6 +240,21 @@ impl KernelMem {
                         _ => {}
                     }
                 }
+            }
+        }
+        if let Ok(s) = std::fs::read_to_string("/proc/net/netstat") {
+            // Pairs of lines: "TcpExt: Name1 Name2 …" then "TcpExt: v1 v2 …".
+            let ext: Vec<&str> = s.lines().filter(|l| l.starts_with("TcpExt:")).collect();
+            if let [names, values] = ext.as_slice()
+                && let Some(i) = names
+                    .split_whitespace()
+                    .position(|n| n == "ListenOverflows")
+            {
+                k.listen_overflows = values
+                    .split_whitespace()
+                    .nth(i)
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0);
             }
         }
         if let Ok(s) = std::fs::read_to_string("/proc/meminfo")
@@ -245,6 +278,7 @@ pub(crate) struct CpuWindow {
     server_pid: Option<u32>,
     server_start: Option<Duration>,
     client_start: Option<Duration>,
+    system_start: Option<Duration>,
     wall_start: Instant,
 }
 
@@ -257,6 +291,11 @@ pub(crate) struct CpuUse {
     pub(crate) server_cpu_secs: Option<f64>,
     /// This load generator's user+system CPU seconds in the window.
     pub(crate) client_cpu_secs: Option<f64>,
+    /// CPU seconds all other processes used in the window (system-wide busy
+    /// time from `/proc/stat` minus server and load generator): a measure
+    /// of interference on a shared machine.
+    #[serde(default)]
+    pub(crate) other_cpu_secs: Option<f64>,
 }
 
 impl CpuWindow {
@@ -266,6 +305,7 @@ impl CpuWindow {
             server_pid,
             server_start: server_pid.and_then(|p| process_cpu(p).ok()),
             client_start: process_cpu(std::process::id()).ok(),
+            system_start: system_busy().ok(),
             wall_start: Instant::now(),
         }
     }
@@ -283,10 +323,18 @@ impl CpuWindow {
                 .ok()
                 .map(|end| end.saturating_sub(start).as_secs_f64())
         });
+        let system = self.system_start.and_then(|start| {
+            system_busy()
+                .ok()
+                .map(|end| end.saturating_sub(start).as_secs_f64())
+        });
+        let other =
+            system.map(|busy| (busy - server.unwrap_or(0.0) - client.unwrap_or(0.0)).max(0.0));
         CpuUse {
             wall_secs: self.wall_start.elapsed().as_secs_f64(),
             server_cpu_secs: server,
             client_cpu_secs: client,
+            other_cpu_secs: other,
         }
     }
 }
@@ -304,10 +352,11 @@ impl CpuUse {
     pub(crate) fn line(&self) -> String {
         let f = |x: Option<f64>| x.map_or_else(|| "n/a".to_string(), |s| format!("{s:.2}s"));
         format!(
-            "wall {:.2}s, server CPU {}, load-generator CPU {}",
+            "wall {:.2}s, server CPU {}, load-generator CPU {}, other processes {}",
             self.wall_secs,
             f(self.server_cpu_secs),
-            f(self.client_cpu_secs)
+            f(self.client_cpu_secs),
+            f(self.other_cpu_secs)
         )
     }
 }

@@ -31,7 +31,7 @@ const OP_CLOSE: u8 = 0x8;
 const OP_PING: u8 = 0x9;
 const OP_PONG: u8 = 0xA;
 
-const WS_GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC11B65";
+const WS_GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
 
 /// Largest message the client accepts (protects against a broken server).
 const MAX_MESSAGE: usize = 64 << 20;
@@ -124,11 +124,6 @@ impl FastRng {
         self.0 = x;
         x.wrapping_mul(0x2545_F491_4F6C_DD1D)
     }
-
-    /// A value in `0..n` (`n > 0`).
-    pub(crate) fn below(&mut self, n: u64) -> u64 {
-        ((u128::from(self.next_u64()) * u128::from(n)) >> 64) as u64
-    }
 }
 
 /// The splitmix64 finaliser, a good 64-bit mixing function.
@@ -207,12 +202,7 @@ where
         status.split_whitespace().nth(1) == Some("101"),
         "upgrade refused: {status:?}"
     );
-    let expected = {
-        let mut sha = Sha1::new();
-        sha.update(key.as_bytes());
-        sha.update(WS_GUID.as_bytes());
-        base64::engine::general_purpose::STANDARD.encode(sha.finalize())
-    };
+    let expected = accept_key(&key);
     let accept = lines
         .filter_map(|l| l.split_once(':'))
         .find(|(name, _)| name.trim().eq_ignore_ascii_case("sec-websocket-accept"))
@@ -223,6 +213,14 @@ where
     let mut reader = FrameReader::with_capacity(read_capacity.max(len - header_end));
     reader.push(&buf[header_end..len]);
     Ok(reader)
+}
+
+/// The `Sec-WebSocket-Accept` value a server must answer `key` with.
+fn accept_key(key: &str) -> String {
+    let mut sha = Sha1::new();
+    sha.update(key.as_bytes());
+    sha.update(WS_GUID.as_bytes());
+    base64::engine::general_purpose::STANDARD.encode(sha.finalize())
 }
 
 fn find_subslice(hay: &[u8], needle: &[u8]) -> Option<usize> {
@@ -433,7 +431,10 @@ fn parse_header(b: &[u8]) -> Result<Option<(bool, u8, usize, usize)>> {
         return Ok(None);
     }
     let fin = b[0] & 0x80 != 0;
-    ensure!(b[0] & 0x70 == 0, "reserved bits set (no extension negotiated)");
+    ensure!(
+        b[0] & 0x70 == 0,
+        "reserved bits set (no extension negotiated)"
+    );
     let opcode = b[0] & 0x0F;
     ensure!(b[1] & 0x80 == 0, "server sent a masked frame");
     let (header_len, payload_len) = match b[1] & 0x7F {
@@ -461,7 +462,12 @@ fn parse_header(b: &[u8]) -> Result<Option<(bool, u8, usize, usize)>> {
 /// Writes a close frame (best effort) so the server sees an orderly goodbye.
 pub(crate) async fn send_close<W: AsyncWrite + Unpin>(stream: &mut W, rng: &mut FastRng) {
     let mut out = Vec::with_capacity(8);
-    encode_frame(&mut out, OP_CLOSE, &1000u16.to_be_bytes(), rng.next_u64() as u32);
+    encode_frame(
+        &mut out,
+        OP_CLOSE,
+        &1000u16.to_be_bytes(),
+        rng.next_u64() as u32,
+    );
     let _ = stream.write_all(&out).await;
 }
 
@@ -479,6 +485,14 @@ mod tests {
         }
         v.extend_from_slice(payload);
         v
+    }
+
+    #[test]
+    fn accept_key_matches_rfc_example() {
+        assert_eq!(
+            accept_key("dGhlIHNhbXBsZSBub25jZQ=="),
+            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+        );
     }
 
     #[test]
