@@ -103,7 +103,6 @@ pub use protocol::frame::WireFrame;
 pub use server::{DEFAULT_SHUTDOWN_TIMEOUT, json_errors, serve, serve_with};
 pub use ws::ws;
 
-
 #[doc(no_inline)]
 pub use axum::Router;
 

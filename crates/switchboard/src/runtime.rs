@@ -43,6 +43,10 @@ const SCRATCH_LEN: usize = 64 * 1024;
 /// requests wait in the kernel's receive buffer.
 const WRITE_HIGH_WATER: usize = 256 * 1024;
 
+/// After our close, how long the client may be silent before we drop the
+/// socket without waiting for its FIN (see `finish`).
+const LINGER_QUIET: Duration = Duration::from_millis(250);
+
 /// Frames handed to one `writev` call (two slices each: header and body).
 const MAX_IOV: usize = 64;
 
@@ -599,8 +603,25 @@ where
 
     /// Shuts the socket down and tells the handler.
     async fn finish(&mut self, closed: Closed) {
-        // Best effort: the peer may be gone already.
-        let _ = tokio::time::timeout(Duration::from_secs(1), self.io.shutdown()).await;
+        // Send our FIN, then read (and drop) what the client still sends,
+        // until its FIN or a quiet moment, bounded by the close timeout.
+        // Closing a socket with unread input makes the kernel answer with a
+        // reset, which discards what we queued but the client has not read
+        // yet — the end of an echo, or our close frame itself. A client that
+        // neither sends nor closes is let go after the quiet moment rather
+        // than held for the whole timeout.
+        let linger = async {
+            self.io.shutdown().await?;
+            let mut sink = [0u8; 1024];
+            loop {
+                let read = tokio::io::AsyncReadExt::read(&mut self.io, &mut sink);
+                match tokio::time::timeout(LINGER_QUIET, read).await {
+                    Ok(Ok(n)) if n > 0 => continue,
+                    _ => return Ok::<(), io::Error>(()),
+                }
+            }
+        };
+        let _ = tokio::time::timeout(self.settings.close_timeout, linger).await;
         if let Some(state) = self.state.take()
             && !self.panicked
         {

@@ -34,7 +34,8 @@ pub struct Compression {
     pub enabled: bool,
     /// Window of our compressor, 9–15 bits. Default 15. A client asking for
     /// a smaller one gets it; a client asking for 8 (which zlib cannot
-    /// produce) is answered without compression.
+    /// produce) is accepted, and that connection's replies are then sent
+    /// uncompressed (RFC 7692 lets a sender leave any message uncompressed).
     pub server_max_window_bits: u8,
     /// Largest window we let the client compress with, 9–15 bits; it sizes
     /// our inflater. Default 15. Applied only if the client offered the
@@ -95,6 +96,7 @@ impl Compression {
 /// The parameters agreed with one client.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Agreed {
+    /// 8 means "never compress": zlib has no 256-byte window.
     pub(crate) server_window: u8,
     pub(crate) client_window: u8,
     pub(crate) server_no_takeover: bool,
@@ -122,15 +124,27 @@ pub(crate) fn negotiate<'a>(
             if params.next() != Some("permessage-deflate") {
                 continue;
             }
-            if let Some(agreed) = accept_offer(config, params) {
-                return Some((agreed, response_header(&agreed, config)));
+            if let Some((agreed, named)) = accept_offer(config, params) {
+                return Some((agreed, response_header(&agreed, &named)));
             }
         }
     }
     None
 }
 
-fn accept_offer<'a>(config: &Compression, params: impl Iterator<Item = &'a str>) -> Option<Agreed> {
+/// What the client's offer named, so the response names exactly that
+/// (RFC 7692 §7.1.2: `server_max_window_bits` is echoed when offered;
+/// `client_max_window_bits` may be sent only if the client offered it).
+#[derive(Default)]
+struct Named {
+    server_bits: bool,
+    client_bits: bool,
+}
+
+fn accept_offer<'a>(
+    config: &Compression,
+    params: impl Iterator<Item = &'a str>,
+) -> Option<(Agreed, Named)> {
     let mut agreed = Agreed {
         server_window: config.server_max_window_bits,
         client_window: 15,
@@ -139,6 +153,7 @@ fn accept_offer<'a>(config: &Compression, params: impl Iterator<Item = &'a str>)
         min_size: config.min_size,
         level: config.level,
     };
+    let mut named = Named::default();
     let mut seen = Vec::new();
     for param in params {
         let (name, value) = match param.split_once('=') {
@@ -153,23 +168,21 @@ fn accept_offer<'a>(config: &Compression, params: impl Iterator<Item = &'a str>)
             ("server_no_context_takeover", None) => agreed.server_no_takeover = true,
             ("client_no_context_takeover", None) => agreed.client_no_takeover = true,
             ("server_max_window_bits", Some(v)) => {
-                let bits = window_bits(v)?;
-                if bits < 9 {
-                    // zlib cannot deflate with a 256-byte window: decline.
-                    return None;
-                }
-                agreed.server_window = agreed.server_window.min(bits);
+                agreed.server_window = agreed.server_window.min(window_bits(v)?);
+                named.server_bits = true;
             }
             ("client_max_window_bits", None) => {
                 agreed.client_window = config.client_max_window_bits;
+                named.client_bits = true;
             }
             ("client_max_window_bits", Some(v)) => {
                 agreed.client_window = window_bits(v)?.min(config.client_max_window_bits);
+                named.client_bits = true;
             }
             _ => return None,
         }
     }
-    Some(agreed)
+    Some((agreed, named))
 }
 
 fn window_bits(value: &str) -> Option<u8> {
@@ -180,7 +193,7 @@ fn window_bits(value: &str) -> Option<u8> {
     value.parse::<u8>().ok().filter(|b| (8..=15).contains(b))
 }
 
-fn response_header(agreed: &Agreed, config: &Compression) -> HeaderValue {
+fn response_header(agreed: &Agreed, named: &Named) -> HeaderValue {
     let mut s = String::from("permessage-deflate");
     if agreed.server_no_takeover {
         s.push_str("; server_no_context_takeover");
@@ -188,10 +201,10 @@ fn response_header(agreed: &Agreed, config: &Compression) -> HeaderValue {
     if agreed.client_no_takeover {
         s.push_str("; client_no_context_takeover");
     }
-    if agreed.server_window < 15 {
+    if named.server_bits || agreed.server_window < 15 {
         let _ = write!(s, "; server_max_window_bits={}", agreed.server_window);
     }
-    if agreed.client_window < 15 || config.client_max_window_bits < 15 {
+    if named.client_bits && agreed.client_window < 15 {
         let _ = write!(s, "; client_max_window_bits={}", agreed.client_window);
     }
     // Built from ASCII only.
@@ -210,9 +223,10 @@ impl Deflater {
         Self { agreed, zlib: None }
     }
 
-    /// Whether a payload this long is worth compressing.
+    /// Whether a payload this long is worth compressing (never, on a
+    /// connection whose client limited us to an 8-bit window).
     pub(crate) fn wants(&self, len: usize) -> bool {
-        len >= self.agreed.min_size
+        len >= self.agreed.min_size && self.agreed.server_window >= 9
     }
 
     /// Compresses one whole message (RFC 7692 §7.2.1).
@@ -253,6 +267,20 @@ impl Deflater {
     }
 }
 
+fn invalid_deflate() -> CloseFrame {
+    CloseFrame::new(
+        CloseCode::INVALID_PAYLOAD,
+        "compressed message is not valid deflate data (RFC 7692 §7.2.2)",
+    )
+}
+
+fn too_big() -> CloseFrame {
+    CloseFrame::new(
+        CloseCode::MESSAGE_TOO_BIG,
+        "inflated message larger than the configured maximum (RFC 6455 §7.4.1)",
+    )
+}
+
 /// Inflates compressed client messages for one connection.
 pub(crate) struct Inflater {
     agreed: Agreed,
@@ -274,33 +302,42 @@ impl Inflater {
         input.extend_from_slice(&SYNC_TAIL);
         let mut out = Vec::with_capacity((input.len() * 3).clamp(64, max.saturating_add(1)));
         let start = zlib.total_in();
+        let mut stream_ended = false;
         loop {
             let consumed = (zlib.total_in() - start) as usize;
-            zlib.decompress_vec(&input[consumed..], &mut out, FlushDecompress::Sync)
-                .map_err(|_| {
-                    CloseFrame::new(
-                        CloseCode::INVALID_PAYLOAD,
-                        "compressed message is not valid deflate data (RFC 7692 §7.2.2)",
-                    )
-                })?;
+            let before = (consumed, out.len());
+            let status = zlib
+                .decompress_vec(&input[consumed..], &mut out, FlushDecompress::Sync)
+                .map_err(|_| invalid_deflate())?;
             if out.len() > max {
-                return Err(CloseFrame::new(
-                    CloseCode::MESSAGE_TOO_BIG,
-                    "inflated message larger than the configured maximum (RFC 6455 §7.4.1)",
-                ));
+                return Err(too_big());
             }
-            let done = (zlib.total_in() - start) as usize == input.len();
-            if done && out.len() < out.capacity() {
+            if status == flate2::Status::StreamEnd {
+                // The message ended with a BFINAL block (RFC 7692
+                // §7.2.3.4): the rest of the input is the tail we appended,
+                // and the next message starts a new stream.
+                stream_ended = true;
                 break;
             }
-            let room = max.saturating_add(1) - out.len();
-            if room == 0 {
-                return Err(CloseFrame::new(
-                    CloseCode::MESSAGE_TOO_BIG,
-                    "inflated message larger than the configured maximum (RFC 6455 §7.4.1)",
-                ));
+            let consumed = (zlib.total_in() - start) as usize;
+            if consumed == input.len() && out.len() < out.capacity() {
+                break;
             }
-            out.reserve(out.capacity().max(64).min(room));
+            if out.len() == out.capacity() {
+                let room = max.saturating_add(1) - out.len();
+                if room == 0 {
+                    return Err(too_big());
+                }
+                out.reserve(out.capacity().max(64).min(room));
+            } else if (consumed, out.len()) == before {
+                // Input left, output room left, and zlib moved neither:
+                // the data cannot be inflated. Never spin on it.
+                return Err(invalid_deflate());
+            }
+        }
+        if stream_ended {
+            zlib.reset(false);
+            return Ok(Bytes::from(out));
         }
         if self.agreed.client_no_takeover {
             zlib.reset(false);
@@ -349,7 +386,14 @@ mod tests {
 
     #[test]
     fn declines_bad_offers_and_takes_the_next() {
-        assert_eq!(offer("permessage-deflate; server_max_window_bits=8"), None);
+        assert_eq!(
+            offer("permessage-deflate; server_max_window_bits=8").as_deref(),
+            Some("permessage-deflate; server_max_window_bits=8")
+        );
+        assert_eq!(
+            offer("permessage-deflate; server_max_window_bits=15").as_deref(),
+            Some("permessage-deflate; server_max_window_bits=15")
+        );
         assert_eq!(offer("permessage-deflate; bogus"), None);
         assert_eq!(offer("permessage-deflate; server_max_window_bits=16"), None);
         assert_eq!(
@@ -418,6 +462,19 @@ mod tests {
             .inflate(BytesMut::from(&bomb[..]), 64 * 1024)
             .expect_err("over the limit");
         assert_eq!(err.code, CloseCode::MESSAGE_TOO_BIG);
+    }
+
+    #[test]
+    fn understands_a_final_block_and_starts_a_new_stream_after_it() {
+        // RFC 7692 §7.2.3.4: "Hello" in a BFINAL block.
+        let mut inflater = Inflater::new(agreed(false));
+        let hello = [0xf3, 0x48, 0xcd, 0xc9, 0xc9, 0x07, 0x00, 0x00];
+        for _ in 0..2 {
+            let out = inflater
+                .inflate(BytesMut::from(&hello[..]), 1024)
+                .expect("inflates");
+            assert_eq!(&out[..], b"Hello");
+        }
     }
 
     #[test]

@@ -469,6 +469,21 @@ pub fn parse_server_frame(buf: &[u8]) -> Option<(ServerFrame, usize)> {
 // ---------------------------------------------------------------------------
 
 impl RawWs {
+    /// Like [`RawWs::connect`], with the client's receive buffer fixed at
+    /// `bytes` (no autotuning): a slow reader whose kernel holds little.
+    pub async fn connect_with_recv_buffer(addr: SocketAddr, path: &str, bytes: u32) -> Self {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.set_recv_buffer_size(bytes).expect("SO_RCVBUF");
+        let mut stream = socket.connect(addr).await.expect("connect");
+        stream
+            .write_all(upgrade_request(addr, path, &[]).as_bytes())
+            .await
+            .expect("write upgrade request");
+        let (status, headers, rest) = read_head(&mut stream).await;
+        assert_eq!(status, 101, "upgrade of {path} refused: {headers:?}");
+        Self { stream, buf: rest }
+    }
+
     /// Turns Nagle's algorithm off, so that every small write leaves as its
     /// own segment instead of waiting for an acknowledgement.
     pub fn no_delay(&self) {
