@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 use serde::Deserialize;
-use switchboard::{DuplicateIds, Limits};
+use switchboard::{Compression, DuplicateIds, Limits, SlowConsumer};
 
 /// A WebSocket messaging server: relay by client ID, topics, chat, echo, and
 /// an HTTP API for your backend.
@@ -103,6 +103,110 @@ pub(crate) struct Cli {
         help_heading = "Limits"
     )]
     pub(crate) duplicate_ids: Option<DuplicateIdsArg>,
+    /// Messages per second one client may send; 0 = no limit [default: 10000].
+    #[arg(
+        long,
+        env = "SWITCHBOARD_MAX_MESSAGE_RATE",
+        value_name = "N",
+        help_heading = "Limits"
+    )]
+    pub(crate) max_message_rate: Option<u32>,
+    /// Messages a client may send at once above the rate [default: 20000].
+    #[arg(
+        long,
+        env = "SWITCHBOARD_MESSAGE_BURST",
+        value_name = "N",
+        help_heading = "Limits"
+    )]
+    pub(crate) message_burst: Option<u32>,
+    /// When a client's outgoing queue is full [default: close].
+    #[arg(
+        long,
+        env = "SWITCHBOARD_SLOW_CONSUMER",
+        value_enum,
+        help_heading = "Limits"
+    )]
+    pub(crate) slow_consumer: Option<SlowConsumerArg>,
+    /// Largest HTTP request head, in bytes; larger gets 431 [default: 16384].
+    #[arg(
+        long,
+        env = "SWITCHBOARD_MAX_HEADER_SIZE",
+        value_name = "BYTES",
+        help_heading = "Limits"
+    )]
+    pub(crate) max_header_size: Option<usize>,
+
+    /// Accept permessage-deflate when clients offer it [default: false].
+    #[arg(
+        long,
+        env = "SWITCHBOARD_COMPRESSION",
+        value_name = "BOOL",
+        help_heading = "Compression"
+    )]
+    pub(crate) compression: Option<bool>,
+    /// Messages shorter than this are sent uncompressed [default: 256].
+    #[arg(
+        long,
+        env = "SWITCHBOARD_COMPRESSION_MIN_SIZE",
+        value_name = "BYTES",
+        help_heading = "Compression"
+    )]
+    pub(crate) compression_min_size: Option<usize>,
+    /// zlib level 0-9 [default: 1].
+    #[arg(
+        long,
+        env = "SWITCHBOARD_COMPRESSION_LEVEL",
+        value_name = "N",
+        help_heading = "Compression"
+    )]
+    pub(crate) compression_level: Option<u32>,
+    /// Our compressor's window, 9-15 bits [default: 15].
+    #[arg(
+        long,
+        env = "SWITCHBOARD_COMPRESSION_SERVER_MAX_WINDOW_BITS",
+        value_name = "BITS",
+        help_heading = "Compression"
+    )]
+    pub(crate) compression_server_max_window_bits: Option<u8>,
+    /// Largest window clients may compress with, 9-15 bits [default: 15].
+    #[arg(
+        long,
+        env = "SWITCHBOARD_COMPRESSION_CLIENT_MAX_WINDOW_BITS",
+        value_name = "BITS",
+        help_heading = "Compression"
+    )]
+    pub(crate) compression_client_max_window_bits: Option<u8>,
+    /// Reset our compressor after every message [default: false].
+    #[arg(
+        long,
+        env = "SWITCHBOARD_COMPRESSION_SERVER_NO_CONTEXT_TAKEOVER",
+        value_name = "BOOL",
+        help_heading = "Compression"
+    )]
+    pub(crate) compression_server_no_context_takeover: Option<bool>,
+    /// Ask clients to reset theirs after every message [default: false].
+    #[arg(
+        long,
+        env = "SWITCHBOARD_COMPRESSION_CLIENT_NO_CONTEXT_TAKEOVER",
+        value_name = "BOOL",
+        help_heading = "Compression"
+    )]
+    pub(crate) compression_client_no_context_takeover: Option<bool>,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub(crate) enum SlowConsumerArg {
+    Close,
+    DropOldest,
+}
+
+impl From<SlowConsumerArg> for SlowConsumer {
+    fn from(arg: SlowConsumerArg) -> Self {
+        match arg {
+            SlowConsumerArg::Close => Self::Close,
+            SlowConsumerArg::DropOldest => Self::DropOldest,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
@@ -144,6 +248,8 @@ struct FileConfig {
     shutdown_timeout: Option<Duration>,
     #[serde(default)]
     limits: Option<Limits>,
+    #[serde(default)]
+    compression: Option<Compression>,
 }
 
 fn opt_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
@@ -210,8 +316,32 @@ impl Cli {
             handshake_timeout,
             max_connections,
             max_targets,
-            duplicate_ids
+            duplicate_ids,
+            max_message_rate,
+            message_burst,
+            slow_consumer,
+            max_header_size
         );
+        limits.compression = file.compression.unwrap_or_default();
+        let c = &mut limits.compression;
+        macro_rules! set_compression {
+            ($($flag:ident => $field:ident),*) => {$(
+                if let Some(v) = self.$flag { c.$field = v; }
+            )*};
+        }
+        set_compression!(
+            compression => enabled,
+            compression_min_size => min_size,
+            compression_level => level,
+            compression_server_max_window_bits => server_max_window_bits,
+            compression_client_max_window_bits => client_max_window_bits,
+            compression_server_no_context_takeover => server_no_context_takeover,
+            compression_client_no_context_takeover => client_no_context_takeover
+        );
+        c.validate().map_err(|message| ConfigError::Invalid {
+            key: "compression",
+            message,
+        })?;
         validate(&limits)?;
         Ok(Config {
             listen: self
@@ -282,6 +412,12 @@ fn validate(limits: &Limits) -> Result<(), ConfigError> {
                 message: "must be at least 1".to_owned(),
             });
         }
+    }
+    if limits.max_header_size < 8 * 1024 {
+        return Err(ConfigError::Invalid {
+            key: "limits.max_header_size",
+            message: format!("is {}: use at least 8192", limits.max_header_size),
+        });
     }
     if limits.max_connections > tokio::sync::Semaphore::MAX_PERMITS {
         return Err(ConfigError::Invalid {
