@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 use serde::Deserialize;
+use switchboard::redis::{RedisConfig, RedisConfigError};
 use switchboard::{Compression, DuplicateIds, Limits, SlowConsumer};
 
 /// A WebSocket messaging server: relay by client ID, topics, chat, echo, and
@@ -34,6 +35,51 @@ pub(crate) struct Cli {
     /// How long shutdown waits for connections to close [default: 10s].
     #[arg(long, env = "SWITCHBOARD_SHUTDOWN_TIMEOUT", value_parser = duration, value_name = "DURATION")]
     pub(crate) shutdown_timeout: Option<Duration>,
+
+    /// Where client IDs and topics live: "memory" (this process) or "redis"
+    /// (several nodes sharing one Redis 7) [default: memory].
+    #[arg(
+        long,
+        env = "SWITCHBOARD_BACKEND",
+        value_enum,
+        help_heading = "Cluster"
+    )]
+    pub(crate) backend: Option<BackendKind>,
+    /// This node's name in the cluster, unique per node: ASCII letters,
+    /// digits, - _ . : [default: <host name>-<pid>].
+    #[arg(
+        long,
+        env = "SWITCHBOARD_NODE_ID",
+        value_name = "ID",
+        help_heading = "Cluster"
+    )]
+    pub(crate) node_id: Option<String>,
+    /// Redis for backend = "redis", e.g. redis://127.0.0.1:6379/.
+    #[arg(
+        long,
+        env = "SWITCHBOARD_REDIS_URL",
+        value_name = "URL",
+        help_heading = "Cluster"
+    )]
+    pub(crate) redis_url: Option<String>,
+    /// Prefix of every Redis key and channel, so several clusters can share
+    /// one Redis [default: switchboard].
+    #[arg(
+        long,
+        env = "SWITCHBOARD_REDIS_KEY_PREFIX",
+        value_name = "PREFIX",
+        help_heading = "Cluster"
+    )]
+    pub(crate) redis_key_prefix: Option<String>,
+    /// How long the IDs of a node that stopped refreshing (killed, or cut
+    /// off from Redis) are still reported online; refreshed every third of
+    /// it [default: 10s].
+    #[arg(long, env = "SWITCHBOARD_REDIS_PRESENCE_TTL", value_parser = duration, value_name = "DURATION", help_heading = "Cluster")]
+    pub(crate) redis_presence_ttl: Option<Duration>,
+    /// The longest a Redis command, or a cross-node send waiting for the
+    /// other nodes, may take [default: 2s].
+    #[arg(long, env = "SWITCHBOARD_REDIS_REQUEST_TIMEOUT", value_parser = duration, value_name = "DURATION", help_heading = "Cluster")]
+    pub(crate) redis_request_timeout: Option<Duration>,
 
     /// Largest message a client may send, in bytes [default: 65536].
     #[arg(
@@ -209,6 +255,14 @@ impl From<SlowConsumerArg> for SlowConsumer {
     }
 }
 
+/// `backend = "memory" | "redis"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum BackendKind {
+    Memory,
+    Redis,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub(crate) enum LogFormat {
@@ -248,8 +302,24 @@ struct FileConfig {
     shutdown_timeout: Option<Duration>,
     #[serde(default)]
     limits: Option<Limits>,
+    backend: Option<BackendKind>,
+    node_id: Option<String>,
+    #[serde(default)]
+    redis: Option<RedisFile>,
     #[serde(default)]
     compression: Option<Compression>,
+}
+
+/// The `[redis]` table.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RedisFile {
+    url: Option<String>,
+    key_prefix: Option<String>,
+    #[serde(default, deserialize_with = "opt_duration")]
+    presence_ttl: Option<Duration>,
+    #[serde(default, deserialize_with = "opt_duration")]
+    request_timeout: Option<Duration>,
 }
 
 fn opt_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
@@ -265,6 +335,14 @@ pub(crate) struct Config {
     pub(crate) log_level: String,
     pub(crate) shutdown_timeout: Duration,
     pub(crate) limits: Limits,
+    pub(crate) backend: BackendConfig,
+}
+
+/// Which backend the server runs with.
+#[derive(Debug)]
+pub(crate) enum BackendConfig {
+    Memory,
+    Redis(RedisConfig),
 }
 
 /// A configuration problem; the binary exits with code 2.
@@ -299,6 +377,7 @@ impl Cli {
             Some(path) => read_file(path)?,
             None => FileConfig::default(),
         };
+        let backend = self.backend_config(&file)?;
         let mut limits = file.limits.unwrap_or_default();
         macro_rules! set {
             ($($field:ident),*) => {$(
@@ -361,7 +440,64 @@ impl Cli {
                 .or(file.shutdown_timeout)
                 .unwrap_or(switchboard::DEFAULT_SHUTDOWN_TIMEOUT),
             limits,
+            backend,
         })
+    }
+
+    /// `backend` and, for Redis, its settings: flag or environment, then
+    /// the file, then the defaults of [`RedisConfig`].
+    fn backend_config(&self, file: &FileConfig) -> Result<BackendConfig, ConfigError> {
+        let kind = self.backend.or(file.backend).unwrap_or(BackendKind::Memory);
+        if kind == BackendKind::Memory {
+            return Ok(BackendConfig::Memory);
+        }
+        let table = file.redis.as_ref();
+        let url = self
+            .redis_url
+            .clone()
+            .or_else(|| table.and_then(|t| t.url.clone()))
+            .ok_or_else(|| ConfigError::Invalid {
+                key: "redis.url",
+                message: "is required with backend = \"redis\" (--redis-url, SWITCHBOARD_REDIS_URL or url in [redis])".to_owned(),
+            })?;
+        let mut config = RedisConfig::new(url);
+        if let Some(node_id) = self.node_id.clone().or_else(|| file.node_id.clone()) {
+            config.node_id = node_id;
+        }
+        if let Some(prefix) = self
+            .redis_key_prefix
+            .clone()
+            .or_else(|| table.and_then(|t| t.key_prefix.clone()))
+        {
+            config.key_prefix = prefix;
+        }
+        if let Some(ttl) = self
+            .redis_presence_ttl
+            .or_else(|| table.and_then(|t| t.presence_ttl))
+        {
+            config.presence_ttl = ttl;
+        }
+        if let Some(timeout) = self
+            .redis_request_timeout
+            .or_else(|| table.and_then(|t| t.request_timeout))
+        {
+            config.request_timeout = timeout;
+        }
+        config.validate().map_err(|err| {
+            let key = match err {
+                RedisConfigError::Url { .. } => "redis.url",
+                RedisConfigError::NodeId(_) => "node_id",
+                RedisConfigError::KeyPrefix(_) => "redis.key_prefix",
+                RedisConfigError::PresenceTtl(_) => "redis.presence_ttl",
+                RedisConfigError::RequestTimeout(_) => "redis.request_timeout",
+                _ => "redis",
+            };
+            ConfigError::Invalid {
+                key,
+                message: err.to_string(),
+            }
+        })?;
+        Ok(BackendConfig::Redis(config))
     }
 }
 

@@ -12,7 +12,8 @@ use tokio::net::TcpListener;
 
 mod config;
 
-use config::{Cli, Config, ConfigError, LogFormat};
+use config::{BackendConfig, Cli, Config, ConfigError, LogFormat};
+use switchboard::redis::RedisBackend;
 
 /// Exit code for configuration and usage errors (clap uses it too).
 const EXIT_CONFIG: u8 = 2;
@@ -76,18 +77,42 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let addr = listener
         .local_addr()
         .context("cannot read the bound address")?;
-    let hub = Hub::new(config.limits.clone());
+    let (hub, redis) = match config.backend {
+        BackendConfig::Memory => (Hub::new(config.limits.clone()), None),
+        BackendConfig::Redis(redis) => {
+            tracing::info!(
+                node = %redis.node_id,
+                key_prefix = %redis.key_prefix,
+                presence_ttl = ?redis.presence_ttl,
+                "backend: redis (connecting in the background)"
+            );
+            let backend =
+                RedisBackend::start(redis, config.limits.duplicate_ids).map_err(|err| {
+                    anyhow::Error::new(ConfigError::Invalid {
+                        key: "redis",
+                        message: err.to_string(),
+                    })
+                })?;
+            let hub = Hub::with_backend(config.limits.clone(), backend.clone());
+            (hub, Some(backend))
+        }
+    };
     let app = switchboard::app(hub.clone());
     tracing::info!("listening on http://{addr}");
-    switchboard::serve_with(
+    let served = switchboard::serve_with(
         listener,
         app,
         hub,
         shutdown_signal(),
         config.shutdown_timeout,
     )
-    .await
-    .context("server failed")?;
+    .await;
+    // Leave the cluster whatever happened: the other nodes then report this
+    // node's IDs offline at once instead of after the presence TTL.
+    if let Some(backend) = redis {
+        backend.shutdown().await;
+    }
+    served.context("server failed")?;
     tracing::info!("shut down cleanly");
     Ok(())
 }

@@ -432,6 +432,12 @@ fn help_lists_every_option_and_exits_0() {
         "log_format",
         "log_level",
         "shutdown_timeout",
+        "backend",
+        "node_id",
+        "redis_url",
+        "redis_key_prefix",
+        "redis_presence_ttl",
+        "redis_request_timeout",
     ]
     .map(str::to_owned)
     .into();

@@ -2,9 +2,9 @@
 //!
 //! | request | body | answer |
 //! |---------|------|--------|
-//! | `POST /api/send` | `{"targets":[…],"payload":X}` | `{"delivered":[…],"offline":[…],"dropped":[…]}` |
+//! | `POST /api/send` | `{"targets":[…],"payload":X}` | `{"delivered":[…],"offline":[…],"dropped":[…]}`, plus `"unconfirmed":[…]` when a clustered backend could not confirm some |
 //! | `POST /api/publish` | `{"topic":"…","payload":X}` | `{"recipients":N}` |
-//! | `GET /api/connections` | | `{"clients":[{"id","connections","connected_since_unix_ms"}],"clients_total":N,"connections_open":N}` |
+//! | `GET /api/connections[?scope=cluster\|local]` | | `{"clients":[{"id","connections","connected_since_unix_ms"}],"clients_total":N,"connections_open":N}`; a clustered backend adds `"scope"` and `"node"` |
 //! | `DELETE /api/connections/{id}` | | `{"closed":N}`; the connections get close code 4000; 404 if none |
 //!
 //! Errors are JSON (`{"error":{"code","message"}}`) with status 400 for a
@@ -63,12 +63,17 @@ async fn send(State(hub): State<Hub>, request: Request) -> Result<Response, Http
     let list = |indexes: &[usize]| -> Vec<serde_json::Value> {
         indexes.iter().map(|&i| targets.json(i)).collect()
     };
-    Ok(Json(json!({
+    let mut answer = json!({
         "delivered": list(&report.delivered),
         "offline": list(&report.offline),
         "dropped": list(&report.dropped),
-    }))
-    .into_response())
+    });
+    // Only a clustered backend has targets it could not confirm; the key is
+    // there only when the list is not empty.
+    if !report.unconfirmed.is_empty() {
+        answer["unconfirmed"] = list(&report.unconfirmed).into();
+    }
+    Ok(Json(answer).into_response())
 }
 
 async fn publish(State(hub): State<Hub>, request: Request) -> Result<Response, HttpError> {
@@ -79,14 +84,54 @@ async fn publish(State(hub): State<Hub>, request: Request) -> Result<Response, H
     Ok(Json(json!({ "recipients": recipients })).into_response())
 }
 
-async fn connections(State(hub): State<Hub>) -> Response {
-    let clients = hub.backend().clients().await;
-    Json(json!({
+/// `?scope=cluster` (the default) or `?scope=local`. With a single-node
+/// backend both are this node and the answer has no `scope` key; with a
+/// clustered one the answer says which it is (`"scope"`, `"node"`), and a
+/// cluster listing that cannot be made (the backplane is down) falls back to
+/// this node's with `"degraded": true`.
+async fn connections(State(hub): State<Hub>, uri: http::Uri) -> Result<Response, HttpError> {
+    let query: axum::extract::Query<std::collections::HashMap<String, String>> =
+        axum::extract::Query::try_from_uri(&uri).map_err(|err| {
+            HttpError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_query",
+                format!("the query string could not be read: {err}"),
+            )
+        })?;
+    let local_only = match query.get("scope").map(String::as_str) {
+        None | Some("cluster") => false,
+        Some("local") => true,
+        Some(other) => {
+            return Err(HttpError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_query",
+                format!("unknown scope {other:?}: use \"cluster\" or \"local\""),
+            ));
+        }
+    };
+    let backend = hub.backend();
+    let health = backend.health();
+    let (clients, scope, degraded) = match (&health.node, local_only) {
+        (None, _) => (backend.clients().await, None, false),
+        (Some(_), true) => (backend.clients().await, Some("local"), false),
+        (Some(_), false) => match backend.cluster_clients().await {
+            Some(clients) => (clients, Some("cluster"), false),
+            None => (backend.clients().await, Some("local"), true),
+        },
+    };
+    let mut answer = json!({
         "clients_total": clients.len(),
         "connections_open": hub.live_connections(),
         "clients": clients,
-    }))
-    .into_response()
+    });
+    if let (Some(scope), Some(node)) = (scope, &health.node) {
+        answer["scope"] = scope.into();
+        answer["node"] = node.as_str().into();
+        if degraded {
+            answer["degraded"] = true.into();
+        }
+    }
+    Ok(Json(answer).into_response())
 }
 
 async fn disconnect(State(hub): State<Hub>, Path(id): Path<String>) -> Result<Response, HttpError> {
@@ -104,6 +149,15 @@ async fn disconnect(State(hub): State<Hub>, Path(id): Path<String>) -> Result<Re
             CloseFrame::new(CloseCode::DISCONNECTED, "disconnected by the server's API"),
         )
         .await;
+    if closed == 0 && !hub.backend().health().healthy {
+        return Err(HttpError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "backend_degraded",
+            format!(
+                "client id {id} has no connection on this node, and the other nodes cannot be reached now"
+            ),
+        ));
+    }
     if closed == 0 {
         return Err(HttpError::new(
             StatusCode::NOT_FOUND,

@@ -30,7 +30,7 @@ use crate::ws::ws;
 /// | `GET /ws?id=N` | the relay ([`Relay`]) |
 /// | `GET /echo` | echo ([`Echo`]) |
 /// | `GET /chat` | broadcast chat ([`Chat`]) |
-/// | `GET /heartbeat` | 200 `{"status":"ok"}` |
+/// | `GET /heartbeat` | 200 `{"status":"ok"}`; `{"status":"degraded",…}` while a clustered backend has lost its backplane |
 /// | `GET /metrics` | Prometheus text |
 /// | `/api/…` | the backend API ([`crate::api`]) |
 pub fn app(hub: Hub) -> Router {
@@ -38,13 +38,26 @@ pub fn app(hub: Hub) -> Router {
         .route("/ws", ws(hub.clone(), Relay))
         .route("/echo", ws(hub.clone(), Echo))
         .route("/chat", ws(hub.clone(), Chat::default()))
-        .route("/heartbeat", get(heartbeat))
+        .route("/heartbeat", get(heartbeat).with_state(hub.clone()))
         .route("/metrics", get(metrics).with_state(hub.clone()))
         .nest("/api", crate::api::router(hub))
 }
 
-async fn heartbeat() -> impl IntoResponse {
-    axum::Json(serde_json::json!({ "status": "ok" }))
+/// `{"status":"ok"}`, or, while a clustered backend has lost its backplane,
+/// `{"status":"degraded","backend":…,"node":…,"reason":…}` — still 200: the
+/// node serves its own clients, and a load balancer that took every node out
+/// when Redis is down would turn a degraded cluster into an outage.
+async fn heartbeat(State(hub): State<Hub>) -> impl IntoResponse {
+    let health = hub.backend().health();
+    if health.healthy {
+        return axum::Json(serde_json::json!({ "status": "ok" }));
+    }
+    axum::Json(serde_json::json!({
+        "status": "degraded",
+        "backend": health.backend,
+        "node": health.node,
+        "reason": health.reason,
+    }))
 }
 
 async fn metrics(State(hub): State<Hub>) -> impl IntoResponse {
@@ -53,6 +66,10 @@ async fn metrics(State(hub): State<Hub>) -> impl IntoResponse {
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        hub.metrics().render(hub.live_connections()),
+        {
+            let mut text = hub.metrics().render(hub.live_connections());
+            hub.backend().render_metrics(&mut text);
+            text
+        },
     )
 }

@@ -80,6 +80,8 @@ mod memory;
 mod message;
 mod metrics;
 mod protocol;
+#[cfg(feature = "redis")]
+pub mod redis;
 pub mod relay;
 mod runtime;
 mod server;
@@ -102,6 +104,9 @@ pub use protocol::deflate::Compression;
 pub use protocol::frame::WireFrame;
 pub use server::{DEFAULT_SHUTDOWN_TIMEOUT, json_errors, serve, serve_with};
 pub use ws::ws;
+
+#[cfg(feature = "redis")]
+pub use crate::redis::{RedisBackend, RedisConfig};
 
 #[doc(no_inline)]
 pub use axum::Router;

@@ -1,0 +1,1436 @@
+//! Several `switchboard` nodes sharing one real `redis-server`, each a
+//! separate process on loopback: relay, topics and the API across nodes,
+//! and the faults of issue 6 (Redis stops, a node is killed, a node is
+//! drained, the Redis connection flaps under load).
+//!
+//! `redis-server` (version 7 or later) must be installed: `.ci/run`
+//! installs it; without it every test here fails with a message saying so.
+//! Every child process is owned by a guard that kills it on drop, and every
+//! wait is bounded.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{BufRead, BufReader, Write as _};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt as _, StreamExt as _};
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+const BIN: &str = env!("CARGO_BIN_EXE_switchboard");
+
+/// How long a test waits for something that should happen at once.
+const WAIT: Duration = Duration::from_secs(5);
+/// How long a process may take to start (a busy machine, a debug build).
+const STARTUP: Duration = Duration::from_secs(30);
+/// The presence TTL the nodes run with in these tests.
+const TTL: Duration = Duration::from_secs(2);
+/// Their request timeout: how long a cross-node send waits for answers.
+const REQUEST_TIMEOUT: Duration = Duration::from_millis(1000);
+
+type Client = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+// ---------------------------------------------------------------------------
+// Processes
+// ---------------------------------------------------------------------------
+
+/// Kills the child on drop (a no-op if it has exited and been reaped).
+struct Guard(Child);
+
+impl Guard {
+    fn pid(&self) -> u32 {
+        self.0.id()
+    }
+
+    fn wait_timeout(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.0.try_wait().expect("try_wait") {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([signal, &self.pid().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill {signal} failed: {status}");
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `redis-server` from `PATH`. Fails (never skips) when it is missing, in
+/// CI and outside it: these tests are the only proof that scale-out works.
+fn redis_server() -> PathBuf {
+    let found = std::env::var_os("PATH").and_then(|path| {
+        std::env::split_paths(&path)
+            .map(|dir| dir.join("redis-server"))
+            .find(|candidate| candidate.is_file())
+    });
+    let ci = std::env::var("CI").is_ok_and(|v| v == "true");
+    let Some(path) = found else {
+        panic!(
+            "redis-server is not installed (not found in PATH){}: the cluster tests need a real \
+             Redis 7. Install it with `apt-get install -y redis-server` (.ci/run does this).",
+            if ci { " and CI=true" } else { "" }
+        );
+    };
+    let version = Command::new(&path)
+        .arg("--version")
+        .output()
+        .expect("run redis-server --version");
+    let text = String::from_utf8_lossy(&version.stdout);
+    let major: u32 = text
+        .split_once("v=")
+        .and_then(|(_, rest)| rest.split('.').next())
+        .and_then(|major| major.parse().ok())
+        .unwrap_or_else(|| panic!("cannot read the version of redis-server: {text}"));
+    assert!(
+        major >= 7,
+        "redis-server {text} is too old: sharded pub/sub needs Redis 7"
+    );
+    path
+}
+
+/// A free loopback port (taken by nobody for as long as this returns; the
+/// caller binds it right after).
+fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind loopback");
+    listener.local_addr().expect("local addr").port()
+}
+
+/// A `redis-server` on a loopback port, with no persistence.
+struct Redis {
+    proc: Option<Guard>,
+    port: u16,
+}
+
+impl Redis {
+    fn start() -> Self {
+        Self::start_on(free_port())
+    }
+
+    fn start_on(port: u16) -> Self {
+        let child = Command::new(redis_server())
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                std::env::temp_dir().to_str().expect("temp dir is UTF-8"),
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn redis-server");
+        let mut redis = Self {
+            proc: Some(Guard(child)),
+            port,
+        };
+        let deadline = Instant::now() + STARTUP;
+        loop {
+            if let Ok(reply) = redis.try_command(&["PING"]) {
+                assert_eq!(reply, Resp::Simple("PONG".to_owned()));
+                return redis;
+            }
+            if let Some(proc) = redis.proc.as_mut()
+                && let Some(status) = proc.wait_timeout(Duration::ZERO)
+            {
+                panic!("redis-server on port {port} exited at startup: {status}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "redis-server on port {port} did not answer PING"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// Stops the server (SIGKILL: no goodbye to its clients) and waits.
+    fn stop(&mut self) {
+        if let Some(mut proc) = self.proc.take() {
+            proc.signal("-KILL");
+            proc.wait_timeout(WAIT).expect("redis-server exits");
+        }
+    }
+
+    fn try_command(&self, args: &[&str]) -> std::io::Result<Resp> {
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", self.port))?;
+        stream.set_read_timeout(Some(WAIT))?;
+        let mut request = format!("*{}\r\n", args.len());
+        for arg in args {
+            request.push_str(&format!("${}\r\n{arg}\r\n", arg.len()));
+        }
+        stream.write_all(request.as_bytes())?;
+        let mut reader = BufReader::new(stream);
+        read_resp(&mut reader)
+    }
+
+    fn command(&self, args: &[&str]) -> Resp {
+        self.try_command(args)
+            .unwrap_or_else(|e| panic!("redis {args:?}: {e}"))
+    }
+}
+
+/// A RESP2 reply, enough for these tests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Resp {
+    Simple(String),
+    Error(String),
+    Int(i64),
+    Bulk(Option<String>),
+    Array(Vec<Resp>),
+}
+
+impl Resp {
+    fn int(&self) -> i64 {
+        match self {
+            Self::Int(n) => *n,
+            other => panic!("expected an integer reply, got {other:?}"),
+        }
+    }
+}
+
+fn read_resp(reader: &mut impl BufRead) -> std::io::Result<Resp> {
+    let mut line = String::new();
+    reader.read_line(&mut line)?;
+    let line = line.trim_end_matches("\r\n");
+    let bad = || std::io::Error::new(std::io::ErrorKind::InvalidData, "bad RESP");
+    let (kind, rest) = line.split_at_checked(1).ok_or_else(bad)?;
+    Ok(match kind {
+        "+" => Resp::Simple(rest.to_owned()),
+        "-" => Resp::Error(rest.to_owned()),
+        ":" => Resp::Int(rest.parse().map_err(|_| bad())?),
+        "$" => {
+            let len: i64 = rest.parse().map_err(|_| bad())?;
+            if len < 0 {
+                Resp::Bulk(None)
+            } else {
+                let mut buf = vec![0; len as usize + 2];
+                reader.read_exact(&mut buf)?;
+                buf.truncate(len as usize);
+                Resp::Bulk(Some(String::from_utf8_lossy(&buf).into_owned()))
+            }
+        }
+        "*" => {
+            let len: i64 = rest.parse().map_err(|_| bad())?;
+            let mut items = Vec::new();
+            for _ in 0..len.max(0) {
+                items.push(read_resp(reader)?);
+            }
+            Resp::Array(items)
+        }
+        _ => return Err(bad()),
+    })
+}
+
+/// The binary with no `SWITCHBOARD_*` variable inherited from the test's
+/// environment.
+fn switchboard() -> Command {
+    let mut command = Command::new(BIN);
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("SWITCHBOARD_") {
+            command.env_remove(name);
+        }
+    }
+    command.stdin(Stdio::null());
+    command
+}
+
+/// A running node and its stderr (the logs).
+struct Node {
+    name: String,
+    proc: Guard,
+    addr: SocketAddr,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Node {
+    /// A node of the cluster on `redis`, named `name`.
+    async fn start(redis: &Redis, name: &str) -> Self {
+        let ttl = format!("{}ms", TTL.as_millis());
+        let timeout = format!("{}ms", REQUEST_TIMEOUT.as_millis());
+        let mut command = switchboard();
+        command.args([
+            "--listen",
+            "127.0.0.1:0",
+            "--backend",
+            "redis",
+            "--redis-url",
+            &redis.url(),
+            "--node-id",
+            name,
+            "--redis-key-prefix",
+            "sbtest",
+            "--redis-presence-ttl",
+            &ttl,
+            "--redis-request-timeout",
+            &timeout,
+            "--shutdown-timeout",
+            "5s",
+        ]);
+        let node = Self::spawn(name, command);
+        node.wait_healthy().await;
+        node
+    }
+
+    fn spawn(name: &str, mut command: Command) -> Self {
+        let mut child = command
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn switchboard");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let mut proc = Guard(child);
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = mpsc::channel();
+        {
+            let log = Arc::clone(&log);
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines() {
+                    let Ok(line) = line else { break };
+                    log.lock().expect("log lock").push(line.clone());
+                    let _ = tx.send(line);
+                }
+            });
+        }
+        let deadline = Instant::now() + STARTUP;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) => {
+                    if let Some(addr) = listening_addr(&line) {
+                        return Self {
+                            name: name.to_owned(),
+                            proc,
+                            addr,
+                            log,
+                        };
+                    }
+                }
+                Err(err) => {
+                    let status = proc.wait_timeout(Duration::from_millis(100));
+                    let log = log.lock().expect("log lock").join("\n");
+                    panic!("node {name}: no `listening on` line ({err}); exit {status:?}:\n{log}");
+                }
+            }
+        }
+    }
+
+    fn logs(&self) -> String {
+        self.log.lock().expect("log lock").join("\n")
+    }
+
+    /// Waits until `/heartbeat` says ok (connected to Redis, registered).
+    async fn wait_healthy(&self) {
+        let addr = self.addr;
+        wait_for(
+            &format!("node {} healthy", self.name),
+            STARTUP,
+            || async move {
+                let (status, body) = http(addr, "GET", "/heartbeat", None).await;
+                (status == 200 && body == r#"{"status":"ok"}"#).then_some(())
+            },
+        )
+        .await;
+    }
+
+    async fn connect(&self, path: &str) -> Client {
+        let url = format!("ws://{}{}", self.addr, path);
+        let (client, response) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(url))
+            .await
+            .expect("connect within the timeout")
+            .unwrap_or_else(|e| panic!("connect to {path} on {}: {e}", self.name));
+        assert_eq!(response.status(), 101);
+        client
+    }
+
+    async fn send(&self, targets: Value, payload: Value) -> Value {
+        let body = json!({ "targets": targets, "payload": payload }).to_string();
+        let (status, body) = http(self.addr, "POST", "/api/send", Some(&body)).await;
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str(&body).expect("JSON body")
+    }
+
+    async fn get(&self, path: &str) -> Value {
+        let (status, body) = http(self.addr, "GET", path, None).await;
+        assert_eq!(status, 200, "GET {path} on {}: {body}", self.name);
+        serde_json::from_str(&body).expect("JSON body")
+    }
+
+    /// The IDs `/api/connections` lists, with their connection counts.
+    async fn listed(&self, path: &str) -> HashMap<String, u64> {
+        let body = self.get(path).await;
+        body["clients"]
+            .as_array()
+            .expect("a clients array")
+            .iter()
+            .map(|c| {
+                (
+                    c["id"].as_str().expect("id").to_owned(),
+                    c["connections"].as_u64().expect("connections"),
+                )
+            })
+            .collect()
+    }
+
+    async fn metric(&self, name: &str) -> i64 {
+        let (status, body) = http(self.addr, "GET", "/metrics", None).await;
+        assert_eq!(status, 200);
+        body.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in /metrics of {}:\n{body}", self.name))
+    }
+
+    /// Waits until every ID in `ids` (with its connection count) is listed
+    /// cluster-wide by this node.
+    async fn wait_listed(&self, ids: &[(&str, u64)]) {
+        wait_for(&format!("{} lists {ids:?}", self.name), WAIT, || async {
+            let listed = self.listed("/api/connections").await;
+            ids.iter()
+                .all(|(id, n)| listed.get(*id) == Some(n))
+                .then_some(())
+        })
+        .await;
+    }
+
+    fn exit_within(&mut self, timeout: Duration) -> ExitStatus {
+        self.proc.wait_timeout(timeout).unwrap_or_else(|| {
+            panic!(
+                "node {} still running {timeout:?} later:\n{}",
+                self.name,
+                self.logs()
+            )
+        })
+    }
+}
+
+fn listening_addr(line: &str) -> Option<SocketAddr> {
+    let at = line.find("listening on http://")?;
+    let rest = &line[at + "listening on http://".len()..];
+    let end = rest
+        .find(|c: char| c.is_whitespace() || c == '"')
+        .unwrap_or(rest.len());
+    rest[..end].parse().ok()
+}
+
+// ---------------------------------------------------------------------------
+// Clients
+// ---------------------------------------------------------------------------
+
+/// Polls `check` every 25 ms until it returns `Some`, for at most `limit`.
+async fn wait_for<T, F, Fut>(what: &str, limit: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?}: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// One HTTP/1.1 request over a fresh connection; returns status and body.
+async fn http(addr: SocketAddr, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+    let exchange = async {
+        let mut stream = TcpStream::connect(addr).await.expect("connect for HTTP");
+        let body = body.unwrap_or("");
+        let request = format!(
+            "{method} {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        stream
+            .write_all(request.as_bytes())
+            .await
+            .expect("write request");
+        let mut response = Vec::new();
+        stream
+            .read_to_end(&mut response)
+            .await
+            .expect("read response");
+        response
+    };
+    let response = tokio::time::timeout(WAIT, exchange)
+        .await
+        .unwrap_or_else(|_| panic!("{method} {path}: no response within {WAIT:?}"));
+    let text = String::from_utf8(response).expect("UTF-8 response");
+    let (head, body) = text.split_once("\r\n\r\n").expect("a complete response");
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("bad status line: {head}"));
+    (status, body.to_owned())
+}
+
+/// The next data or close message, skipping pings.
+async fn next_message(client: &mut Client) -> WsMessage {
+    try_next(client, WAIT)
+        .await
+        .unwrap_or_else(|| panic!("no message within {WAIT:?}"))
+}
+
+/// The next data or close message, or `None` after `limit`.
+async fn try_next(client: &mut Client, limit: Duration) -> Option<WsMessage> {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let next = tokio::time::timeout_at(deadline, client.next())
+            .await
+            .ok()?;
+        match next
+            .expect("stream still open")
+            .expect("no websocket error")
+        {
+            WsMessage::Ping(_) | WsMessage::Pong(_) => continue,
+            other => return Some(other),
+        }
+    }
+}
+
+async fn next_text(client: &mut Client) -> String {
+    match next_message(client).await {
+        WsMessage::Text(text) => text.as_str().to_owned(),
+        other => panic!("expected a text message, got {other:?}"),
+    }
+}
+
+/// Asserts that nothing more arrives within a short while (exactly once).
+async fn assert_quiet(client: &mut Client, who: &str) {
+    if let Some(extra) = try_next(client, Duration::from_millis(300)).await {
+        panic!("{who} got an unexpected extra message: {extra:?}");
+    }
+}
+
+/// Expects a close frame with `code`, then reads to the end of the stream
+/// so that the client answers it and the server can finish the connection.
+async fn expect_close(client: &mut Client, code: CloseCode) {
+    match next_message(client).await {
+        WsMessage::Close(Some(frame)) => assert_eq!(frame.code, code, "{frame:?}"),
+        other => panic!("expected close {code:?}, got {other:?}"),
+    }
+    let _ = tokio::time::timeout(WAIT, async {
+        while let Some(Ok(_)) = client.next().await {}
+    })
+    .await;
+}
+
+async fn subscribe(client: &mut Client, topic: &str) {
+    let frame = json!({"type": "subscribe", "topic": topic}).to_string();
+    client.send(WsMessage::text(frame)).await.expect("send");
+    assert_eq!(
+        next_text(client).await,
+        json!({ "subscribed": topic }).to_string()
+    );
+}
+
+/// Waits until `n` nodes subscribe to the topic's shard channel in Redis.
+async fn wait_topic_nodes(redis: &Redis, topic: &str, n: i64) {
+    let channel = format!("sbtest:t:{topic}");
+    wait_for(&format!("{n} nodes on {channel}"), WAIT, || async {
+        let reply = redis.command(&["PUBSUB", "SHARDNUMSUB", &channel]);
+        let Resp::Array(items) = reply else {
+            panic!("PUBSUB SHARDNUMSUB: {reply:?}")
+        };
+        (items.get(1).map(Resp::int) == Some(n)).then_some(())
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------
+// Across nodes
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_topics_and_the_api_work_across_three_nodes() {
+    let redis = Redis::start();
+    let a = Node::start(&redis, "a").await;
+    let b = Node::start(&redis, "b").await;
+    let c = Node::start(&redis, "c").await;
+
+    let mut alice = a.connect("/ws?id=alice").await;
+    let mut bob_b = b.connect("/ws?id=bob").await;
+    let mut bob_c = c.connect("/ws?id=bob").await;
+    let mut carol = c.connect("/ws?id=carol").await;
+    for node in [&a, &b, &c] {
+        node.wait_listed(&[("alice", 1), ("bob", 2), ("carol", 1)])
+            .await;
+    }
+
+    // Relay: a client on A reaches every connection of its targets on B
+    // and C, exactly once each.
+    let frame = json!({"targets": ["bob", "carol", "nobody"], "payload": {"n": 1}});
+    alice
+        .send(WsMessage::text(frame.to_string()))
+        .await
+        .expect("send relay frame");
+    for (client, who) in [
+        (&mut bob_b, "bob on B"),
+        (&mut bob_c, "bob on C"),
+        (&mut carol, "carol on C"),
+    ] {
+        assert_eq!(next_text(client).await, r#"{"n":1}"#, "{who}");
+        assert_quiet(client, who).await;
+    }
+    assert_quiet(&mut alice, "alice").await;
+
+    // /api/send on any node reports other nodes' IDs correctly.
+    let report = b.send(json!(["alice", "bob", 404]), json!("hi")).await;
+    assert_eq!(
+        report,
+        json!({"delivered": ["alice", "bob"], "offline": [404], "dropped": []})
+    );
+    assert_eq!(next_text(&mut alice).await, r#""hi""#);
+    assert_eq!(next_text(&mut bob_b).await, r#""hi""#);
+    assert_eq!(next_text(&mut bob_c).await, r#""hi""#);
+
+    // Topics: subscribers on every node, publishes from any node.
+    subscribe(&mut alice, "news").await;
+    subscribe(&mut bob_b, "news").await;
+    subscribe(&mut carol, "news").await;
+    wait_topic_nodes(&redis, "news", 3).await;
+    let body = json!({"topic": "news", "payload": "extra"}).to_string();
+    let (status, answer) = http(c.addr, "POST", "/api/publish", Some(&body)).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&answer).expect("JSON"),
+        json!({"recipients": 3})
+    );
+    let publish = json!({"type": "publish", "topic": "news", "payload": 2});
+    alice
+        .send(WsMessage::text(publish.to_string()))
+        .await
+        .expect("send publish frame");
+    for (client, who) in [
+        (&mut alice, "alice"),
+        (&mut bob_b, "bob on B"),
+        (&mut carol, "carol"),
+    ] {
+        assert_eq!(next_text(client).await, r#""extra""#, "{who}");
+        assert_eq!(next_text(client).await, "2", "{who}");
+        assert_quiet(client, who).await;
+    }
+    assert_quiet(&mut bob_c, "bob on C (not subscribed)").await;
+
+    // Listings: cluster-wide by default, this node's with ?scope=local.
+    let body = a.get("/api/connections").await;
+    assert_eq!(body["scope"], "cluster", "{body}");
+    assert_eq!(body["node"], "a", "{body}");
+    assert_eq!(body["clients_total"], 3, "{body}");
+    let local = a.listed("/api/connections?scope=local").await;
+    assert_eq!(local, HashMap::from([("alice".to_owned(), 1)]));
+    let (status, answer) = http(a.addr, "GET", "/api/connections?scope=galaxy", None).await;
+    assert_eq!(status, 400, "{answer}");
+    assert!(answer.contains("invalid_query"), "{answer}");
+
+    // DELETE on A closes bob on B and on C.
+    let (status, answer) = http(a.addr, "DELETE", "/api/connections/bob", None).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&answer).expect("JSON"),
+        json!({"closed": 2})
+    );
+    expect_close(&mut bob_b, CloseCode::Library(4000)).await;
+    expect_close(&mut bob_c, CloseCode::Library(4000)).await;
+    wait_for("bob offline everywhere", WAIT, || async {
+        let report = c.send(json!(["bob"]), json!(0)).await;
+        (report["offline"] == json!(["bob"])).then_some(())
+    })
+    .await;
+    a.wait_listed(&[("alice", 1), ("carol", 1)]).await;
+    assert!(!a.listed("/api/connections").await.contains_key("bob"));
+}
+
+// ---------------------------------------------------------------------------
+// Faults
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_keeps_local_delivery_reports_cross_node_unconfirmed_and_recovers() {
+    let mut redis = Redis::start();
+    let port = redis.port;
+    let a = Node::start(&redis, "a").await;
+    let b = Node::start(&redis, "b").await;
+    let mut a1 = a.connect("/ws?id=a1").await;
+    let mut a2 = a.connect("/ws?id=a2").await;
+    let mut b1 = b.connect("/ws?id=b1").await;
+    subscribe(&mut b1, "room").await;
+    wait_topic_nodes(&redis, "room", 1).await;
+    a.wait_listed(&[("a1", 1), ("a2", 1), ("b1", 1)]).await;
+    assert_eq!(a.metric("switchboard_backend_up").await, 1);
+
+    redis.stop();
+    for node in [&a, &b] {
+        let addr = node.addr;
+        let health = wait_for("heartbeat degraded", WAIT, || async move {
+            let (status, body) = http(addr, "GET", "/heartbeat", None).await;
+            assert_eq!(status, 200, "{body}");
+            let body: Value = serde_json::from_str(&body).expect("JSON");
+            (body["status"] == "degraded").then_some(body)
+        })
+        .await;
+        assert_eq!(health["backend"], "redis", "{health}");
+        assert_eq!(health["node"], node.name.as_str(), "{health}");
+        assert!(
+            health["reason"].as_str().is_some_and(|r| !r.is_empty()),
+            "{health}"
+        );
+        assert_eq!(node.metric("switchboard_backend_up").await, 0);
+    }
+
+    // Local delivery keeps working, relay and API alike.
+    a1.send(WsMessage::text(
+        json!({"targets": ["a2"], "payload": "local"}).to_string(),
+    ))
+    .await
+    .expect("send");
+    assert_eq!(next_text(&mut a2).await, r#""local""#);
+    // Cross-node targets (and unknown ones) cannot be confirmed: reported
+    // unconfirmed, never delivered.
+    let report = a.send(json!(["a2", "b1", "ghost"]), json!("x")).await;
+    assert_eq!(
+        report,
+        json!({"delivered": ["a2"], "offline": [], "dropped": [], "unconfirmed": ["b1", "ghost"]})
+    );
+    assert_eq!(next_text(&mut a2).await, r#""x""#);
+    assert!(a.metric("switchboard_unconfirmed_targets_total").await >= 2);
+    let listing = a.get("/api/connections").await;
+    assert_eq!(listing["scope"], "local", "{listing}");
+    assert_eq!(listing["degraded"], true, "{listing}");
+    let (status, body) = http(a.addr, "DELETE", "/api/connections/b1", None).await;
+    assert_eq!(status, 503, "{body}");
+    assert_quiet(&mut b1, "b1 while redis is down").await;
+
+    // Redis comes back (empty): the nodes reconnect, re-register their IDs
+    // and topics, without a restart.
+    let redis = Redis::start_on(port);
+    a.wait_healthy().await;
+    b.wait_healthy().await;
+    a.wait_listed(&[("a1", 1), ("a2", 1), ("b1", 1)]).await;
+    let report = a.send(json!(["b1"]), json!("back")).await;
+    assert_eq!(
+        report,
+        json!({"delivered": ["b1"], "offline": [], "dropped": []})
+    );
+    assert_eq!(next_text(&mut b1).await, r#""back""#);
+    wait_topic_nodes(&redis, "room", 1).await;
+    let body = json!({"topic": "room", "payload": "again"}).to_string();
+    let (status, answer) = http(a.addr, "POST", "/api/publish", Some(&body)).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&answer).expect("JSON"),
+        json!({"recipients": 1})
+    );
+    assert_eq!(next_text(&mut b1).await, r#""again""#);
+    assert_quiet(&mut b1, "b1").await;
+    assert!(a.metric("switchboard_redis_connects_total").await >= 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_nodes_ids_go_offline_within_the_presence_ttl() {
+    let redis = Redis::start();
+    let a = Node::start(&redis, "a").await;
+    let b = Node::start(&redis, "b").await;
+    let mut c = Node::start(&redis, "c").await;
+    let _victim = c.connect("/ws?id=victim").await;
+    let _other = c.connect("/ws?id=victim2").await;
+    a.wait_listed(&[("victim", 1), ("victim2", 1)]).await;
+    b.wait_listed(&[("victim", 1), ("victim2", 1)]).await;
+
+    c.proc.signal("-KILL");
+    let killed = Instant::now();
+    c.exit_within(WAIT);
+    // At once: never reported delivered.
+    let report = a.send(json!(["victim"]), json!(1)).await;
+    assert_eq!(report["delivered"], json!([]), "{report}");
+
+    // Within the TTL (plus a little for the requests themselves): offline
+    // everywhere, and no longer listed.
+    let bound = TTL + Duration::from_millis(1500);
+    for node in [&a, &b] {
+        wait_for("victim offline", bound, || async {
+            let report = node.send(json!(["victim", "victim2"]), json!(2)).await;
+            let listed = node.listed("/api/connections").await;
+            (report["offline"] == json!(["victim", "victim2"])
+                && !listed.contains_key("victim")
+                && !listed.contains_key("victim2"))
+            .then_some(())
+        })
+        .await;
+    }
+    let took = killed.elapsed();
+    eprintln!("killed node's IDs offline everywhere after {took:?} (TTL {TTL:?})");
+    assert!(took <= bound, "took {took:?}, bound {bound:?}");
+    // The last heartbeat came at most TTL/3 before the kill.
+    assert!(
+        took >= TTL / 2,
+        "offline after {took:?}: this much sooner than the TTL means presence was not what decided"
+    );
+
+    // A survivor removes the dead node's keys once it is dead for a TTL.
+    wait_for("dead node's keys removed", TTL * 4, || async {
+        let loc = redis.command(&["EXISTS", "sbtest:loc:victim"]).int();
+        let Resp::Array(nodes) = redis.command(&["ZRANGE", "sbtest:nodes", "0", "-1"]) else {
+            panic!("ZRANGE reply")
+        };
+        let c_left = !nodes
+            .iter()
+            .any(|n| matches!(n, Resp::Bulk(Some(name)) if name.starts_with("c#")));
+        (loc == 0 && c_left).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drained_node_closes_1001_after_what_it_accepted_and_leaves_at_once() {
+    let redis = Redis::start();
+    let a = Node::start(&redis, "a").await;
+    let mut b = Node::start(&redis, "b").await;
+    let c = Node::start(&redis, "c").await;
+    let mut user = b.connect("/ws?id=u1").await;
+    a.wait_listed(&[("u1", 1)]).await;
+
+    // Accepted for u1 before the drain: delivered before the close.
+    let report = a.send(json!(["u1"]), json!("before")).await;
+    assert_eq!(report["delivered"], json!(["u1"]), "{report}");
+    b.proc.signal("-TERM");
+    assert_eq!(next_text(&mut user).await, r#""before""#);
+    expect_close(&mut user, CloseCode::Away).await;
+    let status = b.exit_within(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(0), "{}", b.logs());
+    assert!(b.logs().contains("left the cluster"), "{}", b.logs());
+
+    // B removed its presence on the way out: offline at once, no TTL wait.
+    let report = a.send(json!(["u1"]), json!("after")).await;
+    assert_eq!(
+        report,
+        json!({"delivered": [], "offline": ["u1"], "dropped": []})
+    );
+
+    // The client reconnects to another node and is reachable again.
+    let mut user = c.connect("/ws?id=u1").await;
+    a.wait_listed(&[("u1", 1)]).await;
+    let report = a.send(json!(["u1"]), json!("moved")).await;
+    assert_eq!(report["delivered"], json!(["u1"]), "{report}");
+    assert_eq!(next_text(&mut user).await, r#""moved""#);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_connection_flaps_under_load_never_duplicate_or_leak() {
+    const FLAPS: usize = 6;
+    let redis = Redis::start();
+    let a = Node::start(&redis, "a").await;
+    let b = Node::start(&redis, "b").await;
+    let mut receiver = b.connect("/ws?id=r").await;
+    subscribe(&mut receiver, "flap").await;
+    let mut relay_sender = a.connect("/ws?id=s").await;
+    a.wait_listed(&[("r", 1)]).await;
+    wait_topic_nodes(&redis, "flap", 1).await;
+    let tasks_before = [
+        a.metric("switchboard_redis_tasks").await,
+        b.metric("switchboard_redis_tasks").await,
+    ];
+
+    // Load: /api/send from A to r and /api/publish on A to a topic r is
+    // subscribed to (their reports are checked), and relay frames from a
+    // client on A, numbered, while Redis drops every client connection
+    // FLAPS times.
+    let flapping = Arc::new(AtomicUsize::new(0));
+    let flapper = {
+        let port = redis.port;
+        let flapping = Arc::clone(&flapping);
+        std::thread::spawn(move || {
+            let redis = Redis { proc: None, port };
+            for _ in 0..FLAPS {
+                std::thread::sleep(Duration::from_millis(400));
+                let killed = redis.command(&["CLIENT", "KILL", "USER", "default"]);
+                assert!(matches!(killed, Resp::Int(_)), "{killed:?}");
+                flapping.fetch_add(1, Ordering::Relaxed);
+            }
+        })
+    };
+    let mut reports: Vec<(u64, Value)> = Vec::new();
+    let mut published: Vec<(u64, u64)> = Vec::new();
+    let mut n = 0u64;
+    let load_started = Instant::now();
+    while flapping.load(Ordering::Relaxed) < FLAPS {
+        assert!(
+            load_started.elapsed() < Duration::from_secs(60),
+            "flapping did not finish"
+        );
+        n += 1;
+        let report = a.send(json!(["r"]), json!({"api": n})).await;
+        reports.push((n, report));
+        let body = json!({"topic": "flap", "payload": {"pub": n}}).to_string();
+        let (status, answer) = http(a.addr, "POST", "/api/publish", Some(&body)).await;
+        assert_eq!(status, 200, "{answer}");
+        let answer: Value = serde_json::from_str(&answer).expect("JSON");
+        published.push((n, answer["recipients"].as_u64().expect("recipients")));
+        let frame = json!({"targets": ["r"], "payload": {"relay": n}}).to_string();
+        relay_sender
+            .send(WsMessage::text(frame))
+            .await
+            .expect("relay frame");
+    }
+    flapper.join().expect("flapper thread");
+
+    // Recovered: a final marker gets through.
+    a.wait_healthy().await;
+    b.wait_healthy().await;
+    wait_for("the marker delivered", WAIT, || async {
+        let report = a.send(json!(["r"]), json!("marker")).await;
+        (report["delivered"] == json!(["r"])).then_some(())
+    })
+    .await;
+
+    // Read everything up to the last marker.
+    let mut api_seen: HashMap<u64, usize> = HashMap::new();
+    let mut relay_seen: HashMap<u64, usize> = HashMap::new();
+    let mut pub_seen: HashMap<u64, usize> = HashMap::new();
+    let mut markers = 0;
+    loop {
+        let Some(message) = try_next(&mut receiver, Duration::from_millis(1500)).await else {
+            break;
+        };
+        let WsMessage::Text(text) = message else {
+            panic!("unexpected {message:?}")
+        };
+        let value: Value = serde_json::from_str(text.as_str()).expect("JSON payload");
+        if value == "marker" {
+            markers += 1;
+        } else if let Some(k) = value["api"].as_u64() {
+            *api_seen.entry(k).or_default() += 1;
+        } else if let Some(k) = value["relay"].as_u64() {
+            *relay_seen.entry(k).or_default() += 1;
+        } else if let Some(k) = value["pub"].as_u64() {
+            *pub_seen.entry(k).or_default() += 1;
+        } else {
+            panic!("unexpected payload {value}");
+        }
+    }
+    assert!(markers >= 1, "the delivered marker did not arrive");
+
+    let duplicated: Vec<_> = api_seen
+        .iter()
+        .chain(relay_seen.iter())
+        .chain(pub_seen.iter())
+        .filter(|(_, count)| **count > 1)
+        .collect();
+    assert!(
+        duplicated.is_empty(),
+        "duplicated deliveries: {duplicated:?}"
+    );
+    let mut delivered = 0;
+    let mut unconfirmed = 0;
+    for (k, report) in &reports {
+        if report["delivered"] == json!(["r"]) {
+            delivered += 1;
+            assert_eq!(
+                api_seen.get(k),
+                Some(&1),
+                "message {k} was reported delivered but never arrived"
+            );
+        } else {
+            unconfirmed += 1;
+            assert_eq!(
+                report["unconfirmed"],
+                json!(["r"]),
+                "message {k}: not delivered must be reported unconfirmed: {report}"
+            );
+        }
+    }
+    let mut counted = 0;
+    for (k, recipients) in &published {
+        assert!(*recipients <= 1, "publish {k}: {recipients} recipients");
+        if *recipients == 1 {
+            counted += 1;
+            assert_eq!(
+                pub_seen.get(k),
+                Some(&1),
+                "publish {k} was counted as received but never arrived"
+            );
+        }
+    }
+    eprintln!(
+        "{} API sends during {FLAPS} flaps: {delivered} delivered, {unconfirmed} unconfirmed; \
+         {counted} of {n} publishes counted, {} arrived; {} of {n} relay frames arrived",
+        reports.len(),
+        pub_seen.len(),
+        relay_seen.len()
+    );
+    assert!(
+        delivered > 0 && unconfirmed > 0,
+        "the load did not overlap the flaps"
+    );
+
+    // No leak: no request left waiting, as many background tasks as before.
+    for (node, before) in [(&a, tasks_before[0]), (&b, tasks_before[1])] {
+        let name = node.name.clone();
+        wait_for(&format!("{name}: no pending requests"), WAIT, || async {
+            (node.metric("switchboard_redis_pending_requests").await == 0).then_some(())
+        })
+        .await;
+        assert_eq!(
+            node.metric("switchboard_redis_tasks").await,
+            before,
+            "{name}: background tasks"
+        );
+        assert!(
+            node.metric("switchboard_redis_connects_total").await >= (FLAPS as i64) / 2,
+            "{name}: reconnects"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Configuration
+// ---------------------------------------------------------------------------
+
+/// Runs the binary to its end (it must exit within `WAIT`); exit code and
+/// stderr.
+fn run_to_exit(mut command: Command) -> (Option<i32>, String) {
+    let child = command
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn switchboard");
+    let mut guard = Guard(child);
+    let mut stderr = guard.0.stderr.take().expect("piped stderr");
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = std::io::Read::read_to_string(&mut stderr, &mut text);
+        text
+    });
+    let status = guard.wait_timeout(WAIT);
+    drop(guard);
+    let stderr = reader.join().expect("stderr reader");
+    let status = status.unwrap_or_else(|| panic!("did not exit within {WAIT:?}:\n{stderr}"));
+    (status.code(), stderr)
+}
+
+/// A config file in the temp directory, removed on drop.
+struct ConfigFile(PathBuf);
+
+impl ConfigFile {
+    fn new(toml: &str) -> Self {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "switchboard-cluster-test-{}-{}.toml",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::write(&path, toml).expect("write config file");
+        Self(path)
+    }
+
+    fn path(&self) -> &str {
+        self.0.to_str().expect("temp path is UTF-8")
+    }
+}
+
+impl Drop for ConfigFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+#[test]
+fn bad_cluster_settings_exit_2_naming_the_key() {
+    let cases: [(&[&str], &str, &str); 5] = [
+        (&["--backend", "redis"], "", "redis.url"),
+        (
+            &["--backend", "redis", "--redis-url", "http://x"],
+            "",
+            "redis.url",
+        ),
+        (
+            &[
+                "--backend",
+                "redis",
+                "--redis-url",
+                "redis://127.0.0.1:1/",
+                "--node-id",
+                "a b",
+            ],
+            "",
+            "node_id",
+        ),
+        (
+            &[],
+            "backend = \"redis\"\n[redis]\nurl = \"redis://127.0.0.1:1/\"\npresence_ttl = \"100ms\"\n",
+            "redis.presence_ttl",
+        ),
+        (&[], "[redis]\nurll = \"redis://127.0.0.1:1/\"\n", "urll"),
+    ];
+    for (args, toml, named) in cases {
+        let file = ConfigFile::new(toml);
+        let mut command = switchboard();
+        command
+            .args(["--listen", "127.0.0.1:0", "--config", file.path()])
+            .args(args);
+        let (code, stderr) = run_to_exit(command);
+        assert_eq!(code, Some(2), "{args:?} {toml:?}: stderr:\n{stderr}");
+        assert!(
+            stderr.contains(named),
+            "{args:?} {toml:?}: stderr does not name {named}:\n{stderr}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn cluster_settings_come_from_the_file_then_the_environment() {
+    let redis = Redis::start();
+    let file = ConfigFile::new(&format!(
+        "listen = \"127.0.0.1:0\"\nbackend = \"redis\"\nnode_id = \"from-file\"\n\
+         [redis]\nurl = \"{}\"\nkey_prefix = \"fileprefix\"\npresence_ttl = \"3s\"\n",
+        redis.url()
+    ));
+    let mut command = switchboard();
+    command.args(["--config", file.path()]);
+    let node = Node::spawn("from-file", command);
+    node.wait_healthy().await;
+    let body = node.get("/api/connections").await;
+    assert_eq!(body["node"], "from-file", "{body}");
+    let nodes = redis.command(&["ZCARD", "fileprefix:nodes"]).int();
+    assert_eq!(nodes, 1);
+    drop(node);
+
+    // The environment beats the file.
+    let mut command = switchboard();
+    command
+        .args(["--config", file.path()])
+        .env("SWITCHBOARD_NODE_ID", "from-env")
+        .env("SWITCHBOARD_REDIS_KEY_PREFIX", "envprefix");
+    let node = Node::spawn("from-env", command);
+    node.wait_healthy().await;
+    let body = node.get("/api/connections").await;
+    assert_eq!(body["node"], "from-env", "{body}");
+    assert_eq!(redis.command(&["ZCARD", "envprefix:nodes"]).int(), 1);
+}
+
+// ---------------------------------------------------------------------------
+// Measurements for docs/scaling.md (run by hand: they print, they do not
+// judge): cargo test -p switchboard-cli --test cluster -- --ignored --nocapture
+// ---------------------------------------------------------------------------
+
+/// Every command Redis runs while this lives (`MONITOR`), by name.
+struct Monitor {
+    stream: std::net::TcpStream,
+    lines: Arc<Mutex<Vec<String>>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Monitor {
+    fn start(redis: &Redis) -> Self {
+        let mut stream =
+            std::net::TcpStream::connect(("127.0.0.1", redis.port)).expect("connect to redis");
+        stream
+            .write_all(b"*1\r\n$7\r\nMONITOR\r\n")
+            .expect("send MONITOR");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let reader = {
+            let lines = Arc::clone(&lines);
+            let stream = stream.try_clone().expect("clone socket");
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines() {
+                    let Ok(line) = line else { break };
+                    lines.lock().expect("lock").push(line);
+                }
+            })
+        };
+        std::thread::sleep(Duration::from_millis(200));
+        lines.lock().expect("lock").clear();
+        Self {
+            stream,
+            lines,
+            reader: Some(reader),
+        }
+    }
+
+    /// Stops and returns (command name → count, total argument bytes by
+    /// command name).
+    fn stop(mut self) -> (BTreeMap<String, u64>, BTreeMap<String, u64>) {
+        std::thread::sleep(Duration::from_millis(300));
+        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+        if let Some(reader) = self.reader.take() {
+            let _ = reader.join();
+        }
+        let mut counts = BTreeMap::new();
+        let mut bytes = BTreeMap::new();
+        for line in self.lines.lock().expect("lock").iter() {
+            let Some((_, args)) = line.split_once("] ") else {
+                continue;
+            };
+            let name = args
+                .split('"')
+                .nth(1)
+                .unwrap_or_default()
+                .to_ascii_uppercase();
+            if name == "MONITOR" || name.is_empty() {
+                continue;
+            }
+            *counts.entry(name.clone()).or_insert(0) += 1;
+            *bytes.entry(name).or_insert(0) += args.len() as u64;
+        }
+        (counts, bytes)
+    }
+}
+
+fn info_field(redis: &Redis, section: &str, field: &str) -> i64 {
+    let Resp::Bulk(Some(info)) = redis.command(&["INFO", section]) else {
+        panic!("INFO {section} reply")
+    };
+    info.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in INFO {section}"))
+}
+
+fn used_memory(redis: &Redis) -> i64 {
+    info_field(redis, "memory", "used_memory")
+}
+
+/// Bytes into and out of Redis, from `INFO stats`.
+fn net_bytes(redis: &Redis) -> (i64, i64) {
+    (
+        info_field(redis, "stats", "total_net_input_bytes"),
+        info_field(redis, "stats", "total_net_output_bytes"),
+    )
+}
+
+/// Commands the nodes ran, without the test's own and the background
+/// (heartbeat, listing) ones, which are printed apart.
+fn split_counts(counts: &BTreeMap<String, u64>) -> (BTreeMap<String, u64>, BTreeMap<String, u64>) {
+    let mut work = BTreeMap::new();
+    let mut background = BTreeMap::new();
+    for (name, n) in counts {
+        match name.as_str() {
+            "INFO" | "EXISTS" | "SCARD" | "PUBSUB" => {}
+            "TIME" | "ZADD" | "ZRANGE" | "HSCAN" => {
+                background.insert(name.clone(), *n);
+            }
+            _ => {
+                work.insert(name.clone(), *n);
+            }
+        }
+    }
+    (work, background)
+}
+
+/// Waits (asking Redis, so that no node command is added) until `key`
+/// exists or not.
+async fn wait_key(redis: &Redis, key: &str, exists: bool) {
+    wait_for(&format!("{key} exists: {exists}"), WAIT, || async {
+        (redis.command(&["EXISTS", key]).int() == i64::from(exists)).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement for docs/scaling.md; run by hand"]
+async fn measure_redis_cost_per_connection_and_message() {
+    const IDS: usize = 5000;
+    const MESSAGES: usize = 1000;
+    let redis = Redis::start();
+    let a = Node::start(&redis, "a").await;
+    let b = Node::start(&redis, "b").await;
+    let Resp::Bulk(Some(version)) = redis.command(&["INFO", "server"]) else {
+        panic!("INFO server")
+    };
+    let version = version
+        .lines()
+        .find_map(|l| l.strip_prefix("redis_version:"))
+        .unwrap_or("?")
+        .to_owned();
+    println!("redis {version}, nodes a and b, presence TTL {TTL:?}");
+
+    // Memory per connected ID (one connection each), on node a.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = used_memory(&redis);
+    let mut clients = Vec::with_capacity(IDS);
+    for i in 0..IDS {
+        clients.push(a.connect(&format!("/ws?id=user-{i:06}")).await);
+    }
+    wait_key(&redis, &format!("sbtest:loc:user-{:06}", IDS - 1), true).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = used_memory(&redis);
+    println!(
+        "{IDS} IDs connected to a: used_memory {before} -> {after} B: {:.1} B per ID; DBSIZE {:?}",
+        (after - before) as f64 / IDS as f64,
+        redis.command(&["DBSIZE"])
+    );
+    let member = match redis.command(&["ZRANGE", "sbtest:nodes", "0", "-1"]) {
+        Resp::Array(items) => items
+            .into_iter()
+            .find_map(|m| match m {
+                Resp::Bulk(Some(name)) if name.starts_with("a#") => Some(name),
+                _ => None,
+            })
+            .expect("a's member"),
+        other => panic!("ZRANGE: {other:?}"),
+    };
+    println!(
+        "MEMORY USAGE sbtest:loc:user-000001 = {:?} B; sbtest:ids:{member} = {:?} B for {IDS} fields",
+        redis.command(&["MEMORY", "USAGE", "sbtest:loc:user-000001"]),
+        redis.command(&[
+            "MEMORY",
+            "USAGE",
+            &format!("sbtest:ids:{member}"),
+            "SAMPLES",
+            "0"
+        ]),
+    );
+
+    // More connections of IDs already there: on the same node, and on
+    // another node.
+    let before = used_memory(&redis);
+    let mut more = Vec::new();
+    for i in 0..1000 {
+        more.push(a.connect(&format!("/ws?id=user-{i:06}")).await);
+    }
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    println!(
+        "1000 second connections of IDs, same node (a): used_memory {:+} B",
+        used_memory(&redis) - before
+    );
+    let before = used_memory(&redis);
+    for i in 1000..2000 {
+        more.push(b.connect(&format!("/ws?id=user-{i:06}")).await);
+    }
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    println!(
+        "1000 connections on b of IDs connected to a: used_memory {:+} B",
+        used_memory(&redis) - before
+    );
+
+    // Commands per connect and disconnect of a new ID.
+    let monitor = Monitor::start(&redis);
+    let mut fresh = Vec::new();
+    for i in 0..100 {
+        fresh.push(b.connect(&format!("/ws?id=fresh-{i}")).await);
+    }
+    wait_key(&redis, "sbtest:loc:fresh-99", true).await;
+    for mut client in fresh {
+        client.close(None).await.expect("close");
+        while let Some(Ok(_)) = client.next().await {}
+    }
+    wait_key(&redis, "sbtest:loc:fresh-99", false).await;
+    let (counts, _) = monitor.stop();
+    let (work, background) = split_counts(&counts);
+    println!("100 new IDs connected to b then closed: {work:?} (background: {background:?})");
+
+    // Commands and bytes per cross-node message: /api/send on b to an ID on
+    // a. Bytes without MONITOR (it would count its own output), commands
+    // with it.
+    let mut target = a.connect("/ws?id=target").await;
+    wait_key(&redis, "sbtest:loc:target", true).await;
+    let payload = json!({"text": "a message of about sixty bytes, like a chat line"});
+    println!("payload: {} bytes", payload.to_string().len());
+    let scenarios: [(&str, &Node, bool); 3] = [
+        ("/api/send on b to one ID on a", &b, false),
+        ("/api/send on a to one ID on a (same node)", &a, false),
+        ("/api/publish on a, subscribers on a and b", &a, true),
+    ];
+    let mut other = None;
+    for (what, node, publish) in scenarios {
+        if publish {
+            subscribe(&mut target, "room").await;
+            let mut client = b.connect("/ws?id=other").await;
+            subscribe(&mut client, "room").await;
+            other = Some(client);
+            wait_topic_nodes(&redis, "room", 2).await;
+        }
+        for monitored in [false, true] {
+            let monitor = monitored.then(|| Monitor::start(&redis));
+            let net = net_bytes(&redis);
+            for _ in 0..MESSAGES {
+                if publish {
+                    let body = json!({"topic": "room", "payload": payload}).to_string();
+                    let (status, answer) =
+                        http(node.addr, "POST", "/api/publish", Some(&body)).await;
+                    assert_eq!((status, answer.as_str()), (200, r#"{"recipients":2}"#));
+                } else {
+                    let report = node.send(json!(["target"]), payload.clone()).await;
+                    assert_eq!(report["delivered"], json!(["target"]));
+                }
+            }
+            let net_after = net_bytes(&redis);
+            match monitor {
+                None => println!(
+                    "{MESSAGES} × {what}: Redis network in {:.0} B, out {:.0} B per message",
+                    (net_after.0 - net.0) as f64 / MESSAGES as f64,
+                    (net_after.1 - net.1) as f64 / MESSAGES as f64,
+                ),
+                Some(monitor) => {
+                    let (counts, _) = monitor.stop();
+                    let (work, background) = split_counts(&counts);
+                    println!("{MESSAGES} × {what}: {work:?} (background: {background:?})");
+                }
+            }
+            for _ in 0..MESSAGES {
+                next_text(&mut target).await;
+                if let Some(client) = other.as_mut() {
+                    next_text(client).await;
+                }
+            }
+        }
+    }
+    let mut other = other.expect("the publish scenario ran");
+
+    // Memory per topic a node subscribes to.
+    let before = used_memory(&redis);
+    for i in 0..1000 {
+        subscribe(&mut other, &format!("topic-{i}")).await;
+    }
+    wait_topic_nodes(&redis, "topic-999", 1).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    println!(
+        "1000 topics subscribed on b: used_memory {:+} B",
+        used_memory(&redis) - before
+    );
+
+    // Background: heartbeats with nothing else happening.
+    let window = TTL * 3;
+    let monitor = Monitor::start(&redis);
+    tokio::time::sleep(window).await;
+    let (counts, _) = monitor.stop();
+    println!("idle, 2 nodes, {window:?} (heartbeat every TTL/3 per node): {counts:?}");
+    drop((clients, more));
+}
