@@ -94,14 +94,42 @@ impl ClientId {
 
 impl From<u64> for ClientId {
     fn from(n: u64) -> Self {
-        Self(Arc::from(n.to_string()))
+        let mut buf = [0u8; 20];
+        Self(Arc::from(decimal(n, &mut buf)))
     }
 }
 
 impl From<i64> for ClientId {
     fn from(n: i64) -> Self {
-        Self(Arc::from(n.to_string()))
+        if n >= 0 {
+            return Self::from(n as u64);
+        }
+        let mut buf = [0u8; 21];
+        let digits = decimal(n.unsigned_abs(), &mut buf[1..]).len();
+        let start = 20 - digits;
+        buf[start] = b'-';
+        Self(Arc::from(
+            std::str::from_utf8(&buf[start..]).unwrap_or_default(),
+        ))
     }
+}
+
+/// Writes `n` in decimal at the end of `buf` (at least 20 bytes) and
+/// returns the digits: one allocation per ID (the `Arc`), not two as with
+/// `to_string()`. Relay frames name targets by number, so this runs once per
+/// target per message.
+fn decimal(mut n: u64, buf: &mut [u8]) -> &str {
+    let mut at = buf.len();
+    loop {
+        at -= 1;
+        buf[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    // Only ASCII digits were written.
+    std::str::from_utf8(&buf[at..]).unwrap_or_default()
 }
 
 impl Topic {
@@ -147,6 +175,12 @@ mod tests {
     fn integers_and_their_strings_are_the_same_id() {
         assert_eq!(ClientId::from(42u64), ClientId::new("42").expect("valid"));
         assert_eq!(ClientId::from(-7i64), ClientId::new("-7").expect("valid"));
+        for n in [0u64, 9, 10, 1234567890, u64::MAX] {
+            assert_eq!(ClientId::from(n).as_str(), n.to_string());
+        }
+        for n in [i64::MIN, -1, 0, 5, i64::MAX] {
+            assert_eq!(ClientId::from(n).as_str(), n.to_string());
+        }
     }
 
     #[test]
