@@ -78,7 +78,7 @@ enum Command {
     /// Open and hold N idle connections; memory per connection.
     Hold(hold::HoldArgs),
     /// Run all workloads against Switchboard and the reference servers.
-    Compare(compare::CompareArgs),
+    Compare(Box<compare::CompareArgs>),
 }
 
 fn main() -> ExitCode {
