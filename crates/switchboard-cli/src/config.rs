@@ -4,12 +4,16 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 use serde::Deserialize;
+use switchboard::auth::jwt::{JwtAuthenticator, JwtConfig, JwtKey};
+use switchboard::auth::{AllowedOrigins, ApiKeys, TrustedProxies};
 use switchboard::redis::{RedisConfig, RedisConfigError};
-use switchboard::{Compression, DuplicateIds, Limits, SlowConsumer};
+use switchboard::tls::{Tls, TlsError};
+use switchboard::{Compression, DuplicateIds, Limits, Security, SlowConsumer};
 
 /// A WebSocket messaging server: relay by client ID, topics, chat, echo, and
 /// an HTTP API for your backend.
@@ -181,6 +185,169 @@ pub(crate) struct Cli {
         help_heading = "Limits"
     )]
     pub(crate) max_header_size: Option<usize>,
+    /// Open WebSockets per client IP (IPv6: per /64); beyond → 429; 0 = no
+    /// limit [default: 0].
+    #[arg(
+        long,
+        env = "SWITCHBOARD_MAX_CONNECTIONS_PER_IP",
+        value_name = "N",
+        help_heading = "Limits"
+    )]
+    pub(crate) max_connections_per_ip: Option<usize>,
+    /// New WebSockets per second per client IP; beyond → 429; 0 = no limit
+    /// [default: 0].
+    #[arg(
+        long,
+        env = "SWITCHBOARD_MAX_CONNECTION_RATE_PER_IP",
+        value_name = "N",
+        help_heading = "Limits"
+    )]
+    pub(crate) max_connection_rate_per_ip: Option<u32>,
+
+    /// Client authentication: "none" (clients pick their ID with ?id=) or
+    /// "jwt" (the ID is the token's sub) [default: none].
+    #[arg(
+        long,
+        env = "SWITCHBOARD_AUTH_MODE",
+        value_enum,
+        help_heading = "Security"
+    )]
+    pub(crate) auth_mode: Option<AuthMode>,
+    /// HS256 shared secret, at least 32 bytes; prefer the environment
+    /// variable, flags show in `ps`.
+    #[arg(
+        long,
+        env = "SWITCHBOARD_AUTH_JWT_SECRET",
+        value_name = "SECRET",
+        hide_env_values = true,
+        help_heading = "Security"
+    )]
+    pub(crate) auth_jwt_secret: Option<String>,
+    /// PEM public key file for RS256/PS256, ES256/ES384 or EdDSA tokens;
+    /// re-read on SIGHUP.
+    #[arg(
+        long,
+        env = "SWITCHBOARD_AUTH_JWT_PUBLIC_KEY",
+        value_name = "PATH",
+        help_heading = "Security"
+    )]
+    pub(crate) auth_jwt_public_key: Option<PathBuf>,
+    /// JWKS file ({"keys":[…]}); tokens pick a key by kid; re-read on SIGHUP.
+    #[arg(
+        long,
+        env = "SWITCHBOARD_AUTH_JWT_JWKS",
+        value_name = "PATH",
+        help_heading = "Security"
+    )]
+    pub(crate) auth_jwt_jwks: Option<PathBuf>,
+    /// The iss tokens must have [default: not checked].
+    #[arg(
+        long,
+        env = "SWITCHBOARD_AUTH_ISSUER",
+        value_name = "ISS",
+        help_heading = "Security"
+    )]
+    pub(crate) auth_issuer: Option<String>,
+    /// The aud tokens must have [default: not checked].
+    #[arg(
+        long,
+        env = "SWITCHBOARD_AUTH_AUDIENCE",
+        value_name = "AUD",
+        help_heading = "Security"
+    )]
+    pub(crate) auth_audience: Option<String>,
+    /// Tolerance for clock differences on exp and nbf [default: 30s].
+    #[arg(long, env = "SWITCHBOARD_AUTH_CLOCK_SKEW", value_parser = duration, value_name = "DURATION", help_heading = "Security")]
+    pub(crate) auth_clock_skew: Option<Duration>,
+    /// How long a connection outlives its token's exp before it is closed
+    /// with 4002 [default: 30s].
+    #[arg(long, env = "SWITCHBOARD_AUTH_EXPIRY_GRACE", value_parser = duration, value_name = "DURATION", help_heading = "Security")]
+    pub(crate) auth_expiry_grace: Option<Duration>,
+    /// Allow auth mode "none" on a non-loopback address (anyone may connect
+    /// as any ID) [default: false].
+    #[arg(
+        long,
+        env = "SWITCHBOARD_INSECURE_ALLOW_ANONYMOUS",
+        value_name = "BOOL",
+        num_args = 0..=1,
+        default_missing_value = "true",
+        help_heading = "Security"
+    )]
+    pub(crate) insecure_allow_anonymous: Option<bool>,
+    /// Keys for /api (Authorization: Bearer <key>), comma-separated, each
+    /// at least 16 characters; several allow rotation.
+    #[arg(
+        long,
+        env = "SWITCHBOARD_API_KEYS",
+        value_name = "KEYS",
+        value_delimiter = ',',
+        hide_env_values = true,
+        help_heading = "Security"
+    )]
+    pub(crate) api_keys: Option<Vec<String>>,
+    /// Whether /metrics needs an API key too [default: true].
+    #[arg(
+        long,
+        env = "SWITCHBOARD_API_PROTECT_METRICS",
+        value_name = "BOOL",
+        help_heading = "Security"
+    )]
+    pub(crate) api_protect_metrics: Option<bool>,
+    /// Whether /heartbeat needs an API key [default: false].
+    #[arg(
+        long,
+        env = "SWITCHBOARD_API_PROTECT_HEARTBEAT",
+        value_name = "BOOL",
+        help_heading = "Security"
+    )]
+    pub(crate) api_protect_heartbeat: Option<bool>,
+    /// Allow an /api without keys on a non-loopback address [default: false].
+    #[arg(
+        long,
+        env = "SWITCHBOARD_INSECURE_OPEN_API",
+        value_name = "BOOL",
+        num_args = 0..=1,
+        default_missing_value = "true",
+        help_heading = "Security"
+    )]
+    pub(crate) insecure_open_api: Option<bool>,
+    /// Origins allowed to open WebSockets, comma-separated:
+    /// https://app.example.com, https://*.example.com [default: any].
+    #[arg(
+        long,
+        env = "SWITCHBOARD_ALLOWED_ORIGINS",
+        value_name = "ORIGINS",
+        value_delimiter = ',',
+        help_heading = "Security"
+    )]
+    pub(crate) allowed_origins: Option<Vec<String>>,
+    /// Proxies (addresses or CIDR ranges, comma-separated) whose
+    /// X-Forwarded-For is believed [default: none].
+    #[arg(
+        long,
+        env = "SWITCHBOARD_TRUSTED_PROXIES",
+        value_name = "CIDRS",
+        value_delimiter = ',',
+        help_heading = "Security"
+    )]
+    pub(crate) trusted_proxies: Option<Vec<String>>,
+    /// PEM certificate chain: serve HTTPS and WSS (with --tls-key);
+    /// re-read on SIGHUP.
+    #[arg(
+        long,
+        env = "SWITCHBOARD_TLS_CERT",
+        value_name = "PATH",
+        help_heading = "Security"
+    )]
+    pub(crate) tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert; re-read on SIGHUP.
+    #[arg(
+        long,
+        env = "SWITCHBOARD_TLS_KEY",
+        value_name = "PATH",
+        help_heading = "Security"
+    )]
+    pub(crate) tls_key: Option<PathBuf>,
 
     /// Accept permessage-deflate when clients offer it [default: false].
     #[arg(
@@ -255,6 +422,14 @@ impl From<SlowConsumerArg> for SlowConsumer {
     }
 }
 
+/// `auth.mode = "none" | "jwt"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum AuthMode {
+    None,
+    Jwt,
+}
+
 /// `backend = "memory" | "redis"`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -308,6 +483,49 @@ struct FileConfig {
     redis: Option<RedisFile>,
     #[serde(default)]
     compression: Option<Compression>,
+    insecure_allow_anonymous: Option<bool>,
+    insecure_open_api: Option<bool>,
+    allowed_origins: Option<Vec<String>>,
+    trusted_proxies: Option<Vec<String>>,
+    #[serde(default)]
+    auth: Option<AuthFile>,
+    #[serde(default)]
+    api: Option<ApiFile>,
+    #[serde(default)]
+    tls: Option<TlsFile>,
+}
+
+/// The `[auth]` table.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuthFile {
+    mode: Option<AuthMode>,
+    jwt_secret: Option<String>,
+    jwt_public_key: Option<PathBuf>,
+    jwt_jwks: Option<PathBuf>,
+    issuer: Option<String>,
+    audience: Option<String>,
+    #[serde(default, deserialize_with = "opt_duration")]
+    clock_skew: Option<Duration>,
+    #[serde(default, deserialize_with = "opt_duration")]
+    expiry_grace: Option<Duration>,
+}
+
+/// The `[api]` table.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ApiFile {
+    keys: Option<Vec<String>>,
+    protect_metrics: Option<bool>,
+    protect_heartbeat: Option<bool>,
+}
+
+/// The `[tls]` table.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TlsFile {
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
 }
 
 /// The `[redis]` table.
@@ -336,6 +554,20 @@ pub(crate) struct Config {
     pub(crate) shutdown_timeout: Duration,
     pub(crate) limits: Limits,
     pub(crate) backend: BackendConfig,
+    pub(crate) security: Security,
+    /// The JWT authenticator, to re-read its key files on SIGHUP.
+    pub(crate) jwt: Option<Arc<JwtAuthenticator>>,
+    pub(crate) tls: Option<Tls>,
+    /// Said once logging is up: what runs insecurely, and why it may.
+    pub(crate) warnings: Vec<String>,
+}
+
+/// The security half of [`Config`].
+struct Secured {
+    security: Security,
+    jwt: Option<Arc<JwtAuthenticator>>,
+    tls: Option<Tls>,
+    warnings: Vec<String>,
 }
 
 /// Which backend the server runs with.
@@ -373,12 +605,12 @@ impl Cli {
     /// already put environment values into unset flags).
     pub(crate) fn resolve(self) -> Result<Config, ConfigError> {
         check_env_names()?;
-        let file = match &self.config {
+        let mut file = match &self.config {
             Some(path) => read_file(path)?,
             None => FileConfig::default(),
         };
         let backend = self.backend_config(&file)?;
-        let mut limits = file.limits.unwrap_or_default();
+        let mut limits = file.limits.take().unwrap_or_default();
         macro_rules! set {
             ($($field:ident),*) => {$(
                 if let Some(v) = self.$field { limits.$field = v.into(); }
@@ -399,9 +631,11 @@ impl Cli {
             max_message_rate,
             message_burst,
             slow_consumer,
-            max_header_size
+            max_header_size,
+            max_connections_per_ip,
+            max_connection_rate_per_ip
         );
-        limits.compression = file.compression.unwrap_or_default();
+        limits.compression = file.compression.take().unwrap_or_default();
         let c = &mut limits.compression;
         macro_rules! set_compression {
             ($($flag:ident => $field:ident),*) => {$(
@@ -422,11 +656,19 @@ impl Cli {
             message,
         })?;
         validate(&limits)?;
+        let listen = self
+            .listen
+            .or(file.listen)
+            .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 8080)));
+        let base = self
+            .config
+            .as_deref()
+            .and_then(Path::parent)
+            .map(Path::to_owned)
+            .unwrap_or_default();
+        let secured = self.security_config(&file, &base, listen)?;
         Ok(Config {
-            listen: self
-                .listen
-                .or(file.listen)
-                .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 8080))),
+            listen,
             log_format: self
                 .log_format
                 .or(file.log_format)
@@ -441,6 +683,245 @@ impl Cli {
                 .unwrap_or(switchboard::DEFAULT_SHUTDOWN_TIMEOUT),
             limits,
             backend,
+            security: secured.security,
+            jwt: secured.jwt,
+            tls: secured.tls,
+            warnings: secured.warnings,
+        })
+    }
+
+    /// `[auth]`, `[api]`, `[tls]`, origins and proxies, checked and loaded
+    /// (key files and certificates are read now, so a bad one stops the
+    /// server before it binds), and the safe defaults: no anonymous clients
+    /// and no open API on a non-loopback address unless asked for.
+    fn security_config(
+        &self,
+        file: &FileConfig,
+        base: &Path,
+        listen: SocketAddr,
+    ) -> Result<Secured, ConfigError> {
+        let invalid = |key: &'static str, message: String| ConfigError::Invalid { key, message };
+        let auth = file.auth.as_ref();
+        let api = file.api.as_ref();
+        // Paths in the file are relative to the file.
+        let in_file = |path: &PathBuf| base.join(path);
+        let mode = self
+            .auth_mode
+            .or_else(|| auth.and_then(|a| a.mode))
+            .unwrap_or(AuthMode::None);
+        let secret = self
+            .auth_jwt_secret
+            .clone()
+            .or_else(|| auth.and_then(|a| a.jwt_secret.clone()));
+        let public_key = self
+            .auth_jwt_public_key
+            .clone()
+            .or_else(|| auth.and_then(|a| a.jwt_public_key.as_ref().map(in_file)));
+        let jwks = self
+            .auth_jwt_jwks
+            .clone()
+            .or_else(|| auth.and_then(|a| a.jwt_jwks.as_ref().map(in_file)));
+        let issuer = self
+            .auth_issuer
+            .clone()
+            .or_else(|| auth.and_then(|a| a.issuer.clone()));
+        let audience = self
+            .auth_audience
+            .clone()
+            .or_else(|| auth.and_then(|a| a.audience.clone()));
+        let mut security = Security::default();
+        if let Some(grace) = self
+            .auth_expiry_grace
+            .or_else(|| auth.and_then(|a| a.expiry_grace))
+        {
+            security.expiry_grace = grace;
+        }
+        let given: Vec<&str> = [
+            (secret.is_some(), "auth.jwt_secret"),
+            (public_key.is_some(), "auth.jwt_public_key"),
+            (jwks.is_some(), "auth.jwt_jwks"),
+        ]
+        .into_iter()
+        .filter_map(|(set, name)| set.then_some(name))
+        .collect();
+        let mut jwt = None;
+        match mode {
+            AuthMode::None => {
+                let stray = given
+                    .iter()
+                    .copied()
+                    .chain(issuer.is_some().then_some("auth.issuer"))
+                    .chain(audience.is_some().then_some("auth.audience"))
+                    .next();
+                if let Some(stray) = stray {
+                    return Err(invalid(
+                        "auth.mode",
+                        format!(
+                            "is \"none\" but {stray} is set: set auth.mode = \"jwt\" (--auth-mode jwt) to authenticate clients, or remove {stray}"
+                        ),
+                    ));
+                }
+            }
+            AuthMode::Jwt => {
+                let (key, name) = match (secret, public_key, jwks) {
+                    (Some(secret), None, None) => {
+                        (JwtKey::Secret(secret.into_bytes()), "auth.jwt_secret")
+                    }
+                    (None, Some(path), None) => {
+                        (JwtKey::PublicKeyFile(path), "auth.jwt_public_key")
+                    }
+                    (None, None, Some(path)) => (JwtKey::JwksFile(path), "auth.jwt_jwks"),
+                    (None, None, None) => {
+                        return Err(invalid(
+                            "auth.mode",
+                            "is \"jwt\" but no key is set: set auth.jwt_secret (HS256), auth.jwt_public_key (a PEM file) or auth.jwt_jwks (a JWKS file)".to_owned(),
+                        ));
+                    }
+                    _ => {
+                        return Err(invalid(
+                            "auth.mode",
+                            format!(
+                                "takes one key, but {} are set: keep one",
+                                given.join(" and ")
+                            ),
+                        ));
+                    }
+                };
+                let mut config = JwtConfig::new(key);
+                config.issuer = issuer;
+                config.audience = audience;
+                if let Some(skew) = self
+                    .auth_clock_skew
+                    .or_else(|| auth.and_then(|a| a.clock_skew))
+                {
+                    config.clock_skew = skew;
+                }
+                let authenticator = Arc::new(
+                    JwtAuthenticator::new(config).map_err(|err| invalid(name, err.to_string()))?,
+                );
+                security.authenticator = Some(authenticator.clone());
+                jwt = Some(authenticator);
+            }
+        }
+
+        let keys = self
+            .api_keys
+            .clone()
+            .or_else(|| api.and_then(|a| a.keys.clone()))
+            .unwrap_or_default();
+        security.api_keys =
+            ApiKeys::new(&keys).map_err(|err| invalid("api.keys", err.to_string()))?;
+        if let Some(protect) = self
+            .api_protect_metrics
+            .or_else(|| api.and_then(|a| a.protect_metrics))
+        {
+            security.protect_metrics = protect;
+        }
+        if let Some(protect) = self
+            .api_protect_heartbeat
+            .or_else(|| api.and_then(|a| a.protect_heartbeat))
+        {
+            security.protect_heartbeat = protect;
+        }
+        if let Some(origins) = self
+            .allowed_origins
+            .clone()
+            .or_else(|| file.allowed_origins.clone())
+        {
+            security.allowed_origins = Some(
+                AllowedOrigins::new(&origins)
+                    .map_err(|err| invalid("allowed_origins", err.to_string()))?,
+            );
+        }
+        if let Some(proxies) = self
+            .trusted_proxies
+            .clone()
+            .or_else(|| file.trusted_proxies.clone())
+        {
+            security.trusted_proxies = TrustedProxies::new(&proxies)
+                .map_err(|err| invalid("trusted_proxies", err.to_string()))?;
+        }
+
+        let table = file.tls.as_ref();
+        let cert = self
+            .tls_cert
+            .clone()
+            .or_else(|| table.and_then(|t| t.cert.as_ref().map(in_file)));
+        let key = self
+            .tls_key
+            .clone()
+            .or_else(|| table.and_then(|t| t.key.as_ref().map(in_file)));
+        let tls = match (cert, key) {
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(invalid(
+                    "tls.key",
+                    "is required with tls.cert: the certificate's private key, in PEM".to_owned(),
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(invalid(
+                    "tls.cert",
+                    "is required with tls.key: the certificate chain, in PEM".to_owned(),
+                ));
+            }
+            (Some(cert), Some(key)) => {
+                let key_path = key.clone();
+                let tls = Tls::from_pem_files(cert, key).map_err(|err| {
+                    let name = match &err {
+                        TlsError::NoKey { .. } => "tls.key",
+                        TlsError::Read { path, .. } if *path == key_path => "tls.key",
+                        _ => "tls.cert",
+                    };
+                    invalid(name, err.to_string())
+                })?;
+                Some(tls)
+            }
+        };
+
+        // The safe defaults.
+        let mut warnings = Vec::new();
+        let loopback = listen.ip().is_loopback();
+        if mode == AuthMode::None && !loopback {
+            if !self
+                .insecure_allow_anonymous
+                .or(file.insecure_allow_anonymous)
+                .unwrap_or(false)
+            {
+                return Err(invalid(
+                    "auth.mode",
+                    format!(
+                        "is \"none\" and listen = {listen} is not a loopback address: anyone who reaches it could connect as any client ID and read its messages. Set auth.mode = \"jwt\" with a key (docs/security.md), listen on 127.0.0.1, or pass --insecure-allow-anonymous to run like this anyway"
+                    ),
+                ));
+            }
+            warnings.push(format!(
+                "auth.mode = \"none\" on {listen}, which is not loopback (--insecure-allow-anonymous): anyone who can reach it may connect as any client ID and read its messages"
+            ));
+        }
+        if security.api_keys.is_empty() {
+            if !loopback
+                && !self
+                    .insecure_open_api
+                    .or(file.insecure_open_api)
+                    .unwrap_or(false)
+            {
+                return Err(invalid(
+                    "api.keys",
+                    format!(
+                        "is empty and listen = {listen} is not a loopback address: anyone who reaches it could send to any client and disconnect anyone through /api. Set api.keys (e.g. `openssl rand -hex 32`), listen on 127.0.0.1, or pass --insecure-open-api to run like this anyway"
+                    ),
+                ));
+            }
+            warnings.push(format!(
+                "no api.keys: /api and /metrics are open to anyone who can reach {listen}"
+            ));
+        }
+        Ok(Secured {
+            security,
+            jwt,
+            tls,
+            warnings,
         })
     }
 

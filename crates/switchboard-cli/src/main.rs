@@ -4,10 +4,13 @@
 //! error, 3 when the listen address cannot be bound, 1 for anything else.
 
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::Context as _;
 use clap::Parser as _;
-use switchboard::Hub;
+use switchboard::auth::jwt::JwtAuthenticator;
+use switchboard::tls::Tls;
+use switchboard::{Hub, ServeOptions};
 use tokio::net::TcpListener;
 
 mod config;
@@ -77,8 +80,12 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let addr = listener
         .local_addr()
         .context("cannot read the bound address")?;
+    for warning in &config.warnings {
+        tracing::warn!("{warning}");
+    }
+    let builder = Hub::builder(config.limits.clone()).security(config.security.clone());
     let (hub, redis) = match config.backend {
-        BackendConfig::Memory => (Hub::new(config.limits.clone()), None),
+        BackendConfig::Memory => (builder.build(), None),
         BackendConfig::Redis(redis) => {
             tracing::info!(
                 node = %redis.node_id,
@@ -93,20 +100,33 @@ async fn run(config: Config) -> anyhow::Result<()> {
                         message: err.to_string(),
                     })
                 })?;
-            let hub = Hub::with_backend(config.limits.clone(), backend.clone());
+            let hub = builder.backend(backend.clone()).build();
             (hub, Some(backend))
         }
     };
     let app = switchboard::app(hub.clone());
-    tracing::info!("listening on http://{addr}");
-    let served = switchboard::serve_with(
-        listener,
-        app,
-        hub,
-        shutdown_signal(),
-        config.shutdown_timeout,
-    )
-    .await;
+    let security = &config.security;
+    tracing::info!(
+        auth = if security.authenticator.is_some() { "jwt" } else { "none" },
+        api_keys = security.api_keys.len(),
+        origins = ?security.allowed_origins,
+        trusted_proxies = ?security.trusted_proxies,
+        tls = config.tls.is_some(),
+        "security"
+    );
+    spawn_reload_on_sighup(config.tls.clone(), config.jwt.clone());
+    let scheme = if config.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    tracing::info!("listening on {scheme}://{addr}");
+    let options = ServeOptions {
+        shutdown_timeout: config.shutdown_timeout,
+        tls: config.tls.clone(),
+    };
+    let served =
+        switchboard::serve_with_options(listener, app, hub, shutdown_signal(), options).await;
     // Leave the cluster whatever happened: the other nodes then report this
     // node's IDs offline at once instead of after the presence TTL.
     if let Some(backend) = redis {
@@ -115,6 +135,52 @@ async fn run(config: Config) -> anyhow::Result<()> {
     served.context("server failed")?;
     tracing::info!("shut down cleanly");
     Ok(())
+}
+
+/// On SIGHUP, re-reads the TLS certificate and key and the JWT key or JWKS
+/// files: new connections use the new ones, open connections are not
+/// touched, and a file that cannot be used leaves the current one in place.
+///
+/// The handler is installed before this returns, so a SIGHUP sent once the
+/// server says it is listening never takes the default action (exit).
+fn spawn_reload_on_sighup(tls: Option<Tls>, jwt: Option<Arc<JwtAuthenticator>>) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut hangups = match signal(SignalKind::hangup()) {
+            Ok(hangups) => hangups,
+            Err(err) => {
+                tracing::warn!(%err, "cannot listen for SIGHUP; certificates and keys will not be reloaded");
+                return;
+            }
+        };
+        tokio::spawn(async move {
+            while hangups.recv().await.is_some() {
+                tracing::info!("received SIGHUP: reloading the TLS certificate and JWT keys");
+                if let Some(tls) = &tls {
+                    match tls.reload() {
+                        Ok(()) => tracing::info!(
+                            cert = %tls.cert_path().display(),
+                            "reloaded the TLS certificate"
+                        ),
+                        Err(err) => {
+                            tracing::error!(%err, "TLS reload failed; keeping the current certificate")
+                        }
+                    }
+                }
+                if let Some(jwt) = &jwt {
+                    match jwt.reload() {
+                        Ok(keys) => tracing::info!(keys, "reloaded the JWT keys"),
+                        Err(err) => {
+                            tracing::error!(%err, "JWT key reload failed; keeping the current keys")
+                        }
+                    }
+                }
+            }
+        });
+    }
+    #[cfg(not(unix))]
+    let _ = (tls, jwt);
 }
 
 /// Resolves on SIGTERM or Ctrl-C (SIGINT).

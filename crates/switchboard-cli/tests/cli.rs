@@ -438,6 +438,23 @@ fn help_lists_every_option_and_exits_0() {
         "redis_key_prefix",
         "redis_presence_ttl",
         "redis_request_timeout",
+        "auth_mode",
+        "auth_jwt_secret",
+        "auth_jwt_public_key",
+        "auth_jwt_jwks",
+        "auth_issuer",
+        "auth_audience",
+        "auth_clock_skew",
+        "auth_expiry_grace",
+        "insecure_allow_anonymous",
+        "api_keys",
+        "api_protect_metrics",
+        "api_protect_heartbeat",
+        "insecure_open_api",
+        "allowed_origins",
+        "trusted_proxies",
+        "tls_cert",
+        "tls_key",
     ]
     .map(str::to_owned)
     .into();

@@ -10,8 +10,13 @@
 //! Errors are JSON (`{"error":{"code","message"}}`) with status 400 for a
 //! bad body (the same codes as the relay's error frames), 404 for an
 //! unknown ID, 413 for a body over `limits.max_message_size`.
+//!
+//! With [`Security::api_keys`](crate::Security::api_keys) set on the hub,
+//! every route needs `Authorization: Bearer <key>`: without one, 401
+//! `missing_api_key`; with a wrong one, 401 `invalid_api_key`.
 
 use axum::extract::{Path, Request, State};
+use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
@@ -19,6 +24,7 @@ use bytes::Bytes;
 use http::StatusCode;
 use serde_json::json;
 
+use crate::auth::ApiKeys;
 use crate::http_error::HttpError;
 use crate::hub::Hub;
 use crate::id::ClientId;
@@ -26,14 +32,29 @@ use crate::metrics::ErrorKind;
 use crate::protocol::close::{CloseCode, CloseFrame};
 use crate::relay::{self, RequestError};
 
-/// The API routes, to be nested under `/api`.
+/// The API routes, to be nested under `/api`; behind the hub's API keys
+/// when it has any.
 pub fn router(hub: Hub) -> Router {
-    Router::new()
+    let keys = hub.security().api_keys.clone();
+    let router = Router::new()
         .route("/send", post(send))
         .route("/publish", post(publish))
         .route("/connections", get(connections))
         .route("/connections/{id}", delete(disconnect))
-        .with_state(hub)
+        .with_state(hub);
+    protect(router, &keys)
+}
+
+/// Puts `router` behind `keys` (a no-op when there are none): a request
+/// without `Authorization: Bearer <one of the keys>` gets 401 JSON.
+pub fn protect(router: Router, keys: &ApiKeys) -> Router {
+    if keys.is_empty() {
+        return router;
+    }
+    router.layer(middleware::from_fn_with_state(
+        keys.clone(),
+        crate::auth::require_api_key,
+    ))
 }
 
 async fn body(hub: &Hub, request: Request) -> Result<Bytes, HttpError> {

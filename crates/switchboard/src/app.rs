@@ -19,6 +19,8 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use http::header;
 
+use crate::api::protect;
+use crate::auth::ApiKeys;
 use crate::handlers::{Chat, Echo, Relay};
 use crate::hub::Hub;
 use crate::ws::ws;
@@ -33,13 +35,38 @@ use crate::ws::ws;
 /// | `GET /heartbeat` | 200 `{"status":"ok"}`; `{"status":"degraded",…}` while a clustered backend has lost its backplane |
 /// | `GET /metrics` | Prometheus text |
 /// | `/api/…` | the backend API ([`crate::api`]) |
+///
+/// With API keys in the hub's [`Security`](crate::Security), `/api/…`
+/// needs one, and so do `/metrics` and `/heartbeat` when
+/// `protect_metrics` / `protect_heartbeat` say so.
 pub fn app(hub: Hub) -> Router {
+    let security = hub.security();
+    let keys = &security.api_keys;
+    let heartbeat = Router::new().route("/heartbeat", get(heartbeat).with_state(hub.clone()));
+    let metrics = Router::new().route("/metrics", get(metrics).with_state(hub.clone()));
+    let none = ApiKeys::default();
+    let heartbeat = protect(
+        heartbeat,
+        if security.protect_heartbeat {
+            keys
+        } else {
+            &none
+        },
+    );
+    let metrics = protect(
+        metrics,
+        if security.protect_metrics {
+            keys
+        } else {
+            &none
+        },
+    );
     Router::new()
         .route("/ws", ws(hub.clone(), Relay))
         .route("/echo", ws(hub.clone(), Echo))
         .route("/chat", ws(hub.clone(), Chat::default()))
-        .route("/heartbeat", get(heartbeat).with_state(hub.clone()))
-        .route("/metrics", get(metrics).with_state(hub.clone()))
+        .merge(heartbeat)
+        .merge(metrics)
         .nest("/api", crate::api::router(hub))
 }
 

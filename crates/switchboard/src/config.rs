@@ -68,6 +68,21 @@ pub struct Limits {
     /// WebSocket costs its socket buffers in the kernel plus the connection
     /// state in the process (see docs/design.md).
     pub max_connections: usize,
+    /// Open WebSocket connections per client IP (IPv6: per /64). Default
+    /// 0, no limit. Past it an upgrade is answered 429
+    /// `too_many_connections` with `Retry-After`. Behind a proxy, set
+    /// [`Security::trusted_proxies`](crate::Security::trusted_proxies) or
+    /// every client counts as the proxy's address. Needs the peer address
+    /// that [`serve`](crate::serve) provides (with `axum::serve`, serve
+    /// `into_make_service_with_connect_info::<SocketAddr>()`). Memory: ~100
+    /// bytes per client IP while it has connections.
+    pub max_connections_per_ip: usize,
+    /// New WebSocket connections per second per client IP (a token bucket
+    /// holding one second's worth). Default 0, no limit. Past it an
+    /// upgrade is answered 429 `connection_rate_limited` with
+    /// `Retry-After`. Every attempt counts, refused ones too, so it also
+    /// slows down a client guessing tokens.
+    pub max_connection_rate_per_ip: u32,
     /// Targets in one relay frame or `/api/send` request. Default 10,000.
     pub max_targets: usize,
     /// Messages a client may send per second, sustained (a token bucket
@@ -108,6 +123,8 @@ impl Default for Limits {
             close_timeout: Duration::from_secs(5),
             handshake_timeout: Duration::from_secs(10),
             max_connections: 100_000,
+            max_connections_per_ip: 0,
+            max_connection_rate_per_ip: 0,
             max_targets: 10_000,
             max_message_rate: 10_000,
             message_burst: 20_000,

@@ -457,6 +457,17 @@ impl<I: Send + 'static> Conn<I> {
     pub fn topics(&self) -> &[Topic] {
         &self.topics
     }
+
+    /// Closes this connection with `frame` at `at`, after the frames queued
+    /// to it by then, unless it has ended before; a second call replaces
+    /// the first. One timer task per hub keeps every such deadline, so a
+    /// connection pays for none until it asks. [`ws`](crate::ws) uses it to
+    /// close connections whose credentials expire (4002).
+    pub fn close_at(&self, at: tokio::time::Instant, frame: CloseFrame) {
+        self.hub
+            .expiry()
+            .schedule(ConnRef(self.mailbox.clone()), at, frame);
+    }
 }
 
 impl<I: Send + 'static> Drop for Conn<I> {

@@ -3,12 +3,14 @@
 //! [`Handler`] API, so they double as examples.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use axum::extract::Query;
 use bytes::Bytes;
 use http::StatusCode;
 use http::request::Parts;
 
+use crate::auth::{Identity, Permissions};
 use crate::conn::Conn;
 use crate::handler::Handler;
 use crate::http_error::HttpError;
@@ -66,16 +68,48 @@ impl Chat {
 }
 
 impl Handler for Chat {
-    type State = ();
+    /// Whether the client may send (its token's `sb_publish` allows the
+    /// topic).
+    type State = bool;
     type Info = ();
 
-    async fn connect(&self, _: &Parts, conn: &mut Conn<()>) -> Result<(), HttpError> {
+    async fn connect(&self, request: &Parts, conn: &mut Conn<()>) -> Result<bool, HttpError> {
+        let permissions = request
+            .extensions
+            .get::<Identity>()
+            .map(|identity| &identity.permissions);
+        if let Some(permissions) = permissions
+            && !permissions.may_subscribe(&self.topic)
+        {
+            conn.hub().metrics().error(ErrorKind::Forbidden);
+            return Err(HttpError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden_topic",
+                format!(
+                    "the token's sb_subscribe claim does not allow the topic {:?}",
+                    self.topic.as_str()
+                ),
+            ));
+        }
         conn.join(self.topic.clone());
-        Ok(())
+        Ok(permissions.is_none_or(|p| p.may_publish(&self.topic)))
     }
 
-    async fn on_message(&self, _: &mut (), message: Message, conn: &mut Conn<()>) -> Outcome {
+    async fn on_message(
+        &self,
+        may_publish: &mut bool,
+        message: Message,
+        conn: &mut Conn<()>,
+    ) -> Outcome {
         match message {
+            Message::Text(_) if !*may_publish => forbidden(
+                conn.hub(),
+                "forbidden_topic",
+                format!(
+                    "the token's sb_publish claim does not allow the topic {:?}",
+                    self.topic.as_str()
+                ),
+            ),
             Message::Text(text) => {
                 let frame = Hub::encode_text(text.into_bytes());
                 conn.hub().publish(&self.topic, &frame).await;
@@ -97,23 +131,67 @@ impl Handler for Chat {
 /// connection of each target, and handles topic frames (see
 /// [`relay`](crate::relay) for the protocol). Offline targets are ignored;
 /// `/api/send` reports them.
+///
+/// With an authenticator on the hub the ID is the [`Identity`]'s (a JWT's
+/// `sub`), never the client's choice: `?id=` may be left out; if given, it
+/// must be the same ID, or the upgrade is refused with 403 `id_mismatch`.
+/// The identity's [`Permissions`] then restrict targets and topics: a frame
+/// they do not allow is answered with the error frame `forbidden_target`
+/// or `forbidden_topic` and not handled.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Relay;
 
 impl Handler for Relay {
-    type State = ();
+    /// The client's permissions (shared by all unrestricted clients: 8
+    /// bytes per connection).
+    type State = Arc<Permissions>;
     type Info = ();
 
-    async fn connect(&self, request: &Parts, conn: &mut Conn<()>) -> Result<(), HttpError> {
-        let id = client_id_from_query(request)?;
+    async fn connect(
+        &self,
+        request: &Parts,
+        conn: &mut Conn<()>,
+    ) -> Result<Self::State, HttpError> {
+        let identity = request.extensions.get::<Identity>();
+        let id = match identity {
+            Some(identity) => {
+                if let Some(asked) = query_param(request, "id")?
+                    && asked != identity.client_id.as_str()
+                {
+                    conn.hub().metrics().error(ErrorKind::Forbidden);
+                    return Err(HttpError::new(
+                        StatusCode::FORBIDDEN,
+                        "id_mismatch",
+                        format!(
+                            "`id` {:?} is not the client id your token proves ({}): leave `id` out",
+                            asked.chars().take(40).collect::<String>(),
+                            identity.client_id
+                        ),
+                    ));
+                }
+                identity.client_id.clone()
+            }
+            None => client_id_from_query(request)?,
+        };
         conn.register(id).map_err(|err| match err {
             RegisterError::AlreadyConnected(_) => {
                 HttpError::new(StatusCode::CONFLICT, "id_in_use", err.to_string())
             }
+        })?;
+        Ok(match identity {
+            Some(identity) if !identity.permissions.is_unrestricted() => {
+                Arc::clone(&identity.permissions)
+            }
+            _ => Permissions::unrestricted(),
         })
     }
 
-    async fn on_message(&self, _: &mut (), message: Message, conn: &mut Conn<()>) -> Outcome {
+    async fn on_message(
+        &self,
+        permissions: &mut Self::State,
+        message: Message,
+        conn: &mut Conn<()>,
+    ) -> Outcome {
         let text = match message {
             Message::Text(text) => text,
             Message::Binary(_) => {
@@ -130,6 +208,11 @@ impl Handler for Relay {
             Ok(request) => request,
             Err(err) => return error_reply(conn.hub(), &err),
         };
+        if !permissions.is_unrestricted()
+            && let Some(refusal) = refuse(permissions, &request, conn.hub())
+        {
+            return refusal;
+        }
         match request {
             Request::Send { targets, payload } => {
                 let frame = Hub::encode_text(Bytes::copy_from_slice(payload.get().as_bytes()));
@@ -155,8 +238,50 @@ impl Handler for Relay {
     }
 }
 
-/// Reads and checks `?id=` of an upgrade request.
-pub fn client_id_from_query(request: &Parts) -> Result<ClientId, HttpError> {
+/// The first error frame the client's permissions call for, if any.
+fn refuse(permissions: &Permissions, request: &Request<'_>, hub: &Hub) -> Option<Outcome> {
+    let (code, message) = match request {
+        Request::Send { targets, .. } => {
+            let (i, target) = targets
+                .ids
+                .iter()
+                .enumerate()
+                .find(|(_, id)| !permissions.may_send_to(id))?;
+            (
+                "forbidden_target",
+                format!(
+                    "targets[{i}] ({target}) is not allowed by the token's sb_targets claim; nothing was sent"
+                ),
+            )
+        }
+        Request::Subscribe(topic) if !permissions.may_subscribe(topic) => (
+            "forbidden_topic",
+            format!(
+                "the token's sb_subscribe claim does not allow the topic {:?}",
+                topic.as_str()
+            ),
+        ),
+        Request::Publish { topic, .. } if !permissions.may_publish(topic) => (
+            "forbidden_topic",
+            format!(
+                "the token's sb_publish claim does not allow the topic {:?}",
+                topic.as_str()
+            ),
+        ),
+        _ => return None,
+    };
+    Some(forbidden(hub, code, message))
+}
+
+fn forbidden(hub: &Hub, code: &'static str, message: String) -> Outcome {
+    hub.metrics().error(ErrorKind::Forbidden);
+    Outcome::reply_text(
+        serde_json::json!({"error": {"code": code, "message": message}}).to_string(),
+    )
+}
+
+/// The value of query parameter `name`, if present.
+fn query_param(request: &Parts, name: &str) -> Result<Option<String>, HttpError> {
     let query: Query<HashMap<String, String>> =
         Query::try_from_uri(&request.uri).map_err(|err| {
             HttpError::new(
@@ -167,14 +292,19 @@ pub fn client_id_from_query(request: &Parts) -> Result<ClientId, HttpError> {
                 ),
             )
         })?;
-    let raw = query.get("id").ok_or_else(|| {
+    Ok(query.0.get(name).cloned())
+}
+
+/// Reads and checks `?id=` of an upgrade request.
+pub fn client_id_from_query(request: &Parts) -> Result<ClientId, HttpError> {
+    let raw = query_param(request, "id")?.ok_or_else(|| {
         HttpError::new(
             StatusCode::BAD_REQUEST,
             "missing_id",
             "`id` is missing: connect to /ws?id=<client id>",
         )
     })?;
-    ClientId::new(raw).map_err(|err| {
+    ClientId::new(&raw).map_err(|err| {
         HttpError::new(
             StatusCode::BAD_REQUEST,
             "invalid_id",

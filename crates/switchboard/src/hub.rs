@@ -5,16 +5,18 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::SystemTime;
 
 use bytes::Bytes;
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
+use crate::auth::{IpLimiter, Security};
 use crate::config::Limits;
 use crate::conn::{ConnId, ConnRef};
+use crate::expiry::Expiry;
 use crate::id::{ClientId, Topic};
 use crate::memory::MemoryBackend;
 use crate::metrics::Metrics;
@@ -186,27 +188,89 @@ pub struct Hub {
 struct HubInner {
     backend: Arc<dyn Backend>,
     limits: Limits,
+    security: Security,
     metrics: Metrics,
     live: Tracker,
+    /// Per-IP admission of WebSocket upgrades.
+    ip_limiter: IpLimiter,
+    /// Scheduled closes (`Conn::close_at`), created on first use.
+    expiry: OnceLock<Arc<Expiry>>,
+}
+
+/// Builds a [`Hub`] with a backend and security settings:
+/// `Hub::builder(limits).backend(b).security(s).build()`.
+#[must_use]
+pub struct HubBuilder {
+    limits: Limits,
+    backend: Option<Arc<dyn Backend>>,
+    security: Security,
+}
+
+impl HubBuilder {
+    /// Where IDs and topics live (default: a [`MemoryBackend`] with the
+    /// limits' duplicate-ID policy).
+    pub fn backend(mut self, backend: Arc<dyn Backend>) -> Self {
+        self.backend = Some(backend);
+        self
+    }
+
+    /// Authentication, origins, API keys, trusted proxies (default: none
+    /// of them; see [`Security`]).
+    pub fn security(mut self, security: Security) -> Self {
+        self.security = security;
+        self
+    }
+
+    /// The hub.
+    pub fn build(self) -> Hub {
+        let backend = self
+            .backend
+            .unwrap_or_else(|| Arc::new(MemoryBackend::new(self.limits.duplicate_ids)));
+        Hub {
+            inner: Arc::new(HubInner {
+                backend,
+                limits: self.limits,
+                security: self.security,
+                metrics: Metrics::default(),
+                live: Tracker::default(),
+                ip_limiter: IpLimiter::default(),
+                expiry: OnceLock::new(),
+            }),
+        }
+    }
 }
 
 impl Hub {
-    /// A hub with the in-memory backend.
+    /// A hub with the in-memory backend and no security settings.
     pub fn new(limits: Limits) -> Self {
-        let backend = MemoryBackend::new(limits.duplicate_ids);
-        Self::with_backend(limits, Arc::new(backend))
+        Self::builder(limits).build()
     }
 
     /// A hub with a custom backend.
     pub fn with_backend(limits: Limits, backend: Arc<dyn Backend>) -> Self {
-        Self {
-            inner: Arc::new(HubInner {
-                backend,
-                limits,
-                metrics: Metrics::default(),
-                live: Tracker::default(),
-            }),
+        Self::builder(limits).backend(backend).build()
+    }
+
+    /// A builder, to set the backend and the [`Security`] settings.
+    pub fn builder(limits: Limits) -> HubBuilder {
+        HubBuilder {
+            limits,
+            backend: None,
+            security: Security::default(),
         }
+    }
+
+    /// Authentication, origins, API keys and trusted proxies.
+    pub fn security(&self) -> &Security {
+        &self.inner.security
+    }
+
+    pub(crate) fn ip_limiter(&self) -> &IpLimiter {
+        &self.inner.ip_limiter
+    }
+
+    pub(crate) fn expiry(&self) -> &Arc<Expiry> {
+        self.inner.expiry.get_or_init(Arc::default)
     }
 
     /// The backend (registry and topics).
@@ -287,6 +351,9 @@ impl Hub {
     }
 
     pub(crate) fn untrack(&self, id: ConnId) {
+        if let Some(expiry) = self.inner.expiry.get() {
+            expiry.cancel(id);
+        }
         let live = &self.inner.live;
         live.shard(id).lock().remove(&id);
         if live.count.fetch_sub(1, Ordering::Relaxed) == 1 {

@@ -57,8 +57,12 @@
 //!   [`Hub::publish`] to topics, metrics, limits; behind it a [`Backend`]
 //!   ([`MemoryBackend`] by default).
 //! - [`ws`] mounts a handler on a route; [`serve`] runs a router with a
-//!   connection cap and graceful shutdown; [`app`] is the complete
-//!   `switchboard` server (relay, echo, chat, API, metrics).
+//!   connection cap and graceful shutdown ([`serve_with_options`] adds
+//!   TLS, see [`tls`]); [`app`] is the complete `switchboard` server
+//!   (relay, echo, chat, API, metrics).
+//! - [`Security`] (set with [`Hub::builder`]) — client authentication
+//!   ([`auth::Authenticator`], JWT built in), origin allow-list, API keys,
+//!   trusted proxies: see [`auth`].
 //!
 //! ## Limits and close codes
 //!
@@ -67,8 +71,10 @@
 
 pub mod api;
 mod app;
+pub mod auth;
 mod config;
 mod conn;
+mod expiry;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod handler;
@@ -85,15 +91,19 @@ pub mod redis;
 pub mod relay;
 mod runtime;
 mod server;
+#[cfg(feature = "tls")]
+pub mod tls;
 mod ws;
 
 pub use app::app;
+pub use auth::Security;
 pub use config::{Limits, SlowConsumer, duration};
 pub use conn::{Conn, ConnHandle, ConnId, ConnRef, PushError};
 pub use handler::{Closed, Handler};
 pub use http_error::HttpError;
 pub use hub::{
-    Backend, BackendHealth, BoxFuture, ClientInfo, DuplicateIds, Hub, RegisterError, SendReport,
+    Backend, BackendHealth, BoxFuture, ClientInfo, DuplicateIds, Hub, HubBuilder, RegisterError,
+    SendReport,
 };
 pub use id::{ClientId, MAX_NAME_LEN, NameError, Topic};
 pub use memory::MemoryBackend;
@@ -102,7 +112,9 @@ pub use metrics::{Counter, ErrorKind, Metrics};
 pub use protocol::close::{CloseCode, CloseFrame};
 pub use protocol::deflate::Compression;
 pub use protocol::frame::WireFrame;
-pub use server::{DEFAULT_SHUTDOWN_TIMEOUT, json_errors, serve, serve_with};
+pub use server::{
+    DEFAULT_SHUTDOWN_TIMEOUT, ServeOptions, json_errors, serve, serve_with, serve_with_options,
+};
 pub use ws::ws;
 
 #[cfg(feature = "redis")]

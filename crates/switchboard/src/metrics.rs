@@ -49,10 +49,19 @@ pub enum ErrorKind {
     Handshake,
     /// A message refused by the per-connection rate limit.
     RateLimited,
+    /// An upgrade or API request refused for missing or invalid
+    /// credentials (401).
+    Unauthorized,
+    /// An upgrade refused for its origin or a client ID it may not use, or
+    /// a relay frame the client's permissions do not allow (403 or an
+    /// error frame).
+    Forbidden,
+    /// An upgrade refused by the per-IP limits (429).
+    IpLimited,
 }
 
 impl ErrorKind {
-    const ALL: [ErrorKind; 10] = [
+    const ALL: [ErrorKind; 13] = [
         Self::Protocol,
         Self::InvalidUtf8,
         Self::MessageTooBig,
@@ -63,6 +72,9 @@ impl ErrorKind {
         Self::BadRequest,
         Self::Handshake,
         Self::RateLimited,
+        Self::Unauthorized,
+        Self::Forbidden,
+        Self::IpLimited,
     ];
 
     /// The `kind` label.
@@ -78,6 +90,9 @@ impl ErrorKind {
             Self::BadRequest => "bad_request",
             Self::Handshake => "handshake",
             Self::RateLimited => "rate_limited",
+            Self::Unauthorized => "unauthorized",
+            Self::Forbidden => "forbidden",
+            Self::IpLimited => "ip_limited",
         }
     }
 }

@@ -21,7 +21,6 @@ use std::time::Duration;
 use bytes::{Buf, Bytes, BytesMut};
 use futures_util::FutureExt as _;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _, ReadBuf};
-use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::{Instant, Sleep};
 
 use crate::conn::{Conn, Item, Taken};
@@ -31,6 +30,7 @@ use crate::metrics::{ErrorKind, Metrics};
 use crate::protocol::close::{CloseCode, CloseFrame, parse_close_payload};
 use crate::protocol::deflate::{Agreed, Deflater, Inflater};
 use crate::protocol::frame::{Head, OpCode, WireFrame, apply_mask, parse_header};
+use crate::ws::Admission;
 
 /// Size of the per-thread read buffer. One read takes at most this much;
 /// it is shared by every connection on the thread, so it costs 64 KiB per
@@ -104,13 +104,13 @@ pub(crate) fn spawn<S, H>(
     handler: Arc<H>,
     state: H::State,
     conn: Conn<H::Info>,
-    permit: Option<OwnedSemaphorePermit>,
+    admission: Admission,
     deflate: Option<Agreed>,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     H: Handler,
 {
-    let driver = Driver::new(io, leftover, handler, state, conn, permit, deflate);
+    let driver = Driver::new(io, leftover, handler, state, conn, admission, deflate);
     tokio::spawn(driver.run());
 }
 
@@ -134,8 +134,9 @@ struct Driver<S, H: Handler> {
     conn: Conn<H::Info>,
     /// A callback panicked: its state may be broken, so `on_close` is skipped.
     panicked: bool,
-    /// This connection's place under `limits.max_connections`.
-    _permit: Option<OwnedSemaphorePermit>,
+    /// This connection's place under `limits.max_connections` and its
+    /// IP's `limits.max_connections_per_ip`.
+    _admission: Admission,
     /// `limits.max_message_rate`.
     rate: TokenBucket,
 }
@@ -151,7 +152,7 @@ where
         handler: Arc<H>,
         state: H::State,
         conn: Conn<H::Info>,
-        permit: Option<OwnedSemaphorePermit>,
+        admission: Admission,
         deflate: Option<Agreed>,
     ) -> Self {
         let limits = conn.hub().limits();
@@ -178,7 +179,7 @@ where
             state: Some(state),
             conn,
             panicked: false,
-            _permit: permit,
+            _admission: admission,
             rate,
         }
     }
@@ -1032,9 +1033,9 @@ mod size_tests {
             s1,
             Bytes::new(),
             Arc::new(Relay),
-            (),
+            Arc::default(),
             Conn::new(hub.clone()),
-            None,
+            Admission::default(),
             None,
         );
         let relay = relay.run();
@@ -1046,7 +1047,7 @@ mod size_tests {
             Arc::new(Echo),
             (),
             Conn::new(hub.clone()),
-            None,
+            Admission::default(),
             None,
         );
         let echo = echo.run();

@@ -11,6 +11,7 @@ use std::any::Any;
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,15 +24,15 @@ use futures_util::FutureExt as _;
 use http::StatusCode;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::io::AsyncWriteExt as _;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _};
+use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tower::ServiceExt as _;
 
 use crate::http_error::HttpError;
 use crate::hub::Hub;
 use crate::protocol::close::{CloseCode, CloseFrame};
-use crate::ws::ConnSlot;
+use crate::ws::{CapPermit, ConnSlot};
 
 /// How long [`serve`] waits for connections to finish after shutdown
 /// begins, by default.
@@ -60,6 +61,45 @@ pub async fn serve_with(
     shutdown: impl Future<Output = ()> + Send,
     shutdown_timeout: Duration,
 ) -> io::Result<()> {
+    let options = ServeOptions {
+        shutdown_timeout,
+        ..ServeOptions::default()
+    };
+    serve_with_options(listener, router, hub, shutdown, options).await
+}
+
+/// How [`serve_with_options`] serves. Build it with struct update syntax,
+/// `ServeOptions { tls: Some(tls), ..ServeOptions::default() }`, so that
+/// options added later keep their defaults.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// How long shutdown waits for connections to finish. Default
+    /// [`DEFAULT_SHUTDOWN_TIMEOUT`].
+    pub shutdown_timeout: Duration,
+    /// Serve HTTPS and WSS instead of HTTP and WS, on the same port.
+    /// The TLS handshake must finish within `limits.handshake_timeout`.
+    #[cfg(feature = "tls")]
+    pub tls: Option<crate::tls::Tls>,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        Self {
+            shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
+            #[cfg(feature = "tls")]
+            tls: None,
+        }
+    }
+}
+
+/// [`serve_with`], with TLS and the other [`ServeOptions`].
+pub async fn serve_with_options(
+    listener: TcpListener,
+    router: Router,
+    hub: Hub,
+    shutdown: impl Future<Output = ()> + Send,
+    options: ServeOptions,
+) -> io::Result<()> {
     let limits = hub.limits().clone();
     // Why a semaphore: each permit is one open TCP connection, HTTP or
     // WebSocket; when none is left, the next client is told 503 at once
@@ -67,6 +107,8 @@ pub async fn serve_with(
     let cap = Arc::new(Semaphore::new(limits.max_connections));
     let (stop_http, http_stopped) = watch::channel(false);
     let router = json_errors(router);
+    #[cfg(feature = "tls")]
+    let tls = options.tls.as_ref().map(crate::tls::Tls::acceptor);
     tokio::pin!(shutdown);
 
     loop {
@@ -84,7 +126,19 @@ pub async fn serve_with(
             () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        let Ok(permit) = Arc::clone(&cap).try_acquire_owned() else {
+        let Some(permit) = CapPermit::try_acquire(&cap) else {
+            #[cfg(feature = "tls")]
+            if let Some(tls) = &tls {
+                let tls = tls.clone();
+                tokio::spawn(async move {
+                    let handshake =
+                        tokio::time::timeout(Duration::from_secs(2), tls.accept(stream));
+                    if let Ok(Ok(stream)) = handshake.await {
+                        refuse_over_capacity(stream).await;
+                    }
+                });
+                continue;
+            }
             tokio::spawn(refuse_over_capacity(stream));
             continue;
         };
@@ -95,34 +149,43 @@ pub async fn serve_with(
             request.extensions_mut().insert(ConnectInfo(peer));
             router.clone().oneshot(request.map(Body::new))
         });
-        let mut stopping = http_stopped.clone();
+        let stopping = http_stopped.clone();
         let handshake_timeout = limits.handshake_timeout;
         // hyper refuses a head over its read buffer with 431; it will not
         // go below 8 KiB.
         let max_header_size = limits.max_header_size.max(8 * 1024);
-        tokio::spawn(async move {
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(handshake_timeout)
-                .max_buf_size(max_header_size)
-                .serve_connection(TokioIo::new(stream), service)
-                .with_upgrades();
-            tokio::pin!(conn);
-            let stop = async {
-                // Drop the `Ref` guard at once: it must not live across an await.
-                let _ = stopping.wait_for(|stop| *stop).await.map(|_| ());
-            };
-            let result = tokio::select! {
-                result = conn.as_mut() => result,
-                () = stop => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
+        #[cfg(feature = "tls")]
+        if let Some(tls) = &tls {
+            let tls = tls.clone();
+            tokio::spawn(async move {
+                // The handshake counts against the same deadline as the
+                // request head: a client that stalls in either is dropped.
+                match tokio::time::timeout(handshake_timeout, tls.accept(stream)).await {
+                    Ok(Ok(stream)) => {
+                        serve_http(
+                            stream,
+                            service,
+                            stopping,
+                            handshake_timeout,
+                            max_header_size,
+                            peer,
+                        )
+                        .await;
+                    }
+                    Ok(Err(err)) => tracing::debug!(%err, %peer, "TLS handshake failed"),
+                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                 }
-            };
-            if let Err(err) = result {
-                tracing::debug!(%err, %peer, "http connection ended with an error");
-            }
-        });
+            });
+            continue;
+        }
+        tokio::spawn(serve_http(
+            stream,
+            service,
+            stopping,
+            handshake_timeout,
+            max_header_size,
+            peer,
+        ));
     }
 
     drop(listener);
@@ -140,7 +203,7 @@ pub async fn serve_with(
         hub.drained().await;
         stop_http.closed().await;
     };
-    if tokio::time::timeout(shutdown_timeout, all_closed)
+    if tokio::time::timeout(options.shutdown_timeout, all_closed)
         .await
         .is_err()
     {
@@ -152,8 +215,47 @@ pub async fn serve_with(
     Ok(())
 }
 
+/// One HTTP/1.1 connection with upgrades, until it ends or shutdown asks it
+/// to finish its in-flight request.
+async fn serve_http<IO, S>(
+    io: IO,
+    service: S,
+    mut stopping: watch::Receiver<bool>,
+    handshake_timeout: Duration,
+    max_header_size: usize,
+    peer: SocketAddr,
+) where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::Service<http::Request<Incoming>, Response = Response, Error = Infallible>
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(handshake_timeout)
+        .max_buf_size(max_header_size)
+        .serve_connection(TokioIo::new(io), service)
+        .with_upgrades();
+    tokio::pin!(conn);
+    let stop = async {
+        // Drop the `Ref` guard at once: it must not live across an await.
+        let _ = stopping.wait_for(|stop| *stop).await.map(|_| ());
+    };
+    let result = tokio::select! {
+        result = conn.as_mut() => result,
+        () = stop => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(err) = result {
+        tracing::debug!(%err, %peer, "http connection ended with an error");
+    }
+}
+
 /// Answers a connection over the cap with 503 and closes it.
-async fn refuse_over_capacity(mut stream: TcpStream) {
+async fn refuse_over_capacity<IO: AsyncWrite + Unpin>(mut stream: IO) {
     const BODY: &str = r#"{"error":{"code":"over_capacity","message":"the server is at its connection limit (limits.max_connections); retry later"}}"#;
     let response = format!(
         "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nretry-after: 1\r\nconnection: close\r\n\r\n{BODY}",

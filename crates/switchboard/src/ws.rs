@@ -14,27 +14,32 @@
 //! # }
 //! ```
 
+use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use axum::body::Body;
-use axum::extract::Request;
+use axum::extract::{ConnectInfo, Request};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, any};
 use bytes::Bytes;
 use futures_util::FutureExt as _;
+use http::request::Parts;
 use http::{StatusCode, header};
 use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::TokioIo;
 use parking_lot::Mutex;
 use tokio::net::TcpStream;
-use tokio::sync::OwnedSemaphorePermit;
+use tokio::sync::Semaphore;
 
+use crate::auth::{ClientIp, Identity, IpGuard, negotiate_subprotocol};
 use crate::conn::Conn;
 use crate::handler::Handler;
 use crate::http_error::HttpError;
 use crate::hub::Hub;
 use crate::metrics::ErrorKind;
+use crate::protocol::close::{CloseCode, CloseFrame};
 use crate::protocol::deflate::{Agreed, negotiate};
 use crate::protocol::handshake::accept_key;
 use crate::runtime;
@@ -56,15 +61,34 @@ where
 /// connection takes it, so the cap counts WebSocket connections for as long
 /// as they live, not only their HTTP phase.
 #[derive(Clone)]
-pub(crate) struct ConnSlot(Arc<Mutex<Option<OwnedSemaphorePermit>>>);
+pub(crate) struct ConnSlot(Arc<Mutex<Option<CapPermit>>>);
 
 impl ConnSlot {
-    pub(crate) fn new(permit: OwnedSemaphorePermit) -> Self {
+    pub(crate) fn new(permit: CapPermit) -> Self {
         Self(Arc::new(Mutex::new(Some(permit))))
     }
 
-    fn take(&self) -> Option<OwnedSemaphorePermit> {
+    fn take(&self) -> Option<CapPermit> {
         self.0.lock().take()
+    }
+}
+
+/// One permit of the `limits.max_connections` semaphore, in 8 bytes
+/// (`OwnedSemaphorePermit` takes 16, and every byte a WebSocket holds is
+/// paid once per connection).
+pub(crate) struct CapPermit(Arc<Semaphore>);
+
+impl CapPermit {
+    /// Takes a permit, if one is left.
+    pub(crate) fn try_acquire(cap: &Arc<Semaphore>) -> Option<Self> {
+        cap.try_acquire().ok()?.forget();
+        Some(Self(Arc::clone(cap)))
+    }
+}
+
+impl Drop for CapPermit {
+    fn drop(&mut self) {
+        self.0.add_permits(1);
     }
 }
 
@@ -86,6 +110,10 @@ async fn upgrade<H: Handler>(request: Request, handler: Arc<H>, hub: Hub) -> Res
         .into_response();
     };
     let slot = parts.extensions.remove::<ConnSlot>();
+    let admitted = match admit(&hub, &mut parts).await {
+        Ok(admitted) => admitted,
+        Err(refusal) => return refusal.into_response(),
+    };
     let deflate = negotiate(
         &hub.limits().compression,
         parts
@@ -111,14 +139,33 @@ async fn upgrade<H: Handler>(request: Request, handler: Arc<H>, hub: Hub) -> Res
             .into_response();
         }
     };
+    if let Some(expires_at) = admitted.expires_at {
+        // Credentials that expire while connected: closed with 4002 after
+        // the grace period, by the hub's one timer task.
+        let left = expires_at
+            .duration_since(SystemTime::now())
+            .unwrap_or_default();
+        let grace = conn.hub().security().expiry_grace;
+        conn.close_at(
+            tokio::time::Instant::now() + left.saturating_add(grace),
+            CloseFrame::new(
+                CloseCode::TOKEN_EXPIRED,
+                "token expired: reconnect with a new token",
+            ),
+        );
+    }
 
     let agreed = deflate.as_ref().map(|(agreed, _)| *agreed);
+    let ip = admitted.ip;
     tokio::spawn(async move {
-        let permit = slot.as_ref().and_then(ConnSlot::take);
+        let admission = Admission {
+            _cap: slot.as_ref().and_then(ConnSlot::take),
+            _ip: ip,
+        };
         match on_upgrade.await {
             // A task of its own, sized for the connection alone: this one
             // (holding the upgrade future) ends here.
-            Ok(upgraded) => run_upgraded(upgraded, handler, state, conn, permit, agreed),
+            Ok(upgraded) => run_upgraded(upgraded, handler, state, conn, admission, agreed),
             // The client went away between our 101 and the upgrade; dropping
             // `conn` undoes whatever `connect` registered.
             Err(err) => tracing::debug!(%err, "upgrade failed after 101"),
@@ -134,10 +181,114 @@ async fn upgrade<H: Handler>(request: Request, handler: Arc<H>, hub: Hub) -> Res
         http::HeaderValue::from_static("Upgrade"),
     );
     headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+    if let Some(protocol) = admitted.protocol {
+        headers.insert(header::SEC_WEBSOCKET_PROTOCOL, protocol);
+    }
     if let Some((_, extension)) = deflate {
         headers.insert(header::SEC_WEBSOCKET_EXTENSIONS, extension);
     }
     response
+}
+
+/// What a WebSocket holds for its whole life to stay counted under the
+/// limits: its place under `limits.max_connections` and under its IP's
+/// `limits.max_connections_per_ip`.
+#[derive(Default)]
+pub(crate) struct Admission {
+    _cap: Option<CapPermit>,
+    _ip: Option<IpGuard>,
+}
+
+/// What the security checks let through.
+struct Admitted {
+    ip: Option<IpGuard>,
+    protocol: Option<http::HeaderValue>,
+    expires_at: Option<SystemTime>,
+}
+
+/// The security checks of an upgrade, cheapest first, each refusal counted
+/// in the metrics:
+///
+/// 1. the client's IP (`X-Forwarded-For` only from trusted proxies) and its
+///    per-IP limits (429 with `Retry-After`), before anything costly, so a
+///    client guessing tokens is slowed down too;
+/// 2. the `Origin` allow-list (403 `origin_not_allowed`);
+/// 3. the subprotocol (`switchboard.v1` is echoed);
+/// 4. the authenticator (401), whose [`Identity`] is put in the request's
+///    extensions for the handler's `connect`.
+async fn admit(hub: &Hub, parts: &mut Parts) -> Result<Admitted, HttpError> {
+    let security = hub.security();
+    let metrics = hub.metrics();
+    let mut ip = None;
+    let peer = parts
+        .extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|info| info.0.ip());
+    if let Some(peer) = peer {
+        let client = security
+            .trusted_proxies
+            .client_ip(peer, &parts.headers)
+            .inspect_err(|_| metrics.error(ErrorKind::Handshake))?;
+        parts.extensions.insert(ClientIp(client));
+        let limits = hub.limits();
+        ip = hub
+            .ip_limiter()
+            .admit(
+                client,
+                limits.max_connections_per_ip,
+                limits.max_connection_rate_per_ip,
+            )
+            .inspect_err(|err| {
+                metrics.error(ErrorKind::IpLimited);
+                tracing::debug!(%client, code = err.code, "upgrade refused by the per-IP limits");
+            })?;
+    }
+    if let Some(allowed) = &security.allowed_origins
+        && let Some(origin) = parts.headers.get(header::ORIGIN)
+    {
+        let origin = String::from_utf8_lossy(origin.as_bytes());
+        if !allowed.allows(&origin) {
+            metrics.error(ErrorKind::Forbidden);
+            return Err(HttpError::new(
+                StatusCode::FORBIDDEN,
+                "origin_not_allowed",
+                format!(
+                    "origin {:?} may not open WebSockets on this server: add it to allowed_origins",
+                    origin.chars().take(100).collect::<String>()
+                ),
+            ));
+        }
+    }
+    let protocol =
+        negotiate_subprotocol(parts).inspect_err(|_| metrics.error(ErrorKind::Handshake))?;
+    let mut expires_at = None;
+    if let Some(authenticator) = &security.authenticator {
+        let identity = match AssertUnwindSafe(authenticator.authenticate(parts))
+            .catch_unwind()
+            .await
+        {
+            Ok(Ok(identity)) => identity,
+            Ok(Err(refusal)) => {
+                metrics.error(ErrorKind::Unauthorized);
+                return Err(refusal);
+            }
+            Err(_) => {
+                metrics.error(ErrorKind::HandlerPanic);
+                return Err(HttpError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal_error",
+                    "the authenticator panicked",
+                ));
+            }
+        };
+        expires_at = identity.expires_at;
+        parts.extensions.insert::<Identity>(identity);
+    }
+    Ok(Admitted {
+        ip,
+        protocol,
+        expires_at,
+    })
 }
 
 /// Takes the raw `TcpStream` back from hyper when the connection is plain
@@ -149,17 +300,27 @@ fn run_upgraded<H: Handler>(
     handler: Arc<H>,
     state: H::State,
     conn: Conn<H::Info>,
-    permit: Option<OwnedSemaphorePermit>,
+    admission: Admission,
     deflate: Option<Agreed>,
 ) {
-    match upgraded.downcast::<TokioIo<TcpStream>>() {
+    let upgraded = match upgraded.downcast::<TokioIo<TcpStream>>() {
         Ok(parts) => {
             let io = parts.io.into_inner();
-            runtime::spawn(io, parts.read_buf, handler, state, conn, permit, deflate);
+            runtime::spawn(io, parts.read_buf, handler, state, conn, admission, deflate);
+            return;
         }
-        Err(upgraded) => {
-            let io = TokioIo::new(upgraded);
-            runtime::spawn(io, Bytes::new(), handler, state, conn, permit, deflate);
+        Err(upgraded) => upgraded,
+    };
+    // TLS terminated by `serve`: the same, with rustls' stream.
+    #[cfg(feature = "tls")]
+    let upgraded = match upgraded.downcast::<TokioIo<crate::tls::ServerStream>>() {
+        Ok(parts) => {
+            let io = parts.io.into_inner();
+            runtime::spawn(io, parts.read_buf, handler, state, conn, admission, deflate);
+            return;
         }
-    }
+        Err(upgraded) => upgraded,
+    };
+    let io = TokioIo::new(upgraded);
+    runtime::spawn(io, Bytes::new(), handler, state, conn, admission, deflate);
 }

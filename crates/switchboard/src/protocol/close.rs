@@ -6,7 +6,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 
 /// A WebSocket close status code (RFC 6455 §7.4).
 ///
-/// Switchboard sends the standard codes below plus two of its own in the
+/// Switchboard sends the standard codes below plus three of its own in the
 /// private range 4000–4999 (§7.4.2):
 ///
 /// | code | constant | when |
@@ -21,6 +21,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 /// | 1011 | [`INTERNAL_ERROR`](Self::INTERNAL_ERROR) | the handler panicked |
 /// | 4000 | [`DISCONNECTED`](Self::DISCONNECTED) | the backend closed it (`DELETE /api/connections/{id}`) |
 /// | 4001 | [`REPLACED`](Self::REPLACED) | a newer connection took this ID (`duplicate_ids = "replace-oldest"`) |
+/// | 4002 | [`TOKEN_EXPIRED`](Self::TOKEN_EXPIRED) | the client's credentials expired (plus the grace period): reconnect with a fresh token |
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct CloseCode(pub u16);
 
@@ -45,6 +46,9 @@ impl CloseCode {
     pub const DISCONNECTED: Self = Self(4000);
     /// 4001: replaced by a newer connection with the same client ID.
     pub const REPLACED: Self = Self(4001);
+    /// 4002: the client's token expired while it was connected (after
+    /// `Security::expiry_grace`); it should get a new token and reconnect.
+    pub const TOKEN_EXPIRED: Self = Self(4002);
 
     /// Whether a peer may send this code in a close frame (RFC 6455 §7.4.1,
     /// §7.4.2 and the IANA registry): 1000–1003, 1007–1014 and 3000–4999.

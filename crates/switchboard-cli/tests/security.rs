@@ -1,0 +1,785 @@
+//! The `switchboard` binary's security, configured from a file, the
+//! environment and flags: the safe defaults on a non-loopback address, a
+//! production configuration (JWT + API keys + TLS + origins) end to end, a
+//! certificate reload on SIGHUP, per-IP limits, and every bad setting
+//! stopping the server with exit code 2 and a message naming the key.
+
+use std::io::Read as _;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use futures_util::{SinkExt as _, StreamExt as _};
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+use rustls::pki_types::{CertificateDer, ServerName};
+use serde_json::json;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+
+const BIN: &str = env!("CARGO_BIN_EXE_switchboard");
+const WAIT: Duration = Duration::from_secs(5);
+const STARTUP: Duration = Duration::from_secs(30);
+const SECRET: &str = "cli test secret, at least thirty-two bytes";
+const API_KEY: &str = "api-key-0123456789abcdef";
+const API_KEY_2: &str = "api-key-second-fedcba9876";
+
+// ---------------------------------------------------------------------------
+// Processes and files
+// ---------------------------------------------------------------------------
+
+fn switchboard() -> Command {
+    let mut command = Command::new(BIN);
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("SWITCHBOARD_") {
+            command.env_remove(name);
+        }
+    }
+    command.stdin(Stdio::null());
+    command
+}
+
+/// Kills the child on drop.
+struct Guard(Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Guard {
+    fn wait_timeout(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.0.try_wait().expect("try_wait") {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Runs the binary to its end; returns its exit code and stderr.
+fn run_to_exit(mut command: Command) -> (Option<i32>, String) {
+    let mut child = command
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn switchboard");
+    let mut stderr = child.stderr.take().expect("stderr");
+    let mut guard = Guard(child);
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s);
+        s
+    });
+    let status = guard.wait_timeout(WAIT);
+    drop(guard);
+    let stderr = reader.join().unwrap_or_default();
+    let status = status.unwrap_or_else(|| panic!("still running after {WAIT:?}:\n{stderr}"));
+    (status.code(), stderr)
+}
+
+/// A running server: its address, whether it speaks TLS, and its log.
+struct Server {
+    proc: Guard,
+    addr: SocketAddr,
+    log: Arc<Mutex<Vec<String>>>,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Server {
+    /// Starts `command` and waits for `listening on http(s)://ADDR`.
+    fn spawn(mut command: Command) -> Self {
+        let mut child = command
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn switchboard");
+        let stderr = child.stderr.take().expect("stderr");
+        let proc = Guard(child);
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = mpsc::channel();
+        let sink = Arc::clone(&log);
+        std::thread::spawn(move || {
+            use std::io::BufRead as _;
+            for line in std::io::BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                sink.lock().expect("log").push(line.clone());
+                let _ = tx.send(line);
+            }
+        });
+        let deadline = Instant::now() + STARTUP;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = rx.recv_timeout(left).unwrap_or_else(|err| {
+                panic!(
+                    "no `listening on` line ({err}):\n{}",
+                    log.lock().expect("log").join("\n")
+                )
+            });
+            if let Some(addr) = listening_addr(&line) {
+                return Self {
+                    proc,
+                    addr,
+                    log,
+                    lines: rx,
+                };
+            }
+        }
+    }
+
+    /// Waits for a log line containing `text`.
+    fn wait_for_log(&self, text: &str) -> String {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line.contains(text) => return line,
+                Ok(_) => {}
+                Err(err) => panic!(
+                    "no log line with {text:?} ({err}):\n{}",
+                    self.log.lock().expect("log").join("\n")
+                ),
+            }
+        }
+    }
+
+    fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{name}"), &self.proc.0.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success());
+    }
+
+    fn log_text(&self) -> String {
+        self.log.lock().expect("log").join("\n")
+    }
+}
+
+fn listening_addr(line: &str) -> Option<SocketAddr> {
+    let at = line.find("listening on ")?;
+    let rest = &line[at + "listening on ".len()..];
+    let rest = rest
+        .strip_prefix("http://")
+        .or_else(|| rest.strip_prefix("https://"))?;
+    let end = rest
+        .find(|c: char| c.is_whitespace() || c == '"')
+        .unwrap_or(rest.len());
+    rest[..end].parse().ok()
+}
+
+/// A file in the temp directory, removed on drop.
+struct TempFile(PathBuf);
+
+impl TempFile {
+    fn new(suffix: &str, contents: &str) -> Self {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "switchboard-cli-security-{}-{}{suffix}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::write(&path, contents).expect("write temp file");
+        Self(path)
+    }
+
+    fn path(&self) -> &str {
+        self.0.to_str().expect("UTF-8 temp path")
+    }
+
+    fn write(&self, contents: &str) {
+        std::fs::write(&self.0, contents).expect("rewrite temp file");
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Runs with `toml` as the config file (listening on loopback) plus
+/// `args`, and expects exit 2 naming every one of `named`.
+fn assert_config_error(toml: &str, args: &[&str], envs: &[(&str, &str)], named: &[&str]) {
+    let file = TempFile::new(".toml", toml);
+    let mut command = switchboard();
+    command
+        .args(["--listen", "127.0.0.1:0", "--config", file.path()])
+        .args(args);
+    for (name, value) in envs {
+        command.env(name, value);
+    }
+    let (code, stderr) = run_to_exit(command);
+    assert_eq!(code, Some(2), "{toml:?} {args:?}: stderr:\n{stderr}");
+    for name in named {
+        assert!(
+            stderr.contains(name),
+            "{toml:?} {args:?}: stderr does not name {name}:\n{stderr}"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Tokens, certificates, clients
+// ---------------------------------------------------------------------------
+
+fn token(sub: &str, exp_in: u64) -> String {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    let claims = json!({
+        "sub": sub,
+        "exp": now + exp_in,
+        "iss": "https://auth.example.com/",
+        "aud": "switchboard",
+    });
+    jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .expect("encode")
+}
+
+struct Ca {
+    der: CertificateDer<'static>,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+impl Ca {
+    fn new() -> Self {
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let key = KeyPair::generate().expect("key");
+        let cert = params.self_signed(&key).expect("CA");
+        Self {
+            der: cert.der().clone(),
+            issuer: Issuer::new(params, key),
+        }
+    }
+
+    fn leaf(&self) -> (String, String, CertificateDer<'static>) {
+        let params = CertificateParams::new(vec!["localhost".to_owned()]).expect("params");
+        let key = KeyPair::generate().expect("key");
+        let cert = params.signed_by(&key, &self.issuer).expect("leaf");
+        (cert.pem(), key.serialize_pem(), cert.der().clone())
+    }
+
+    fn connector(&self) -> TlsConnector {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.der.clone()).expect("root");
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.resumption = rustls::client::Resumption::disabled();
+        TlsConnector::from(Arc::new(config))
+    }
+}
+
+async fn tls(
+    connector: &TlsConnector,
+    addr: SocketAddr,
+) -> (TlsStream<TcpStream>, CertificateDer<'static>) {
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    let name = ServerName::try_from("localhost").expect("name");
+    let stream = tokio::time::timeout(WAIT, connector.connect(name, tcp))
+        .await
+        .expect("handshake in time")
+        .expect("TLS handshake");
+    let cert = stream.get_ref().1.peer_certificates().expect("certs")[0].clone();
+    (stream, cert)
+}
+
+/// One HTTPS request; returns status and body.
+async fn https(
+    connector: &TlsConnector,
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (u16, String) {
+    let (mut stream, _) = tls(connector, addr).await;
+    let mut request =
+        format!("{method} {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n");
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let mut response = Vec::new();
+    let _ = tokio::time::timeout(WAIT, stream.read_to_end(&mut response)).await;
+    let text = String::from_utf8_lossy(&response).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {text:?}"));
+    // The API's bodies are small and not chunked by hyper at this size.
+    (status, body.to_owned())
+}
+
+type Wss = WebSocketStream<TlsStream<TcpStream>>;
+
+/// A WSS upgrade with `headers`; `Err(status)` when refused.
+async fn wss(
+    connector: &TlsConnector,
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Result<(Wss, CertificateDer<'static>, Option<String>), u16> {
+    let (stream, cert) = tls(connector, addr).await;
+    let mut request = format!("wss://localhost:{}{path}", addr.port())
+        .into_client_request()
+        .expect("request");
+    for (name, value) in headers {
+        request.headers_mut().insert(
+            http::HeaderName::from_bytes(name.as_bytes()).expect("name"),
+            http::HeaderValue::from_str(value).expect("value"),
+        );
+    }
+    match tokio_tungstenite::client_async(request, stream).await {
+        Ok((ws, response)) => {
+            let protocol = response
+                .headers()
+                .get("sec-websocket-protocol")
+                .map(|v| v.to_str().expect("ascii").to_owned());
+            Ok((ws, cert, protocol))
+        }
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            Err(response.status().as_u16())
+        }
+        Err(err) => panic!("unexpected handshake error: {err}"),
+    }
+}
+
+async fn next_text(ws: &mut Wss) -> String {
+    loop {
+        let message = tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("a message in time")
+            .expect("open")
+            .expect("no error");
+        match message {
+            WsMessage::Text(text) => return text.to_string(),
+            WsMessage::Ping(_) | WsMessage::Pong(_) => {}
+            other => panic!("expected text, got {other:?}"),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Safe defaults
+// ---------------------------------------------------------------------------
+
+#[test]
+fn non_loopback_with_auth_none_exits_2_before_binding() {
+    // A port taken on every interface: binding it would exit 3, so exit 2
+    // shows the refusal comes first.
+    let taken = std::net::TcpListener::bind("0.0.0.0:0").expect("bind");
+    let port = taken.local_addr().expect("addr").port();
+    let listen = format!("0.0.0.0:{port}");
+    let mut command = switchboard();
+    command.args(["--listen", &listen]);
+    let (code, stderr) = run_to_exit(command);
+    assert_eq!(code, Some(2), "{stderr}");
+    for named in [
+        "auth.mode",
+        "\"none\"",
+        &listen,
+        "--insecure-allow-anonymous",
+        "jwt",
+    ] {
+        assert!(stderr.contains(named), "does not name {named}:\n{stderr}");
+    }
+
+    // With authentication but no API key, the API would be open: refused too.
+    let mut command = switchboard();
+    command
+        .args(["--listen", &listen, "--auth-mode", "jwt"])
+        .env("SWITCHBOARD_AUTH_JWT_SECRET", SECRET);
+    let (code, stderr) = run_to_exit(command);
+    assert_eq!(code, Some(2), "{stderr}");
+    for named in ["api.keys", "--insecure-open-api", &listen] {
+        assert!(stderr.contains(named), "does not name {named}:\n{stderr}");
+    }
+    // The secret from the environment never appears in messages.
+    assert!(!stderr.contains(SECRET), "{stderr}");
+}
+
+#[tokio::test]
+async fn insecure_flags_start_on_a_public_address_with_warnings() {
+    let mut command = switchboard();
+    command.args([
+        "--listen",
+        "0.0.0.0:0",
+        "--insecure-allow-anonymous",
+        "--insecure-open-api",
+    ]);
+    let server = Server::spawn(command);
+    let log = server.log_text();
+    assert!(
+        log.contains("WARN") && log.contains("--insecure-allow-anonymous"),
+        "{log}"
+    );
+    assert!(log.contains("no api.keys"), "{log}");
+    // Anonymous clients work, as asked.
+    let addr = SocketAddr::from(([127, 0, 0, 1], server.addr.port()));
+    let (mut client, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/echo"))
+        .await
+        .expect("connect");
+    client.send(WsMessage::text("hi")).await.expect("send");
+    let echoed = tokio::time::timeout(WAIT, client.next())
+        .await
+        .expect("echo in time")
+        .expect("open")
+        .expect("ok");
+    assert_eq!(echoed, WsMessage::text("hi"));
+}
+
+// ---------------------------------------------------------------------------
+// The production configuration
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn production_config_jwt_api_keys_tls_origins_and_sighup_reload() {
+    let ca = Ca::new();
+    let (cert_a, key_a, der_a) = ca.leaf();
+    let (cert_b, key_b, der_b) = ca.leaf();
+    let cert = TempFile::new("-cert.pem", &cert_a);
+    let key = TempFile::new("-key.pem", &key_a);
+    let config = TempFile::new(
+        ".toml",
+        &format!(
+            r#"
+listen = "127.0.0.1:0"
+allowed_origins = ["https://app.example.com", "https://*.example.com"]
+
+[auth]
+mode = "jwt"
+issuer = "https://auth.example.com/"
+audience = "switchboard"
+clock_skew = "5s"
+expiry_grace = "10s"
+
+[api]
+keys = ["{API_KEY}", "{API_KEY_2}"]
+
+[tls]
+cert = "{}"
+key = "{}"
+"#,
+            cert.path(),
+            key.path()
+        ),
+    );
+    let mut command = switchboard();
+    command
+        .args(["--config", config.path()])
+        .env("SWITCHBOARD_AUTH_JWT_SECRET", SECRET);
+    let server = Server::spawn(command);
+    assert!(
+        server.log_text().contains("listening on https://"),
+        "{}",
+        server.log_text()
+    );
+    let addr = server.addr;
+    let connector = ca.connector();
+    let alice = token("alice", 3600);
+    let offer = format!("switchboard.v1, bearer.{alice}");
+    let origin = ("origin", "https://app.example.com");
+
+    // No token: 401. A token for alice, in the subprotocol, from an allowed
+    // origin: connected, answered with switchboard.v1 only.
+    assert_eq!(
+        wss(&connector, addr, "/ws", &[origin]).await.err(),
+        Some(401)
+    );
+    let (mut ws, shown, protocol) = wss(
+        &connector,
+        addr,
+        "/ws",
+        &[origin, ("sec-websocket-protocol", &offer)],
+    )
+    .await
+    .expect("alice connects");
+    assert_eq!(shown, der_a);
+    assert_eq!(protocol.as_deref(), Some("switchboard.v1"));
+    // Another origin: 403, token or not.
+    assert_eq!(
+        wss(
+            &connector,
+            addr,
+            "/ws",
+            &[
+                ("origin", "https://evil.example"),
+                ("sec-websocket-protocol", &offer)
+            ],
+        )
+        .await
+        .err(),
+        Some(403)
+    );
+    // A wildcard origin, the token in the header, someone else's ?id=: 403.
+    let bearer = format!("Bearer {alice}");
+    assert_eq!(
+        wss(
+            &connector,
+            addr,
+            "/ws?id=bob",
+            &[
+                ("origin", "https://chat.example.com"),
+                ("authorization", &bearer)
+            ],
+        )
+        .await
+        .err(),
+        Some(403)
+    );
+
+    // The API over HTTPS: no key 401, each key 200, alice listed.
+    let (status, body) = https(&connector, addr, "GET", "/api/connections", &[]).await;
+    assert_eq!(status, 401, "{body}");
+    assert!(body.contains("missing_api_key"), "{body}");
+    for key in [API_KEY, API_KEY_2] {
+        let auth = format!("Bearer {key}");
+        let (status, body) = https(
+            &connector,
+            addr,
+            "GET",
+            "/api/connections",
+            &[("authorization", &auth)],
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+        assert!(body.contains("\"alice\""), "{body}");
+    }
+    let (status, _) = https(&connector, addr, "GET", "/metrics", &[]).await;
+    assert_eq!(status, 401, "/metrics is protected by default");
+    let (status, _) = https(&connector, addr, "GET", "/heartbeat", &[]).await;
+    assert_eq!(status, 200, "/heartbeat stays public for load balancers");
+
+    // SIGHUP with a renewed certificate: new connections get it, alice's
+    // connection stays open.
+    cert.write(&cert_b);
+    key.write(&key_b);
+    server.signal("HUP");
+    server.wait_for_log("reloaded the TLS certificate");
+    let (_, shown) = tls(&connector, addr).await;
+    assert_eq!(shown, der_b);
+    let auth = format!("Bearer {API_KEY}");
+    let body = r#"{"targets":["alice"],"payload":"after reload"}"#;
+    let (mut stream, _) = tls(&connector, addr).await;
+    let request = format!(
+        "POST /api/send HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\nauthorization: {auth}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let mut response = Vec::new();
+    let _ = tokio::time::timeout(WAIT, stream.read_to_end(&mut response)).await;
+    let response = String::from_utf8_lossy(&response);
+    assert!(response.contains("\"delivered\":[\"alice\"]"), "{response}");
+    assert_eq!(next_text(&mut ws).await, "\"after reload\"");
+
+    // A broken certificate on the next SIGHUP is logged; the server keeps
+    // serving the current one.
+    cert.write("garbage");
+    server.signal("HUP");
+    server.wait_for_log("TLS reload failed");
+    let (_, shown) = tls(&connector, addr).await;
+    assert_eq!(shown, der_b);
+}
+
+#[tokio::test]
+async fn per_ip_limits_from_flags() {
+    let mut command = switchboard();
+    command.args(["--listen", "127.0.0.1:0", "--max-connections-per-ip", "1"]);
+    let server = Server::spawn(command);
+    let url = format!("ws://{}/echo", server.addr);
+    let (_held, _) = tokio_tungstenite::connect_async(&url)
+        .await
+        .expect("first connection");
+    match tokio_tungstenite::connect_async(&url).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 429);
+            assert!(response.headers().contains_key("retry-after"));
+        }
+        other => panic!("expected 429, got {:?}", other.map(|(_, r)| r.status())),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Bad settings
+// ---------------------------------------------------------------------------
+
+#[test]
+fn bad_security_settings_exit_2_naming_the_key() {
+    assert_config_error(
+        "[auth]\nmode = \"jwt\"\n",
+        &[],
+        &[],
+        &["auth.mode", "jwt_secret"],
+    );
+    assert_config_error(
+        &format!("[auth]\nmode = \"jwt\"\njwt_secret = \"{SECRET}\"\njwt_jwks = \"k.json\"\n"),
+        &[],
+        &[],
+        &["auth.jwt_secret", "auth.jwt_jwks"],
+    );
+    assert_config_error(
+        "[auth]\nmode = \"jwt\"\njwt_secret = \"too short\"\n",
+        &[],
+        &[],
+        &["auth.jwt_secret", "at least 32"],
+    );
+    assert_config_error(
+        "[auth]\nmode = \"jwt\"\njwt_public_key = \"/nonexistent/key.pem\"\n",
+        &[],
+        &[],
+        &["auth.jwt_public_key", "/nonexistent/key.pem"],
+    );
+    assert_config_error(
+        &format!("[auth]\njwt_secret = \"{SECRET}\"\n"),
+        &[],
+        &[],
+        &["auth.mode", "\"jwt\""],
+    );
+    assert_config_error("[auth]\nmode = \"oauth\"\n", &[], &[], &["mode", "oauth"]);
+    assert_config_error("[auth]\nsecret = \"x\"\n", &[], &[], &["secret"]);
+    assert_config_error("[api]\nkeys = [\"short\"]\n", &[], &[], &["api.keys", "16"]);
+    assert_config_error("[api]\nkey = \"x\"\n", &[], &[], &["key"]);
+    assert_config_error(
+        "allowed_origins = [\"app.example.com\"]\n",
+        &[],
+        &[],
+        &["allowed_origins", "app.example.com", "https://"],
+    );
+    assert_config_error(
+        "trusted_proxies = [\"10.0.0.0/40\"]\n",
+        &[],
+        &[],
+        &["trusted_proxies", "10.0.0.0/40"],
+    );
+    assert_config_error("[tls]\ncert = \"c.pem\"\n", &[], &[], &["tls.key"]);
+    assert_config_error(
+        "[tls]\ncert = \"/nonexistent/c.pem\"\nkey = \"/nonexistent/k.pem\"\n",
+        &[],
+        &[],
+        &["tls.cert", "/nonexistent/c.pem"],
+    );
+    assert_config_error("[tls]\ncrt = \"c.pem\"\n", &[], &[], &["crt"]);
+    // Flags and the environment are checked the same way.
+    assert_config_error("", &["--auth-mode", "jwt"], &[], &["auth.mode"]);
+    assert_config_error(
+        "",
+        &[],
+        &[("SWITCHBOARD_API_KEYS", "0123456789abcdef0123,tiny")],
+        &["api.keys", "#2"],
+    );
+    assert_config_error(
+        "",
+        &["--allowed-origins", "https://a.example.com,https://*"],
+        &[],
+        &["allowed_origins"],
+    );
+    assert_config_error("", &["--tls-key", "k.pem"], &[], &["tls.cert"]);
+}
+
+#[tokio::test]
+async fn api_keys_from_the_environment_are_comma_separated() {
+    let mut command = switchboard();
+    command
+        .args(["--listen", "127.0.0.1:0"])
+        .env("SWITCHBOARD_API_KEYS", format!("{API_KEY},{API_KEY_2}"));
+    let server = Server::spawn(command);
+    for (key, expected) in [
+        (API_KEY, 200),
+        (API_KEY_2, 200),
+        ("not-a-key-0123456789", 401),
+    ] {
+        let mut stream = TcpStream::connect(server.addr).await.expect("connect");
+        let request = format!(
+            "GET /api/connections HTTP/1.1\r\nhost: x\r\nconnection: close\r\nauthorization: Bearer {key}\r\n\r\n"
+        );
+        stream.write_all(request.as_bytes()).await.expect("write");
+        let mut response = Vec::new();
+        let _ = tokio::time::timeout(WAIT, stream.read_to_end(&mut response)).await;
+        let response = String::from_utf8_lossy(&response);
+        assert!(
+            response.starts_with(&format!("HTTP/1.1 {expected}")),
+            "{key}: {response}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn the_readme_production_example_starts_on_a_public_address() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md"))
+        .expect("read README.md");
+    let start = readme
+        .find("```toml\n# /etc/switchboard/switchboard.toml")
+        .expect("the production example in README.md");
+    let block = &readme[start + "```toml\n".len()..];
+    let block = &block[..block.find("```").expect("end of the block")];
+    let ca = Ca::new();
+    let (cert_pem, key_pem, der) = ca.leaf();
+    let cert = TempFile::new("-cert.pem", &cert_pem);
+    let key = TempFile::new("-key.pem", &key_pem);
+    let public_key = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../switchboard/tests/fixtures/rsa-public.pem"
+    );
+    // Only the port and the file paths change.
+    let mut toml = String::new();
+    for line in block.lines() {
+        let line = match line.split_once(" = ").map(|(k, _)| k) {
+            Some("listen") => "listen = \"0.0.0.0:0\"".to_owned(),
+            Some("jwt_public_key") => format!("jwt_public_key = \"{public_key}\""),
+            Some("cert") => format!("cert = \"{}\"", cert.path()),
+            Some("key") => format!("key = \"{}\"", key.path()),
+            _ => line.to_owned(),
+        };
+        toml.push_str(&line);
+        toml.push('\n');
+    }
+    let config = TempFile::new(".toml", &toml);
+    let mut command = switchboard();
+    command
+        .args(["--config", config.path()])
+        .env("SWITCHBOARD_API_KEYS", API_KEY);
+    let server = Server::spawn(command);
+    assert!(
+        server.log_text().contains("listening on https://0.0.0.0:"),
+        "{}",
+        server.log_text()
+    );
+    assert!(!server.log_text().contains("WARN"), "{}", server.log_text());
+    let addr = SocketAddr::from(([127, 0, 0, 1], server.addr.port()));
+    let connector = ca.connector();
+    let (_, shown) = tls(&connector, addr).await;
+    assert_eq!(shown, der);
+    let origin = ("origin", "https://app.example.com");
+    assert_eq!(
+        wss(&connector, addr, "/ws", &[origin]).await.err(),
+        Some(401)
+    );
+}

@@ -1,0 +1,346 @@
+//! The backend API behind API keys, the origin allow-list, and the per-IP
+//! limits (with `X-Forwarded-For` believed only from trusted proxies).
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use switchboard::auth::{AllowedOrigins, ApiKeys, TrustedProxies};
+use switchboard::{ErrorKind, Hub, Limits, Security};
+
+const KEY_1: &str = "key-one-0123456789abcdef";
+const KEY_2: &str = "key-two-fedcba9876543210";
+
+async fn start(limits: Limits, security: Security) -> TestServer {
+    let hub = Hub::builder(limits).security(security).build();
+    let app = switchboard::app(hub.clone());
+    TestServer::with_router(hub, app).await
+}
+
+fn with_keys() -> Security {
+    Security {
+        api_keys: ApiKeys::new([KEY_1, KEY_2]).expect("keys"),
+        ..Security::default()
+    }
+}
+
+async fn get_with(server: &TestServer, path: &str, auth: Option<&str>) -> RawResponse {
+    let headers: Vec<(&str, &str)> = auth.map(|a| ("Authorization", a)).into_iter().collect();
+    http_request(server.addr, "GET", path, &headers, b"").await
+}
+
+fn assert_api_401(response: &RawResponse, code: &str) {
+    assert_eq!(response.status, 401, "{}", response.text());
+    assert_eq!(response.error_code(), code);
+    assert_eq!(
+        response.header("www-authenticate"),
+        Some("Bearer realm=\"switchboard-api\"")
+    );
+}
+
+// ---------------------------------------------------------------------------
+// API keys
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn api_needs_a_valid_key() {
+    let server = start(Limits::default(), with_keys()).await;
+    assert_api_401(
+        &get_with(&server, "/api/connections", None).await,
+        "missing_api_key",
+    );
+    assert_api_401(
+        &get_with(
+            &server,
+            "/api/connections",
+            Some("Bearer wrong-key-0123456789"),
+        )
+        .await,
+        "invalid_api_key",
+    );
+    assert_api_401(
+        &get_with(&server, "/api/connections", Some(&format!("Basic {KEY_1}"))).await,
+        "missing_api_key",
+    );
+    // One character off, or a prefix, is wrong too.
+    let near = &KEY_1[..KEY_1.len() - 1];
+    assert_api_401(
+        &get_with(&server, "/api/connections", Some(&format!("Bearer {near}"))).await,
+        "invalid_api_key",
+    );
+    let post = http_request(
+        server.addr,
+        "POST",
+        "/api/send",
+        &[("Content-Type", "application/json")],
+        br#"{"targets":[1],"payload":"x"}"#,
+    )
+    .await;
+    assert_api_401(&post, "missing_api_key");
+    let delete = http_delete(server.addr, "/api/connections/1").await;
+    assert_api_401(&delete, "missing_api_key");
+
+    // Both keys work (rotation), the scheme in any case.
+    for auth in [
+        format!("Bearer {KEY_1}"),
+        format!("bearer {KEY_2}"),
+        format!("BEARER  {KEY_1} "),
+    ] {
+        let response = get_with(&server, "/api/connections", Some(&auth)).await;
+        assert_eq!(response.status, 200, "{auth}: {}", response.text());
+    }
+    let auth = format!("Bearer {KEY_2}");
+    let post = http_request(
+        server.addr,
+        "POST",
+        "/api/send",
+        &[
+            ("Content-Type", "application/json"),
+            ("Authorization", &auth),
+        ],
+        br#"{"targets":[1],"payload":"x"}"#,
+    )
+    .await;
+    assert_eq!(post.status, 200, "{}", post.text());
+    assert_eq!(post.json()["offline"], serde_json::json!([1]));
+}
+
+#[tokio::test]
+async fn metrics_protected_and_heartbeat_public_by_default() {
+    let server = start(Limits::default(), with_keys()).await;
+    assert_api_401(
+        &get_with(&server, "/metrics", None).await,
+        "missing_api_key",
+    );
+    let auth = format!("Bearer {KEY_1}");
+    assert_eq!(get_with(&server, "/metrics", Some(&auth)).await.status, 200);
+    assert_eq!(get_with(&server, "/heartbeat", None).await.status, 200);
+
+    let server = start(
+        Limits::default(),
+        Security {
+            protect_metrics: false,
+            protect_heartbeat: true,
+            ..with_keys()
+        },
+    )
+    .await;
+    assert_eq!(get_with(&server, "/metrics", None).await.status, 200);
+    assert_api_401(
+        &get_with(&server, "/heartbeat", None).await,
+        "missing_api_key",
+    );
+    assert_eq!(
+        get_with(&server, "/heartbeat", Some(&auth)).await.status,
+        200
+    );
+
+    // WebSocket routes do not take API keys: clients have their own auth.
+    let mut client = server.connect("/ws?id=1").await;
+    send_text(&mut client, r#"{"type":"subscribe","topic":"t"}"#).await;
+    assert_eq!(recv_json(&mut client).await["subscribed"], "t");
+}
+
+#[tokio::test]
+async fn no_keys_leaves_the_api_open() {
+    let server = TestServer::start().await;
+    assert_eq!(
+        get_with(&server, "/api/connections", None).await.status,
+        200
+    );
+    assert_eq!(get_with(&server, "/metrics", None).await.status, 200);
+}
+
+// ---------------------------------------------------------------------------
+// Origins
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn disallowed_origin_is_403_before_the_upgrade() {
+    let security = Security {
+        allowed_origins: Some(
+            AllowedOrigins::new(["https://app.example.com", "https://*.example.org"])
+                .expect("origins"),
+        ),
+        ..Security::default()
+    };
+    let server = start(Limits::default(), security).await;
+    for (origin, status) in [
+        (Some("https://app.example.com"), 101),
+        (Some("https://chat.example.org"), 101),
+        (Some("https://a.b.example.org"), 101),
+        (None, 101),
+        (Some("https://evil.example"), 403),
+        (Some("http://app.example.com"), 403),
+        (Some("https://example.org"), 403),
+        (Some("https://app.example.com.evil.example"), 403),
+        (Some("null"), 403),
+    ] {
+        let mut headers = upgrade_headers();
+        if let Some(origin) = origin {
+            headers.push(("Origin", origin));
+        }
+        for path in ["/ws?id=1", "/echo", "/chat"] {
+            let response = http_upgrade(server.addr, path, &headers).await;
+            assert_eq!(
+                response.status,
+                status,
+                "{origin:?} on {path}: {}",
+                response.text()
+            );
+            if status == 403 {
+                assert_eq!(response.error_code(), "origin_not_allowed");
+                assert!(
+                    response.text().contains("allowed_origins"),
+                    "{}",
+                    response.text()
+                );
+            }
+        }
+    }
+    assert_eq!(server.hub.metrics().errors(ErrorKind::Forbidden), 15);
+    // Plain HTTP routes are not WebSockets: the check does not apply.
+    let api = http_request(
+        server.addr,
+        "GET",
+        "/api/connections",
+        &[("Origin", "https://evil.example")],
+        b"",
+    )
+    .await;
+    assert_eq!(api.status, 200);
+}
+
+// ---------------------------------------------------------------------------
+// Per-IP limits
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn concurrent_connections_per_ip_are_capped_with_429() {
+    let limits = Limits {
+        max_connections_per_ip: 2,
+        ..Limits::default()
+    };
+    let server = start(limits, Security::default()).await;
+    let first = server.connect("/ws?id=1").await;
+    let _second = server.connect("/echo").await;
+    let refused = http_upgrade(server.addr, "/ws?id=3", &upgrade_headers()).await;
+    assert_eq!(refused.status, 429, "{}", refused.text());
+    assert_eq!(refused.error_code(), "too_many_connections");
+    assert_eq!(refused.header("retry-after"), Some("1"));
+    assert!(refused.text().contains("127.0.0.1"), "{}", refused.text());
+    assert_eq!(server.hub.metrics().errors(ErrorKind::IpLimited), 1);
+    // Plain HTTP (the backend's API calls) is not counted.
+    assert_eq!(http_get(server.addr, "/heartbeat").await.status, 200);
+
+    // Closing one frees its place (once its task has ended).
+    drop(first);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let response = http_upgrade(server.addr, "/ws?id=3", &upgrade_headers()).await;
+        if response.status == 101 {
+            break;
+        }
+        assert_eq!(response.status, 429, "{}", response.text());
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the place was not freed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn new_connections_per_second_per_ip_are_limited_with_retry_after() {
+    // One per second: the second attempt within the second is refused, on a
+    // busy machine too.
+    let limits = Limits {
+        max_connection_rate_per_ip: 1,
+        ..Limits::default()
+    };
+    let server = start(limits, Security::default()).await;
+    let response = http_upgrade(server.addr, "/echo", &upgrade_headers()).await;
+    assert_eq!(response.status, 101);
+    let refused = http_upgrade(server.addr, "/ws?id=1", &upgrade_headers()).await;
+    assert_eq!(refused.status, 429, "{}", refused.text());
+    assert_eq!(refused.error_code(), "connection_rate_limited");
+    let retry: u64 = refused
+        .header("retry-after")
+        .and_then(|v| v.parse().ok())
+        .expect("a Retry-After in seconds");
+    assert_eq!(retry, 1);
+    assert_eq!(server.hub.metrics().errors(ErrorKind::IpLimited), 1);
+    // The bucket refills at one per second.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let response = http_upgrade(server.addr, "/echo", &upgrade_headers()).await;
+    assert_eq!(response.status, 101);
+}
+
+#[tokio::test]
+async fn forwarded_for_counts_only_from_trusted_proxies() {
+    let limits = Limits {
+        max_connections_per_ip: 1,
+        ..Limits::default()
+    };
+    // Untrusted peer: the header is ignored, so a client cannot dodge the
+    // limit by inventing addresses.
+    let server = start(limits.clone(), Security::default()).await;
+    let upgrade_from = |ip: &'static str| {
+        let mut headers = upgrade_headers();
+        headers.push(("X-Forwarded-For", ip));
+        headers
+    };
+    let _held = connect_raw(&server, &upgrade_from("198.51.100.1")).await;
+    let refused = http_upgrade(server.addr, "/echo", &upgrade_from("198.51.100.2")).await;
+    assert_eq!(refused.status, 429, "{}", refused.text());
+    assert!(refused.text().contains("127.0.0.1"), "{}", refused.text());
+
+    // Behind a trusted proxy (here: loopback), each forwarded client has its
+    // own budget.
+    let security = Security {
+        trusted_proxies: TrustedProxies::new(["127.0.0.0/8"]).expect("proxies"),
+        ..Security::default()
+    };
+    let server = start(limits, security).await;
+    let _a = connect_raw(&server, &upgrade_from("198.51.100.1")).await;
+    let _b = connect_raw(&server, &upgrade_from("198.51.100.2")).await;
+    let refused = http_upgrade(server.addr, "/echo", &upgrade_from("198.51.100.1")).await;
+    assert_eq!(refused.status, 429, "{}", refused.text());
+    assert!(
+        refused.text().contains("198.51.100.1"),
+        "{}",
+        refused.text()
+    );
+    // The client's own entries to the left of the proxy's prove nothing.
+    let spoofed = http_upgrade(
+        server.addr,
+        "/echo",
+        &upgrade_from("203.0.113.77, 198.51.100.2"),
+    )
+    .await;
+    assert_eq!(spoofed.status, 429, "{}", spoofed.text());
+    let garbage = http_upgrade(server.addr, "/echo", &upgrade_from("not-an-address")).await;
+    assert_eq!(garbage.status, 400);
+    assert_eq!(garbage.error_code(), "invalid_forwarded_for");
+}
+
+/// Opens a WebSocket with raw `headers` and keeps the socket open.
+async fn connect_raw(server: &TestServer, headers: &[(&str, &str)]) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt as _;
+    let mut request = format!("GET /echo HTTP/1.1\r\nHost: {}\r\n", server.addr);
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
+    let mut stream = tokio::net::TcpStream::connect(server.addr)
+        .await
+        .expect("connect");
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .expect("write upgrade");
+    let response = read_http_response(&mut stream).await;
+    assert_eq!(response.status, 101, "{}", response.text());
+    stream
+}
