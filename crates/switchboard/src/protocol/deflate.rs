@@ -7,11 +7,11 @@
 //! `max_message_size` (a decompression bomb closes with 1009).
 //!
 //! Memory: the compressor and inflater are created on first use, so a
-//! connection that never moves a large message pays nothing. Once created,
-//! zlib's deflate state costs about `2^(server_max_window_bits + 2) + 2^(9 +
-//! 8)` bytes (≈ 256 KiB at 15 bits, ≈ 130 KiB at 9 bits) and its inflate
-//! state about `2^client_max_window_bits` + 7 KiB (≈ 39 KiB at 15 bits).
-//! Lower window bits trade compression ratio for memory.
+//! connection that never moves a large message pays almost nothing. Once
+//! created they were measured (docs/benchmarks.md, `switchboard-bench hold
+//! --compression --exchange`) at ≈ 312 KiB for the compressor with a 15-bit
+//! window (≈ 188 KiB at 9 bits) and ≈ 19 KiB for the inflater. Lower window
+//! bits trade compression ratio for memory.
 
 use std::fmt::Write as _;
 
