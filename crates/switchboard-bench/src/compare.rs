@@ -1025,12 +1025,12 @@ async fn run_workload(
         }
         Workload::Relay => {
             let r = relay::run(&RelayArgs {
-                url: format!("ws://{addr}/ws"),
+                urls: vec![format!("ws://{addr}/ws")],
                 clients: plan.relay_clients,
                 inflight: plan.relay_inflight,
                 duration: plan.duration,
                 drain: 3.0,
-                server_pid: pid,
+                server_pids: pid.into_iter().collect(),
                 connect_concurrency: 64,
             })
             .await?;
@@ -1080,6 +1080,10 @@ async fn run_workload(
                 settle: 2.0,
                 hold: 0.0,
                 server_pid: pid,
+                compression: false,
+                exchange: false,
+                exchange_size: 1024,
+                exchange_uncompressed: false,
             })
             .await?;
             r.print();

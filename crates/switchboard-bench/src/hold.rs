@@ -11,6 +11,21 @@
 //! time per handshake, the server's `VmRSS` before and after (settled), hence
 //! bytes per idle connection, and the kernel-side growth of TCP socket memory
 //! and slab (both ends of each loopback connection live in the same kernel).
+//!
+//! With `--compression` every client offers permessage-deflate
+//! (`permessage-deflate; client_max_window_bits`, so the server may choose
+//! any window for our side) and the run fails unless the server agrees. With
+//! `--exchange` as well (meant for `/echo`), each client then sends one
+//! compressed text message of `--exchange-size` bytes (raw deflate, RSV1)
+//! and checks its echo, so that the server creates its lazily allocated
+//! inflater and (for an echo of at least the server's `min_size`, which it
+//! compresses) its compressor; the client drops its own zlib state straight
+//! away, and the connection then stays idle like the others. To tell the
+//! two apart: `--exchange-uncompressed` sends the message uncompressed (only
+//! the server's compressor is created, for the echo), and an
+//! `--exchange-size` below the server's `min_size` gets an uncompressed
+//! echo (only the inflater is created). The report counts the echoes that
+//! came back compressed.
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
@@ -53,6 +68,24 @@ pub(crate) struct HoldArgs {
     /// PID of the server, to read its RSS and CPU time.
     #[arg(long)]
     pub(crate) server_pid: Option<u32>,
+    /// Offer permessage-deflate in the handshake; fail when the server does
+    /// not agree.
+    #[arg(long)]
+    pub(crate) compression: bool,
+    /// With `--compression`: send one compressed message per connection and
+    /// check its (compressed) echo before holding the connection; use an
+    /// echo URL (`ws://…/echo`).
+    #[arg(long, requires = "compression")]
+    pub(crate) exchange: bool,
+    /// Size of the exchanged message before compression (the server only
+    /// compresses messages of at least its `compression.min_size`, 256 by
+    /// default).
+    #[arg(long, default_value_t = 1024)]
+    pub(crate) exchange_size: usize,
+    /// With `--exchange`: send the message uncompressed, so that only the
+    /// server's compressor (for the echo) is created, not its inflater.
+    #[arg(long, requires = "exchange")]
+    pub(crate) exchange_uncompressed: bool,
 }
 
 /// Result of a `hold` run.
@@ -93,6 +126,16 @@ pub(crate) struct HoldReport {
     pub(crate) kernel_tcp_bytes_per_connection: f64,
     /// Growth of kernel slab per connection (both ends, noisy), bytes.
     pub(crate) kernel_slab_bytes_per_connection: f64,
+    /// The server's `Sec-WebSocket-Extensions` answer (of the first
+    /// connection) when `--compression` offered permessage-deflate.
+    #[serde(default)]
+    pub(crate) compression: Option<String>,
+    /// Connections whose message came back intact (`--exchange`).
+    #[serde(default)]
+    pub(crate) exchanged: usize,
+    /// Of those, echoes the server sent compressed.
+    #[serde(default)]
+    pub(crate) echoes_compressed: usize,
     /// True when every connection opened and stayed open.
     pub(crate) ok: bool,
 }
@@ -131,6 +174,15 @@ impl HoldReport {
         if let Some(x) = self.server_bytes_per_connection {
             println!("  {x:.0} bytes of server RSS per idle connection");
         }
+        if let Some(agreed) = &self.compression {
+            println!("  extension agreed: {agreed}");
+            if self.exchanged > 0 {
+                println!(
+                    "  {} connections exchanged one message; {} echoes came back compressed",
+                    self.exchanged, self.echoes_compressed
+                );
+            }
+        }
         println!(
             "  kernel per connection (both ends): TCP buffers {:.0} B, slab {:.0} B",
             self.kernel_tcp_bytes_per_connection, self.kernel_slab_bytes_per_connection
@@ -140,7 +192,7 @@ impl HoldReport {
 }
 
 /// The source address of connection `i`, if rotation applies.
-fn source_addr(i: usize, count: u8, target: IpAddr) -> Option<IpAddr> {
+pub(crate) fn source_addr(i: usize, count: u8, target: IpAddr) -> Option<IpAddr> {
     match target {
         IpAddr::V4(v4) if v4.is_loopback() && count > 0 => {
             let last = 2 + (i % usize::from(count)) as u8;
@@ -171,6 +223,14 @@ pub(crate) async fn run(args: &HoldArgs) -> Result<HoldReport> {
     let limit = Arc::new(Semaphore::new(args.concurrency.max(1)));
     let (stop_tx, stop_rx) = watch::channel(false);
     let alive = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let exchanged = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let echoes_compressed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let compress_sent = !args.exchange_uncompressed;
+    let agreed_first: Arc<parking_lot::Mutex<Option<String>>> = Arc::default();
+    let offer = args
+        .compression
+        .then_some("permessage-deflate; client_max_window_bits");
+    let exchange = args.exchange.then(|| exchange_text(args.exchange_size));
 
     let window = CpuWindow::start(args.server_pid);
     let started = Instant::now();
@@ -182,8 +242,40 @@ pub(crate) async fn run(args: &HoldArgs) -> Result<HoldReport> {
         let progress = progress.clone();
         let mut stop_rx = stop_rx.clone();
         let alive = alive.clone();
+        let (exchanged, echoes_compressed, agreed_first, exchange) = (
+            exchanged.clone(),
+            echoes_compressed.clone(),
+            agreed_first.clone(),
+            exchange.clone(),
+        );
         tasks.push(tokio::spawn(async move {
-            let conn = ws::connect(&url, source, 256).await;
+            let conn = async {
+                let (mut stream, mut reader, agreed) =
+                    ws::connect_with(&url, source, 256, offer).await?;
+                if offer.is_some() {
+                    let Some(agreed) = agreed else {
+                        bail!("the server did not agree to permessage-deflate");
+                    };
+                    if let Some(text) = &exchange {
+                        let compressed = exchange_message(
+                            &mut stream,
+                            &mut reader,
+                            &agreed,
+                            text,
+                            compress_sent,
+                            i,
+                        )
+                        .await?;
+                        exchanged.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        if compressed {
+                            echoes_compressed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                    }
+                    agreed_first.lock().get_or_insert(agreed);
+                }
+                Ok((stream, reader))
+            }
+            .await;
             drop(permit);
             let (mut stream, mut reader) = match conn {
                 Ok(c) => c,
@@ -285,8 +377,81 @@ pub(crate) async fn run(args: &HoldArgs) -> Result<HoldReport> {
             kernel_before.slab_bytes,
             kernel_after.slab_bytes,
         ),
+        compression: agreed_first.lock().clone(),
+        exchanged: exchanged.load(std::sync::atomic::Ordering::Relaxed),
+        echoes_compressed: echoes_compressed.load(std::sync::atomic::Ordering::Relaxed),
         ok: failed == 0 && alive_at_measure == args.connections,
     })
+}
+
+/// A compressible text of `size` bytes (JSON-like, repetitive, as chat
+/// traffic is), at least 1 byte.
+fn exchange_text(size: usize) -> Arc<Vec<u8>> {
+    let mut s = String::with_capacity(size + 64);
+    let mut k = 0u32;
+    while s.len() < size.max(1) {
+        let _ = std::fmt::Write::write_fmt(
+            &mut s,
+            format_args!(
+                r#"{{"user":"u{}","text":"hello from the hold workload","n":{k}}} "#,
+                k % 7
+            ),
+        );
+        k += 1;
+    }
+    s.truncate(size.max(1));
+    Arc::new(s.into_bytes())
+}
+
+/// Sends `text` as one message (compressed unless `!compress`) and checks
+/// that the echo is the same text; returns whether the echo was compressed.
+/// Bounded by 10 s.
+async fn exchange_message(
+    stream: &mut tokio::net::TcpStream,
+    reader: &mut ws::FrameReader,
+    agreed: &str,
+    text: &[u8],
+    compress: bool,
+    i: usize,
+) -> Result<bool> {
+    let mut out = Vec::with_capacity(text.len() + 14);
+    let mut rng = FastRng::new(i as u64);
+    if compress {
+        let window = ws::deflate_param(agreed, "client_max_window_bits").unwrap_or(15);
+        let compressed = ws::deflate_message(text, window)?;
+        ws::encode_frame_rsv(
+            &mut out,
+            ws::OP_TEXT,
+            true,
+            &compressed,
+            rng.next_u64() as u32,
+        );
+    } else {
+        ws::encode_frame(&mut out, ws::OP_TEXT, text, rng.next_u64() as u32);
+    }
+    stream.write_all(&out).await?;
+    let echo = async {
+        loop {
+            reader.fill(stream).await?;
+            if let Some(msg) = reader.next_message()? {
+                let Message::Text(payload) = msg else {
+                    bail!("expected the echo of the message, got {msg:?}");
+                };
+                let payload = payload.to_vec();
+                let compressed = reader.last_compressed;
+                let echoed = if compressed {
+                    ws::inflate_message(&payload, text.len() + 1)?
+                } else {
+                    payload
+                };
+                ensure!(echoed == text, "the echo differs from the message sent");
+                return Ok(compressed);
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), echo)
+        .await
+        .map_err(|_| anyhow::anyhow!("no echo of the message within 10 s"))?
 }
 
 #[cfg(test)]

@@ -13,7 +13,8 @@
 //! * **`echo`** — N connections to `/echo`, each keeping K messages of S bytes
 //!   in flight (closed loop). Every echo is checked byte for byte and in order;
 //!   reports messages/s and round-trip latency percentiles (HdrHistogram).
-//! * **`relay`** — N clients on `/ws?id=i` send
+//! * **`relay`** — N clients on `/ws?id=i` (spread round-robin over several
+//!   `--url`s, e.g. the nodes of a cluster) send
 //!   `{"targets":[j],"payload":{"t":…,"from":i,"seq":k}}` to pseudo-random
 //!   peers j with at most K undelivered messages each; reports sent/s,
 //!   delivered/s, lost (after a drain period), misdeliveries and one-way
@@ -24,7 +25,14 @@
 //!   delivery and of the last delivery of each publish.
 //! * **`hold`** — opens N idle connections as fast as possible from rotating
 //!   source addresses 127.0.0.2, 127.0.0.3, …; reports handshakes/s, failures
-//!   and, given `--server-pid`, the server's RSS growth per idle connection.
+//!   and, given `--server-pid`, the server's RSS growth per idle connection;
+//!   `--compression` offers permessage-deflate, `--exchange` (on `/echo`)
+//!   sends one compressed message per connection first.
+//! * **`soak`** — keeps N connections churning for a bounded time (pairs
+//!   that connect, exchange relay messages with each other, idle, close
+//!   politely or with a RST, and start over with new IDs) while sampling the
+//!   server's RSS every second; reports RSS after a warm-up round, at the
+//!   peak and at the end (once `/api/connections` shows no open connection).
 //! * **`compare`** — builds and starts Switchboard and the reference servers
 //!   (`ref-tungstenite`, `ref-fastwebsockets`, Node's `ws` when available) one
 //!   at a time, pinned to CPU 0 while the load generator runs on CPU 1, runs
@@ -43,6 +51,7 @@ mod fanout;
 mod hold;
 mod plot;
 mod relay;
+mod soak;
 mod stats;
 mod ws;
 
@@ -77,6 +86,9 @@ enum Command {
     Fanout(fanout::FanoutArgs),
     /// Open and hold N idle connections; memory per connection.
     Hold(hold::HoldArgs),
+    /// Keep N connections churning; does the server's memory return to its
+    /// baseline?
+    Soak(soak::SoakArgs),
     /// Run all workloads against Switchboard and the reference servers.
     Compare(Box<compare::CompareArgs>),
 }
@@ -146,6 +158,11 @@ async fn run(command: Command) -> Result<bool> {
         }
         Command::Hold(a) => {
             let r = hold::run(&a).await?;
+            r.print();
+            finish(&r, r.ok)
+        }
+        Command::Soak(a) => {
+            let r = soak::run(&a).await?;
             r.print();
             finish(&r, r.ok)
         }

@@ -12,6 +12,13 @@
 //! until one arrives, which proves that every client is registered. After the
 //! window, senders stop and the tool waits (the drain period) until every sent
 //! message has been delivered; whatever is missing then is reported as lost.
+//!
+//! Several `--url`s (the nodes of a cluster) spread the clients round-robin:
+//! client i connects to URL `i mod nodes`. With 3 nodes about two thirds of
+//! the messages then cross nodes; deliveries and latency are also reported
+//! separately for messages whose sender and receiver are on different nodes.
+//! `--server-pid` may be repeated (every node, and Redis): their CPU times
+//! add up to the "server" CPU.
 
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -31,9 +38,14 @@ use crate::ws::{self, FastRng, Message, WsUrl, splitmix};
 #[derive(clap::Args, Clone, Debug)]
 pub(crate) struct RelayArgs {
     /// Relay endpoint; client i connects to `<url>?id=i` (or substitutes
-    /// `{i}` in the URL).
-    #[arg(long, default_value = "ws://127.0.0.1:8080/ws")]
-    pub(crate) url: String,
+    /// `{i}` in the URL). Repeat it (or separate with commas) to spread the
+    /// clients round-robin over several nodes.
+    #[arg(
+        long = "url",
+        default_value = "ws://127.0.0.1:8080/ws",
+        value_delimiter = ','
+    )]
+    pub(crate) urls: Vec<String>,
     /// Number of clients.
     #[arg(short = 'n', long, default_value_t = 100)]
     pub(crate) clients: usize,
@@ -46,9 +58,11 @@ pub(crate) struct RelayArgs {
     /// Seconds to wait for in-flight messages after the window.
     #[arg(long, default_value_t = 3.0)]
     pub(crate) drain: f64,
-    /// PID of the server, to report deliveries per server CPU-second.
-    #[arg(long)]
-    pub(crate) server_pid: Option<u32>,
+    /// PID of the server, to report deliveries per server CPU-second;
+    /// repeat it for a server made of several processes (cluster nodes and
+    /// Redis): their CPU times add up.
+    #[arg(long = "server-pid", value_delimiter = ',')]
+    pub(crate) server_pids: Vec<u32>,
     /// Concurrent handshakes while connecting.
     #[arg(long, default_value_t = 64)]
     pub(crate) connect_concurrency: usize,
@@ -61,6 +75,9 @@ pub(crate) struct RelayReport {
     pub(crate) workload: String,
     /// Clients requested.
     pub(crate) clients: usize,
+    /// Number of URLs (nodes) the clients were spread over.
+    #[serde(default = "one")]
+    pub(crate) nodes: usize,
     /// Connections that failed to open or broke during the run.
     pub(crate) connection_errors: usize,
     /// First error seen, if any.
@@ -87,19 +104,41 @@ pub(crate) struct RelayReport {
     pub(crate) delivered_per_server_cpu_sec: Option<f64>,
     /// One-way latency (send to delivery).
     pub(crate) latency: Latency,
+    /// With several nodes: deliveries whose sender was on another node.
+    #[serde(default)]
+    pub(crate) cross_node_delivered: u64,
+    /// With several nodes: latency of the cross-node deliveries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) cross_node_latency: Option<Latency>,
+    /// With several nodes: latency of deliveries within one node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) same_node_latency: Option<Latency>,
     /// CPU use in the window (including the drain).
     pub(crate) cpu: CpuUse,
+    /// With several `--server-pid`s: each one's CPU seconds in the window.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(crate) server_cpu_secs_by_pid: Vec<(u32, f64)>,
     /// True when nothing was lost, duplicated or misdelivered and no
     /// connection failed.
     pub(crate) ok: bool,
+}
+
+fn one() -> usize {
+    1
 }
 
 impl RelayReport {
     /// Prints the human-readable summary.
     pub(crate) fn print(&self) {
         println!(
-            "relay: {} clients, {} in flight each",
-            self.clients, self.inflight
+            "relay: {} clients{}, {} in flight each",
+            self.clients,
+            if self.nodes > 1 {
+                format!(" spread over {} nodes", self.nodes)
+            } else {
+                String::new()
+            },
+            self.inflight
         );
         println!(
             "  sent {} delivered {} lost {} duplicated {} misdelivered {} unparsable {} connection errors {}",
@@ -123,7 +162,24 @@ impl RelayReport {
             println!("  {} deliveries per server CPU-second", fmt_rate(x));
         }
         println!("  one way: {}", self.latency.line());
+        if let (Some(cross), Some(same)) = (&self.cross_node_latency, &self.same_node_latency) {
+            println!(
+                "  cross-node deliveries {} ({:.0}%)",
+                self.cross_node_delivered,
+                self.cross_node_delivered as f64 * 100.0 / self.delivered.max(1) as f64
+            );
+            println!("  one way, cross-node: {}", cross.line());
+            println!("  one way, same node:  {}", same.line());
+        }
         println!("  {}", self.cpu.line());
+        if self.server_cpu_secs_by_pid.len() > 1 {
+            let parts: Vec<String> = self
+                .server_cpu_secs_by_pid
+                .iter()
+                .map(|(pid, secs)| format!("pid {pid} {secs:.2}s"))
+                .collect();
+            println!("  server CPU by process: {}", parts.join(", "));
+        }
     }
 }
 
@@ -137,6 +193,7 @@ struct Delivery {
 
 struct Shared {
     clients: usize,
+    nodes: usize,
     permits: Vec<Semaphore>,
     probe_seen: Vec<AtomicBool>,
     probes_missing: AtomicUsize,
@@ -144,7 +201,11 @@ struct Shared {
     delivered: AtomicU64,
     misdelivered: AtomicU64,
     unparsable: AtomicU64,
+    cross_node: AtomicU64,
     recorder: Recorder,
+    /// With several nodes: cross-node and same-node latencies.
+    cross_recorder: Recorder,
+    same_recorder: Recorder,
 }
 
 /// The peer that message `seq` of client `from` goes to (never `from` itself
@@ -163,10 +224,19 @@ pub(crate) async fn run(args: &RelayArgs) -> Result<RelayReport> {
     if args.clients == 0 || args.inflight == 0 {
         bail!("--clients and --inflight must be at least 1");
     }
-    let url = WsUrl::parse(&args.url)?;
+    if args.urls.is_empty() {
+        bail!("give at least one --url");
+    }
+    let urls = args
+        .urls
+        .iter()
+        .map(|u| WsUrl::parse(u))
+        .collect::<Result<Vec<_>>>()?;
+    let nodes = urls.len();
     let n = args.clients;
     let shared = Arc::new(Shared {
         clients: n,
+        nodes,
         permits: (0..n).map(|_| Semaphore::new(args.inflight)).collect(),
         probe_seen: (0..n).map(|_| AtomicBool::new(false)).collect(),
         probes_missing: AtomicUsize::new(n),
@@ -174,7 +244,10 @@ pub(crate) async fn run(args: &RelayArgs) -> Result<RelayReport> {
         delivered: AtomicU64::new(0),
         misdelivered: AtomicU64::new(0),
         unparsable: AtomicU64::new(0),
+        cross_node: AtomicU64::new(0),
         recorder: Recorder::new(8),
+        cross_recorder: Recorder::new(8),
+        same_recorder: Recorder::new(8),
     });
     let progress = Arc::new(Progress::default());
     let (phase_tx, phase_rx) = watch::channel(Phase::Connect);
@@ -182,7 +255,8 @@ pub(crate) async fn run(args: &RelayArgs) -> Result<RelayReport> {
 
     let mut tasks = Vec::with_capacity(n);
     for i in 0..n {
-        let url = url.with_path(&client_path(&url.path, i));
+        let node = &urls[i % nodes];
+        let url = node.with_path(&client_path(&node.path, i));
         let (shared, progress, phase_rx, connect_limit) = (
             shared.clone(),
             progress.clone(),
@@ -225,11 +299,11 @@ pub(crate) async fn run(args: &RelayArgs) -> Result<RelayReport> {
         bail!(
             "{} of {n} clients never received a probe message: does the server relay on {}?",
             shared.probes_missing.load(Ordering::Relaxed),
-            url.path_only()
+            urls[0].path_only()
         );
     }
 
-    let window = CpuWindow::start(args.server_pid);
+    let window = CpuWindow::start_many(args.server_pids.clone());
     let _ = phase_tx.send(Phase::Run);
     tokio::time::sleep(Duration::from_secs_f64(args.duration)).await;
     let _ = phase_tx.send(Phase::Drain);
@@ -239,7 +313,7 @@ pub(crate) async fn run(args: &RelayArgs) -> Result<RelayReport> {
             || progress.counts().1 > 0
     })
     .await;
-    let cpu = window.finish();
+    let (cpu, server_cpu_secs_by_pid) = window.finish_by_pid();
     let _ = phase_tx.send(Phase::Shutdown);
     for t in tasks {
         let _ = t.await;
@@ -249,12 +323,14 @@ pub(crate) async fn run(args: &RelayArgs) -> Result<RelayReport> {
     let delivered = shared.delivered.load(Ordering::Relaxed);
     let misdelivered = shared.misdelivered.load(Ordering::Relaxed);
     let unparsable = shared.unparsable.load(Ordering::Relaxed);
+    let split = |r: &Recorder| (nodes > 1).then(|| Latency::from_histogram(&r.merged()));
     let (_, errors) = progress.counts();
     let lost = sent.saturating_sub(delivered);
     let duplicated = delivered.saturating_sub(sent);
     Ok(RelayReport {
         workload: "relay".into(),
         clients: n,
+        nodes,
         connection_errors: errors,
         first_error: progress.first_error(),
         inflight: args.inflight,
@@ -268,7 +344,11 @@ pub(crate) async fn run(args: &RelayArgs) -> Result<RelayReport> {
         delivered_per_sec: delivered as f64 / cpu.wall_secs.max(1e-9),
         delivered_per_server_cpu_sec: cpu.per_server_cpu_sec(delivered),
         latency: Latency::from_histogram(&shared.recorder.merged()),
+        cross_node_delivered: shared.cross_node.load(Ordering::Relaxed),
+        cross_node_latency: split(&shared.cross_recorder),
+        same_node_latency: split(&shared.same_recorder),
         cpu,
+        server_cpu_secs_by_pid,
         ok: errors == 0
             && lost == 0
             && duplicated == 0
@@ -312,6 +392,9 @@ async fn client(
     let mut out = Vec::with_capacity(1024);
     let mut text = String::with_capacity(128);
     let mut latencies = Vec::with_capacity(256);
+    // With several nodes: (cross-node, same-node) latencies.
+    let mut split = (Vec::with_capacity(256), Vec::with_capacity(256));
+    let nodes = shared.nodes;
     let mut seq = 0u64;
     let mut next_probe = Instant::now();
     let permits = &shared.permits[i];
@@ -361,7 +444,16 @@ async fn client(
                         shared.misdelivered.fetch_add(1, Ordering::Relaxed);
                     }
                     shared.delivered.fetch_add(1, Ordering::Relaxed);
-                    latencies.push(now.saturating_sub(d.t));
+                    let latency = now.saturating_sub(d.t);
+                    latencies.push(latency);
+                    if nodes > 1 {
+                        if d.from % nodes == i % nodes {
+                            split.1.push(latency);
+                        } else {
+                            shared.cross_node.fetch_add(1, Ordering::Relaxed);
+                            split.0.push(latency);
+                        }
+                    }
                     shared.permits[d.from].add_permits(1);
                 }
             }
@@ -392,9 +484,15 @@ async fn client(
         if latencies.len() >= 256 {
             shared.recorder.record_all(i, &latencies);
             latencies.clear();
+            shared.cross_recorder.record_all(i, &split.0);
+            split.0.clear();
+            shared.same_recorder.record_all(i, &split.1);
+            split.1.clear();
         }
     }
     shared.recorder.record_all(i, &latencies);
+    shared.cross_recorder.record_all(i, &split.0);
+    shared.same_recorder.record_all(i, &split.1);
     ws::send_close(&mut stream, &mut rng).await;
     Ok(())
 }

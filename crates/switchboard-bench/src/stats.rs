@@ -272,11 +272,13 @@ impl KernelMem {
 }
 
 /// Samples a server's CPU time over a measured window (if a PID is known)
-/// together with this process's own CPU time.
+/// together with this process's own CPU time. Several server PIDs (the
+/// nodes of a cluster, and its Redis) count as one server: their CPU times
+/// add up.
 #[derive(Debug)]
 pub(crate) struct CpuWindow {
-    server_pid: Option<u32>,
-    server_start: Option<Duration>,
+    server_pids: Vec<u32>,
+    server_start: Vec<Option<Duration>>,
     client_start: Option<Duration>,
     system_start: Option<Duration>,
     wall_start: Instant,
@@ -301,9 +303,14 @@ pub(crate) struct CpuUse {
 impl CpuWindow {
     /// Starts a window now.
     pub(crate) fn start(server_pid: Option<u32>) -> Self {
+        Self::start_many(server_pid.into_iter().collect())
+    }
+
+    /// Starts a window now, for a server made of several processes.
+    pub(crate) fn start_many(server_pids: Vec<u32>) -> Self {
         Self {
-            server_pid,
-            server_start: server_pid.and_then(|p| process_cpu(p).ok()),
+            server_start: server_pids.iter().map(|&p| process_cpu(p).ok()).collect(),
+            server_pids,
             client_start: process_cpu(std::process::id()).ok(),
             system_start: system_busy().ok(),
             wall_start: Instant::now(),
@@ -312,11 +319,27 @@ impl CpuWindow {
 
     /// Ends the window.
     pub(crate) fn finish(&self) -> CpuUse {
-        let server = match (self.server_pid, self.server_start) {
-            (Some(pid), Some(start)) => process_cpu(pid)
-                .ok()
-                .map(|end| end.saturating_sub(start).as_secs_f64()),
-            _ => None,
+        self.finish_by_pid().0
+    }
+
+    /// Ends the window; also returns each server PID's CPU seconds.
+    pub(crate) fn finish_by_pid(&self) -> (CpuUse, Vec<(u32, f64)>) {
+        let by_pid: Vec<Option<f64>> = self
+            .server_pids
+            .iter()
+            .zip(&self.server_start)
+            .map(|(&pid, start)| {
+                let start = (*start)?;
+                process_cpu(pid)
+                    .ok()
+                    .map(|end| end.saturating_sub(start).as_secs_f64())
+            })
+            .collect();
+        // A figure only when every process could be read.
+        let server = if by_pid.is_empty() {
+            None
+        } else {
+            by_pid.iter().copied().sum::<Option<f64>>()
         };
         let client = self.client_start.and_then(|start| {
             process_cpu(std::process::id())
@@ -330,12 +353,19 @@ impl CpuWindow {
         });
         let other =
             system.map(|busy| (busy - server.unwrap_or(0.0) - client.unwrap_or(0.0)).max(0.0));
-        CpuUse {
+        let cpu = CpuUse {
             wall_secs: self.wall_start.elapsed().as_secs_f64(),
             server_cpu_secs: server,
             client_cpu_secs: client,
             other_cpu_secs: other,
-        }
+        };
+        let by_pid = self
+            .server_pids
+            .iter()
+            .zip(by_pid)
+            .filter_map(|(&pid, secs)| Some((pid, secs?)))
+            .collect();
+        (cpu, by_pid)
     }
 }
 

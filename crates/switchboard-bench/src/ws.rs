@@ -11,8 +11,10 @@
 //! * decodes server frames out of one reusable read buffer without copying,
 //!   reassembling fragmented messages when a server fragments.
 //!
-//! Only what the benchmarks need is implemented: no extensions, no
-//! subprotocols, no TLS.
+//! Only what the benchmarks need is implemented: no subprotocols, no TLS;
+//! of the extensions only permessage-deflate (RFC 7692) can be offered, for
+//! `hold --compression`, and then compressed frames (RSV1) are passed to the
+//! caller as they are, flagged, for it to inflate.
 
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 
@@ -142,6 +144,20 @@ pub(crate) async fn connect(
     bind_ip: Option<IpAddr>,
     read_capacity: usize,
 ) -> Result<(TcpStream, FrameReader)> {
+    let (stream, reader, _) = connect_with(url, bind_ip, read_capacity, None).await?;
+    Ok((stream, reader))
+}
+
+/// [`connect`], optionally offering `extensions` (the value of a
+/// `Sec-WebSocket-Extensions` request header). Returns the server's
+/// `Sec-WebSocket-Extensions` answer as well; when it agrees to
+/// permessage-deflate, the reader accepts compressed (RSV1) data frames.
+pub(crate) async fn connect_with(
+    url: &WsUrl,
+    bind_ip: Option<IpAddr>,
+    read_capacity: usize,
+    extensions: Option<&str>,
+) -> Result<(TcpStream, FrameReader, Option<String>)> {
     let socket = if url.addr.is_ipv4() {
         TcpSocket::new_v4()
     } else {
@@ -158,11 +174,16 @@ pub(crate) async fn connect(
         .await
         .with_context(|| format!("connecting to {}", url.addr))?;
     stream.set_nodelay(true).context("setting TCP_NODELAY")?;
-    let reader = handshake(&mut stream, url, read_capacity).await?;
-    Ok((stream, reader))
+    let (reader, agreed) = handshake(&mut stream, url, read_capacity, extensions).await?;
+    Ok((stream, reader, agreed))
 }
 
-async fn handshake<S>(stream: &mut S, url: &WsUrl, read_capacity: usize) -> Result<FrameReader>
+async fn handshake<S>(
+    stream: &mut S,
+    url: &WsUrl,
+    read_capacity: usize,
+    extensions: Option<&str>,
+) -> Result<(FrameReader, Option<String>)>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -171,9 +192,12 @@ where
     key_bytes[..8].copy_from_slice(&rng.next_u64().to_le_bytes());
     key_bytes[8..].copy_from_slice(&rng.next_u64().to_le_bytes());
     let key = base64::engine::general_purpose::STANDARD.encode(key_bytes);
+    let offer = extensions.map_or_else(String::new, |e| {
+        format!("Sec-WebSocket-Extensions: {e}\r\n")
+    });
     let request = format!(
         "GET {} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n",
+         Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n{offer}\r\n",
         url.path, url.host_header
     );
     stream
@@ -203,16 +227,99 @@ where
         "upgrade refused: {status:?}"
     );
     let expected = accept_key(&key);
-    let accept = lines
+    let headers: Vec<(&str, &str)> = lines
         .filter_map(|l| l.split_once(':'))
-        .find(|(name, _)| name.trim().eq_ignore_ascii_case("sec-websocket-accept"))
-        .map(|(_, v)| v.trim())
+        .map(|(name, value)| (name.trim(), value.trim()))
+        .collect();
+    let header = |wanted: &str| {
+        headers
+            .iter()
+            .find(|(name, _)| name.eq_ignore_ascii_case(wanted))
+            .map(|&(_, v)| v)
+    };
+    let accept = header("sec-websocket-accept")
         .ok_or_else(|| anyhow!("upgrade response lacks Sec-WebSocket-Accept"))?;
     ensure!(accept == expected, "bad Sec-WebSocket-Accept");
+    let agreed = header("sec-websocket-extensions").map(str::to_string);
+    ensure!(
+        agreed.is_none() || extensions.is_some(),
+        "the server answered with extensions nobody offered: {agreed:?}"
+    );
 
     let mut reader = FrameReader::with_capacity(read_capacity.max(len - header_end));
+    reader.allow_compressed = agreed
+        .as_deref()
+        .is_some_and(|a| a.trim_start().starts_with("permessage-deflate"));
     reader.push(&buf[header_end..len]);
-    Ok(reader)
+    Ok((reader, agreed))
+}
+
+/// A window-bits parameter (`name=N`) of a `Sec-WebSocket-Extensions`
+/// permessage-deflate answer, if present.
+pub(crate) fn deflate_param(agreed: &str, name: &str) -> Option<u8> {
+    agreed.split(';').map(str::trim).find_map(|p| {
+        let (n, v) = p.split_once('=')?;
+        (n.trim() == name)
+            .then(|| v.trim().trim_matches('"').parse().ok())
+            .flatten()
+    })
+}
+
+/// The trailer of a sync flush, stripped from compressed messages
+/// (RFC 7692 §7.2.1) and appended again before inflating.
+const SYNC_TAIL: [u8; 4] = [0x00, 0x00, 0xFF, 0xFF];
+
+/// Compresses one message as permessage-deflate does (raw deflate with a
+/// `window_bits` window, sync flush, tail removed), with a fresh compressor
+/// that is dropped afterwards: the load generator keeps no zlib state.
+pub(crate) fn deflate_message(input: &[u8], window_bits: u8) -> Result<Vec<u8>> {
+    let mut z = flate2::Compress::new_with_window_bits(
+        flate2::Compression::new(6),
+        false,
+        window_bits.clamp(9, 15),
+    );
+    let mut out = Vec::with_capacity(input.len() + 64);
+    loop {
+        let consumed = z.total_in() as usize;
+        z.compress_vec(&input[consumed..], &mut out, flate2::FlushCompress::Sync)
+            .context("deflating")?;
+        if z.total_in() as usize == input.len() && out.len() < out.capacity() {
+            break;
+        }
+        out.reserve(out.capacity().max(64));
+    }
+    if out.ends_with(&SYNC_TAIL) {
+        out.truncate(out.len() - SYNC_TAIL.len());
+    }
+    Ok(out)
+}
+
+/// Inflates one permessage-deflate message (any window up to 15 bits), at
+/// most `max` bytes of output.
+pub(crate) fn inflate_message(input: &[u8], max: usize) -> Result<Vec<u8>> {
+    let mut z = flate2::Decompress::new(false);
+    let mut data = Vec::with_capacity(input.len() + SYNC_TAIL.len());
+    data.extend_from_slice(input);
+    data.extend_from_slice(&SYNC_TAIL);
+    let mut out = Vec::with_capacity((input.len() * 4).clamp(64, max));
+    loop {
+        let consumed = z.total_in() as usize;
+        let produced = out.len();
+        let status = z
+            .decompress_vec(&data[consumed..], &mut out, flate2::FlushDecompress::Sync)
+            .context("inflating")?;
+        ensure!(out.len() <= max, "inflated message larger than {max} bytes");
+        if status == flate2::Status::StreamEnd
+            || (z.total_in() as usize == data.len() && out.len() < out.capacity())
+        {
+            return Ok(out);
+        }
+        if out.len() == out.capacity() {
+            out.reserve(out.capacity().max(64));
+        } else if z.total_in() as usize == consumed && out.len() == produced {
+            bail!("compressed message is not valid deflate data");
+        }
+    }
 }
 
 /// The `Sec-WebSocket-Accept` value a server must answer `key` with.
@@ -229,7 +336,19 @@ fn find_subslice(hay: &[u8], needle: &[u8]) -> Option<usize> {
 
 /// Appends one masked client frame to `out`.
 pub(crate) fn encode_frame(out: &mut Vec<u8>, opcode: u8, payload: &[u8], mask: u32) {
-    out.push(0x80 | opcode);
+    encode_frame_rsv(out, opcode, false, payload, mask);
+}
+
+/// [`encode_frame`] with RSV1 set when `compressed` (a permessage-deflate
+/// message in one frame).
+pub(crate) fn encode_frame_rsv(
+    out: &mut Vec<u8>,
+    opcode: u8,
+    compressed: bool,
+    payload: &[u8],
+    mask: u32,
+) {
+    out.push(0x80 | if compressed { 0x40 } else { 0 } | opcode);
     let len = payload.len();
     if len < 126 {
         out.push(0x80 | len as u8);
@@ -288,10 +407,16 @@ pub(crate) struct FrameReader {
     buf: Vec<u8>,
     start: usize,
     end: usize,
-    /// Opcode and payload of a fragmented message being reassembled.
-    fragments: Option<(u8, Vec<u8>)>,
+    /// Opcode, RSV1 and payload of a fragmented message being reassembled.
+    fragments: Option<(u8, bool, Vec<u8>)>,
     /// The reassembled message was handed out and must be dropped next time.
     pending_fragment_done: bool,
+    /// permessage-deflate was agreed: RSV1 marks a compressed message.
+    allow_compressed: bool,
+    /// Whether the message last returned by [`Self::next_message`] was
+    /// compressed (RSV1 on its first frame); its payload is then raw deflate
+    /// data without the sync-flush tail.
+    pub(crate) last_compressed: bool,
 }
 
 impl FrameReader {
@@ -304,6 +429,8 @@ impl FrameReader {
             end: 0,
             fragments: None,
             pending_fragment_done: false,
+            allow_compressed: false,
+            last_compressed: false,
         }
     }
 
@@ -356,7 +483,7 @@ impl FrameReader {
     /// complete or unknown).
     fn bytes_needed(&self) -> usize {
         match parse_header(&self.buf[self.start..self.end]) {
-            Ok(Some((_, _, header_len, payload_len))) => {
+            Ok(Some((_, _, _, header_len, payload_len))) => {
                 let total = header_len + payload_len;
                 total.saturating_sub(self.end - self.start)
             }
@@ -370,11 +497,16 @@ impl FrameReader {
             self.pending_fragment_done = false;
             self.fragments = None;
         }
+        self.last_compressed = false;
         loop {
             let avail = &self.buf[self.start..self.end];
-            let Some((fin, opcode, header_len, payload_len)) = parse_header(avail)? else {
+            let Some((fin, opcode, rsv1, header_len, payload_len)) = parse_header(avail)? else {
                 return Ok(None);
             };
+            ensure!(
+                !rsv1 || (self.allow_compressed && (opcode == OP_TEXT || opcode == OP_BINARY)),
+                "RSV1 set on a frame that cannot be compressed (opcode {opcode:#x})"
+            );
             let total = header_len + payload_len;
             if avail.len() < total {
                 return Ok(None);
@@ -384,6 +516,7 @@ impl FrameReader {
             self.start += total;
             match opcode {
                 OP_TEXT | OP_BINARY if fin && self.fragments.is_none() => {
+                    self.last_compressed = rsv1;
                     let payload = &self.buf[p_start..p_end];
                     return Ok(Some(if opcode == OP_TEXT {
                         Message::Text(payload)
@@ -396,19 +529,20 @@ impl FrameReader {
                         self.fragments.is_none(),
                         "new data frame inside a fragmented message"
                     );
-                    self.fragments = Some((opcode, self.buf[p_start..p_end].to_vec()));
+                    self.fragments = Some((opcode, rsv1, self.buf[p_start..p_end].to_vec()));
                 }
                 OP_CONTINUATION => {
-                    let Some((_, data)) = self.fragments.as_mut() else {
+                    let Some((_, _, data)) = self.fragments.as_mut() else {
                         bail!("continuation frame without a message");
                     };
                     data.extend_from_slice(&self.buf[p_start..p_end]);
                     ensure!(data.len() <= MAX_MESSAGE, "message too large");
                     if fin {
                         self.pending_fragment_done = true;
-                        let Some((op, data)) = self.fragments.as_ref() else {
+                        let Some((op, compressed, data)) = self.fragments.as_ref() else {
                             bail!("fragment state lost");
                         };
+                        self.last_compressed = *compressed;
                         return Ok(Some(if *op == OP_TEXT {
                             Message::Text(data)
                         } else {
@@ -425,15 +559,19 @@ impl FrameReader {
     }
 }
 
-/// Parses a frame header: `(fin, opcode, header_len, payload_len)`.
-fn parse_header(b: &[u8]) -> Result<Option<(bool, u8, usize, usize)>> {
+/// A parsed frame header: `(fin, opcode, rsv1, header_len, payload_len)`.
+type Header = (bool, u8, bool, usize, usize);
+
+/// Parses a frame header.
+fn parse_header(b: &[u8]) -> Result<Option<Header>> {
     if b.len() < 2 {
         return Ok(None);
     }
     let fin = b[0] & 0x80 != 0;
+    let rsv1 = b[0] & 0x40 != 0;
     ensure!(
-        b[0] & 0x70 == 0,
-        "reserved bits set (no extension negotiated)"
+        b[0] & 0x30 == 0,
+        "RSV2 or RSV3 set (no extension defines them)"
     );
     let opcode = b[0] & 0x0F;
     ensure!(b[1] & 0x80 == 0, "server sent a masked frame");
@@ -456,7 +594,7 @@ fn parse_header(b: &[u8]) -> Result<Option<(bool, u8, usize, usize)>> {
         }
         n => (2, usize::from(n)),
     };
-    Ok(Some((fin, opcode, header_len, payload_len)))
+    Ok(Some((fin, opcode, rsv1, header_len, payload_len)))
 }
 
 /// Writes a close frame (best effort) so the server sees an orderly goodbye.
@@ -530,6 +668,48 @@ mod tests {
         }
         assert_eq!(got, ["T5", "P", "B202"]);
         Ok(())
+    }
+
+    #[test]
+    fn deflate_roundtrips_and_rsv1_needs_agreement() -> Result<()> {
+        let text = b"hello hello hello hello hello hello hello hello".repeat(20);
+        for bits in [9, 15] {
+            let compressed = deflate_message(&text, bits)?;
+            assert!(compressed.len() < text.len() / 4);
+            assert!(!compressed.ends_with(&SYNC_TAIL));
+            assert_eq!(inflate_message(&compressed, text.len())?, text);
+            assert!(inflate_message(&compressed, text.len() - 1).is_err());
+            // A server frame carrying it, RSV1 set.
+            let mut frame = server_frame(OP_TEXT, true, &compressed);
+            frame[0] |= 0x40;
+            let mut r = FrameReader::with_capacity(64);
+            r.push(&frame);
+            assert!(r.next_message().is_err(), "RSV1 without an agreement");
+            let mut r = FrameReader::with_capacity(64);
+            r.allow_compressed = true;
+            r.push(&frame);
+            r.push(&server_frame(OP_TEXT, true, b"plain"));
+            let first = match r.next_message()? {
+                Some(Message::Text(p)) => p.to_vec(),
+                other => bail!("unexpected {other:?}"),
+            };
+            assert!(r.last_compressed);
+            assert_eq!(first, compressed);
+            assert!(matches!(r.next_message()?, Some(Message::Text(b"plain"))));
+            assert!(!r.last_compressed);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn reads_window_bits_of_an_agreement() {
+        let agreed = "permessage-deflate; server_max_window_bits=9; client_max_window_bits=10";
+        assert_eq!(deflate_param(agreed, "server_max_window_bits"), Some(9));
+        assert_eq!(deflate_param(agreed, "client_max_window_bits"), Some(10));
+        assert_eq!(
+            deflate_param("permessage-deflate", "client_max_window_bits"),
+            None
+        );
     }
 
     #[test]
