@@ -5,357 +5,29 @@
 //! Every child process is owned by a guard that kills it on drop, so a
 //! failing test leaves no server behind.
 
-use std::io::Read as _;
+mod support;
+
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt as _, StreamExt as _};
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_tungstenite::tungstenite::protocol::frame::Frame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::{CloseCode, Data, OpCode};
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-const BIN: &str = env!("CARGO_BIN_EXE_switchboard");
-
-/// How long a test waits for something that should happen at once.
-const WAIT: Duration = Duration::from_secs(5);
-
-/// How long the server may take to log its address (a busy machine, a debug
-/// build).
-const STARTUP: Duration = Duration::from_secs(30);
-
-type Client = WebSocketStream<MaybeTlsStream<TcpStream>>;
-
-// ---------------------------------------------------------------------------
-// Processes
-// ---------------------------------------------------------------------------
-
-/// The binary with no `SWITCHBOARD_*` variable inherited from the test's
-/// environment, so every test states its whole configuration.
-fn switchboard() -> Command {
-    let mut command = Command::new(BIN);
-    for (name, _) in std::env::vars_os() {
-        if name.to_string_lossy().starts_with("SWITCHBOARD_") {
-            command.env_remove(name);
-        }
-    }
-    command.stdin(Stdio::null());
-    command
-}
-
-/// Kills the child on drop (a no-op if it has exited and been reaped).
-struct Guard(Child);
-
-impl Guard {
-    fn pid(&self) -> u32 {
-        self.0.id()
-    }
-
-    /// Polls for the exit status until `timeout`; `None` if still running.
-    fn wait_timeout(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.0.try_wait().expect("try_wait") {
-                return Some(status);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Collects a pipe's lines on a thread: all of them into `log`, and each
-/// one to `tx` as it comes.
-fn collect_lines(
-    pipe: impl std::io::Read + Send + 'static,
-    log: Arc<Mutex<Vec<String>>>,
-    tx: Option<mpsc::Sender<String>>,
-) -> std::thread::JoinHandle<()> {
-    std::thread::spawn(move || {
-        use std::io::BufRead as _;
-        for line in std::io::BufReader::new(pipe).lines() {
-            let Ok(line) = line else { break };
-            log.lock().expect("log lock").push(line.clone());
-            if let Some(tx) = &tx {
-                let _ = tx.send(line);
-            }
-        }
-    })
-}
-
-/// What a process that ran to its end left behind.
-struct Finished {
-    status: ExitStatus,
-    stdout: String,
-    stderr: String,
-}
-
-impl Finished {
-    fn code(&self) -> Option<i32> {
-        self.status.code()
-    }
-}
-
-/// Runs the binary to its end (it must exit within `WAIT`).
-fn run_to_exit(mut command: Command) -> Finished {
-    let mut child = command
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn switchboard");
-    let mut stdout = child.stdout.take().expect("piped stdout");
-    let mut stderr = child.stderr.take().expect("piped stderr");
-    let mut guard = Guard(child);
-    let out = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = stdout.read_to_string(&mut s);
-        s
-    });
-    let err = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = stderr.read_to_string(&mut s);
-        s
-    });
-    let Some(status) = guard.wait_timeout(WAIT) else {
-        drop(guard); // kills it, which closes the pipes
-        let stderr = err.join().unwrap_or_default();
-        panic!("switchboard did not exit within {WAIT:?}; stderr:\n{stderr}");
-    };
-    Finished {
-        status,
-        stdout: out.join().expect("stdout reader"),
-        stderr: err.join().expect("stderr reader"),
-    }
-}
-
-/// A running server and its stderr (the logs).
-struct Server {
-    proc: Guard,
-    addr: SocketAddr,
-    log: Arc<Mutex<Vec<String>>>,
-    stderr_reader: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Server {
-    /// `switchboard --listen 127.0.0.1:0` plus `args`.
-    fn start(args: &[&str]) -> Self {
-        let mut command = switchboard();
-        command.args(["--listen", "127.0.0.1:0"]).args(args);
-        Self::spawn(command)
-    }
-
-    /// Starts `command` and waits for `listening on http://ADDR` in its log.
-    fn spawn(mut command: Command) -> Self {
-        let mut child = command
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn switchboard");
-        let stderr = child.stderr.take().expect("piped stderr");
-        let mut proc = Guard(child);
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = mpsc::channel();
-        let stderr_reader = collect_lines(stderr, Arc::clone(&log), Some(tx));
-        let deadline = Instant::now() + STARTUP;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(line) => {
-                    if let Some(addr) = listening_addr(&line) {
-                        return Self {
-                            proc,
-                            addr,
-                            log,
-                            stderr_reader: Some(stderr_reader),
-                        };
-                    }
-                }
-                Err(err) => {
-                    let status = proc.wait_timeout(Duration::from_millis(100));
-                    let log = log.lock().expect("log lock").join("\n");
-                    panic!(
-                        "no `listening on http://` line ({err}); exit status {status:?}; stderr:\n{log}"
-                    );
-                }
-            }
-        }
-    }
-
-    fn http_url(&self) -> SocketAddr {
-        self.addr
-    }
-
-    fn ws_url(&self, path: &str) -> String {
-        format!("ws://{}{}", self.addr, path)
-    }
-
-    async fn connect(&self, path: &str) -> Client {
-        let (client, response) =
-            tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(self.ws_url(path)))
-                .await
-                .expect("connect within the timeout")
-                .unwrap_or_else(|e| panic!("connect to {path}: {e}"));
-        assert_eq!(response.status(), 101);
-        client
-    }
-
-    /// Sends SIGTERM with `kill`, as a service manager would.
-    fn terminate(&self) {
-        let status = Command::new("kill")
-            .args(["-TERM", &self.proc.pid().to_string()])
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill -TERM failed: {status}");
-    }
-
-    /// Waits for the process to exit; panics after `timeout`. Then returns
-    /// every stderr line it wrote.
-    fn wait_exit(&mut self, timeout: Duration) -> (ExitStatus, Vec<String>) {
-        let Some(status) = self.proc.wait_timeout(timeout) else {
-            panic!(
-                "switchboard still running {timeout:?} later; stderr:\n{}",
-                self.log.lock().expect("log lock").join("\n")
-            );
-        };
-        if let Some(reader) = self.stderr_reader.take() {
-            let _ = reader.join();
-        }
-        (status, self.log.lock().expect("log lock").clone())
-    }
-
-    /// The server's resident memory, from `/proc/PID/status`.
-    fn rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.proc.pid()))
-            .expect("read /proc/PID/status");
-        status
-            .lines()
-            .find_map(|line| line.strip_prefix("VmRSS:"))
-            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
-            .expect("a VmRSS line in kB")
-    }
-}
-
-/// The address in a log line `… listening on http://127.0.0.1:PORT …`,
-/// text or JSON.
-fn listening_addr(line: &str) -> Option<SocketAddr> {
-    let at = line.find("listening on http://")?;
-    let rest = &line[at + "listening on http://".len()..];
-    let end = rest
-        .find(|c: char| c.is_whitespace() || c == '"')
-        .unwrap_or(rest.len());
-    rest[..end].parse().ok()
-}
-
-/// A config file in the temp directory, removed on drop.
-struct ConfigFile(PathBuf);
-
-impl ConfigFile {
-    fn new(toml: &str) -> Self {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let path = std::env::temp_dir().join(format!(
-            "switchboard-cli-test-{}-{}.toml",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::write(&path, toml).expect("write config file");
-        Self(path)
-    }
-
-    fn path(&self) -> &str {
-        self.0.to_str().expect("temp path is UTF-8")
-    }
-}
-
-impl Drop for ConfigFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
-/// A loopback port that is taken for as long as this lives.
-fn occupied_port() -> (std::net::TcpListener, SocketAddr) {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind loopback");
-    let addr = listener.local_addr().expect("local addr");
-    (listener, addr)
-}
+use support::{
+    Server, TempFile, WAIT, drain, http, next_message, occupied_port, run_to_exit, switchboard,
+};
 
 // ---------------------------------------------------------------------------
 // Clients
 // ---------------------------------------------------------------------------
 
-/// One HTTP/1.1 request over a fresh connection; returns status and body.
-async fn http(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
-    let exchange = async {
-        let mut stream = TcpStream::connect(addr).await.expect("connect for HTTP");
-        let request =
-            format!("{method} {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n");
-        stream
-            .write_all(request.as_bytes())
-            .await
-            .expect("write request");
-        let mut response = Vec::new();
-        stream
-            .read_to_end(&mut response)
-            .await
-            .expect("read response");
-        response
-    };
-    let response = tokio::time::timeout(WAIT, exchange)
-        .await
-        .expect("HTTP response within the timeout");
-    let text = String::from_utf8(response).expect("UTF-8 response");
-    let (head, body) = text.split_once("\r\n\r\n").expect("a complete response");
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("bad status line: {head}"));
-    (status, body.to_owned())
-}
-
 async fn connections(addr: SocketAddr) -> serde_json::Value {
-    let (status, body) = http(addr, "GET", "/api/connections").await;
+    let (status, body) = http(addr, "GET", "/api/connections", None).await;
     assert_eq!(status, 200, "{body}");
     serde_json::from_str(&body).expect("JSON body")
-}
-
-/// The next data or close message, skipping pings; panics on timeout.
-async fn next_message(client: &mut Client) -> WsMessage {
-    loop {
-        let next = tokio::time::timeout(WAIT, client.next())
-            .await
-            .expect("a message within the timeout")
-            .expect("stream still open")
-            .expect("no websocket error");
-        match next {
-            WsMessage::Ping(_) | WsMessage::Pong(_) => continue,
-            other => return other,
-        }
-    }
-}
-
-/// Reads to the end of the stream so the client answers the server's close
-/// frame and sees the TCP connection end.
-async fn drain(client: &mut Client) {
-    let _ = tokio::time::timeout(WAIT, async {
-        while let Some(Ok(_)) = client.next().await {}
-    })
-    .await;
 }
 
 /// What `/echo` did with a message.
@@ -401,7 +73,7 @@ async fn echo_150_bytes(server: &Server, fragmented: bool) -> Echo {
 #[tokio::test]
 async fn runs_with_no_config_and_heartbeat_answers_200() {
     let mut server = Server::start(&[]);
-    let (status, body) = http(server.http_url(), "GET", "/heartbeat").await;
+    let (status, body) = http(server.http_url(), "GET", "/heartbeat", None).await;
     assert_eq!(status, 200, "{body}");
     let body: serde_json::Value = serde_json::from_str(&body).expect("JSON body");
     assert_eq!(body, serde_json::json!({"status": "ok"}));
@@ -477,7 +149,7 @@ async fn listen_precedence_is_file_then_env_then_flag() {
     let busy = busy.to_string();
 
     // The file alone applies: its (busy) address cannot be bound.
-    let file = ConfigFile::new(&format!("listen = \"{busy}\"\n"));
+    let file = TempFile::config(&format!("listen = \"{busy}\"\n"));
     let mut command = switchboard();
     command.args(["--config", file.path()]);
     let run = run_to_exit(command);
@@ -495,7 +167,7 @@ async fn listen_precedence_is_file_then_env_then_flag() {
 
     // ...in both directions (and the config path may come from the
     // environment too).
-    let free = ConfigFile::new("listen = \"127.0.0.1:0\"\n");
+    let free = TempFile::config("listen = \"127.0.0.1:0\"\n");
     let mut command = switchboard();
     command
         .env("SWITCHBOARD_CONFIG", free.path())
@@ -524,7 +196,7 @@ async fn max_message_size_precedence_is_file_then_env_then_flag() {
         (100, Some("100"), Some("200"), Echo::Echoed),
     ];
     for (file, env, flag, expected) in cases {
-        let config = ConfigFile::new(&format!("[limits]\nmax_message_size = {file}\n"));
+        let config = TempFile::config(&format!("[limits]\nmax_message_size = {file}\n"));
         let mut command = switchboard();
         command.args(["--listen", "127.0.0.1:0", "--config", config.path()]);
         if let Some(env) = env {
@@ -562,7 +234,7 @@ async fn max_message_size_applies_to_a_message_sent_as_one_frame() {
 /// server that wrongly starts cannot take a real port) and expects exit 2
 /// with every one of `named` in stderr.
 fn assert_config_error(toml: &str, named: &[&str]) {
-    let file = ConfigFile::new(toml);
+    let file = TempFile::config(toml);
     let mut command = switchboard();
     command.args(["--listen", "127.0.0.1:0", "--config", file.path()]);
     let run = run_to_exit(command);
@@ -680,7 +352,7 @@ fn address_in_use_exits_3() {
 #[tokio::test]
 async fn log_format_json_writes_json_objects() {
     let mut server = Server::start(&["--log-format", "json"]);
-    let (status, _) = http(server.http_url(), "GET", "/heartbeat").await;
+    let (status, _) = http(server.http_url(), "GET", "/heartbeat", None).await;
     assert_eq!(status, 200);
     server.terminate();
     let (status, lines) = server.wait_exit(WAIT);
@@ -708,7 +380,7 @@ async fn log_format_json_writes_json_objects() {
 
 /// Text of the `switchboard_bytes_out_total` counter.
 async fn bytes_out(addr: SocketAddr) -> u64 {
-    let (status, body) = http(addr, "GET", "/metrics").await;
+    let (status, body) = http(addr, "GET", "/metrics", None).await;
     assert_eq!(status, 200);
     body.lines()
         .find_map(|l| l.strip_prefix("switchboard_bytes_out_total "))

@@ -8,76 +8,35 @@
 //! Every child process is owned by a guard that kills it on drop, and every
 //! wait is bounded.
 
+mod support;
+
 use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, BufReader, Write as _};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt as _, StreamExt as _};
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-const BIN: &str = env!("CARGO_BIN_EXE_switchboard");
+use support::{
+    Client, Guard, STARTUP, Server, TempFile, WAIT, drain, free_port, http, next_message,
+    next_text, run_to_exit, switchboard, try_next, ws_connect,
+};
 
-/// How long a test waits for something that should happen at once.
-const WAIT: Duration = Duration::from_secs(5);
-/// How long a process may take to start (a busy machine, a debug build).
-const STARTUP: Duration = Duration::from_secs(30);
 /// The presence TTL the nodes run with in these tests.
 const TTL: Duration = Duration::from_secs(2);
 /// Their request timeout: how long a cross-node send waits for answers.
 const REQUEST_TIMEOUT: Duration = Duration::from_millis(1000);
 
-type Client = WebSocketStream<MaybeTlsStream<TcpStream>>;
-
 // ---------------------------------------------------------------------------
 // Processes
 // ---------------------------------------------------------------------------
-
-/// Kills the child on drop (a no-op if it has exited and been reaped).
-struct Guard(Child);
-
-impl Guard {
-    fn pid(&self) -> u32 {
-        self.0.id()
-    }
-
-    fn wait_timeout(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.0.try_wait().expect("try_wait") {
-                return Some(status);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn signal(&self, signal: &str) {
-        let status = Command::new("kill")
-            .args([signal, &self.pid().to_string()])
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill {signal} failed: {status}");
-    }
-}
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// `redis-server` from `PATH`. Fails (never skips) when it is missing, in
 /// CI and outside it: these tests are the only proof that scale-out works.
@@ -110,13 +69,6 @@ fn redis_server() -> PathBuf {
         "redis-server {text} is too old: sharded pub/sub needs Redis 7"
     );
     path
-}
-
-/// A free loopback port (taken by nobody for as long as this returns; the
-/// caller binds it right after).
-fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind loopback");
-    listener.local_addr().expect("local addr").port()
 }
 
 /// A `redis-server` on a loopback port, with no persistence.
@@ -254,19 +206,6 @@ fn read_resp(reader: &mut impl BufRead) -> std::io::Result<Resp> {
     })
 }
 
-/// The binary with no `SWITCHBOARD_*` variable inherited from the test's
-/// environment.
-fn switchboard() -> Command {
-    let mut command = Command::new(BIN);
-    for (name, _) in std::env::vars_os() {
-        if name.to_string_lossy().starts_with("SWITCHBOARD_") {
-            command.env_remove(name);
-        }
-    }
-    command.stdin(Stdio::null());
-    command
-}
-
 /// A running node and its stderr (the logs).
 struct Node {
     name: String,
@@ -304,46 +243,15 @@ impl Node {
         node
     }
 
-    fn spawn(name: &str, mut command: Command) -> Self {
-        let mut child = command
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn switchboard");
-        let stderr = child.stderr.take().expect("piped stderr");
-        let mut proc = Guard(child);
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = mpsc::channel();
-        {
-            let log = Arc::clone(&log);
-            std::thread::spawn(move || {
-                for line in BufReader::new(stderr).lines() {
-                    let Ok(line) = line else { break };
-                    log.lock().expect("log lock").push(line.clone());
-                    let _ = tx.send(line);
-                }
-            });
-        }
-        let deadline = Instant::now() + STARTUP;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(line) => {
-                    if let Some(addr) = listening_addr(&line) {
-                        return Self {
-                            name: name.to_owned(),
-                            proc,
-                            addr,
-                            log,
-                        };
-                    }
-                }
-                Err(err) => {
-                    let status = proc.wait_timeout(Duration::from_millis(100));
-                    let log = log.lock().expect("log lock").join("\n");
-                    panic!("node {name}: no `listening on` line ({err}); exit {status:?}:\n{log}");
-                }
-            }
+    fn spawn(name: &str, command: Command) -> Self {
+        let Server {
+            proc, addr, log, ..
+        } = Server::spawn(command);
+        Self {
+            name: name.to_owned(),
+            proc,
+            addr,
+            log,
         }
     }
 
@@ -366,13 +274,7 @@ impl Node {
     }
 
     async fn connect(&self, path: &str) -> Client {
-        let url = format!("ws://{}{}", self.addr, path);
-        let (client, response) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(url))
-            .await
-            .expect("connect within the timeout")
-            .unwrap_or_else(|e| panic!("connect to {path} on {}: {e}", self.name));
-        assert_eq!(response.status(), 101);
-        client
+        ws_connect(self.addr, path).await
     }
 
     async fn send(&self, targets: Value, payload: Value) -> Value {
@@ -436,15 +338,6 @@ impl Node {
     }
 }
 
-fn listening_addr(line: &str) -> Option<SocketAddr> {
-    let at = line.find("listening on http://")?;
-    let rest = &line[at + "listening on http://".len()..];
-    let end = rest
-        .find(|c: char| c.is_whitespace() || c == '"')
-        .unwrap_or(rest.len());
-    rest[..end].parse().ok()
-}
-
 // ---------------------------------------------------------------------------
 // Clients
 // ---------------------------------------------------------------------------
@@ -468,70 +361,6 @@ where
     }
 }
 
-/// One HTTP/1.1 request over a fresh connection; returns status and body.
-async fn http(addr: SocketAddr, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
-    let exchange = async {
-        let mut stream = TcpStream::connect(addr).await.expect("connect for HTTP");
-        let body = body.unwrap_or("");
-        let request = format!(
-            "{method} {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-            body.len()
-        );
-        stream
-            .write_all(request.as_bytes())
-            .await
-            .expect("write request");
-        let mut response = Vec::new();
-        stream
-            .read_to_end(&mut response)
-            .await
-            .expect("read response");
-        response
-    };
-    let response = tokio::time::timeout(WAIT, exchange)
-        .await
-        .unwrap_or_else(|_| panic!("{method} {path}: no response within {WAIT:?}"));
-    let text = String::from_utf8(response).expect("UTF-8 response");
-    let (head, body) = text.split_once("\r\n\r\n").expect("a complete response");
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("bad status line: {head}"));
-    (status, body.to_owned())
-}
-
-/// The next data or close message, skipping pings.
-async fn next_message(client: &mut Client) -> WsMessage {
-    try_next(client, WAIT)
-        .await
-        .unwrap_or_else(|| panic!("no message within {WAIT:?}"))
-}
-
-/// The next data or close message, or `None` after `limit`.
-async fn try_next(client: &mut Client, limit: Duration) -> Option<WsMessage> {
-    let deadline = tokio::time::Instant::now() + limit;
-    loop {
-        let next = tokio::time::timeout_at(deadline, client.next())
-            .await
-            .ok()?;
-        match next
-            .expect("stream still open")
-            .expect("no websocket error")
-        {
-            WsMessage::Ping(_) | WsMessage::Pong(_) => continue,
-            other => return Some(other),
-        }
-    }
-}
-
-async fn next_text(client: &mut Client) -> String {
-    match next_message(client).await {
-        WsMessage::Text(text) => text.as_str().to_owned(),
-        other => panic!("expected a text message, got {other:?}"),
-    }
-}
-
 /// Asserts that nothing more arrives within a short while (exactly once).
 async fn assert_quiet(client: &mut Client, who: &str) {
     if let Some(extra) = try_next(client, Duration::from_millis(300)).await {
@@ -546,10 +375,7 @@ async fn expect_close(client: &mut Client, code: CloseCode) {
         WsMessage::Close(Some(frame)) => assert_eq!(frame.code, code, "{frame:?}"),
         other => panic!("expected close {code:?}, got {other:?}"),
     }
-    let _ = tokio::time::timeout(WAIT, async {
-        while let Some(Ok(_)) = client.next().await {}
-    })
-    .await;
+    drain(client).await;
 }
 
 async fn subscribe(client: &mut Client, topic: &str) {
@@ -1023,54 +849,6 @@ async fn redis_connection_flaps_under_load_never_duplicate_or_leak() {
 // Configuration
 // ---------------------------------------------------------------------------
 
-/// Runs the binary to its end (it must exit within `WAIT`); exit code and
-/// stderr.
-fn run_to_exit(mut command: Command) -> (Option<i32>, String) {
-    let child = command
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn switchboard");
-    let mut guard = Guard(child);
-    let mut stderr = guard.0.stderr.take().expect("piped stderr");
-    let reader = std::thread::spawn(move || {
-        let mut text = String::new();
-        let _ = std::io::Read::read_to_string(&mut stderr, &mut text);
-        text
-    });
-    let status = guard.wait_timeout(WAIT);
-    drop(guard);
-    let stderr = reader.join().expect("stderr reader");
-    let status = status.unwrap_or_else(|| panic!("did not exit within {WAIT:?}:\n{stderr}"));
-    (status.code(), stderr)
-}
-
-/// A config file in the temp directory, removed on drop.
-struct ConfigFile(PathBuf);
-
-impl ConfigFile {
-    fn new(toml: &str) -> Self {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let path = std::env::temp_dir().join(format!(
-            "switchboard-cluster-test-{}-{}.toml",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::write(&path, toml).expect("write config file");
-        Self(path)
-    }
-
-    fn path(&self) -> &str {
-        self.0.to_str().expect("temp path is UTF-8")
-    }
-}
-
-impl Drop for ConfigFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
 #[test]
 fn bad_cluster_settings_exit_2_naming_the_key() {
     let cases: [(&[&str], &str, &str); 5] = [
@@ -1100,12 +878,12 @@ fn bad_cluster_settings_exit_2_naming_the_key() {
         (&[], "[redis]\nurll = \"redis://127.0.0.1:1/\"\n", "urll"),
     ];
     for (args, toml, named) in cases {
-        let file = ConfigFile::new(toml);
+        let file = TempFile::config(toml);
         let mut command = switchboard();
         command
             .args(["--listen", "127.0.0.1:0", "--config", file.path()])
             .args(args);
-        let (code, stderr) = run_to_exit(command);
+        let (code, stderr) = run_to_exit(command).into_code_and_stderr();
         assert_eq!(code, Some(2), "{args:?} {toml:?}: stderr:\n{stderr}");
         assert!(
             stderr.contains(named),
@@ -1117,7 +895,7 @@ fn bad_cluster_settings_exit_2_naming_the_key() {
 #[tokio::test]
 async fn cluster_settings_come_from_the_file_then_the_environment() {
     let redis = Redis::start();
-    let file = ConfigFile::new(&format!(
+    let file = TempFile::config(&format!(
         "listen = \"127.0.0.1:0\"\nbackend = \"redis\"\nnode_id = \"from-file\"\n\
          [redis]\nurl = \"{}\"\nkey_prefix = \"fileprefix\"\npresence_ttl = \"3s\"\n",
         redis.url()

@@ -4,13 +4,11 @@
 //! certificate reload on SIGHUP, per-IP limits, and every bad setting
 //! stopping the server with exit code 2 and a message naming the key.
 
-use std::io::Read as _;
+mod support;
+
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, mpsc};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use futures_util::{SinkExt as _, StreamExt as _};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
@@ -25,9 +23,8 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
 
-const BIN: &str = env!("CARGO_BIN_EXE_switchboard");
-const WAIT: Duration = Duration::from_secs(5);
-const STARTUP: Duration = Duration::from_secs(30);
+use support::{Server, TempFile, WAIT, next_text, run_to_exit, switchboard};
+
 const SECRET: &str = "cli test secret, at least thirty-two bytes";
 const API_KEY: &str = "api-key-0123456789abcdef";
 const API_KEY_2: &str = "api-key-second-fedcba9876";
@@ -35,183 +32,6 @@ const API_KEY_2: &str = "api-key-second-fedcba9876";
 // ---------------------------------------------------------------------------
 // Processes and files
 // ---------------------------------------------------------------------------
-
-fn switchboard() -> Command {
-    let mut command = Command::new(BIN);
-    for (name, _) in std::env::vars_os() {
-        if name.to_string_lossy().starts_with("SWITCHBOARD_") {
-            command.env_remove(name);
-        }
-    }
-    command.stdin(Stdio::null());
-    command
-}
-
-/// Kills the child on drop.
-struct Guard(Child);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Guard {
-    fn wait_timeout(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.0.try_wait().expect("try_wait") {
-                return Some(status);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-/// Runs the binary to its end; returns its exit code and stderr.
-fn run_to_exit(mut command: Command) -> (Option<i32>, String) {
-    let mut child = command
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn switchboard");
-    let mut stderr = child.stderr.take().expect("stderr");
-    let mut guard = Guard(child);
-    let reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = stderr.read_to_string(&mut s);
-        s
-    });
-    let status = guard.wait_timeout(WAIT);
-    drop(guard);
-    let stderr = reader.join().unwrap_or_default();
-    let status = status.unwrap_or_else(|| panic!("still running after {WAIT:?}:\n{stderr}"));
-    (status.code(), stderr)
-}
-
-/// A running server: its address, whether it speaks TLS, and its log.
-struct Server {
-    proc: Guard,
-    addr: SocketAddr,
-    log: Arc<Mutex<Vec<String>>>,
-    lines: mpsc::Receiver<String>,
-}
-
-impl Server {
-    /// Starts `command` and waits for `listening on http(s)://ADDR`.
-    fn spawn(mut command: Command) -> Self {
-        let mut child = command
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn switchboard");
-        let stderr = child.stderr.take().expect("stderr");
-        let proc = Guard(child);
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = mpsc::channel();
-        let sink = Arc::clone(&log);
-        std::thread::spawn(move || {
-            use std::io::BufRead as _;
-            for line in std::io::BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                sink.lock().expect("log").push(line.clone());
-                let _ = tx.send(line);
-            }
-        });
-        let deadline = Instant::now() + STARTUP;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let line = rx.recv_timeout(left).unwrap_or_else(|err| {
-                panic!(
-                    "no `listening on` line ({err}):\n{}",
-                    log.lock().expect("log").join("\n")
-                )
-            });
-            if let Some(addr) = listening_addr(&line) {
-                return Self {
-                    proc,
-                    addr,
-                    log,
-                    lines: rx,
-                };
-            }
-        }
-    }
-
-    /// Waits for a log line containing `text`.
-    fn wait_for_log(&self, text: &str) -> String {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) if line.contains(text) => return line,
-                Ok(_) => {}
-                Err(err) => panic!(
-                    "no log line with {text:?} ({err}):\n{}",
-                    self.log.lock().expect("log").join("\n")
-                ),
-            }
-        }
-    }
-
-    fn signal(&self, name: &str) {
-        let status = Command::new("kill")
-            .args([&format!("-{name}"), &self.proc.0.id().to_string()])
-            .status()
-            .expect("run kill");
-        assert!(status.success());
-    }
-
-    fn log_text(&self) -> String {
-        self.log.lock().expect("log").join("\n")
-    }
-}
-
-fn listening_addr(line: &str) -> Option<SocketAddr> {
-    let at = line.find("listening on ")?;
-    let rest = &line[at + "listening on ".len()..];
-    let rest = rest
-        .strip_prefix("http://")
-        .or_else(|| rest.strip_prefix("https://"))?;
-    let end = rest
-        .find(|c: char| c.is_whitespace() || c == '"')
-        .unwrap_or(rest.len());
-    rest[..end].parse().ok()
-}
-
-/// A file in the temp directory, removed on drop.
-struct TempFile(PathBuf);
-
-impl TempFile {
-    fn new(suffix: &str, contents: &str) -> Self {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let path = std::env::temp_dir().join(format!(
-            "switchboard-cli-security-{}-{}{suffix}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::write(&path, contents).expect("write temp file");
-        Self(path)
-    }
-
-    fn path(&self) -> &str {
-        self.0.to_str().expect("UTF-8 temp path")
-    }
-
-    fn write(&self, contents: &str) {
-        std::fs::write(&self.0, contents).expect("rewrite temp file");
-    }
-}
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
 
 /// Runs with `toml` as the config file (listening on loopback) plus
 /// `args`, and expects exit 2 naming every one of `named`.
@@ -224,7 +44,7 @@ fn assert_config_error(toml: &str, args: &[&str], envs: &[(&str, &str)], named: 
     for (name, value) in envs {
         command.env(name, value);
     }
-    let (code, stderr) = run_to_exit(command);
+    let (code, stderr) = run_to_exit(command).into_code_and_stderr();
     assert_eq!(code, Some(2), "{toml:?} {args:?}: stderr:\n{stderr}");
     for name in named {
         assert!(
@@ -372,21 +192,6 @@ async fn wss(
     }
 }
 
-async fn next_text(ws: &mut Wss) -> String {
-    loop {
-        let message = tokio::time::timeout(WAIT, ws.next())
-            .await
-            .expect("a message in time")
-            .expect("open")
-            .expect("no error");
-        match message {
-            WsMessage::Text(text) => return text.to_string(),
-            WsMessage::Ping(_) | WsMessage::Pong(_) => {}
-            other => panic!("expected text, got {other:?}"),
-        }
-    }
-}
-
 // ---------------------------------------------------------------------------
 // Safe defaults
 // ---------------------------------------------------------------------------
@@ -400,7 +205,7 @@ fn non_loopback_with_auth_none_exits_2_before_binding() {
     let listen = format!("0.0.0.0:{port}");
     let mut command = switchboard();
     command.args(["--listen", &listen]);
-    let (code, stderr) = run_to_exit(command);
+    let (code, stderr) = run_to_exit(command).into_code_and_stderr();
     assert_eq!(code, Some(2), "{stderr}");
     for named in [
         "auth.mode",
@@ -417,7 +222,7 @@ fn non_loopback_with_auth_none_exits_2_before_binding() {
     command
         .args(["--listen", &listen, "--auth-mode", "jwt"])
         .env("SWITCHBOARD_AUTH_JWT_SECRET", SECRET);
-    let (code, stderr) = run_to_exit(command);
+    let (code, stderr) = run_to_exit(command).into_code_and_stderr();
     assert_eq!(code, Some(2), "{stderr}");
     for named in ["api.keys", "--insecure-open-api", &listen] {
         assert!(stderr.contains(named), "does not name {named}:\n{stderr}");
