@@ -50,6 +50,15 @@ const LINGER_QUIET: Duration = Duration::from_millis(250);
 /// Frames handed to one `writev` call (two slices each: header and body).
 const MAX_IOV: usize = 64;
 
+/// Up to this many queued bytes are copied into one stack buffer and sent
+/// with a plain `write`, which on a socket is `send(2)`; more go out with
+/// `writev(2)`. Why: `writev` passes through the VFS layer (`vfs_writev`,
+/// `fdget_pos`), which `perf` showed costing ~7% of server CPU when fanning
+/// 100-byte frames out to 2,000 connections, while copying 2 KiB costs tens
+/// of nanoseconds. The buffer lives on the stack of a synchronous function,
+/// so it does not grow any connection's task.
+const COPY_WRITE_LIMIT: usize = 2048;
+
 thread_local! {
     static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0u8; SCRATCH_LEN].into_boxed_slice());
 }
@@ -963,24 +972,13 @@ impl Writer {
         metrics: &Metrics,
     ) -> Poll<io::Result<()>> {
         while !self.queue.is_empty() {
-            let mut slices = [IoSlice::new(&[]); MAX_IOV];
-            let mut n = 0;
-            let mut skip = self.offset;
-            'fill: for frame in &self.queue {
-                for part in [frame.head.as_slice(), &frame.body[..]] {
-                    if skip >= part.len() {
-                        skip -= part.len();
-                        continue;
-                    }
-                    slices[n] = IoSlice::new(&part[skip..]);
-                    skip = 0;
-                    n += 1;
-                    if n == MAX_IOV {
-                        break 'fill;
-                    }
-                }
-            }
-            let written = ready!(Pin::new(&mut *io).poll_write_vectored(cx, &slices[..n]))?;
+            let written = if self.backlog <= COPY_WRITE_LIMIT {
+                let mut flat = [0u8; COPY_WRITE_LIMIT];
+                let len = self.copy_backlog(&mut flat);
+                ready!(Pin::new(&mut *io).poll_write(cx, &flat[..len]))?
+            } else {
+                ready!(self.poll_write_vectored(io, cx))?
+            };
             if written == 0 {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
@@ -990,6 +988,50 @@ impl Writer {
         // Frees the queue's buffer: an idle connection keeps none.
         self.queue = VecDeque::new();
         Pin::new(io).poll_flush(cx)
+    }
+
+    /// Writes the front of the queue with `writev`, up to `MAX_IOV` slices.
+    fn poll_write_vectored<S: AsyncWrite + Unpin>(
+        &self,
+        io: &mut S,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<usize>> {
+        let mut slices = [IoSlice::new(&[]); MAX_IOV];
+        let mut n = 0;
+        for part in self.unwritten().take(MAX_IOV) {
+            slices[n] = IoSlice::new(part);
+            n += 1;
+        }
+        Pin::new(io).poll_write_vectored(cx, &slices[..n])
+    }
+
+    /// Copies every byte not yet written into `flat`, which must hold
+    /// `self.backlog` bytes; returns how many were copied.
+    fn copy_backlog(&self, flat: &mut [u8]) -> usize {
+        let mut len = 0;
+        for part in self.unwritten() {
+            flat[len..len + part.len()].copy_from_slice(part);
+            len += part.len();
+        }
+        len
+    }
+
+    /// The bytes not yet written, in order: the rest of the front frame,
+    /// then each queued frame's header and body (empty parts skipped).
+    fn unwritten(&self) -> impl Iterator<Item = &[u8]> {
+        let mut skip = self.offset;
+        self.queue
+            .iter()
+            .flat_map(|frame| [frame.head.as_slice(), &frame.body[..]])
+            .filter_map(move |part| {
+                if skip >= part.len() {
+                    skip -= part.len();
+                    return None;
+                }
+                let rest = &part[skip..];
+                skip = 0;
+                Some(rest)
+            })
     }
 
     /// Drops `n` written bytes from the front; returns whole frames written.
@@ -1178,6 +1220,97 @@ mod reader_props {
                 Incoming::Pong => f.write_str("Pong"),
                 Incoming::Close(c) => write!(f, "Close({c:?})"),
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod writer_props {
+    use std::task::Waker;
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// A socket that takes at most `max` bytes per call and records them,
+    /// and whether any call was vectored.
+    struct ShortWrites {
+        max: usize,
+        out: Vec<u8>,
+        plain_calls: usize,
+        vectored_calls: usize,
+    }
+
+    impl AsyncWrite for ShortWrites {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            let n = buf.len().min(self.max);
+            self.out.extend_from_slice(&buf[..n]);
+            self.plain_calls += 1;
+            Poll::Ready(Ok(n))
+        }
+
+        fn poll_write_vectored(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            bufs: &[IoSlice<'_>],
+        ) -> Poll<io::Result<usize>> {
+            let mut left = self.max;
+            for buf in bufs {
+                let n = buf.len().min(left);
+                self.out.extend_from_slice(&buf[..n]);
+                left -= n;
+            }
+            self.vectored_calls += 1;
+            Poll::Ready(Ok(self.max - left))
+        }
+
+        fn is_write_vectored(&self) -> bool {
+            true
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    proptest! {
+        /// Whatever the frame sizes and however short the socket's writes,
+        /// the bytes on the wire are each frame's header and body in order,
+        /// once, and every frame is counted as written.
+        #[test]
+        fn short_writes_keep_bytes_in_order(
+            bodies in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..3000), 1..12),
+            max in 1usize..5000,
+        ) {
+            let mut writer = Writer::new(None);
+            let mut expected = Vec::new();
+            for body in &bodies {
+                let frame = WireFrame::new(OpCode::Binary, Bytes::from(body.clone()));
+                expected.extend_from_slice(frame.head.as_slice());
+                expected.extend_from_slice(&frame.body);
+                writer.push(frame);
+            }
+            let mut io = ShortWrites { max, out: Vec::new(), plain_calls: 0, vectored_calls: 0 };
+            let metrics = Metrics::default();
+            let mut cx = Context::from_waker(Waker::noop());
+            let done = writer.poll_write(&mut io, &mut cx, &metrics);
+            prop_assert!(matches!(done, Poll::Ready(Ok(()))));
+            prop_assert_eq!(&io.out, &expected);
+            prop_assert_eq!(metrics.frames_out.get(), bodies.len() as u64);
+            prop_assert_eq!(metrics.bytes_out.get(), expected.len() as u64);
+            prop_assert!(writer.is_empty());
+            // A small backlog goes out through the copy only; a large one
+            // starts vectored.
+            let small = expected.len() <= COPY_WRITE_LIMIT;
+            prop_assert_eq!(io.vectored_calls == 0, small);
         }
     }
 }
