@@ -235,6 +235,11 @@ async fn serve_http<IO, S>(
         .timer(TokioTimer::new())
         .header_read_timeout(handshake_timeout)
         .max_buf_size(max_header_size)
+        // One buffer and `send(2)` rather than `writev(2)` for the head and
+        // body: responses here are small (a 101, a JSON body), and on a
+        // socket `writev` pays for the VFS layer on top (docs/benchmarks.md,
+        // "Where the server's CPU goes").
+        .writev(false)
         .serve_connection(TokioIo::new(io), service)
         .with_upgrades();
     tokio::pin!(conn);
