@@ -752,8 +752,8 @@ async fn redis_connection_flaps_under_load_never_duplicate_or_leak() {
             .expect("relay frame");
     }
     stop_flapping.store(true, Ordering::Relaxed);
-    let flaps = flapping.load(Ordering::Relaxed);
     flapper.join().expect("flapper thread");
+    let flaps = flapping.load(Ordering::Relaxed);
 
     // Recovered: a final marker gets through.
     a.wait_healthy().await;

@@ -236,9 +236,11 @@ async fn serve_http<IO, S>(
         .header_read_timeout(handshake_timeout)
         .max_buf_size(max_header_size)
         // One buffer and `send(2)` rather than `writev(2)` for the head and
-        // body: responses here are small (a 101, a JSON body), and on a
-        // socket `writev` pays for the VFS layer on top (docs/benchmarks.md,
-        // "Where the server's CPU goes").
+        // body: on a socket `writev` pays for the VFS layer on top
+        // (docs/benchmarks.md, "Where the server's CPU goes"), and most
+        // responses here are small (a 101, a JSON reply). The price: a
+        // large body (a long `/api/connections`, a user's own route) is
+        // copied once into hyper's write buffer.
         .writev(false)
         .serve_connection(TokioIo::new(io), service)
         .with_upgrades();
