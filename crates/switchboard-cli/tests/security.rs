@@ -147,15 +147,7 @@ async fn https(
     stream.write_all(request.as_bytes()).await.expect("write");
     let mut response = Vec::new();
     let _ = tokio::time::timeout(WAIT, stream.read_to_end(&mut response)).await;
-    let text = String::from_utf8_lossy(&response).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no status in {text:?}"));
-    // The API's bodies are small and not chunked by hyper at this size.
-    (status, body.to_owned())
+    support::status_and_body(&String::from_utf8_lossy(&response))
 }
 
 type Wss = WebSocketStream<TlsStream<TcpStream>>;
