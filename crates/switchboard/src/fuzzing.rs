@@ -14,15 +14,15 @@ pub fn frames(data: &[u8]) {
     let Some((&chunk, rest)) = data.split_first() else {
         return;
     };
-    crate::runtime::fuzz_reader(rest, usize::from(chunk).max(1));
+    crate::runtime::reader::fuzz_reader(rest, usize::from(chunk).max(1));
 }
 
 /// Parses `data` as a relay frame and as `/api/send` and `/api/publish`
 /// bodies.
 pub fn relay(data: &[u8]) {
-    let _ = crate::relay::parse(data, 100);
-    let _ = crate::relay::parse_send(data, 100);
-    let _ = crate::relay::parse_publish(data);
+    let _ = crate::app::relay::parse(data, 100);
+    let _ = crate::app::relay::parse_send(data, 100);
+    let _ = crate::app::relay::parse_publish(data);
 }
 
 /// Parses `data` as an HTTP request head (httparse) and runs the upgrade

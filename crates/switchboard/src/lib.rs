@@ -58,7 +58,7 @@
 //!   ([`MemoryBackend`] by default).
 //! - [`ws`] mounts a handler on a route; [`serve`] runs a router with a
 //!   connection cap and graceful shutdown ([`serve_with_options`] adds
-//!   TLS, see [`tls`]); [`app`] is the complete `switchboard` server
+//!   TLS, see [`tls`]); [`app()`] is the complete `switchboard` server
 //!   (relay, echo, chat, API, metrics).
 //! - [`Security`] (set with [`Hub::builder`]) — client authentication
 //!   ([`auth::Authenticator`], JWT built in), origin allow-list, API keys,
@@ -69,56 +69,50 @@
 //! Every limit is a field of [`Limits`], documented with its default and
 //! memory cost. Close codes are listed on [`CloseCode`].
 
-pub mod api;
+// The layers, bottom up (docs/architecture.md): each module imports only
+// from the ones above it in this list.
 mod app;
 pub mod auth;
-mod config;
-mod conn;
-mod expiry;
+mod backend;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod handler;
-pub mod handlers;
+mod http;
 mod http_error;
 mod hub;
 mod id;
-mod memory;
-mod message;
+mod limits;
 mod metrics;
 mod protocol;
-#[cfg(feature = "redis")]
-pub mod redis;
-pub mod relay;
 mod runtime;
-mod server;
-#[cfg(feature = "tls")]
-pub mod tls;
-mod ws;
 
-pub use app::app;
+pub use app::{api, app, handlers, relay};
 pub use auth::Security;
-pub use config::{Limits, SlowConsumer, duration};
-pub use conn::{Conn, ConnHandle, ConnId, ConnRef, PushError};
-pub use handler::{Closed, Handler};
-pub use http_error::HttpError;
-pub use hub::{
-    Backend, BackendHealth, BoxFuture, ClientInfo, DuplicateIds, Hub, HubBuilder, RegisterError,
-    SendReport,
+#[cfg(feature = "redis")]
+pub use backend::redis::{self, RedisBackend, RedisConfig};
+pub use backend::{
+    Backend, BackendHealth, ClientInfo, RegisterError, SendReport, memory::MemoryBackend,
 };
+pub use handler::{Closed, Conn, Handler, Outcome};
+#[cfg(feature = "tls")]
+pub use http::tls;
+pub use http::{
+    DEFAULT_SHUTDOWN_TIMEOUT, ServeOptions, json_errors, serve, serve_with, serve_with_options, ws,
+};
+pub use http_error::HttpError;
+pub use hub::{Hub, HubBuilder};
 pub use id::{ClientId, MAX_NAME_LEN, NameError, Topic};
-pub use memory::MemoryBackend;
-pub use message::{Message, Outcome, Text};
+pub use limits::{DuplicateIds, Limits, SlowConsumer, duration};
 pub use metrics::{Counter, ErrorKind, Metrics};
 pub use protocol::close::{CloseCode, CloseFrame};
 pub use protocol::deflate::Compression;
 pub use protocol::frame::WireFrame;
-pub use server::{
-    DEFAULT_SHUTDOWN_TIMEOUT, ServeOptions, json_errors, serve, serve_with, serve_with_options,
-};
-pub use ws::ws;
+pub use protocol::message::{Message, Text};
+pub use runtime::mailbox::{ConnHandle, ConnId, ConnRef, PushError};
 
-#[cfg(feature = "redis")]
-pub use crate::redis::{RedisBackend, RedisConfig};
+/// A boxed future, as returned by [`Backend`]'s and
+/// [`Authenticator`](auth::Authenticator)'s asynchronous methods.
+pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
 
 #[doc(no_inline)]
 pub use axum::Router;

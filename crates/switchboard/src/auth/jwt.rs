@@ -63,8 +63,8 @@ use parking_lot::RwLock;
 use serde_json::Value;
 
 use super::{Authenticator, Identity, NamePattern, Permissions, bearer_token, unauthorized};
+use crate::BoxFuture;
 use crate::http_error::HttpError;
-use crate::hub::BoxFuture;
 use crate::id::ClientId;
 
 /// The shortest HMAC secret accepted, in bytes (RFC 7518 §3.2: at least

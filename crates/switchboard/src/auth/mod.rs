@@ -45,8 +45,8 @@ use axum::extract::Query;
 use http::request::Parts;
 use http::{HeaderValue, StatusCode, header};
 
+use crate::BoxFuture;
 use crate::http_error::HttpError;
-use crate::hub::BoxFuture;
 use crate::id::{ClientId, Topic};
 
 mod api_key;

@@ -6,11 +6,13 @@ use std::hash::{BuildHasher, RandomState};
 
 use parking_lot::{Mutex, RwLock};
 
-use crate::conn::{ConnId, ConnRef, PushError};
-use crate::hub::{Backend, BoxFuture, ClientInfo, DuplicateIds, RegisterError, SendReport};
+use super::{Backend, ClientInfo, RegisterError, SendReport};
+use crate::BoxFuture;
 use crate::id::{ClientId, Topic};
+use crate::limits::DuplicateIds;
 use crate::protocol::close::{CloseCode, CloseFrame};
 use crate::protocol::frame::WireFrame;
+use crate::runtime::mailbox::{ConnId, ConnRef, PushError};
 
 /// Shards of the client map. Each shard is a short-held mutex; 32 shards
 /// keep the chance that two cores want the same lock low without making
@@ -101,7 +103,7 @@ impl MemoryBackend {
                 out.push(ClientInfo {
                     id: id.clone(),
                     connections: conns.len(),
-                    connected_since_unix_ms: oldest.map_or(0, crate::hub::unix_ms),
+                    connected_since_unix_ms: oldest.map_or(0, crate::backend::unix_ms),
                 });
             }
         }
@@ -127,7 +129,7 @@ impl MemoryBackend {
         let shard = self.shard(id).lock();
         let conns = shard.get(id).filter(|c| !c.is_empty())?;
         let oldest = conns.iter().map(ConnRef::since).min();
-        Some((conns.len(), oldest.map_or(0, crate::hub::unix_ms)))
+        Some((conns.len(), oldest.map_or(0, crate::backend::unix_ms)))
     }
 
     /// Whether `topic` has a subscriber on this node.

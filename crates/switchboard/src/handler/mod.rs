@@ -43,10 +43,16 @@
 
 use std::future::Future;
 
-use crate::conn::Conn;
 use crate::http_error::HttpError;
-use crate::message::{Message, Outcome};
 use crate::protocol::close::CloseFrame;
+use crate::protocol::message::Message;
+
+mod conn;
+mod outcome;
+pub(crate) mod session;
+
+pub use conn::Conn;
+pub use outcome::Outcome;
 
 /// How a connection ended, as told to [`Handler::on_close`].
 #[derive(Debug, Clone, PartialEq, Eq)]

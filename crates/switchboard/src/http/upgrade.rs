@@ -31,18 +31,15 @@ use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::TokioIo;
 use parking_lot::Mutex;
 use tokio::net::TcpStream;
-use tokio::sync::Semaphore;
 
 use crate::auth::{ClientIp, Identity, IpGuard, negotiate_subprotocol};
-use crate::conn::Conn;
-use crate::handler::Handler;
+use crate::handler::{Conn, Handler, session};
 use crate::http_error::HttpError;
-use crate::hub::Hub;
+use crate::hub::{Admission, CapPermit, Hub};
 use crate::metrics::ErrorKind;
 use crate::protocol::close::{CloseCode, CloseFrame};
 use crate::protocol::deflate::{Agreed, negotiate};
 use crate::protocol::handshake::accept_key;
-use crate::runtime;
 
 /// A route that upgrades requests to WebSocket connections driven by
 /// `handler`. Any method is routed here so that every wrong request gets a
@@ -70,25 +67,6 @@ impl ConnSlot {
 
     fn take(&self) -> Option<CapPermit> {
         self.0.lock().take()
-    }
-}
-
-/// One permit of the `limits.max_connections` semaphore, in 8 bytes
-/// (`OwnedSemaphorePermit` takes 16, and every byte a WebSocket holds is
-/// paid once per connection).
-pub(crate) struct CapPermit(Arc<Semaphore>);
-
-impl CapPermit {
-    /// Takes a permit, if one is left.
-    pub(crate) fn try_acquire(cap: &Arc<Semaphore>) -> Option<Self> {
-        cap.try_acquire().ok()?.forget();
-        Some(Self(Arc::clone(cap)))
-    }
-}
-
-impl Drop for CapPermit {
-    fn drop(&mut self) {
-        self.0.add_permits(1);
     }
 }
 
@@ -158,10 +136,7 @@ async fn upgrade<H: Handler>(request: Request, handler: Arc<H>, hub: Hub) -> Res
     let agreed = deflate.as_ref().map(|(agreed, _)| *agreed);
     let ip = admitted.ip;
     tokio::spawn(async move {
-        let admission = Admission {
-            _cap: slot.as_ref().and_then(ConnSlot::take),
-            _ip: ip,
-        };
+        let admission = Admission::new(slot.as_ref().and_then(ConnSlot::take), ip);
         match on_upgrade.await {
             // A task of its own, sized for the connection alone: this one
             // (holding the upgrade future) ends here.
@@ -188,15 +163,6 @@ async fn upgrade<H: Handler>(request: Request, handler: Arc<H>, hub: Hub) -> Res
         headers.insert(header::SEC_WEBSOCKET_EXTENSIONS, extension);
     }
     response
-}
-
-/// What a WebSocket holds for its whole life to stay counted under the
-/// limits: its place under `limits.max_connections` and under its IP's
-/// `limits.max_connections_per_ip`.
-#[derive(Default)]
-pub(crate) struct Admission {
-    _cap: Option<CapPermit>,
-    _ip: Option<IpGuard>,
 }
 
 /// What the security checks let through.
@@ -306,21 +272,21 @@ fn run_upgraded<H: Handler>(
     let upgraded = match upgraded.downcast::<TokioIo<TcpStream>>() {
         Ok(parts) => {
             let io = parts.io.into_inner();
-            runtime::spawn(io, parts.read_buf, handler, state, conn, admission, deflate);
+            session::spawn(io, parts.read_buf, handler, state, conn, admission, deflate);
             return;
         }
         Err(upgraded) => upgraded,
     };
     // TLS terminated by `serve`: the same, with rustls' stream.
     #[cfg(feature = "tls")]
-    let upgraded = match upgraded.downcast::<TokioIo<crate::tls::ServerStream>>() {
+    let upgraded = match upgraded.downcast::<TokioIo<super::tls::ServerStream>>() {
         Ok(parts) => {
             let io = parts.io.into_inner();
-            runtime::spawn(io, parts.read_buf, handler, state, conn, admission, deflate);
+            session::spawn(io, parts.read_buf, handler, state, conn, admission, deflate);
             return;
         }
         Err(upgraded) => upgraded,
     };
     let io = TokioIo::new(upgraded);
-    runtime::spawn(io, Bytes::new(), handler, state, conn, admission, deflate);
+    session::spawn(io, Bytes::new(), handler, state, conn, admission, deflate);
 }

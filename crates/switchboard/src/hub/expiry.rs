@@ -16,8 +16,8 @@ use parking_lot::Mutex;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use crate::conn::{ConnId, ConnRef};
 use crate::protocol::close::CloseFrame;
+use crate::runtime::mailbox::{ConnId, ConnRef};
 
 #[derive(Default)]
 pub(crate) struct Expiry {

@@ -1,9 +1,9 @@
-//! Messages as handlers see them, and what handlers return.
+//! Complete data messages, as the reader assembles them and handlers see
+//! them.
 
 use bytes::Bytes;
 
-use crate::protocol::close::CloseFrame;
-use crate::protocol::frame::{OpCode, WireFrame};
+use super::frame::{OpCode, WireFrame};
 
 /// A complete WebSocket data message (fragments already joined).
 ///
@@ -95,32 +95,5 @@ impl From<String> for Text {
 impl From<&'static str> for Text {
     fn from(s: &'static str) -> Self {
         Self(Bytes::from_static(s.as_bytes()))
-    }
-}
-
-/// What a handler callback asks the connection to do next.
-///
-/// This is the `{:ok, state}` / `{:reply, frames, state}` /
-/// `{:stop, reason, state}` of `cowboy_websocket` and `WebSock`, with the
-/// state kept by `&mut` instead of returned.
-#[derive(Debug)]
-#[must_use = "an outcome does nothing unless returned to the connection"]
-pub enum Outcome {
-    /// Keep going; send nothing.
-    Continue,
-    /// Send one message to this client.
-    Reply(Message),
-    /// Send several messages, in order.
-    ReplyMany(Vec<Message>),
-    /// Send an already-encoded frame (see [`crate::Hub::encode_text`]).
-    Send(WireFrame),
-    /// Send the close frame and end the connection (RFC 6455 §7.1.2).
-    Stop(CloseFrame),
-}
-
-impl Outcome {
-    /// Replies with a text message.
-    pub fn reply_text(text: impl Into<Text>) -> Self {
-        Self::Reply(Message::text(text))
     }
 }

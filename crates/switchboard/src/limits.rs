@@ -17,7 +17,6 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::hub::DuplicateIds;
 use crate::protocol::deflate::Compression;
 
 /// Per-connection and per-server limits.
@@ -150,6 +149,19 @@ pub enum SlowConsumer {
     /// `{"warning":{"code":"messages_dropped","count":N}}` before the next
     /// frame it gets. For feeds where only the latest messages matter.
     DropOldest,
+}
+
+/// What happens when a client ID that already has a connection connects again.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DuplicateIds {
+    /// Keep every connection (a user with two tabs gets messages in both).
+    #[default]
+    Allow,
+    /// Close the oldest connection of that ID with 4001 and keep the new one.
+    ReplaceOldest,
+    /// Refuse the new connection with HTTP 409 before the upgrade.
+    RejectNew,
 }
 
 /// Durations as strings: `"25s"`, `"500ms"`, `"2m"`, `"0"`.

@@ -1,6 +1,6 @@
-//! The connection runtime: one task per WebSocket connection that owns the
-//! socket, reads and answers frames, calls the handler, and writes what is
-//! queued to it.
+//! The connection task: one per WebSocket connection, it owns the socket,
+//! reads and answers frames with the runtime's [`Reader`], calls the
+//! handler, and writes what is queued to it with the runtime's [`Writer`].
 //!
 //! The task waits in a single `poll_fn` on four things at once — socket
 //! readable, socket writable (only while bytes are pending), mailbox
@@ -8,35 +8,34 @@
 //! and holds no buffer: reads go through a per-thread scratch buffer and
 //! only the bytes of an unfinished frame are kept per connection.
 
-use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::future::{Future, poll_fn};
-use std::io::{self, IoSlice};
+use std::io;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::Bytes;
 use futures_util::FutureExt as _;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _};
 use tokio::time::{Instant, Sleep};
 
-use crate::Limits;
-use crate::conn::{Conn, Item, Taken};
-use crate::handler::{Closed, Handler};
-use crate::message::{Message, Outcome, Text};
+use super::conn::Conn;
+use super::outcome::Outcome;
+use super::{Closed, Handler};
+use crate::hub::Admission;
+use crate::limits::Limits;
 use crate::metrics::{ErrorKind, Metrics};
-use crate::protocol::close::{CloseCode, CloseFrame, parse_close_payload};
-use crate::protocol::deflate::{Agreed, Deflater, Inflater};
-use crate::protocol::frame::{Head, OpCode, WireFrame, apply_mask, parse_header};
-use crate::ws::Admission;
-
-/// Size of the per-thread read buffer. One read takes at most this much;
-/// it is shared by every connection on the thread, so it costs 64 KiB per
-/// worker thread, not per connection.
-const SCRATCH_LEN: usize = 64 * 1024;
+use crate::protocol::close::{CloseCode, CloseFrame};
+use crate::protocol::deflate::Agreed;
+use crate::protocol::frame::{OpCode, WireFrame};
+use crate::protocol::message::Message;
+use crate::runtime::mailbox::{Item, Taken};
+use crate::runtime::rate::{Rate, TokenBucket};
+use crate::runtime::reader::{Incoming, Reader};
+use crate::runtime::writer::Writer;
 
 /// Stop reading and stop taking from the mailbox while this many bytes are
 /// written but not yet accepted by the socket. A client that sends but does
@@ -47,22 +46,6 @@ const WRITE_HIGH_WATER: usize = 256 * 1024;
 /// After our close, how long the client may be silent before we drop the
 /// socket without waiting for its FIN (see `finish`).
 const LINGER_QUIET: Duration = Duration::from_millis(250);
-
-/// Slices handed to one `writev` call (two per frame: header and body).
-const MAX_IOV: usize = 64;
-
-/// Up to this many queued bytes are copied into one stack buffer and sent
-/// with a plain `write`, which on a socket is `send(2)`; more go out with
-/// `writev(2)`. Why: `writev` passes through the VFS layer (`vfs_writev`,
-/// `fdget_pos`), which `perf` showed costing ~7% of server CPU when fanning
-/// 100-byte frames out to 2,000 connections, while copying 2 KiB costs tens
-/// of nanoseconds. The buffer lives on the stack of a synchronous function,
-/// so it does not grow any connection's task.
-const COPY_WRITE_LIMIT: usize = 2048;
-
-thread_local! {
-    static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0u8; SCRATCH_LEN].into_boxed_slice());
-}
 
 /// Where the connection is in its life. The closing states are boxed: a
 /// connection spends almost all its life `Open`, and the enum is part of
@@ -96,14 +79,6 @@ enum Event<I> {
     Mailbox(Taken<I>),
     Timer,
     Flushed,
-}
-
-/// What the reader found in the bytes received.
-enum Incoming {
-    Message(Message),
-    Ping(Bytes),
-    Pong,
-    Close(Option<CloseFrame>),
 }
 
 /// Spawns the task that drives one upgraded connection until it ends.
@@ -681,32 +656,6 @@ where
     }
 }
 
-/// Feeds bytes to a reader in `chunk`-sized pieces, without and with
-/// permessage-deflate agreed (for `crate::fuzzing`).
-pub(crate) fn fuzz_reader(data: &[u8], chunk: usize) {
-    let agreed = crate::protocol::deflate::Agreed {
-        server_window: 15,
-        client_window: 15,
-        server_no_takeover: false,
-        client_no_takeover: false,
-        min_size: 0,
-        level: 1,
-    };
-    for deflate in [None, Some(agreed)] {
-        let mut reader = Reader::new(Bytes::new(), 1 << 16, 1 << 16, deflate);
-        'feed: for piece in data.chunks(chunk) {
-            reader.buf.extend_from_slice(piece);
-            loop {
-                match reader.next() {
-                    Ok(Some(_)) => {}
-                    Ok(None) => break,
-                    Err(_) => break 'feed,
-                }
-            }
-        }
-    }
-}
-
 /// The error frame for a message over the rate limit.
 const RATE_LIMITED: &str = r#"{"error":{"code":"rate_limited","message":"too many messages: this one was not handled (limits.max_message_rate)"}}"#;
 
@@ -717,381 +666,8 @@ fn dropped_notice(count: u64) -> WireFrame {
     ))
 }
 
-/// The verdict of the rate limit on one message.
-enum Rate {
-    Allowed,
-    /// Over the limit: refuse this message.
-    Refused,
-    /// Kept sending after the bucket ran dry: close the connection.
-    Abusive,
-}
-
-/// A token bucket: `rate` tokens a second, at most `burst` saved up. Refused
-/// messages fill a second bucket of the same size; a client that fills it
-/// (sends `burst` messages more than it may) is abusive.
-struct TokenBucket {
-    rate: u32,
-    burst: u32,
-    // f32 is plenty for counts up to millions and keeps the bucket at 32 B.
-    tokens: f32,
-    refused: f32,
-    last: Instant,
-}
-
-impl TokenBucket {
-    fn new(rate: u32, burst: u32) -> Self {
-        Self {
-            rate,
-            burst: burst.max(1),
-            tokens: burst.max(1) as f32,
-            refused: 0.0,
-            last: Instant::now(),
-        }
-    }
-
-    fn take(&mut self, now: Instant) -> Rate {
-        if self.rate == 0 {
-            return Rate::Allowed;
-        }
-        let refill = now.saturating_duration_since(self.last).as_secs_f32() * self.rate as f32;
-        self.last = now;
-        let burst = self.burst as f32;
-        self.tokens = (self.tokens + refill).min(burst);
-        self.refused = (self.refused - refill).max(0.0);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            return Rate::Allowed;
-        }
-        self.refused += 1.0;
-        if self.refused >= burst {
-            Rate::Abusive
-        } else {
-            Rate::Refused
-        }
-    }
-}
-
 fn close_frame(frame: &CloseFrame) -> WireFrame {
     WireFrame::new(OpCode::Close, frame.payload())
-}
-
-/// Assembles messages from the bytes a client sends.
-struct Reader {
-    /// Received bytes not yet parsed. Empty (no allocation) while idle.
-    buf: BytesMut,
-    /// A fragmented message in progress (RFC 6455 §5.4). Boxed: fragmented
-    /// messages are rare, and inline it would cost every connection 40 B.
-    partial: Option<Box<Partial>>,
-    max_frame: usize,
-    max_message: usize,
-    /// Set when permessage-deflate was agreed; boxed so that connections
-    /// without it pay one pointer.
-    inflater: Option<Box<Inflater>>,
-}
-
-struct Partial {
-    text: bool,
-    /// Compressed (RSV1 on its first frame): inflated when complete, and
-    /// its UTF-8 checked then.
-    compressed: bool,
-    data: BytesMut,
-    /// For text: bytes already known to be valid UTF-8.
-    checked: usize,
-}
-
-impl Reader {
-    fn new(leftover: Bytes, max_frame: usize, max_message: usize, deflate: Option<Agreed>) -> Self {
-        Self {
-            buf: BytesMut::from(&leftover[..]),
-            partial: None,
-            max_frame,
-            max_message,
-            inflater: deflate.map(|agreed| Box::new(Inflater::new(agreed))),
-        }
-    }
-
-    /// Reads what the socket has into `buf`, through the per-thread scratch
-    /// buffer so that a connection waiting for data owns no buffer.
-    fn poll_fill<S: AsyncRead + Unpin>(
-        &mut self,
-        io: &mut S,
-        cx: &mut Context<'_>,
-    ) -> Poll<io::Result<usize>> {
-        SCRATCH.with_borrow_mut(|scratch| {
-            let mut rb = ReadBuf::new(scratch);
-            ready!(Pin::new(io).poll_read(cx, &mut rb))?;
-            let filled = rb.filled();
-            self.buf.extend_from_slice(filled);
-            Poll::Ready(Ok(filled.len()))
-        })
-    }
-
-    fn discard(&mut self) {
-        self.buf = BytesMut::new();
-        self.partial = None;
-    }
-
-    /// The next complete message or control frame, if buffered.
-    fn next(&mut self) -> Result<Option<Incoming>, CloseFrame> {
-        loop {
-            // A frame may be no larger than a whole message either: an
-            // unfragmented message is one frame.
-            let frame_limit = self.max_frame.min(self.max_message);
-            let head = match parse_header(&self.buf, frame_limit, self.inflater.is_some()) {
-                Ok(Some(head)) => head,
-                Ok(None) => return Ok(None),
-                Err(err) => return Err(CloseFrame::new(err.code, err.reason)),
-            };
-            let frame_len = head.header_len + head.payload_len;
-            if self.buf.len() < frame_len {
-                // Reserve once for the whole frame instead of growing in steps.
-                self.buf.reserve(frame_len - self.buf.len());
-                return Ok(None);
-            }
-            self.buf.advance(head.header_len);
-            let mut payload = self.buf.split_to(head.payload_len);
-            if self.buf.is_empty() {
-                // Drop our hold on the allocation: an idle connection keeps
-                // no read buffer.
-                self.buf = BytesMut::new();
-            }
-            apply_mask(&mut payload, head.mask);
-
-            match head.opcode {
-                OpCode::Ping => return Ok(Some(Incoming::Ping(payload.freeze()))),
-                OpCode::Pong => return Ok(Some(Incoming::Pong)),
-                OpCode::Close => {
-                    return parse_close_payload(&payload).map(|c| Some(Incoming::Close(c)));
-                }
-                OpCode::Text | OpCode::Binary => {
-                    if self.partial.is_some() {
-                        return Err(CloseFrame::new(
-                            CloseCode::PROTOCOL_ERROR,
-                            "new message before the fragmented one finished (RFC 6455 §5.4)",
-                        ));
-                    }
-                    let text = head.opcode == OpCode::Text;
-                    if head.fin {
-                        let payload = self.inflate_if(head.rsv1, payload)?;
-                        return finish_message(text, payload).map(Some);
-                    }
-                    let mut partial = Partial {
-                        text,
-                        compressed: head.rsv1,
-                        data: payload,
-                        checked: 0,
-                    };
-                    partial.check_utf8(false)?;
-                    self.partial = Some(Box::new(partial));
-                }
-                OpCode::Continuation => {
-                    let Some(partial) = self.partial.as_mut() else {
-                        return Err(CloseFrame::new(
-                            CloseCode::PROTOCOL_ERROR,
-                            "continuation frame with nothing to continue (RFC 6455 §5.4)",
-                        ));
-                    };
-                    if partial.data.len() + payload.len() > self.max_message {
-                        return Err(CloseFrame::new(
-                            CloseCode::MESSAGE_TOO_BIG,
-                            "message larger than the configured maximum (RFC 6455 §7.4.1)",
-                        ));
-                    }
-                    partial.data.extend_from_slice(&payload);
-                    partial.check_utf8(head.fin)?;
-                    if head.fin
-                        && let Some(done) = self.partial.take().map(|boxed| *boxed)
-                    {
-                        let data = self.inflate_if(done.compressed, done.data)?;
-                        return finish_message(done.text, data).map(Some);
-                    }
-                }
-            }
-        }
-    }
-
-    /// Inflates a complete message if it was sent compressed.
-    fn inflate_if(&mut self, compressed: bool, data: BytesMut) -> Result<Bytes, CloseFrame> {
-        match (compressed, self.inflater.as_mut()) {
-            (true, Some(inflater)) => inflater.inflate(data, self.max_message),
-            // parse_header refuses RSV1 unless an inflater exists.
-            _ => Ok(data.freeze()),
-        }
-    }
-}
-
-impl Partial {
-    /// Validates new text bytes as they arrive, so an invalid fragment is
-    /// refused at once rather than after the whole message (RFC 6455 §8.1).
-    /// A character cut at the end of a non-final fragment is allowed.
-    fn check_utf8(&mut self, fin: bool) -> Result<(), CloseFrame> {
-        if !self.text || self.compressed {
-            return Ok(());
-        }
-        match simdutf8::compat::from_utf8(&self.data[self.checked..]) {
-            Ok(_) => self.checked = self.data.len(),
-            Err(e) if e.error_len().is_none() && !fin => self.checked += e.valid_up_to(),
-            Err(_) => return Err(invalid_utf8()),
-        }
-        Ok(())
-    }
-}
-
-fn invalid_utf8() -> CloseFrame {
-    CloseFrame::new(
-        CloseCode::INVALID_PAYLOAD,
-        "text message is not valid UTF-8 (RFC 6455 §8.1)",
-    )
-}
-
-fn finish_message(text: bool, bytes: Bytes) -> Result<Incoming, CloseFrame> {
-    if text {
-        if simdutf8::basic::from_utf8(&bytes).is_err() {
-            return Err(invalid_utf8());
-        }
-        Ok(Incoming::Message(Message::Text(Text::from_validated(
-            bytes,
-        ))))
-    } else {
-        Ok(Incoming::Message(Message::Binary(bytes)))
-    }
-}
-
-/// Frames waiting to be written. A burst of frames costs one system call:
-/// copied into one buffer up to `COPY_WRITE_LIMIT`, vectored above it.
-struct Writer {
-    queue: VecDeque<WireFrame>,
-    /// Bytes of the front frame already written.
-    offset: usize,
-    /// Bytes queued and not yet written.
-    backlog: usize,
-    /// Set when permessage-deflate was agreed. Compression happens here,
-    /// per connection, because with context takeover each connection's
-    /// compressed bytes differ.
-    deflater: Option<Box<Deflater>>,
-}
-
-impl Writer {
-    fn new(deflate: Option<Agreed>) -> Self {
-        Self {
-            queue: VecDeque::new(),
-            offset: 0,
-            backlog: 0,
-            deflater: deflate.map(|agreed| Box::new(Deflater::new(agreed))),
-        }
-    }
-
-    fn is_empty(&self) -> bool {
-        self.queue.is_empty()
-    }
-
-    fn push(&mut self, mut frame: WireFrame) {
-        if let Some(deflater) = self.deflater.as_mut()
-            && let Some(opcode) = frame.data_opcode()
-            && deflater.wants(frame.body.len())
-        {
-            let body = deflater.compress(&frame.body);
-            frame = WireFrame {
-                head: Head::with_rsv1(opcode, body.len(), true),
-                body,
-            };
-        }
-        self.backlog += frame.wire_len();
-        self.queue.push_back(frame);
-    }
-
-    fn poll_write<S: AsyncWrite + Unpin>(
-        &mut self,
-        io: &mut S,
-        cx: &mut Context<'_>,
-        metrics: &Metrics,
-    ) -> Poll<io::Result<()>> {
-        while !self.queue.is_empty() {
-            let written = if self.backlog <= COPY_WRITE_LIMIT {
-                let mut flat = [0u8; COPY_WRITE_LIMIT];
-                let len = self.copy_backlog(&mut flat);
-                ready!(Pin::new(&mut *io).poll_write(cx, &flat[..len]))?
-            } else {
-                ready!(self.poll_write_vectored(io, cx))?
-            };
-            if written == 0 {
-                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
-            }
-            metrics.bytes_out.add(written as u64);
-            metrics.frames_out.add(self.consume(written));
-        }
-        // Frees the queue's buffer: an idle connection keeps none.
-        self.queue = VecDeque::new();
-        Pin::new(io).poll_flush(cx)
-    }
-
-    /// Writes the front of the queue with `writev`, up to `MAX_IOV` slices.
-    fn poll_write_vectored<S: AsyncWrite + Unpin>(
-        &self,
-        io: &mut S,
-        cx: &mut Context<'_>,
-    ) -> Poll<io::Result<usize>> {
-        let mut slices = [IoSlice::new(&[]); MAX_IOV];
-        let mut n = 0;
-        for part in self.unwritten().take(MAX_IOV) {
-            slices[n] = IoSlice::new(part);
-            n += 1;
-        }
-        Pin::new(io).poll_write_vectored(cx, &slices[..n])
-    }
-
-    /// Copies every byte not yet written into `flat`, which must hold
-    /// `self.backlog` bytes; returns how many were copied.
-    fn copy_backlog(&self, flat: &mut [u8]) -> usize {
-        debug_assert!(self.backlog <= flat.len());
-        let mut len = 0;
-        for part in self.unwritten() {
-            flat[len..len + part.len()].copy_from_slice(part);
-            len += part.len();
-        }
-        debug_assert_eq!(len, self.backlog);
-        len
-    }
-
-    /// The bytes not yet written, in order: the rest of the front frame,
-    /// then each queued frame's header and body (empty parts skipped).
-    fn unwritten(&self) -> impl Iterator<Item = &[u8]> {
-        let mut skip = self.offset;
-        self.queue
-            .iter()
-            .flat_map(|frame| [frame.head.as_slice(), &frame.body[..]])
-            .filter_map(move |part| {
-                if skip >= part.len() {
-                    skip -= part.len();
-                    return None;
-                }
-                let rest = &part[skip..];
-                skip = 0;
-                Some(rest)
-            })
-    }
-
-    /// Drops `n` written bytes from the front; returns whole frames written.
-    fn consume(&mut self, mut n: usize) -> u64 {
-        debug_assert!(
-            n <= self.backlog,
-            "the socket reported more bytes than it was given"
-        );
-        self.backlog -= n;
-        let mut frames = 0;
-        while let Some(front) = self.queue.front() {
-            let left = front.wire_len() - self.offset;
-            if n < left {
-                self.offset += n;
-                break;
-            }
-            n -= left;
-            self.offset = 0;
-            self.queue.pop_front();
-            frames += 1;
-        }
-        frames
-    }
 }
 
 #[cfg(test)]
@@ -1155,214 +731,5 @@ mod size_tests {
             relay_size <= 536,
             "the relay connection future grew to {relay_size} B, past the 640 B task cell"
         );
-    }
-}
-
-/// Property tests of the frame reader: arbitrary bytes never panic it, and
-/// any message, fragmented and masked any way and delivered in chunks of any
-/// size, comes out whole.
-#[cfg(test)]
-mod reader_props {
-    use proptest::prelude::*;
-
-    use super::*;
-
-    fn masked_frame(out: &mut Vec<u8>, fin: bool, opcode: u8, payload: &[u8], mask: [u8; 4]) {
-        out.push(if fin { 0x80 } else { 0 } | opcode);
-        match payload.len() {
-            n if n < 126 => out.push(0x80 | n as u8),
-            n if n <= 0xFFFF => {
-                out.push(0x80 | 126);
-                out.extend_from_slice(&(n as u16).to_be_bytes());
-            }
-            n => {
-                out.push(0x80 | 127);
-                out.extend_from_slice(&(n as u64).to_be_bytes());
-            }
-        }
-        out.extend_from_slice(&mask);
-        let mut body = payload.to_vec();
-        apply_mask(&mut body, mask);
-        out.extend_from_slice(&body);
-    }
-
-    /// Feeds `wire` to a reader in `chunks`-sized pieces; collects results.
-    fn read_all(wire: &[u8], chunk: usize) -> Vec<Result<Incoming, CloseFrame>> {
-        let mut reader = Reader::new(Bytes::new(), 1 << 20, 1 << 20, None);
-        let mut out = Vec::new();
-        for piece in wire.chunks(chunk.max(1)) {
-            reader.buf.extend_from_slice(piece);
-            loop {
-                match reader.next() {
-                    Ok(Some(incoming)) => out.push(Ok(incoming)),
-                    Ok(None) => break,
-                    Err(e) => {
-                        out.push(Err(e));
-                        return out;
-                    }
-                }
-            }
-        }
-        out
-    }
-
-    proptest! {
-        #[test]
-        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512), chunk in 1usize..64) {
-            let _ = read_all(&bytes, chunk);
-        }
-
-        #[test]
-        fn fragmented_messages_reassemble(
-            text in ".{0,300}",
-            binary in proptest::collection::vec(any::<u8>(), 0..3000),
-            cuts in proptest::collection::vec(0usize..3000, 0..5),
-            mask in any::<[u8; 4]>(),
-            chunk in 1usize..200,
-            as_text in any::<bool>(),
-        ) {
-            let payload: Vec<u8> = if as_text { text.into_bytes() } else { binary };
-            // Cut points at arbitrary byte offsets, even inside a UTF-8
-            // character: only the whole message must be valid.
-            let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c % (payload.len() + 1)).collect();
-            cuts.sort_unstable();
-            cuts.dedup();
-            let mut bounds = vec![0];
-            bounds.extend(cuts);
-            bounds.push(payload.len());
-            bounds.dedup();
-            let pieces: Vec<&[u8]> = if payload.is_empty() {
-                vec![&[][..]]
-            } else {
-                bounds.windows(2).map(|w| &payload[w[0]..w[1]]).collect()
-            };
-            let mut wire = Vec::new();
-            for (i, piece) in pieces.iter().enumerate() {
-                let opcode = if i > 0 { 0 } else if as_text { 1 } else { 2 };
-                masked_frame(&mut wire, i + 1 == pieces.len(), opcode, piece, mask);
-                if i == 0 {
-                    // A ping between fragments is allowed (RFC 6455 §5.4).
-                    masked_frame(&mut wire, true, 0x9, b"p", mask);
-                }
-            }
-            let results = read_all(&wire, chunk);
-            let messages: Vec<&Message> = results
-                .iter()
-                .filter_map(|r| match r {
-                    Ok(Incoming::Message(m)) => Some(m),
-                    _ => None,
-                })
-                .collect();
-            prop_assert!(results.iter().all(Result::is_ok), "{results:?}");
-            prop_assert_eq!(messages.len(), 1);
-            prop_assert_eq!(messages[0].as_bytes(), &payload[..]);
-        }
-    }
-
-    impl std::fmt::Debug for Incoming {
-        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            match self {
-                Incoming::Message(m) => write!(f, "Message({} bytes)", m.as_bytes().len()),
-                Incoming::Ping(p) => write!(f, "Ping({} bytes)", p.len()),
-                Incoming::Pong => f.write_str("Pong"),
-                Incoming::Close(c) => write!(f, "Close({c:?})"),
-            }
-        }
-    }
-}
-
-#[cfg(test)]
-mod writer_props {
-    use std::task::Waker;
-
-    use proptest::prelude::*;
-
-    use super::*;
-
-    /// A socket that takes at most `max` bytes per call and records them,
-    /// and whether any call was vectored.
-    struct ShortWrites {
-        max: usize,
-        out: Vec<u8>,
-        plain_calls: usize,
-        vectored_calls: usize,
-    }
-
-    impl AsyncWrite for ShortWrites {
-        fn poll_write(
-            mut self: Pin<&mut Self>,
-            _: &mut Context<'_>,
-            buf: &[u8],
-        ) -> Poll<io::Result<usize>> {
-            let n = buf.len().min(self.max);
-            self.out.extend_from_slice(&buf[..n]);
-            self.plain_calls += 1;
-            Poll::Ready(Ok(n))
-        }
-
-        fn poll_write_vectored(
-            mut self: Pin<&mut Self>,
-            _: &mut Context<'_>,
-            bufs: &[IoSlice<'_>],
-        ) -> Poll<io::Result<usize>> {
-            let mut left = self.max;
-            for buf in bufs {
-                let n = buf.len().min(left);
-                self.out.extend_from_slice(&buf[..n]);
-                left -= n;
-            }
-            self.vectored_calls += 1;
-            Poll::Ready(Ok(self.max - left))
-        }
-
-        fn is_write_vectored(&self) -> bool {
-            true
-        }
-
-        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-            Poll::Ready(Ok(()))
-        }
-
-        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-            Poll::Ready(Ok(()))
-        }
-    }
-
-    proptest! {
-        /// Whatever the frame sizes and however short the socket's writes,
-        /// the bytes on the wire are each frame's header and body in order,
-        /// once, and every frame is counted as written.
-        #[test]
-        fn short_writes_keep_bytes_in_order(
-            // A few large frames, or many small ones (past the 64 slices
-            // one `writev` takes).
-            bodies in prop_oneof![
-                proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..3000), 1..12),
-                proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..80), 12..48),
-            ],
-            max in 1usize..5000,
-        ) {
-            let mut writer = Writer::new(None);
-            let mut expected = Vec::new();
-            for body in &bodies {
-                let frame = WireFrame::new(OpCode::Binary, Bytes::from(body.clone()));
-                expected.extend_from_slice(frame.head.as_slice());
-                expected.extend_from_slice(&frame.body);
-                writer.push(frame);
-            }
-            let mut io = ShortWrites { max, out: Vec::new(), plain_calls: 0, vectored_calls: 0 };
-            let metrics = Metrics::default();
-            let mut cx = Context::from_waker(Waker::noop());
-            let done = writer.poll_write(&mut io, &mut cx, &metrics);
-            prop_assert!(matches!(done, Poll::Ready(Ok(()))));
-            prop_assert_eq!(&io.out, &expected);
-            prop_assert_eq!(metrics.frames_out.get(), bodies.len() as u64);
-            prop_assert_eq!(metrics.bytes_out.get(), expected.len() as u64);
-            prop_assert!(writer.is_empty());
-            // A small backlog goes out through the copy only; a large one
-            // starts vectored.
-            let small = expected.len() <= COPY_WRITE_LIMIT;
-            prop_assert_eq!(io.vectored_calls == 0, small);
-        }
     }
 }

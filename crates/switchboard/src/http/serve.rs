@@ -7,7 +7,6 @@
 //! WebSocket with 1001 after its queued frames, and waits (bounded) for the
 //! connections to finish.
 
-use std::any::Any;
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
@@ -17,11 +16,8 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{ConnectInfo, Request};
-use axum::middleware::{self, Next};
-use axum::response::{IntoResponse, Response};
-use futures_util::FutureExt as _;
-use http::StatusCode;
+use axum::extract::ConnectInfo;
+use axum::response::Response;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _};
@@ -29,10 +25,11 @@ use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tower::ServiceExt as _;
 
-use crate::http_error::HttpError;
+use super::json_errors::json_errors;
+use super::upgrade::ConnSlot;
+use crate::hub::CapPermit;
 use crate::hub::Hub;
 use crate::protocol::close::{CloseCode, CloseFrame};
-use crate::ws::{CapPermit, ConnSlot};
 
 /// How long [`serve`] waits for connections to finish after shutdown
 /// begins, by default.
@@ -79,7 +76,7 @@ pub struct ServeOptions {
     /// Serve HTTPS and WSS instead of HTTP and WS, on the same port.
     /// The TLS handshake must finish within `limits.handshake_timeout`.
     #[cfg(feature = "tls")]
-    pub tls: Option<crate::tls::Tls>,
+    pub tls: Option<super::tls::Tls>,
 }
 
 impl Default for ServeOptions {
@@ -108,7 +105,7 @@ pub async fn serve_with_options(
     let (stop_http, http_stopped) = watch::channel(false);
     let router = json_errors(router);
     #[cfg(feature = "tls")]
-    let tls = options.tls.as_ref().map(crate::tls::Tls::acceptor);
+    let tls = options.tls.as_ref().map(super::tls::Tls::acceptor);
     tokio::pin!(shutdown);
 
     loop {
@@ -273,57 +270,4 @@ async fn refuse_over_capacity<IO: AsyncWrite + Unpin>(mut stream: IO) {
         stream.shutdown().await
     };
     let _ = tokio::time::timeout(Duration::from_secs(2), write).await;
-}
-
-/// Makes a router answer every error with a JSON body: unknown paths (404),
-/// wrong methods (405), and panics in HTTP handlers (500, with the server
-/// still running). [`serve`] applies it; call it yourself with `axum::serve`.
-pub fn json_errors(router: Router) -> Router {
-    router
-        .fallback(|request: Request| async move {
-            HttpError::new(
-                StatusCode::NOT_FOUND,
-                "not_found",
-                format!("no route for {} {}", request.method(), request.uri().path()),
-            )
-        })
-        .method_not_allowed_fallback(|request: Request| async move {
-            HttpError::new(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method_not_allowed",
-                format!(
-                    "{} is not allowed on {}",
-                    request.method(),
-                    request.uri().path()
-                ),
-            )
-        })
-        .layer(middleware::from_fn(catch_panics))
-}
-
-async fn catch_panics(request: Request, next: Next) -> Result<Response, Infallible> {
-    let path = request.uri().path().to_owned();
-    match std::panic::AssertUnwindSafe(next.run(request))
-        .catch_unwind()
-        .await
-    {
-        Ok(response) => Ok(response),
-        Err(panic) => {
-            tracing::error!(%path, panic = panic_message(&*panic), "http handler panicked");
-            Ok(HttpError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal_error",
-                "the handler for this route panicked; the server keeps running",
-            )
-            .into_response())
-        }
-    }
-}
-
-fn panic_message(panic: &(dyn Any + Send)) -> &str {
-    panic
-        .downcast_ref::<&str>()
-        .copied()
-        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
-        .unwrap_or("(non-string panic)")
 }

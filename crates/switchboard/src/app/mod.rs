@@ -19,11 +19,16 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use http::header;
 
-use crate::api::protect;
 use crate::auth::ApiKeys;
-use crate::handlers::{Chat, Echo, Relay};
+use crate::http::ws;
 use crate::hub::Hub;
-use crate::ws::ws;
+
+pub mod api;
+pub mod handlers;
+pub mod relay;
+
+use api::protect;
+use handlers::{Chat, Echo, Relay};
 
 /// Every built-in endpoint:
 ///

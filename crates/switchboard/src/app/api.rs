@@ -1,4 +1,4 @@
-//! The backend's HTTP API, mounted at `/api` by [`app`](crate::app).
+//! The backend's HTTP API, mounted at `/api` by [`app()`](crate::app()).
 //!
 //! | request | body | answer |
 //! |---------|------|--------|
@@ -24,13 +24,13 @@ use bytes::Bytes;
 use http::StatusCode;
 use serde_json::json;
 
+use super::relay::{self, RequestError};
 use crate::auth::ApiKeys;
 use crate::http_error::HttpError;
 use crate::hub::Hub;
 use crate::id::ClientId;
 use crate::metrics::ErrorKind;
 use crate::protocol::close::{CloseCode, CloseFrame};
-use crate::relay::{self, RequestError};
 
 /// The API routes, to be nested under `/api`; behind the hub's API keys
 /// when it has any.

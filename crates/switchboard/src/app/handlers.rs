@@ -10,15 +10,15 @@ use bytes::Bytes;
 use http::StatusCode;
 use http::request::Parts;
 
+use super::relay::{self, Request, RequestError};
 use crate::auth::{Identity, Permissions};
-use crate::conn::Conn;
-use crate::handler::Handler;
+use crate::backend::RegisterError;
+use crate::handler::{Conn, Handler, Outcome};
 use crate::http_error::HttpError;
-use crate::hub::{Hub, RegisterError};
+use crate::hub::Hub;
 use crate::id::{ClientId, Topic};
-use crate::message::{Message, Outcome};
 use crate::metrics::ErrorKind;
-use crate::relay::{self, Request, RequestError};
+use crate::protocol::message::Message;
 
 /// `/echo`: sends every text and binary message back unchanged (the
 /// payload is shared, not copied).
@@ -129,7 +129,7 @@ impl Handler for Chat {
 /// `/ws?id=N`: the relay. Registers the connection under `N`; delivers
 /// `{"targets":[…],"payload":X}` as the JSON text of `X` to every
 /// connection of each target, and handles topic frames (see
-/// [`relay`](crate::relay) for the protocol). Offline targets are ignored;
+/// [`relay`] for the protocol). Offline targets are ignored;
 /// `/api/send` reports them.
 ///
 /// With an authenticator on the hub the ID is the [`Identity`]'s (a JWT's

@@ -1,5 +1,6 @@
 //! A connection's mailbox and the handles other parts of the program use to
-//! reach it.
+//! reach it: [`ConnRef`] (type-erased, what backends store) and
+//! [`ConnHandle`] (typed, for a handler's `Info` messages).
 //!
 //! Each connection is driven by one task that owns its socket. Everything
 //! else — other connections, the HTTP API, a timer in user code — reaches
@@ -15,8 +16,6 @@ use std::time::SystemTime;
 
 use parking_lot::Mutex;
 
-use crate::hub::Hub;
-use crate::id::{ClientId, Topic};
 use crate::protocol::close::{CloseCode, CloseFrame};
 use crate::protocol::frame::WireFrame;
 
@@ -25,7 +24,7 @@ use crate::protocol::frame::WireFrame;
 pub struct ConnId(pub u64);
 
 impl ConnId {
-    fn next() -> Self {
+    pub(crate) fn next() -> Self {
         static NEXT: AtomicU64 = AtomicU64::new(1);
         Self(NEXT.fetch_add(1, Ordering::Relaxed))
     }
@@ -115,6 +114,11 @@ pub(crate) struct Mailbox<I> {
 }
 
 impl<I: Send + 'static> Mailbox<I> {
+    /// The connection's number.
+    pub(crate) fn id(&self) -> ConnId {
+        self.id
+    }
+
     pub(crate) fn new(max_messages: usize, max_bytes: usize, drop_oldest: bool) -> Arc<Self> {
         Arc::new(Self {
             id: ConnId::next(),
@@ -293,6 +297,10 @@ impl<I: Send + 'static> Outlet for Mailbox<I> {
 pub struct ConnRef(Arc<dyn Outlet>);
 
 impl ConnRef {
+    pub(crate) fn new<I: Send + 'static>(mailbox: Arc<Mailbox<I>>) -> Self {
+        Self(mailbox)
+    }
+
     /// The connection's number.
     pub fn id(&self) -> ConnId {
         self.0.id()
@@ -338,6 +346,10 @@ impl<I> Clone for ConnHandle<I> {
 }
 
 impl<I: Send + 'static> ConnHandle<I> {
+    pub(crate) fn new(mailbox: Arc<Mailbox<I>>) -> Self {
+        Self { mailbox }
+    }
+
     /// The connection's number.
     pub fn id(&self) -> ConnId {
         self.mailbox.id
@@ -361,127 +373,5 @@ impl<I: Send + 'static> ConnHandle<I> {
     /// Whether the connection has ended.
     pub fn is_closed(&self) -> bool {
         self.mailbox.is_closed()
-    }
-}
-
-/// The connection as its handler sees it: passed to every callback.
-///
-/// Registrations made through it (an ID, topics) are undone when the
-/// connection ends, however it ends — close, error, reset, panic or a failed
-/// upgrade — because `Conn` undoes them when it is dropped.
-pub struct Conn<I: Send + 'static> {
-    pub(crate) mailbox: Arc<Mailbox<I>>,
-    hub: Hub,
-    client_id: Option<ClientId>,
-    topics: Vec<Topic>,
-}
-
-impl<I: Send + 'static> Conn<I> {
-    pub(crate) fn new(hub: Hub) -> Self {
-        let limits = hub.limits();
-        let mailbox = Mailbox::new(
-            limits.max_queued_messages,
-            limits.max_queued_bytes,
-            limits.slow_consumer == crate::SlowConsumer::DropOldest,
-        );
-        hub.track(ConnRef(mailbox.clone()));
-        Self {
-            mailbox,
-            hub,
-            client_id: None,
-            topics: Vec::new(),
-        }
-    }
-
-    /// This connection's number.
-    pub fn id(&self) -> ConnId {
-        self.mailbox.id
-    }
-
-    /// The hub: registry, topics, metrics.
-    pub fn hub(&self) -> &Hub {
-        &self.hub
-    }
-
-    /// A handle for sending `Info` messages to this connection.
-    pub fn handle(&self) -> ConnHandle<I> {
-        ConnHandle {
-            mailbox: Arc::clone(&self.mailbox),
-        }
-    }
-
-    /// The client ID this connection registered, if any.
-    pub fn client_id(&self) -> Option<&ClientId> {
-        self.client_id.as_ref()
-    }
-
-    /// Registers this connection under `id` so that sends to `id` reach it.
-    /// One ID per connection; registering again replaces the first.
-    ///
-    /// What happens when `id` already has connections is the hub's
-    /// [`DuplicateIds`](crate::DuplicateIds) policy.
-    pub fn register(&mut self, id: ClientId) -> Result<(), crate::RegisterError> {
-        if let Some(old) = self.client_id.take() {
-            self.hub.backend().unregister(&old, self.id());
-        }
-        self.hub
-            .backend()
-            .register(&id, &ConnRef(self.mailbox.clone()))?;
-        self.client_id = Some(id);
-        Ok(())
-    }
-
-    /// Subscribes this connection to `topic`; publishes to it reach this
-    /// client as frames, without passing through the handler.
-    pub fn join(&mut self, topic: Topic) {
-        if self.topics.contains(&topic) {
-            return;
-        }
-        self.hub
-            .backend()
-            .subscribe(&topic, &ConnRef(self.mailbox.clone()));
-        self.topics.push(topic);
-    }
-
-    /// Unsubscribes from `topic`; returns whether it was subscribed.
-    pub fn leave(&mut self, topic: &Topic) -> bool {
-        let Some(at) = self.topics.iter().position(|t| t == topic) else {
-            return false;
-        };
-        self.topics.swap_remove(at);
-        self.hub.backend().unsubscribe(topic, self.id());
-        true
-    }
-
-    /// The topics this connection has joined.
-    pub fn topics(&self) -> &[Topic] {
-        &self.topics
-    }
-
-    /// Closes this connection with `frame` at `at`, after the frames queued
-    /// to it by then, unless it has ended before; a second call replaces
-    /// the first. One timer task per hub keeps every such deadline, so a
-    /// connection pays for none until it asks. [`ws`](crate::ws) uses it to
-    /// close connections whose credentials expire (4002).
-    pub fn close_at(&self, at: tokio::time::Instant, frame: CloseFrame) {
-        self.hub
-            .expiry()
-            .schedule(ConnRef(self.mailbox.clone()), at, frame);
-    }
-}
-
-impl<I: Send + 'static> Drop for Conn<I> {
-    fn drop(&mut self) {
-        let id = self.id();
-        let backend = self.hub.backend();
-        if let Some(client) = self.client_id.take() {
-            backend.unregister(&client, id);
-        }
-        for topic in self.topics.drain(..) {
-            backend.unsubscribe(&topic, id);
-        }
-        let dropped = self.mailbox.mark_closed();
-        self.hub.metrics().dropped_messages.add(dropped as u64);
-        self.hub.untrack(id);
     }
 }

@@ -1,0 +1,142 @@
+//! [`RedisConfig`]: how to reach Redis and how this node appears in the
+//! cluster, and its validation.
+
+use std::time::Duration;
+
+/// The shortest presence TTL accepted.
+pub const MIN_PRESENCE_TTL: Duration = Duration::from_secs(1);
+
+/// How to reach Redis and how this node appears in the cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RedisConfig {
+    /// `redis://[user:password@]host:port[/db]`.
+    pub url: String,
+    /// Prefix of every key and channel, so several clusters can share one
+    /// Redis. Default `switchboard`.
+    pub key_prefix: String,
+    /// This node's name, unique in the cluster: 1 to 64 ASCII letters,
+    /// digits or `- _ . :`. Default: the host name and the process ID.
+    pub node_id: String,
+    /// How long a node that stops refreshing its presence (it was killed, or
+    /// lost Redis) is still reported as having its IDs. It refreshes every
+    /// third of this. Default 10 s, at least 1 s.
+    pub presence_ttl: Duration,
+    /// The longest a Redis command, or a cross-node send waiting for the
+    /// other nodes' answers, may take. Default 2 s.
+    pub request_timeout: Duration,
+}
+
+impl RedisConfig {
+    /// Defaults for everything but the URL.
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            key_prefix: "switchboard".to_owned(),
+            node_id: default_node_id(),
+            presence_ttl: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(2),
+        }
+    }
+
+    /// Checks every field; the error names the one to fix.
+    pub fn validate(&self) -> Result<(), RedisConfigError> {
+        ::redis::Client::open(self.url.as_str()).map_err(|err| RedisConfigError::Url {
+            message: err.to_string(),
+        })?;
+        let node_ok = (1..=64).contains(&self.node_id.len())
+            && self
+                .node_id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c));
+        if !node_ok {
+            return Err(RedisConfigError::NodeId(self.node_id.clone()));
+        }
+        let prefix_ok = (1..=64).contains(&self.key_prefix.len())
+            && self.key_prefix.chars().all(|c| c.is_ascii_graphic());
+        if !prefix_ok {
+            return Err(RedisConfigError::KeyPrefix(self.key_prefix.clone()));
+        }
+        if self.presence_ttl < MIN_PRESENCE_TTL {
+            return Err(RedisConfigError::PresenceTtl(self.presence_ttl));
+        }
+        if self.request_timeout < Duration::from_millis(10) {
+            return Err(RedisConfigError::RequestTimeout(self.request_timeout));
+        }
+        Ok(())
+    }
+}
+
+/// `<host name>-<process ID>`, the default node ID.
+pub fn default_node_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_default();
+    let host: String = host
+        .trim()
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || "-_.".contains(*c))
+        .take(40)
+        .collect();
+    let host = if host.is_empty() {
+        "node".to_owned()
+    } else {
+        host
+    };
+    format!("{host}-{}", std::process::id())
+}
+
+/// A [`RedisConfig`] field that cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RedisConfigError {
+    /// The URL does not parse.
+    #[error("invalid redis url: {message}")]
+    Url {
+        /// What the Redis client said.
+        message: String,
+    },
+    /// The node ID is empty, too long or has a character outside the set.
+    #[error("invalid node id {0:?}: use 1 to 64 ASCII letters, digits or - _ . :")]
+    NodeId(String),
+    /// The key prefix is empty, too long, or has spaces or control characters.
+    #[error("invalid key prefix {0:?}: use 1 to 64 printable ASCII characters, no spaces")]
+    KeyPrefix(String),
+    /// The presence TTL is under [`MIN_PRESENCE_TTL`].
+    #[error("presence ttl {0:?} is too short: use at least 1s")]
+    PresenceTtl(Duration),
+    /// The request timeout is under 10 ms.
+    #[error("request timeout {0:?} is too short: use at least 10ms")]
+    RequestTimeout(Duration),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validates_the_config() {
+        let ok = RedisConfig::new("redis://127.0.0.1:6379/");
+        assert_eq!(ok.validate(), Ok(()));
+        let mut bad = ok.clone();
+        bad.node_id = "a#b".to_owned();
+        assert!(matches!(bad.validate(), Err(RedisConfigError::NodeId(_))));
+        let mut bad = ok.clone();
+        bad.url = "http://nope".to_owned();
+        assert!(matches!(bad.validate(), Err(RedisConfigError::Url { .. })));
+        let mut bad = ok.clone();
+        bad.key_prefix = "a b".to_owned();
+        assert!(matches!(
+            bad.validate(),
+            Err(RedisConfigError::KeyPrefix(_))
+        ));
+        let mut bad = ok;
+        bad.presence_ttl = Duration::from_millis(500);
+        assert!(matches!(
+            bad.validate(),
+            Err(RedisConfigError::PresenceTtl(_))
+        ));
+        assert!(default_node_id().ends_with(&std::process::id().to_string()));
+    }
+}

@@ -1,0 +1,359 @@
+//! Delivery across nodes: sends and closes addressed to IDs (published on
+//! the channels of the nodes that have them, each answered with an ack),
+//! and what this node does with such messages from other nodes.
+
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::Ordering;
+
+use ::redis::{PushInfo, PushKind, Value};
+use bytes::Bytes;
+use tokio::sync::mpsc;
+
+use super::replies::strings;
+use super::stats::kind_index;
+use super::wire::{Header, Kind, Reply};
+use super::{Epoch, Link, Liveness, Shared};
+use crate::backend::SendReport;
+use crate::id::ClientId;
+use crate::protocol::close::{CloseCode, CloseFrame};
+use crate::protocol::frame::WireFrame;
+
+impl Shared {
+    /// Called by the Redis connection's reader for every push, in order.
+    pub(super) fn on_push(&self, epoch: &Epoch, info: PushInfo) {
+        match info.kind {
+            PushKind::Disconnection => {
+                epoch.lost.notify_one();
+            }
+            PushKind::SMessage => {
+                let mut data = info.data.into_iter();
+                let (Some(Value::BulkString(channel)), Some(Value::BulkString(message))) =
+                    (data.next(), data.next())
+                else {
+                    self.stats.invalid.add(1);
+                    return;
+                };
+                self.on_message(epoch, &channel, Bytes::from(message));
+            }
+            _ => {}
+        }
+    }
+
+    pub(super) fn on_message(&self, epoch: &Epoch, channel: &[u8], message: Bytes) {
+        let Some(newline) = message.iter().position(|&b| b == b'\n') else {
+            self.stats.invalid.add(1);
+            return;
+        };
+        let Ok(header) = serde_json::from_slice::<Header<'_>>(&message[..newline]) else {
+            self.stats.invalid.add(1);
+            return;
+        };
+        self.stats.received[kind_index(header.k)].add(1);
+        let body = message.slice(newline + 1..);
+        if header.k == Kind::Ack {
+            self.route_reply(
+                header.r,
+                Reply {
+                    from: header.f.into_owned(),
+                    delivered: header.d,
+                    dropped: header.x,
+                    count: header.c,
+                },
+            );
+            return;
+        }
+        if self.is_own(&header.f) {
+            // Our own topic publish, seen by our subscription: the local
+            // subscribers already have it. Count this answer as zero.
+            self.route_reply(
+                header.r,
+                Reply {
+                    from: header.f.into_owned(),
+                    delivered: Vec::new(),
+                    dropped: Vec::new(),
+                    count: 0,
+                },
+            );
+            return;
+        }
+        if epoch.ended.load(Ordering::Acquire) {
+            // A connection we have given up on (Redis may not have noticed
+            // yet). Topic messages reach our new connection too, and a
+            // sender that gets no answer from this one reports its targets
+            // unconfirmed: delivering here could deliver twice.
+            return;
+        }
+        let mut ack = Header::new(Kind::Ack, header.r, &epoch.member);
+        match header.k {
+            Kind::Send => {
+                let frame = frame_of(header.b, body);
+                let mut ids = Vec::with_capacity(header.t.len());
+                let mut at = Vec::with_capacity(header.t.len());
+                for (id, &index) in header.t.iter().zip(&header.i) {
+                    if let Ok(id) = ClientId::new(id) {
+                        ids.push(id);
+                        at.push(index);
+                    }
+                }
+                let report = self.local.send_now(&ids, &frame);
+                self.stats.remote_deliveries.add(report.connections as u64);
+                ack.d = report.delivered.iter().map(|&j| at[j]).collect();
+                ack.x = report.dropped.iter().map(|&j| at[j]).collect();
+                ack.c = report.connections;
+            }
+            Kind::Pub => {
+                let Some(topic) = self.keys.topic_of(channel) else {
+                    self.stats.invalid.add(1);
+                    return;
+                };
+                let n = self.local.publish_now(&topic, &frame_of(header.b, body));
+                self.stats.remote_deliveries.add(n as u64);
+                ack.c = n;
+            }
+            Kind::Close => {
+                let Some(Ok(id)) = header.t.first().map(|id| ClientId::new(id)) else {
+                    self.stats.invalid.add(1);
+                    return;
+                };
+                let code = u16::try_from(header.c)
+                    .ok()
+                    .map(CloseCode)
+                    .filter(|c| c.is_valid_on_wire())
+                    .unwrap_or(CloseCode::DISCONNECTED);
+                let reason = String::from_utf8_lossy(&body).into_owned();
+                let frame = CloseFrame {
+                    code,
+                    reason: Cow::Owned(reason),
+                };
+                ack.c = self.local.disconnect_now(&id, &frame);
+            }
+            Kind::Ack => return,
+        }
+        let answer = ack.encode(&[]);
+        if epoch
+            .acks
+            .try_send((self.keys.node_channel(&header.f), answer))
+            .is_err()
+        {
+            self.stats.acks_dropped.add(1);
+        }
+    }
+
+    pub(super) fn route_reply(&self, request: u64, reply: Reply) {
+        if let Some(tx) = self.pending.lock().get(&request) {
+            let _ = tx.send(reply);
+        }
+    }
+
+    /// The members other than this node's that have each target, as a list
+    /// of (member, target indexes); `Err` when Redis cannot answer.
+    pub(super) async fn locate(
+        &self,
+        link: &Link,
+        targets: &[ClientId],
+    ) -> Result<Vec<(String, Vec<usize>)>, ::redis::RedisError> {
+        let mut pipe = ::redis::pipe();
+        for id in targets {
+            pipe.cmd("SMEMBERS").arg(self.keys.loc(id.as_str()));
+        }
+        let mut conn = link.conn.clone();
+        let replies: Vec<Value> = pipe.query_async(&mut conn).await?;
+        let mut by_member: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+        for (i, reply) in replies.into_iter().enumerate() {
+            for member in strings(reply) {
+                if self.is_own(&member) || self.liveness(&member) == Liveness::Dead {
+                    continue;
+                }
+                by_member.entry(member).or_default().push(i);
+            }
+        }
+        Ok(by_member.into_iter().collect())
+    }
+
+    /// Publishes one message per member; returns each one's receiver count
+    /// (`None` where publishing failed).
+    pub(super) async fn publish_each(
+        &self,
+        link: &Link,
+        messages: Vec<(String, Vec<u8>)>,
+    ) -> Vec<Option<i64>> {
+        let n = messages.len();
+        let mut pipe = ::redis::pipe();
+        for (member, message) in messages {
+            pipe.cmd("SPUBLISH")
+                .arg(self.keys.node_channel(&member))
+                .arg(message);
+        }
+        let mut conn = link.conn.clone();
+        match pipe.query_async::<Vec<i64>>(&mut conn).await {
+            Ok(counts) => counts.into_iter().map(Some).collect(),
+            Err(_) => vec![None; n],
+        }
+    }
+
+    /// Collects `expected` replies until `deadline`.
+    pub(super) async fn collect(
+        &self,
+        rx: &mut mpsc::UnboundedReceiver<Reply>,
+        expected: usize,
+        deadline: tokio::time::Instant,
+    ) -> Vec<Reply> {
+        let mut replies = Vec::with_capacity(expected);
+        while replies.len() < expected {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(reply)) => replies.push(reply),
+                Ok(None) => break,
+                Err(_) => {
+                    self.stats.ack_timeouts.add(1);
+                    break;
+                }
+            }
+        }
+        replies
+    }
+
+    pub(super) async fn send_remote(
+        &self,
+        targets: &[ClientId],
+        frame: &WireFrame,
+        report: &mut SendReport,
+    ) {
+        let deadline = tokio::time::Instant::now() + self.config.request_timeout;
+        let n = targets.len();
+        let mut delivered = vec![false; n];
+        let mut dropped = vec![false; n];
+        let mut unknown = vec![false; n];
+        for &i in &report.delivered {
+            delivered[i] = true;
+        }
+        for &i in &report.dropped {
+            dropped[i] = true;
+        }
+        let outcome = async {
+            let Some(link) = self.link() else {
+                return Err(());
+            };
+            let located = tokio::time::timeout_at(deadline, self.locate(&link, targets))
+                .await
+                .map_err(drop)?
+                .map_err(drop)?;
+            if located.is_empty() {
+                return Ok(());
+            }
+            let (request, mut rx, _guard) = self.register_request();
+            let payload = frame.payload();
+            let messages: Vec<(String, Vec<u8>)> = located
+                .iter()
+                .map(|(member, indexes)| {
+                    let mut header = Header::new(Kind::Send, request, &link.member);
+                    header.i.clone_from(indexes);
+                    header.t = indexes
+                        .iter()
+                        .map(|&i| Cow::Borrowed(targets[i].as_str()))
+                        .collect();
+                    header.b = !frame.is_text();
+                    (member.clone(), header.encode(payload))
+                })
+                .collect();
+            self.count_published(Kind::Send, messages.len());
+            let counts = tokio::time::timeout_at(deadline, self.publish_each(&link, messages))
+                .await
+                .unwrap_or_else(|_| vec![None; located.len()]);
+            let mut expected = 0;
+            let mut waiting: HashMap<&str, &[usize]> = HashMap::new();
+            for ((member, indexes), count) in located.iter().zip(&counts) {
+                match count {
+                    Some(c) if *c > 0 => {
+                        expected += *c as usize;
+                        waiting.insert(member, indexes);
+                    }
+                    // Nobody listens on that member's channel: a node that
+                    // left without cleaning up (its entry was not in the
+                    // last heartbeat read) is offline; a node still within
+                    // its presence TTL may have only lost Redis.
+                    Some(_) if self.liveness(member) == Liveness::Unknown => {}
+                    _ => indexes.iter().for_each(|&i| unknown[i] = true),
+                }
+            }
+            for reply in self.collect(&mut rx, expected, deadline).await {
+                waiting.remove(reply.from.as_str());
+                report.connections += reply.count;
+                for i in reply.delivered.into_iter().filter(|&i| i < n) {
+                    delivered[i] = true;
+                }
+                for i in reply.dropped.into_iter().filter(|&i| i < n) {
+                    dropped[i] = true;
+                }
+            }
+            for indexes in waiting.values() {
+                indexes.iter().for_each(|&i| unknown[i] = true);
+            }
+            Ok(())
+        }
+        .await;
+        if outcome.is_err() {
+            unknown.iter_mut().for_each(|u| *u = true);
+        }
+        report.delivered.clear();
+        report.dropped.clear();
+        report.offline.clear();
+        report.unconfirmed.clear();
+        for i in 0..n {
+            if delivered[i] {
+                report.delivered.push(i);
+            } else if unknown[i] {
+                report.unconfirmed.push(i);
+            } else if dropped[i] {
+                report.dropped.push(i);
+            } else {
+                report.offline.push(i);
+            }
+        }
+    }
+
+    pub(super) async fn disconnect_remote(
+        &self,
+        id: &ClientId,
+        frame: &CloseFrame,
+    ) -> Option<usize> {
+        let deadline = tokio::time::Instant::now() + self.config.request_timeout;
+        let link = self.link()?;
+        let located =
+            tokio::time::timeout_at(deadline, self.locate(&link, std::slice::from_ref(id)))
+                .await
+                .ok()?
+                .ok()?;
+        if located.is_empty() {
+            return Some(0);
+        }
+        let (request, mut rx, _guard) = self.register_request();
+        let messages: Vec<(String, Vec<u8>)> = located
+            .iter()
+            .map(|(member, _)| {
+                let mut header = Header::new(Kind::Close, request, &link.member);
+                header.t = vec![Cow::Borrowed(id.as_str())];
+                header.c = usize::from(frame.code.0);
+                (member.clone(), header.encode(frame.reason.as_bytes()))
+            })
+            .collect();
+        self.count_published(Kind::Close, messages.len());
+        let counts = tokio::time::timeout_at(deadline, self.publish_each(&link, messages))
+            .await
+            .ok()?;
+        let expected: usize = counts
+            .iter()
+            .map(|c| usize::try_from(c.unwrap_or(0)).unwrap_or(0))
+            .sum();
+        let replies = self.collect(&mut rx, expected, deadline).await;
+        Some(replies.iter().map(|r| r.count).sum())
+    }
+}
+
+pub(super) fn frame_of(binary: bool, body: Bytes) -> WireFrame {
+    if binary {
+        WireFrame::from_binary(body)
+    } else {
+        WireFrame::text(body)
+    }
+}

@@ -1,0 +1,267 @@
+//! The connection to Redis and its supervision: connect (register
+//! presence, subscribe), run (heartbeats, flushes), notice the loss,
+//! reconnect with backoff and jitter, and publish the answers to other
+//! nodes' requests.
+
+use std::collections::HashSet;
+use std::hash::{BuildHasher, RandomState};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+
+use ::redis::aio::MultiplexedConnection;
+use ::redis::{AsyncConnectionConfig, PushInfo};
+use tokio::sync::{Notify, mpsc, watch};
+
+use super::presence::{collect_garbage, heartbeat, leave, write_presence};
+use super::topics::subscribe_topics;
+use super::wire::Kind;
+use super::{
+    ACK_QUEUE, Epoch, Link, MAX_BACKOFF, MIN_BACKOFF, Session, Shared, TaskGuard, local_ms,
+};
+use crate::id::{ClientId, Topic};
+
+/// Why a connected session ended.
+pub(super) enum Ended {
+    Lost(String),
+    Stopped,
+}
+
+pub(super) async fn supervise(shared: Arc<Shared>) {
+    let _task = TaskGuard::new(&shared);
+    let mut stop = shared.stop.subscribe();
+    let mut backoff = MIN_BACKOFF;
+    // Members of this node's earlier connections, to be marked dead once a
+    // new connection is registered.
+    let mut stale: Vec<Arc<str>> = Vec::new();
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        let member: Arc<str> = Arc::from(format!("{}#{}", shared.config.node_id, random_epoch()));
+        let connect = connect(&shared, Arc::clone(&member), &stale);
+        let attempt = tokio::select! {
+            attempt = connect => attempt,
+            _ = stop.changed() => return,
+        };
+        match attempt {
+            Ok(mut session) => {
+                stale.clear();
+                backoff = MIN_BACKOFF;
+                shared.stats.connects.add(1);
+                *shared.last_error.lock() = None;
+                *shared.link.write() = Some(session.link.clone());
+                tracing::info!(node = %shared.config.node_id, member = %session.link.member, "connected to redis");
+                let ended = run(&shared, &mut session, &mut stop).await;
+                *shared.link.write() = None;
+                session.epoch.ended.store(true, Ordering::Release);
+                let _ = session.ended_tx.send(true);
+                stale.push(member);
+                match ended {
+                    Ended::Stopped => return,
+                    Ended::Lost(message) => {
+                        shared.stats.connection_failures.add(1);
+                        shared.set_error(format!("lost the redis connection: {message}"));
+                    }
+                }
+            }
+            Err(error) => {
+                // It may have registered part of its presence. (Bounded: the
+                // presence of a member not marked expires with its TTL anyway.)
+                if stale.len() < 16 {
+                    stale.push(member);
+                }
+                shared.stats.connection_failures.add(1);
+                shared.set_error(format!("cannot connect to redis: {error}"));
+            }
+        }
+        // Jitter of ±25 % so that nodes do not reconnect in lockstep.
+        let jitter = RandomState::new().hash_one(local_ms()) % 50;
+        let wait = backoff.mul_f64(0.75 + jitter as f64 / 100.0);
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            _ = stop.changed() => return,
+        }
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+pub(super) async fn connect(
+    shared: &Arc<Shared>,
+    member: Arc<str>,
+    stale: &[Arc<str>],
+) -> Result<Session, ::redis::RedisError> {
+    let timeout = shared.config.request_timeout;
+    let (acks_tx, acks_rx) = mpsc::channel(ACK_QUEUE);
+    let epoch = Arc::new(Epoch {
+        member: Arc::clone(&member),
+        ended: AtomicBool::new(false),
+        lost: Notify::new(),
+        acks: acks_tx,
+    });
+    let weak: Weak<Shared> = Arc::downgrade(shared);
+    let on_push = {
+        let epoch = Arc::clone(&epoch);
+        move |info: PushInfo| -> Result<(), std::convert::Infallible> {
+            if let Some(shared) = weak.upgrade() {
+                shared.on_push(&epoch, info);
+            }
+            Ok(())
+        }
+    };
+    let config = AsyncConnectionConfig::new()
+        .set_connection_timeout(timeout)
+        .set_response_timeout(timeout)
+        .set_push_sender(on_push);
+    let mut conn = shared
+        .client
+        .get_multiplexed_async_connection_with_config(&config)
+        .await?;
+    let (ended_tx, ended_rx) = watch::channel(false);
+    let mut session = Session {
+        link: Link {
+            conn: conn.clone(),
+            member: Arc::clone(&member),
+        },
+        epoch: Arc::clone(&epoch),
+        subscribed: HashSet::new(),
+        ended_tx,
+        clock_offset_ms: 0,
+    };
+    let setup = async {
+        ::redis::cmd("CLIENT")
+            .arg("SETNAME")
+            .arg(format!("switchboard:{member}"))
+            .exec_async(&mut conn)
+            .await?;
+        heartbeat(shared, &mut session, true).await?;
+        ::redis::cmd("SSUBSCRIBE")
+            .arg(shared.keys.node_channel(&member))
+            .exec_async(&mut conn)
+            .await?;
+        // Subscriptions first, then presence: from the moment other nodes
+        // can find an ID here, its messages have a listener.
+        shared.dirty_topics.lock().clear();
+        let topics = shared.local.topic_names();
+        subscribe_topics(shared, &mut session, topics).await?;
+        shared.dirty_ids.lock().clear();
+        let ids: Vec<ClientId> = shared
+            .local
+            .clients_now()
+            .into_iter()
+            .map(|c| c.id)
+            .collect();
+        write_presence(shared, &session, ids).await?;
+        // Our earlier lives, now that this one is registered (so an ID here
+        // never looks offline in between): mark them dead, so that the next
+        // cleanup removes their presence (`XX`: not if a cleanup already did).
+        for previous in stale {
+            ::redis::cmd("ZADD")
+                .arg(shared.keys.nodes())
+                .arg("XX")
+                .arg(0)
+                .arg(previous.as_ref())
+                .exec_async(&mut conn)
+                .await?;
+        }
+        Ok::<_, ::redis::RedisError>(())
+    };
+    setup.await?;
+    let acker_shared = Arc::clone(shared);
+    tokio::spawn(acker(acker_shared, conn, acks_rx, ended_rx));
+    Ok(session)
+}
+
+/// Publishes the answers queued by the reader, in batches; ends with its
+/// connection's epoch.
+pub(super) async fn acker(
+    shared: Arc<Shared>,
+    mut conn: MultiplexedConnection,
+    mut rx: mpsc::Receiver<(String, Vec<u8>)>,
+    mut ended: watch::Receiver<bool>,
+) {
+    let _task = TaskGuard::new(&shared);
+    let timeout = shared.config.request_timeout;
+    let mut batch = Vec::with_capacity(256);
+    loop {
+        tokio::select! {
+            biased;
+            _ = ended.changed() => return,
+            n = rx.recv_many(&mut batch, 256) => if n == 0 { return },
+        }
+        shared.count_published(Kind::Ack, batch.len());
+        let mut pipe = ::redis::pipe();
+        for (channel, message) in batch.drain(..) {
+            pipe.cmd("SPUBLISH").arg(channel).arg(message).ignore();
+        }
+        // A failure is the sender's timeout: it reports its targets
+        // unconfirmed. The connection's loss is noticed by the supervisor.
+        let _ = tokio::time::timeout(timeout, pipe.exec_async(&mut conn)).await;
+    }
+}
+
+pub(super) async fn run(
+    shared: &Arc<Shared>,
+    session: &mut Session,
+    stop: &mut watch::Receiver<bool>,
+) -> Ended {
+    let period = shared.config.presence_ttl / 3;
+    let mut beat = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let timeout = shared.config.request_timeout;
+    loop {
+        let result = tokio::select! {
+            biased;
+            _ = stop.changed() => {
+                leave(shared, session).await;
+                return Ended::Stopped;
+            }
+            () = session.epoch.lost.notified() => {
+                return Ended::Lost("connection closed".to_owned());
+            }
+            _ = beat.tick() => {
+                let work = async {
+                    let (now, members) = heartbeat(shared, session, false).await?;
+                    collect_garbage(shared, session, now, members).await
+                };
+                tokio::time::timeout(timeout * 4, work).await
+            }
+            () = shared.wake.notified() => {
+                tokio::time::timeout(timeout * 4, flush(shared, session)).await
+            }
+        };
+        match result {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => return Ended::Lost(error.to_string()),
+            Err(_) => return Ended::Lost("redis did not answer in time".to_owned()),
+        }
+    }
+}
+
+/// Applies the IDs and topics that changed since the last flush.
+pub(super) async fn flush(
+    shared: &Shared,
+    session: &mut Session,
+) -> Result<(), ::redis::RedisError> {
+    let topics: Vec<Topic> = shared.dirty_topics.lock().drain().collect();
+    if !topics.is_empty() {
+        subscribe_topics(shared, session, topics).await?;
+    }
+    let ids: Vec<ClientId> = shared.dirty_ids.lock().drain().collect();
+    if !ids.is_empty() {
+        write_presence(shared, session, ids).await?;
+    }
+    Ok(())
+}
+
+pub(super) fn random_epoch() -> String {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let seed = (
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+        N.fetch_add(1, Ordering::Relaxed),
+        std::process::id(),
+    );
+    format!("{:08x}", RandomState::new().hash_one(seed) as u32)
+}

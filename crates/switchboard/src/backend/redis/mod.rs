@@ -1,0 +1,411 @@
+//! The Redis backend: several Switchboard nodes behind a load balancer,
+//! sharing one Redis (version 7 or later) as their backplane. Enabled by the
+//! cargo feature `redis`.
+//!
+//! ```no_run
+//! use switchboard::{Hub, Limits};
+//! use switchboard::redis::{RedisBackend, RedisConfig};
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let limits = Limits::default();
+//! let mut config = RedisConfig::new("redis://127.0.0.1:6379/");
+//! config.node_id = "node-a".to_owned();
+//! let backend = RedisBackend::start(config, limits.duplicate_ids)?;
+//! let hub = Hub::with_backend(limits, backend.clone());
+//! let app = switchboard::app(hub.clone());
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:8080").await?;
+//! switchboard::serve(listener, app, hub, std::future::pending()).await?;
+//! backend.shutdown().await; // leave the cluster: this node's IDs go offline at once
+//! # Ok(()) }
+//! ```
+//!
+//! # Design (docs/scaling.md has the whole story and the measured costs)
+//!
+//! Local connections live in a [`MemoryBackend`]; Redis only carries what
+//! crosses nodes. Every command touches one key or one shard channel, so
+//! the same layout runs on a Redis Cluster (with a cluster-aware client).
+//!
+//! | what | Redis | written when |
+//! |------|-------|--------------|
+//! | live nodes | sorted set `P:nodes`: member → the Redis time (ms) until which it is alive | every `presence_ttl / 3` by each node |
+//! | where an ID is | set `P:loc:<id>`: the members (`node#epoch`) that have it | first connection of the ID on a node / last one gone |
+//! | what a node has | hash `P:ids:<member>`: ID → `"connections,since_ms"` | every connect and disconnect |
+//! | node inbox | shard channel `P:n:<member>` (`SSUBSCRIBE` / `SPUBLISH`) | sends, closes, answers |
+//! | topic | shard channel `P:t:<topic>` | subscribed while the node has a subscriber |
+//!
+//! A *member* is the node ID plus a random epoch that changes on every
+//! (re)connection to Redis; after a reconnection the node writes its
+//! presence again under its new member and the old one is removed, so a
+//! cleanup of a dead member can never erase a live one.
+//!
+//! A send looks up each target's members (`SMEMBERS`, pipelined), publishes
+//! one message per member node (`SPUBLISH`), and waits for each node's
+//! answer (what it delivered, dropped or found offline) up to
+//! `request_timeout`. A target whose node cannot be reached or does not
+//! answer is reported `unconfirmed`, never silently lost.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use ::redis::aio::MultiplexedConnection;
+use parking_lot::{Mutex, RwLock};
+use tokio::sync::{Notify, mpsc, watch};
+
+use super::memory::MemoryBackend;
+use super::{Backend, BackendHealth, ClientInfo, RegisterError, SendReport};
+use crate::BoxFuture;
+use crate::id::{ClientId, Topic};
+use crate::limits::DuplicateIds;
+use crate::protocol::close::CloseFrame;
+use crate::protocol::frame::WireFrame;
+use crate::runtime::mailbox::{ConnId, ConnRef};
+
+mod config;
+mod delivery;
+mod keys;
+mod link;
+mod presence;
+mod replies;
+mod stats;
+mod topics;
+mod wire;
+
+pub use config::{MIN_PRESENCE_TTL, RedisConfig, RedisConfigError, default_node_id};
+use keys::Keys;
+use link::supervise;
+use stats::{Stats, kind_index};
+use wire::{Kind, Reply};
+
+/// First wait before reconnecting; doubled after each failure.
+const MIN_BACKOFF: Duration = Duration::from_millis(100);
+/// Longest wait between two reconnection attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// Commands per pipeline when writing presence or subscriptions in bulk.
+const BATCH: usize = 500;
+/// Answers waiting to be published; past it an answer is dropped and the
+/// sender reports its targets unconfirmed.
+const ACK_QUEUE: usize = 16_384;
+
+/// The current connection to Redis and the member name it registered.
+#[derive(Clone)]
+struct Link {
+    conn: MultiplexedConnection,
+    member: Arc<str>,
+}
+
+/// One connection's life: its member name, whether it is over, and the
+/// queue of answers to publish.
+struct Epoch {
+    member: Arc<str>,
+    ended: AtomicBool,
+    lost: Notify,
+    acks: mpsc::Sender<(String, Vec<u8>)>,
+}
+
+/// Counts a background task for as long as it lives.
+struct TaskGuard(Arc<Shared>);
+
+impl TaskGuard {
+    fn new(shared: &Arc<Shared>) -> Self {
+        shared.stats.tasks.fetch_add(1, Ordering::Relaxed);
+        Self(Arc::clone(shared))
+    }
+}
+
+impl Drop for TaskGuard {
+    fn drop(&mut self) {
+        self.0.stats.tasks.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+struct Shared {
+    config: RedisConfig,
+    client: ::redis::Client,
+    keys: Keys,
+    /// `node_id#`: members of this node, whatever their epoch.
+    own_prefix: String,
+    local: MemoryBackend,
+    link: RwLock<Option<Link>>,
+    last_error: Mutex<Option<String>>,
+    /// Member → until when it is alive (from the last heartbeat read).
+    live: Mutex<HashMap<String, Instant>>,
+    pending: Mutex<HashMap<u64, mpsc::UnboundedSender<Reply>>>,
+    next_request: AtomicU64,
+    dirty_ids: Mutex<HashSet<ClientId>>,
+    dirty_topics: Mutex<HashSet<Topic>>,
+    wake: Notify,
+    stop: watch::Sender<bool>,
+    stats: Stats,
+}
+
+/// Removes a pending request when the request ends, however it ends.
+struct PendingGuard<'a> {
+    shared: &'a Shared,
+    request: u64,
+}
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        self.shared.pending.lock().remove(&self.request);
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Liveness {
+    Live,
+    Dead,
+    /// Not in the last heartbeat read (a node that joined since): tried.
+    Unknown,
+}
+
+impl Shared {
+    fn link(&self) -> Option<Link> {
+        self.link.read().clone()
+    }
+
+    fn is_own(&self, member: &str) -> bool {
+        member.starts_with(&self.own_prefix)
+    }
+
+    fn liveness(&self, member: &str) -> Liveness {
+        match self.live.lock().get(member) {
+            Some(until) if *until > Instant::now() => Liveness::Live,
+            Some(_) => Liveness::Dead,
+            None => Liveness::Unknown,
+        }
+    }
+
+    fn mark_id(&self, id: &ClientId) {
+        self.dirty_ids.lock().insert(id.clone());
+        self.wake.notify_one();
+    }
+
+    fn mark_topic(&self, topic: &Topic) {
+        self.dirty_topics.lock().insert(topic.clone());
+        self.wake.notify_one();
+    }
+
+    fn set_error(&self, message: String) {
+        tracing::warn!(node = %self.config.node_id, "redis backend degraded: {message}");
+        *self.last_error.lock() = Some(message);
+    }
+
+    fn register_request(&self) -> (u64, mpsc::UnboundedReceiver<Reply>, PendingGuard<'_>) {
+        let request = self.next_request.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.pending.lock().insert(request, tx);
+        (
+            request,
+            rx,
+            PendingGuard {
+                shared: self,
+                request,
+            },
+        )
+    }
+
+    fn count_published(&self, kind: Kind, n: usize) {
+        self.stats.published[kind_index(kind)].add(n as u64);
+    }
+}
+
+struct Session {
+    link: Link,
+    epoch: Arc<Epoch>,
+    /// Topic channels this connection is subscribed to.
+    subscribed: HashSet<Topic>,
+    ended_tx: watch::Sender<bool>,
+    /// Redis time minus local time, in ms, from the last `TIME`.
+    clock_offset_ms: i64,
+}
+
+fn err(message: impl Into<String>) -> ::redis::RedisError {
+    ::redis::RedisError::from((::redis::ErrorKind::IoError, "switchboard", message.into()))
+}
+
+fn local_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// A [`Backend`] for several nodes sharing one Redis: local connections in
+/// memory, presence and cross-node messages in Redis. See the
+/// [module documentation](self).
+pub struct RedisBackend {
+    shared: Arc<Shared>,
+    supervisor: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl RedisBackend {
+    /// Checks `config` and starts connecting in the background. Must be
+    /// called within a Tokio runtime. The node works before Redis answers
+    /// (local delivery only, reported degraded) and reconnects with backoff
+    /// whenever the connection is lost.
+    pub fn start(config: RedisConfig, policy: DuplicateIds) -> Result<Arc<Self>, RedisConfigError> {
+        config.validate()?;
+        let mut info = ::redis::IntoConnectionInfo::into_connection_info(config.url.as_str())
+            .map_err(|err| RedisConfigError::Url {
+                message: err.to_string(),
+            })?;
+        // RESP3: pushes (messages) and replies share one connection.
+        info.redis.protocol = ::redis::ProtocolVersion::RESP3;
+        let client = ::redis::Client::open(info).map_err(|err| RedisConfigError::Url {
+            message: err.to_string(),
+        })?;
+        let (stop, _) = watch::channel(false);
+        let shared = Arc::new(Shared {
+            keys: Keys::new(&config.key_prefix),
+            own_prefix: format!("{}#", config.node_id),
+            config,
+            client,
+            local: MemoryBackend::new(policy),
+            link: RwLock::new(None),
+            last_error: Mutex::new(Some("connecting to redis".to_owned())),
+            live: Mutex::new(HashMap::new()),
+            pending: Mutex::new(HashMap::new()),
+            next_request: AtomicU64::new(1),
+            dirty_ids: Mutex::new(HashSet::new()),
+            dirty_topics: Mutex::new(HashSet::new()),
+            wake: Notify::new(),
+            stop,
+            stats: Stats::default(),
+        });
+        let supervisor = tokio::spawn(supervise(Arc::clone(&shared)));
+        Ok(Arc::new(Self {
+            shared,
+            supervisor: Mutex::new(Some(supervisor)),
+        }))
+    }
+
+    /// This node's ID.
+    pub fn node_id(&self) -> &str {
+        &self.shared.config.node_id
+    }
+
+    /// Whether the node is connected to Redis and registered.
+    pub fn is_connected(&self) -> bool {
+        self.shared.link.read().is_some()
+    }
+
+    /// Leaves the cluster: removes this node's presence (its IDs are
+    /// reported offline by the other nodes at once) and closes the Redis
+    /// connection. Bounded by twice the request timeout. Call it after the
+    /// server has closed its connections.
+    pub async fn shutdown(&self) {
+        let _ = self.shared.stop.send(true);
+        let handle = self.supervisor.lock().take();
+        if let Some(handle) = handle {
+            let limit = self.shared.config.request_timeout * 2;
+            if tokio::time::timeout(limit, handle).await.is_err() {
+                tracing::warn!("redis backend did not stop in time");
+            }
+        }
+    }
+}
+
+impl Drop for RedisBackend {
+    fn drop(&mut self) {
+        let _ = self.shared.stop.send(true);
+        if let Some(handle) = self.supervisor.lock().take() {
+            handle.abort();
+        }
+    }
+}
+
+impl std::fmt::Debug for RedisBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisBackend")
+            .field("node_id", &self.shared.config.node_id)
+            .field("connected", &self.is_connected())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Backend for RedisBackend {
+    fn register(&self, id: &ClientId, conn: &ConnRef) -> Result<(), RegisterError> {
+        self.shared.local.register(id, conn)?;
+        self.shared.mark_id(id);
+        Ok(())
+    }
+
+    fn unregister(&self, id: &ClientId, conn: ConnId) {
+        self.shared.local.unregister(id, conn);
+        self.shared.mark_id(id);
+    }
+
+    fn subscribe(&self, topic: &Topic, conn: &ConnRef) {
+        self.shared.local.subscribe(topic, conn);
+        self.shared.mark_topic(topic);
+    }
+
+    fn unsubscribe(&self, topic: &Topic, conn: ConnId) {
+        self.shared.local.unsubscribe(topic, conn);
+        self.shared.mark_topic(topic);
+    }
+
+    fn send<'a>(
+        &'a self,
+        targets: &'a [ClientId],
+        frame: &'a WireFrame,
+    ) -> BoxFuture<'a, SendReport> {
+        Box::pin(async move {
+            let mut report = self.shared.local.send_now(targets, frame);
+            if !targets.is_empty() {
+                self.shared.send_remote(targets, frame, &mut report).await;
+            }
+            report
+        })
+    }
+
+    fn publish<'a>(&'a self, topic: &'a Topic, frame: &'a WireFrame) -> BoxFuture<'a, usize> {
+        Box::pin(async move {
+            let local = self.shared.local.publish_now(topic, frame);
+            match self.shared.publish_remote(topic, frame).await {
+                Some(remote) => local + remote,
+                None => {
+                    self.shared.stats.unconfirmed_publishes.add(1);
+                    local
+                }
+            }
+        })
+    }
+
+    fn clients(&self) -> BoxFuture<'_, Vec<ClientInfo>> {
+        Box::pin(std::future::ready(self.shared.local.clients_now()))
+    }
+
+    fn disconnect<'a>(&'a self, id: &'a ClientId, frame: CloseFrame) -> BoxFuture<'a, usize> {
+        Box::pin(async move {
+            let local = self.shared.local.disconnect_now(id, &frame);
+            let remote = self.shared.disconnect_remote(id, &frame).await;
+            local + remote.unwrap_or(0)
+        })
+    }
+
+    fn cluster_clients(&self) -> BoxFuture<'_, Option<Vec<ClientInfo>>> {
+        Box::pin(self.shared.cluster_clients())
+    }
+
+    fn health(&self) -> BackendHealth {
+        let health = BackendHealth::healthy("redis").with_node(self.node_id());
+        if self.is_connected() {
+            return health;
+        }
+        let reason = self
+            .shared
+            .last_error
+            .lock()
+            .clone()
+            .unwrap_or_else(|| "not connected to redis".to_owned());
+        health.degraded(reason)
+    }
+
+    fn render_metrics(&self, out: &mut String) {
+        self.shared
+            .stats
+            .render(&self.shared, self.is_connected(), out);
+    }
+}

@@ -1,0 +1,218 @@
+//! The hub: one per server, shared by every connection. It holds the
+//! [`Backend`] (registry and topics), the limits, the metrics, and the set of
+//! all live connections used for graceful shutdown.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock};
+
+use bytes::Bytes;
+
+use crate::auth::{IpLimiter, Security};
+use crate::backend::memory::MemoryBackend;
+use crate::backend::{Backend, SendReport};
+use crate::id::{ClientId, Topic};
+use crate::limits::Limits;
+use crate::metrics::Metrics;
+use crate::protocol::close::CloseFrame;
+use crate::protocol::frame::WireFrame;
+use crate::runtime::mailbox::{ConnId, ConnRef};
+
+mod admission;
+pub(crate) mod expiry;
+mod tracker;
+
+pub(crate) use admission::{Admission, CapPermit};
+use expiry::Expiry;
+use tracker::Tracker;
+
+/// The hub every connection and API call shares. Cloning is a reference
+/// count.
+#[derive(Clone)]
+pub struct Hub {
+    inner: Arc<HubInner>,
+}
+
+struct HubInner {
+    backend: Arc<dyn Backend>,
+    limits: Limits,
+    security: Security,
+    metrics: Metrics,
+    live: Tracker,
+    /// Per-IP admission of WebSocket upgrades.
+    ip_limiter: IpLimiter,
+    /// Scheduled closes (`Conn::close_at`), created on first use.
+    expiry: OnceLock<Arc<Expiry>>,
+}
+
+/// Builds a [`Hub`] with a backend and security settings:
+/// `Hub::builder(limits).backend(b).security(s).build()`.
+#[must_use]
+pub struct HubBuilder {
+    limits: Limits,
+    backend: Option<Arc<dyn Backend>>,
+    security: Security,
+}
+
+impl HubBuilder {
+    /// Where IDs and topics live (default: a [`MemoryBackend`] with the
+    /// limits' duplicate-ID policy).
+    pub fn backend(mut self, backend: Arc<dyn Backend>) -> Self {
+        self.backend = Some(backend);
+        self
+    }
+
+    /// Authentication, origins, API keys, trusted proxies (default: none
+    /// of them; see [`Security`]).
+    pub fn security(mut self, security: Security) -> Self {
+        self.security = security;
+        self
+    }
+
+    /// The hub.
+    pub fn build(self) -> Hub {
+        let backend = self
+            .backend
+            .unwrap_or_else(|| Arc::new(MemoryBackend::new(self.limits.duplicate_ids)));
+        Hub {
+            inner: Arc::new(HubInner {
+                backend,
+                limits: self.limits,
+                security: self.security,
+                metrics: Metrics::default(),
+                live: Tracker::default(),
+                ip_limiter: IpLimiter::default(),
+                expiry: OnceLock::new(),
+            }),
+        }
+    }
+}
+
+impl Hub {
+    /// A hub with the in-memory backend and no security settings.
+    pub fn new(limits: Limits) -> Self {
+        Self::builder(limits).build()
+    }
+
+    /// A hub with a custom backend.
+    pub fn with_backend(limits: Limits, backend: Arc<dyn Backend>) -> Self {
+        Self::builder(limits).backend(backend).build()
+    }
+
+    /// A builder, to set the backend and the [`Security`] settings.
+    pub fn builder(limits: Limits) -> HubBuilder {
+        HubBuilder {
+            limits,
+            backend: None,
+            security: Security::default(),
+        }
+    }
+
+    /// Authentication, origins, API keys and trusted proxies.
+    pub fn security(&self) -> &Security {
+        &self.inner.security
+    }
+
+    pub(crate) fn ip_limiter(&self) -> &IpLimiter {
+        &self.inner.ip_limiter
+    }
+
+    pub(crate) fn expiry(&self) -> &Arc<Expiry> {
+        self.inner.expiry.get_or_init(Arc::default)
+    }
+
+    /// The backend (registry and topics).
+    pub fn backend(&self) -> &dyn Backend {
+        &*self.inner.backend
+    }
+
+    /// The limits every connection runs with.
+    pub fn limits(&self) -> &Limits {
+        &self.inner.limits
+    }
+
+    /// The server's counters.
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+
+    /// Encodes a text frame once, to be sent to any number of connections.
+    pub fn encode_text(text: impl Into<Bytes>) -> WireFrame {
+        WireFrame::text(text.into())
+    }
+
+    /// Sends `frame` to every connection of each target.
+    pub async fn send(&self, targets: &[ClientId], frame: &WireFrame) -> SendReport {
+        let report = self.backend().send(targets, frame).await;
+        let m = self.metrics();
+        m.deliveries.add(report.connections as u64);
+        m.offline_targets.add(report.offline.len() as u64);
+        m.dropped_messages.add(report.dropped.len() as u64);
+        m.unconfirmed_targets.add(report.unconfirmed.len() as u64);
+        report
+    }
+
+    /// Publishes `frame` to every subscriber of `topic`; returns the number
+    /// of connections it was queued to.
+    pub async fn publish(&self, topic: &Topic, frame: &WireFrame) -> usize {
+        let n = self.backend().publish(topic, frame).await;
+        self.metrics().publish_deliveries.add(n as u64);
+        n
+    }
+
+    /// How many WebSocket connections are open on this node.
+    pub fn live_connections(&self) -> usize {
+        self.inner.live.count.load(Ordering::Relaxed)
+    }
+
+    /// Asks every live connection to close with `frame` after flushing what
+    /// is queued to it.
+    pub fn close_all(&self, frame: CloseFrame) {
+        let all: Vec<ConnRef> = self
+            .inner
+            .live
+            .shards
+            .iter()
+            .flat_map(|shard| shard.lock().values().cloned().collect::<Vec<_>>())
+            .collect();
+        for conn in all {
+            conn.close(frame.clone());
+        }
+    }
+
+    /// Waits until no WebSocket connection is left on this node.
+    pub async fn drained(&self) {
+        loop {
+            let notified = self.inner.live.empty.notified();
+            if self.live_connections() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    pub(crate) fn track(&self, conn: ConnRef) {
+        let live = &self.inner.live;
+        live.count.fetch_add(1, Ordering::Relaxed);
+        self.metrics().connections_total.add(1);
+        live.shard(conn.id()).lock().insert(conn.id(), conn);
+    }
+
+    pub(crate) fn untrack(&self, id: ConnId) {
+        if let Some(expiry) = self.inner.expiry.get() {
+            expiry.cancel(id);
+        }
+        let live = &self.inner.live;
+        live.shard(id).lock().remove(&id);
+        if live.count.fetch_sub(1, Ordering::Relaxed) == 1 {
+            live.empty.notify_waiters();
+        }
+    }
+}
+
+impl std::fmt::Debug for Hub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hub")
+            .field("live_connections", &self.live_connections())
+            .finish_non_exhaustive()
+    }
+}
