@@ -100,6 +100,7 @@ pub use http::{
     DEFAULT_SHUTDOWN_TIMEOUT, ServeOptions, json_errors, serve, serve_with, serve_with_options, ws,
 };
 pub use http_error::HttpError;
+pub use hub::refusals::Refusal;
 pub use hub::{Hub, HubBuilder};
 pub use id::{ClientId, MAX_NAME_LEN, NameError, Topic};
 pub use limits::{DuplicateIds, Limits, SlowConsumer, duration};

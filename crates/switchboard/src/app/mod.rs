@@ -13,6 +13,8 @@
 //! # }
 //! ```
 
+use std::fmt::Write as _;
+
 use axum::Router;
 use axum::extract::State;
 use axum::response::IntoResponse;
@@ -100,6 +102,11 @@ async fn metrics(State(hub): State<Hub>) -> impl IntoResponse {
         )],
         {
             let mut text = hub.metrics().render(hub.live_connections());
+            let _ = writeln!(
+                text,
+                "# HELP switchboard_refusals_total Connections refused before or at the upgrade (logged, rate-limited, with their reasons).\n# TYPE switchboard_refusals_total counter\nswitchboard_refusals_total {}",
+                hub.refusals_total()
+            );
             hub.backend().render_metrics(&mut text);
             text
         },

@@ -27,8 +27,8 @@ use tower::ServiceExt as _;
 
 use super::json_errors::json_errors;
 use super::upgrade::ConnSlot;
-use crate::hub::CapPermit;
 use crate::hub::Hub;
+use crate::hub::{CapPermit, refusals};
 use crate::protocol::close::{CloseCode, CloseFrame};
 
 /// How long [`serve`] waits for connections to finish after shutdown
@@ -124,6 +124,16 @@ pub async fn serve_with_options(
         };
         let _ = stream.set_nodelay(true);
         let Some(permit) = CapPermit::try_acquire(&cap) else {
+            hub.refusal_log().record(
+                refusals::refusal(
+                    None,
+                    503,
+                    "over_capacity",
+                    Some(peer.ip()),
+                    refusals::request_id(None),
+                ),
+                "the server is at its connection limit (limits.max_connections)",
+            );
             #[cfg(feature = "tls")]
             if let Some(tls) = &tls {
                 let tls = tls.clone();

@@ -35,6 +35,7 @@ use tokio::net::TcpStream;
 use crate::auth::{ClientIp, Identity, IpGuard, negotiate_subprotocol};
 use crate::handler::{Conn, Handler, session};
 use crate::http_error::HttpError;
+use crate::hub::refusals::{self, request_id};
 use crate::hub::{Admission, CapPermit, Hub};
 use crate::metrics::ErrorKind;
 use crate::protocol::close::{CloseCode, CloseFrame};
@@ -72,26 +73,62 @@ impl ConnSlot {
 
 async fn upgrade<H: Handler>(request: Request, handler: Arc<H>, hub: Hub) -> Response {
     let (mut parts, _body) = request.into_parts();
-    let accept = match accept_key(&parts.method, parts.version, &parts.headers) {
-        Ok(accept) => accept,
-        Err(err) => {
-            hub.metrics().error(ErrorKind::Handshake);
-            return err.into_response();
-        }
-    };
+    match accept(&mut parts, handler, &hub).await {
+        Ok(response) => response,
+        Err(refusal) => refuse(&hub, &parts, refusal),
+    }
+}
+
+/// Answers a refused upgrade: logs it once (rate-limited, see
+/// [`crate::hub::refusals`]) and names it in `X-Request-Id`, so that the
+/// developer whose browser saw only close 1006 can find the reason.
+fn refuse(hub: &Hub, parts: &Parts, refusal: HttpError) -> Response {
+    let request_id = request_id(parts.headers.get("x-request-id"));
+    let client = parts
+        .extensions
+        .get::<ClientIp>()
+        .map(|ip| ip.0)
+        .or_else(|| {
+            parts
+                .extensions
+                .get::<ConnectInfo<SocketAddr>>()
+                .map(|info| info.0.ip())
+        });
+    hub.refusal_log().record(
+        refusals::refusal(
+            Some(parts.uri.path()),
+            refusal.status.as_u16(),
+            refusal.code,
+            client,
+            request_id.clone(),
+        ),
+        &refusal.message,
+    );
+    let mut response = refusal.into_response();
+    if let Ok(value) = http::HeaderValue::from_str(&request_id) {
+        response.headers_mut().insert("x-request-id", value);
+    }
+    response
+}
+
+/// Checks and accepts an upgrade request: the 101 response, with the
+/// connection's task started once the upgrade completes; or the refusal.
+async fn accept<H: Handler>(
+    parts: &mut Parts,
+    handler: Arc<H>,
+    hub: &Hub,
+) -> Result<Response, HttpError> {
+    let accept = accept_key(&parts.method, parts.version, &parts.headers)
+        .inspect_err(|_| hub.metrics().error(ErrorKind::Handshake))?;
     let Some(on_upgrade) = parts.extensions.remove::<OnUpgrade>() else {
-        return HttpError::new(
+        return Err(HttpError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "upgrade_unavailable",
             "this server cannot upgrade connections: serve the router with switchboard::serve or axum::serve over HTTP/1.1",
-        )
-        .into_response();
+        ));
     };
     let slot = parts.extensions.remove::<ConnSlot>();
-    let admitted = match admit(&hub, &mut parts).await {
-        Ok(admitted) => admitted,
-        Err(refusal) => return refusal.into_response(),
-    };
+    let admitted = admit(hub, parts).await?;
     let deflate = negotiate(
         &hub.limits().compression,
         parts
@@ -100,21 +137,19 @@ async fn upgrade<H: Handler>(request: Request, handler: Arc<H>, hub: Hub) -> Res
             .iter(),
     );
 
-    let mut conn = Conn::new(hub);
-    let state = match AssertUnwindSafe(handler.connect(&parts, &mut conn))
+    let mut conn = Conn::new(hub.clone());
+    let state = match AssertUnwindSafe(handler.connect(parts, &mut conn))
         .catch_unwind()
         .await
     {
-        Ok(Ok(state)) => state,
-        Ok(Err(refusal)) => return refusal.into_response(),
+        Ok(result) => result?,
         Err(_) => {
             conn.hub().metrics().error(ErrorKind::HandlerPanic);
-            return HttpError::new(
+            return Err(HttpError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "internal_error",
                 "the connect handler panicked",
-            )
-            .into_response();
+            ));
         }
     };
     if let Some(expires_at) = admitted.expires_at {
@@ -162,7 +197,7 @@ async fn upgrade<H: Handler>(request: Request, handler: Arc<H>, hub: Hub) -> Res
     if let Some((_, extension)) = deflate {
         headers.insert(header::SEC_WEBSOCKET_EXTENSIONS, extension);
     }
-    response
+    Ok(response)
 }
 
 /// What the security checks let through.

@@ -19,10 +19,12 @@ use crate::runtime::mailbox::{ConnId, ConnRef};
 
 mod admission;
 pub(crate) mod expiry;
+pub(crate) mod refusals;
 mod tracker;
 
 pub(crate) use admission::{Admission, CapPermit};
 use expiry::Expiry;
+use refusals::{Refusal, RefusalLog};
 use tracker::Tracker;
 
 /// The hub every connection and API call shares. Cloning is a reference
@@ -42,6 +44,8 @@ struct HubInner {
     ip_limiter: IpLimiter,
     /// Scheduled closes (`Conn::close_at`), created on first use.
     expiry: OnceLock<Arc<Expiry>>,
+    /// Refused upgrades, logged (rate-limited) and the latest kept.
+    refusals: RefusalLog,
 }
 
 /// Builds a [`Hub`] with a backend and security settings:
@@ -82,6 +86,7 @@ impl HubBuilder {
                 live: Tracker::default(),
                 ip_limiter: IpLimiter::default(),
                 expiry: OnceLock::new(),
+                refusals: RefusalLog::default(),
             }),
         }
     }
@@ -118,6 +123,21 @@ impl Hub {
 
     pub(crate) fn expiry(&self) -> &Arc<Expiry> {
         self.inner.expiry.get_or_init(Arc::default)
+    }
+
+    /// The most recent refused connections (at most 100), oldest first:
+    /// what the server logged about each, for an operator's view.
+    pub fn recent_refusals(&self) -> Vec<Refusal> {
+        self.inner.refusals.recent()
+    }
+
+    /// Connections refused since the hub started.
+    pub fn refusals_total(&self) -> u64 {
+        self.inner.refusals.total()
+    }
+
+    pub(crate) fn refusal_log(&self) -> &RefusalLog {
+        &self.inner.refusals
     }
 
     /// The backend (registry and topics).
