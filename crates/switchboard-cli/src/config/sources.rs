@@ -1,19 +1,18 @@
-//! The server's configuration: defaults, then a TOML file, then
-//! `SWITCHBOARD_*` environment variables, then flags — each later source
-//! overriding the earlier ones, key by key.
+//! Where each setting comes from: the flags and their `SWITCHBOARD_*`
+//! environment variables (parsed by clap into [`Cli`]), the TOML file, and
+//! the precedence between them — default < file < environment < flag, key
+//! by key. The result, [`Settings`], is what was asked for, not yet checked
+//! (the `validate` module checks it).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
-use serde::Deserialize;
-use switchboard::auth::jwt::{JwtAuthenticator, JwtConfig, JwtKey};
-use switchboard::auth::{AllowedOrigins, ApiKeys, TrustedProxies};
-use switchboard::redis::{RedisConfig, RedisConfigError};
-use switchboard::tls::{Tls, TlsError};
-use switchboard::{Compression, DuplicateIds, Limits, Security, SlowConsumer};
+use switchboard::{DuplicateIds, Limits, SlowConsumer};
+
+use crate::config::ConfigError;
+use crate::config::schema::{self, AuthMode, BackendKind, FileConfig, LogFormat};
 
 /// A WebSocket messaging server: relay by client ID, topics, chat, echo, and
 /// an HTTP API for your backend.
@@ -422,29 +421,6 @@ impl From<SlowConsumerArg> for SlowConsumer {
     }
 }
 
-/// `auth.mode = "none" | "jwt"`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub(crate) enum AuthMode {
-    None,
-    Jwt,
-}
-
-/// `backend = "memory" | "redis"`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub(crate) enum BackendKind {
-    Memory,
-    Redis,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub(crate) enum LogFormat {
-    Text,
-    Json,
-}
-
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub(crate) enum DuplicateIdsArg {
     Allow,
@@ -466,150 +442,65 @@ fn duration(s: &str) -> Result<Duration, String> {
     switchboard::duration::parse(s)
 }
 
-/// The config file's shape. Unknown keys are errors that name the key.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileConfig {
-    listen: Option<SocketAddr>,
-    log_format: Option<LogFormat>,
-    log_level: Option<String>,
-    #[serde(default, deserialize_with = "opt_duration")]
-    shutdown_timeout: Option<Duration>,
-    #[serde(default)]
-    limits: Option<Limits>,
-    backend: Option<BackendKind>,
-    node_id: Option<String>,
-    #[serde(default)]
-    redis: Option<RedisFile>,
-    #[serde(default)]
-    compression: Option<Compression>,
-    insecure_allow_anonymous: Option<bool>,
-    insecure_open_api: Option<bool>,
-    allowed_origins: Option<Vec<String>>,
-    trusted_proxies: Option<Vec<String>>,
-    #[serde(default)]
-    auth: Option<AuthFile>,
-    #[serde(default)]
-    api: Option<ApiFile>,
-    #[serde(default)]
-    tls: Option<TlsFile>,
-}
-
-/// The `[auth]` table.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct AuthFile {
-    mode: Option<AuthMode>,
-    jwt_secret: Option<String>,
-    jwt_public_key: Option<PathBuf>,
-    jwt_jwks: Option<PathBuf>,
-    issuer: Option<String>,
-    audience: Option<String>,
-    #[serde(default, deserialize_with = "opt_duration")]
-    clock_skew: Option<Duration>,
-    #[serde(default, deserialize_with = "opt_duration")]
-    expiry_grace: Option<Duration>,
-}
-
-/// The `[api]` table.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ApiFile {
-    keys: Option<Vec<String>>,
-    protect_metrics: Option<bool>,
-    protect_heartbeat: Option<bool>,
-}
-
-/// The `[tls]` table.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct TlsFile {
-    cert: Option<PathBuf>,
-    key: Option<PathBuf>,
-}
-
-/// The `[redis]` table.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RedisFile {
-    url: Option<String>,
-    key_prefix: Option<String>,
-    #[serde(default, deserialize_with = "opt_duration")]
-    presence_ttl: Option<Duration>,
-    #[serde(default, deserialize_with = "opt_duration")]
-    request_timeout: Option<Duration>,
-}
-
-fn opt_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-    let s = String::deserialize(d)?;
-    duration(&s).map(Some).map_err(serde::de::Error::custom)
-}
-
-/// The merged configuration the server runs with.
-#[derive(Debug)]
-pub(crate) struct Config {
+/// Every setting, taken from the source that won; paths from the file are
+/// already relative to the file.
+pub(crate) struct Settings {
     pub(crate) listen: SocketAddr,
     pub(crate) log_format: LogFormat,
     pub(crate) log_level: String,
     pub(crate) shutdown_timeout: Duration,
+    /// The limits and `[compression]`, key by key.
     pub(crate) limits: Limits,
-    pub(crate) backend: BackendConfig,
-    pub(crate) security: Security,
-    /// The JWT authenticator, to re-read its key files on SIGHUP.
-    pub(crate) jwt: Option<Arc<JwtAuthenticator>>,
-    pub(crate) tls: Option<Tls>,
-    /// Said once logging is up: what runs insecurely, and why it may.
-    pub(crate) warnings: Vec<String>,
+    pub(crate) backend: BackendKind,
+    pub(crate) redis: RedisSettings,
+    pub(crate) auth: AuthSettings,
+    pub(crate) api: ApiSettings,
+    pub(crate) allowed_origins: Option<Vec<String>>,
+    pub(crate) trusted_proxies: Option<Vec<String>>,
+    pub(crate) tls_cert: Option<PathBuf>,
+    pub(crate) tls_key: Option<PathBuf>,
+    pub(crate) insecure_allow_anonymous: bool,
+    pub(crate) insecure_open_api: bool,
 }
 
-/// The security half of [`Config`].
-struct Secured {
-    security: Security,
-    jwt: Option<Arc<JwtAuthenticator>>,
-    tls: Option<Tls>,
-    warnings: Vec<String>,
+/// `node_id` and `[redis]`; `None` keeps the default of
+/// [`switchboard::RedisConfig`].
+pub(crate) struct RedisSettings {
+    pub(crate) url: Option<String>,
+    pub(crate) node_id: Option<String>,
+    pub(crate) key_prefix: Option<String>,
+    pub(crate) presence_ttl: Option<Duration>,
+    pub(crate) request_timeout: Option<Duration>,
 }
 
-/// Which backend the server runs with.
-#[derive(Debug)]
-pub(crate) enum BackendConfig {
-    Memory,
-    Redis(RedisConfig),
+/// `[auth]`; `None` keeps the library's default.
+pub(crate) struct AuthSettings {
+    pub(crate) mode: AuthMode,
+    pub(crate) secret: Option<String>,
+    pub(crate) public_key: Option<PathBuf>,
+    pub(crate) jwks: Option<PathBuf>,
+    pub(crate) issuer: Option<String>,
+    pub(crate) audience: Option<String>,
+    pub(crate) clock_skew: Option<Duration>,
+    pub(crate) expiry_grace: Option<Duration>,
 }
 
-/// A configuration problem; the binary exits with code 2.
-#[derive(Debug, thiserror::Error)]
-pub(crate) enum ConfigError {
-    #[error("cannot read config file {path}")]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("invalid config file {path}")]
-    Parse {
-        path: PathBuf,
-        #[source]
-        source: Box<toml::de::Error>,
-    },
-    #[error(
-        "unknown environment variable {name}: the SWITCHBOARD_ prefix is reserved for options listed by --help"
-    )]
-    UnknownEnv { name: String },
-    #[error("invalid value for {key}: {message}")]
-    Invalid { key: &'static str, message: String },
+/// `[api]`; `None` keeps the library's default.
+pub(crate) struct ApiSettings {
+    pub(crate) keys: Vec<String>,
+    pub(crate) protect_metrics: Option<bool>,
+    pub(crate) protect_heartbeat: Option<bool>,
 }
 
 impl Cli {
-    /// Merges defaults, the file, the environment and the flags (clap has
-    /// already put environment values into unset flags).
-    pub(crate) fn resolve(self) -> Result<Config, ConfigError> {
+    /// Reads the file and applies the environment and the flags over it
+    /// (clap has already put environment values into unset flags).
+    pub(crate) fn into_settings(self) -> Result<Settings, ConfigError> {
         check_env_names()?;
         let mut file = match &self.config {
             Some(path) => read_file(path)?,
             None => FileConfig::default(),
         };
-        let backend = self.backend_config(&file)?;
         let mut limits = file.limits.take().unwrap_or_default();
         macro_rules! set {
             ($($field:ident),*) => {$(
@@ -651,24 +542,24 @@ impl Cli {
             compression_server_no_context_takeover => server_no_context_takeover,
             compression_client_no_context_takeover => client_no_context_takeover
         );
-        c.validate().map_err(|message| ConfigError::Invalid {
-            key: "compression",
-            message,
-        })?;
-        validate(&limits)?;
-        let listen = self
-            .listen
-            .or(file.listen)
-            .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 8080)));
+
+        // Paths in the file are relative to the file.
         let base = self
             .config
             .as_deref()
             .and_then(Path::parent)
             .map(Path::to_owned)
             .unwrap_or_default();
-        let secured = self.security_config(&file, &base, listen)?;
-        Ok(Config {
-            listen,
+        let in_file = |path: PathBuf| base.join(path);
+        let auth = file.auth.take().unwrap_or_default();
+        let api = file.api.take().unwrap_or_default();
+        let tls = file.tls.take().unwrap_or_default();
+        let redis = file.redis.take().unwrap_or_default();
+        Ok(Settings {
+            listen: self
+                .listen
+                .or(file.listen)
+                .unwrap_or(schema::DEFAULT_LISTEN),
             log_format: self
                 .log_format
                 .or(file.log_format)
@@ -676,309 +567,50 @@ impl Cli {
             log_level: self
                 .log_level
                 .or(file.log_level)
-                .unwrap_or_else(|| "info".to_owned()),
+                .unwrap_or_else(|| schema::DEFAULT_LOG_LEVEL.to_owned()),
             shutdown_timeout: self
                 .shutdown_timeout
                 .or(file.shutdown_timeout)
                 .unwrap_or(switchboard::DEFAULT_SHUTDOWN_TIMEOUT),
             limits,
-            backend,
-            security: secured.security,
-            jwt: secured.jwt,
-            tls: secured.tls,
-            warnings: secured.warnings,
-        })
-    }
-
-    /// `[auth]`, `[api]`, `[tls]`, origins and proxies, checked and loaded
-    /// (key files and certificates are read now, so a bad one stops the
-    /// server before it binds), and the safe defaults: no anonymous clients
-    /// and no open API on a non-loopback address unless asked for.
-    fn security_config(
-        &self,
-        file: &FileConfig,
-        base: &Path,
-        listen: SocketAddr,
-    ) -> Result<Secured, ConfigError> {
-        let invalid = |key: &'static str, message: String| ConfigError::Invalid { key, message };
-        let auth = file.auth.as_ref();
-        let api = file.api.as_ref();
-        // Paths in the file are relative to the file.
-        let in_file = |path: &PathBuf| base.join(path);
-        let mode = self
-            .auth_mode
-            .or_else(|| auth.and_then(|a| a.mode))
-            .unwrap_or(AuthMode::None);
-        let secret = self
-            .auth_jwt_secret
-            .clone()
-            .or_else(|| auth.and_then(|a| a.jwt_secret.clone()));
-        let public_key = self
-            .auth_jwt_public_key
-            .clone()
-            .or_else(|| auth.and_then(|a| a.jwt_public_key.as_ref().map(in_file)));
-        let jwks = self
-            .auth_jwt_jwks
-            .clone()
-            .or_else(|| auth.and_then(|a| a.jwt_jwks.as_ref().map(in_file)));
-        let issuer = self
-            .auth_issuer
-            .clone()
-            .or_else(|| auth.and_then(|a| a.issuer.clone()));
-        let audience = self
-            .auth_audience
-            .clone()
-            .or_else(|| auth.and_then(|a| a.audience.clone()));
-        let mut security = Security::default();
-        if let Some(grace) = self
-            .auth_expiry_grace
-            .or_else(|| auth.and_then(|a| a.expiry_grace))
-        {
-            security.expiry_grace = grace;
-        }
-        let given: Vec<&str> = [
-            (secret.is_some(), "auth.jwt_secret"),
-            (public_key.is_some(), "auth.jwt_public_key"),
-            (jwks.is_some(), "auth.jwt_jwks"),
-        ]
-        .into_iter()
-        .filter_map(|(set, name)| set.then_some(name))
-        .collect();
-        let mut jwt = None;
-        match mode {
-            AuthMode::None => {
-                let stray = given
-                    .iter()
-                    .copied()
-                    .chain(issuer.is_some().then_some("auth.issuer"))
-                    .chain(audience.is_some().then_some("auth.audience"))
-                    .next();
-                if let Some(stray) = stray {
-                    return Err(invalid(
-                        "auth.mode",
-                        format!(
-                            "is \"none\" but {stray} is set: set auth.mode = \"jwt\" (--auth-mode jwt) to authenticate clients, or remove {stray}"
-                        ),
-                    ));
-                }
-            }
-            AuthMode::Jwt => {
-                let (key, name) = match (secret, public_key, jwks) {
-                    (Some(secret), None, None) => {
-                        (JwtKey::Secret(secret.into_bytes()), "auth.jwt_secret")
-                    }
-                    (None, Some(path), None) => {
-                        (JwtKey::PublicKeyFile(path), "auth.jwt_public_key")
-                    }
-                    (None, None, Some(path)) => (JwtKey::JwksFile(path), "auth.jwt_jwks"),
-                    (None, None, None) => {
-                        return Err(invalid(
-                            "auth.mode",
-                            "is \"jwt\" but no key is set: set auth.jwt_secret (HS256), auth.jwt_public_key (a PEM file) or auth.jwt_jwks (a JWKS file)".to_owned(),
-                        ));
-                    }
-                    _ => {
-                        return Err(invalid(
-                            "auth.mode",
-                            format!(
-                                "takes one key, but {} are set: keep one",
-                                given.join(" and ")
-                            ),
-                        ));
-                    }
-                };
-                let mut config = JwtConfig::new(key);
-                config.issuer = issuer;
-                config.audience = audience;
-                if let Some(skew) = self
-                    .auth_clock_skew
-                    .or_else(|| auth.and_then(|a| a.clock_skew))
-                {
-                    config.clock_skew = skew;
-                }
-                let authenticator = Arc::new(
-                    JwtAuthenticator::new(config).map_err(|err| invalid(name, err.to_string()))?,
-                );
-                security.authenticator = Some(authenticator.clone());
-                jwt = Some(authenticator);
-            }
-        }
-
-        let keys = self
-            .api_keys
-            .clone()
-            .or_else(|| api.and_then(|a| a.keys.clone()))
-            .unwrap_or_default();
-        security.api_keys =
-            ApiKeys::new(&keys).map_err(|err| invalid("api.keys", err.to_string()))?;
-        if let Some(protect) = self
-            .api_protect_metrics
-            .or_else(|| api.and_then(|a| a.protect_metrics))
-        {
-            security.protect_metrics = protect;
-        }
-        if let Some(protect) = self
-            .api_protect_heartbeat
-            .or_else(|| api.and_then(|a| a.protect_heartbeat))
-        {
-            security.protect_heartbeat = protect;
-        }
-        if let Some(origins) = self
-            .allowed_origins
-            .clone()
-            .or_else(|| file.allowed_origins.clone())
-        {
-            security.allowed_origins = Some(
-                AllowedOrigins::new(&origins)
-                    .map_err(|err| invalid("allowed_origins", err.to_string()))?,
-            );
-        }
-        if let Some(proxies) = self
-            .trusted_proxies
-            .clone()
-            .or_else(|| file.trusted_proxies.clone())
-        {
-            security.trusted_proxies = TrustedProxies::new(&proxies)
-                .map_err(|err| invalid("trusted_proxies", err.to_string()))?;
-        }
-
-        let table = file.tls.as_ref();
-        let cert = self
-            .tls_cert
-            .clone()
-            .or_else(|| table.and_then(|t| t.cert.as_ref().map(in_file)));
-        let key = self
-            .tls_key
-            .clone()
-            .or_else(|| table.and_then(|t| t.key.as_ref().map(in_file)));
-        let tls = match (cert, key) {
-            (None, None) => None,
-            (Some(_), None) => {
-                return Err(invalid(
-                    "tls.key",
-                    "is required with tls.cert: the certificate's private key, in PEM".to_owned(),
-                ));
-            }
-            (None, Some(_)) => {
-                return Err(invalid(
-                    "tls.cert",
-                    "is required with tls.key: the certificate chain, in PEM".to_owned(),
-                ));
-            }
-            (Some(cert), Some(key)) => {
-                let key_path = key.clone();
-                let tls = Tls::from_pem_files(cert, key).map_err(|err| {
-                    let name = match &err {
-                        TlsError::NoKey { .. } => "tls.key",
-                        TlsError::Read { path, .. } if *path == key_path => "tls.key",
-                        _ => "tls.cert",
-                    };
-                    invalid(name, err.to_string())
-                })?;
-                Some(tls)
-            }
-        };
-
-        // The safe defaults.
-        let mut warnings = Vec::new();
-        let loopback = listen.ip().is_loopback();
-        if mode == AuthMode::None && !loopback {
-            if !self
+            backend: self.backend.or(file.backend).unwrap_or(BackendKind::Memory),
+            redis: RedisSettings {
+                url: self.redis_url.or(redis.url),
+                node_id: self.node_id.or(file.node_id),
+                key_prefix: self.redis_key_prefix.or(redis.key_prefix),
+                presence_ttl: self.redis_presence_ttl.or(redis.presence_ttl),
+                request_timeout: self.redis_request_timeout.or(redis.request_timeout),
+            },
+            auth: AuthSettings {
+                mode: self.auth_mode.or(auth.mode).unwrap_or(AuthMode::None),
+                secret: self.auth_jwt_secret.or(auth.jwt_secret),
+                public_key: self
+                    .auth_jwt_public_key
+                    .or_else(|| auth.jwt_public_key.map(in_file)),
+                jwks: self.auth_jwt_jwks.or_else(|| auth.jwt_jwks.map(in_file)),
+                issuer: self.auth_issuer.or(auth.issuer),
+                audience: self.auth_audience.or(auth.audience),
+                clock_skew: self.auth_clock_skew.or(auth.clock_skew),
+                expiry_grace: self.auth_expiry_grace.or(auth.expiry_grace),
+            },
+            api: ApiSettings {
+                keys: self.api_keys.or(api.keys).unwrap_or_default(),
+                protect_metrics: self.api_protect_metrics.or(api.protect_metrics),
+                protect_heartbeat: self.api_protect_heartbeat.or(api.protect_heartbeat),
+            },
+            allowed_origins: self.allowed_origins.or(file.allowed_origins),
+            trusted_proxies: self.trusted_proxies.or(file.trusted_proxies),
+            tls_cert: self.tls_cert.or_else(|| tls.cert.map(in_file)),
+            tls_key: self.tls_key.or_else(|| tls.key.map(in_file)),
+            insecure_allow_anonymous: self
                 .insecure_allow_anonymous
                 .or(file.insecure_allow_anonymous)
-                .unwrap_or(false)
-            {
-                return Err(invalid(
-                    "auth.mode",
-                    format!(
-                        "is \"none\" and listen = {listen} is not a loopback address: anyone who reaches it could connect as any client ID and read its messages. Set auth.mode = \"jwt\" with a key (docs/security.md), listen on 127.0.0.1, or pass --insecure-allow-anonymous to run like this anyway"
-                    ),
-                ));
-            }
-            warnings.push(format!(
-                "auth.mode = \"none\" on {listen}, which is not loopback (--insecure-allow-anonymous): anyone who can reach it may connect as any client ID and read its messages"
-            ));
-        }
-        if security.api_keys.is_empty() {
-            if !loopback
-                && !self
-                    .insecure_open_api
-                    .or(file.insecure_open_api)
-                    .unwrap_or(false)
-            {
-                return Err(invalid(
-                    "api.keys",
-                    format!(
-                        "is empty and listen = {listen} is not a loopback address: anyone who reaches it could send to any client and disconnect anyone through /api. Set api.keys (e.g. `openssl rand -hex 32`), listen on 127.0.0.1, or pass --insecure-open-api to run like this anyway"
-                    ),
-                ));
-            }
-            warnings.push(format!(
-                "no api.keys: /api and /metrics are open to anyone who can reach {listen}"
-            ));
-        }
-        Ok(Secured {
-            security,
-            jwt,
-            tls,
-            warnings,
+                .unwrap_or(false),
+            insecure_open_api: self
+                .insecure_open_api
+                .or(file.insecure_open_api)
+                .unwrap_or(false),
         })
-    }
-
-    /// `backend` and, for Redis, its settings: flag or environment, then
-    /// the file, then the defaults of [`RedisConfig`].
-    fn backend_config(&self, file: &FileConfig) -> Result<BackendConfig, ConfigError> {
-        let kind = self.backend.or(file.backend).unwrap_or(BackendKind::Memory);
-        if kind == BackendKind::Memory {
-            return Ok(BackendConfig::Memory);
-        }
-        let table = file.redis.as_ref();
-        let url = self
-            .redis_url
-            .clone()
-            .or_else(|| table.and_then(|t| t.url.clone()))
-            .ok_or_else(|| ConfigError::Invalid {
-                key: "redis.url",
-                message: "is required with backend = \"redis\" (--redis-url, SWITCHBOARD_REDIS_URL or url in [redis])".to_owned(),
-            })?;
-        let mut config = RedisConfig::new(url);
-        if let Some(node_id) = self.node_id.clone().or_else(|| file.node_id.clone()) {
-            config.node_id = node_id;
-        }
-        if let Some(prefix) = self
-            .redis_key_prefix
-            .clone()
-            .or_else(|| table.and_then(|t| t.key_prefix.clone()))
-        {
-            config.key_prefix = prefix;
-        }
-        if let Some(ttl) = self
-            .redis_presence_ttl
-            .or_else(|| table.and_then(|t| t.presence_ttl))
-        {
-            config.presence_ttl = ttl;
-        }
-        if let Some(timeout) = self
-            .redis_request_timeout
-            .or_else(|| table.and_then(|t| t.request_timeout))
-        {
-            config.request_timeout = timeout;
-        }
-        config.validate().map_err(|err| {
-            let key = match err {
-                RedisConfigError::Url { .. } => "redis.url",
-                RedisConfigError::NodeId(_) => "node_id",
-                RedisConfigError::KeyPrefix(_) => "redis.key_prefix",
-                RedisConfigError::PresenceTtl(_) => "redis.presence_ttl",
-                RedisConfigError::RequestTimeout(_) => "redis.request_timeout",
-                _ => "redis",
-            };
-            ConfigError::Invalid {
-                key,
-                message: err.to_string(),
-            }
-        })?;
-        Ok(BackendConfig::Redis(config))
     }
 }
 
@@ -1009,46 +641,6 @@ fn check_env_names() -> Result<(), ConfigError> {
                 name: name.into_owned(),
             });
         }
-    }
-    Ok(())
-}
-
-fn validate(limits: &Limits) -> Result<(), ConfigError> {
-    let positive: [(&'static str, usize); 6] = [
-        ("limits.max_message_size", limits.max_message_size),
-        ("limits.max_frame_size", limits.max_frame_size),
-        ("limits.max_queued_messages", limits.max_queued_messages),
-        ("limits.max_queued_bytes", limits.max_queued_bytes),
-        ("limits.max_connections", limits.max_connections),
-        ("limits.max_targets", limits.max_targets),
-    ];
-    for (key, value) in positive {
-        if value == 0 {
-            return Err(ConfigError::Invalid {
-                key,
-                message: "must be at least 1".to_owned(),
-            });
-        }
-    }
-    if limits.max_header_size < 8 * 1024 {
-        return Err(ConfigError::Invalid {
-            key: "limits.max_header_size",
-            message: format!("is {}: use at least 8192", limits.max_header_size),
-        });
-    }
-    if limits.max_connections > tokio::sync::Semaphore::MAX_PERMITS {
-        return Err(ConfigError::Invalid {
-            key: "limits.max_connections",
-            message: format!("must be at most {}", tokio::sync::Semaphore::MAX_PERMITS),
-        });
-    }
-    if limits.pong_timeout.is_zero() && !limits.ping_interval.is_zero() {
-        return Err(ConfigError::Invalid {
-            key: "limits.pong_timeout",
-            message:
-                "must be above 0 while pings are on (set ping_interval = \"0\" to turn them off)"
-                    .to_owned(),
-        });
     }
     Ok(())
 }
