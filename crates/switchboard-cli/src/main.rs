@@ -57,8 +57,13 @@ fn main() -> ExitCode {
     match runtime.block_on(run(config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            tracing::error!("{err:#}");
-            eprintln!("error: {err:#}");
+            // Once, in the log format asked for; on stderr as plain text
+            // only when the log filter hides errors.
+            if tracing::enabled!(tracing::Level::ERROR) {
+                tracing::error!("{err:#}");
+            } else {
+                eprintln!("error: {err:#}");
+            }
             if err.downcast_ref::<BindError>().is_some() {
                 ExitCode::from(EXIT_BIND)
             } else if err.downcast_ref::<ConfigError>().is_some() {

@@ -332,17 +332,34 @@ fn unknown_switchboard_env_var_exits_2_naming_it() {
 }
 
 #[test]
-fn address_in_use_exits_3() {
+fn address_in_use_exits_3_and_says_so_once() {
     let (_taken, busy) = occupied_port();
+    let message = format!("cannot listen on {busy}");
+    for format in ["text", "json"] {
+        let mut command = switchboard();
+        command.args(["--listen", &busy.to_string(), "--log-format", format]);
+        let run = run_to_exit(command);
+        assert_eq!(run.code(), Some(3), "{format}: stderr:\n{}", run.stderr);
+        assert_eq!(
+            run.stderr.matches(&message).count(),
+            1,
+            "{format}: `{message}` must appear exactly once:\n{}",
+            run.stderr
+        );
+        if format == "json" {
+            for line in run.stderr.lines().filter(|l| !l.trim().is_empty()) {
+                let value: serde_json::Value = serde_json::from_str(line)
+                    .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
+                assert!(value.get("level").is_some(), "{line}");
+            }
+        }
+    }
+    // With errors filtered out of the log, the error still shows, once.
     let mut command = switchboard();
-    command.args(["--listen", &busy.to_string()]);
+    command.args(["--listen", &busy.to_string(), "--log-level", "off"]);
     let run = run_to_exit(command);
     assert_eq!(run.code(), Some(3), "stderr:\n{}", run.stderr);
-    assert!(
-        run.stderr.contains(&format!("cannot listen on {busy}")),
-        "{}",
-        run.stderr
-    );
+    assert_eq!(run.stderr.matches(&message).count(), 1, "{}", run.stderr);
 }
 
 // ---------------------------------------------------------------------------
