@@ -11,26 +11,18 @@ use clap::Parser as _;
 use switchboard::auth::jwt::JwtAuthenticator;
 use switchboard::tls::Tls;
 use switchboard::{Hub, ServeOptions};
-use tokio::net::TcpListener;
 
 mod config;
+mod listener;
 
 use config::{BackendConfig, Cli, Config, ConfigError, LogFormat};
+use listener::BindError;
 use switchboard::redis::RedisBackend;
 
 /// Exit code for configuration and usage errors (clap uses it too).
 const EXIT_CONFIG: u8 = 2;
 /// Exit code when the listen address cannot be bound.
 const EXIT_BIND: u8 = 3;
-
-/// Marks a bind failure so `main` can pick its exit code.
-#[derive(Debug, thiserror::Error)]
-#[error("cannot listen on {addr}")]
-struct BindError {
-    addr: std::net::SocketAddr,
-    #[source]
-    source: std::io::Error,
-}
 
 fn main() -> ExitCode {
     let config = match Cli::parse().resolve() {
@@ -76,12 +68,7 @@ fn main() -> ExitCode {
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(config.listen)
-        .await
-        .map_err(|source| BindError {
-            addr: config.listen,
-            source,
-        })?;
+    let listener = listener::bind(&config.listen).await?;
     let addr = listener
         .local_addr()
         .context("cannot read the bound address")?;

@@ -186,6 +186,34 @@ async fn listen_precedence_is_file_then_env_then_flag() {
 }
 
 #[tokio::test]
+async fn listen_takes_a_host_name_from_the_flag_the_environment_and_the_file() {
+    let file = TempFile::config("listen = \"localhost:0\"\n");
+    let mut by_flag = switchboard();
+    by_flag.args(["--listen", "localhost:0"]);
+    let mut by_env = switchboard();
+    by_env.env("SWITCHBOARD_LISTEN", "localhost:0");
+    let mut by_file = switchboard();
+    by_file.args(["--config", file.path()]);
+    for (source, command) in [("flag", by_flag), ("env", by_env), ("file", by_file)] {
+        let mut server = Server::spawn(command);
+        // localhost is loopback: no API key or authentication needed.
+        assert!(server.addr.ip().is_loopback(), "{source}: {}", server.addr);
+        let (status, body) = http(server.addr, "GET", "/heartbeat", None).await;
+        assert_eq!(status, 200, "{source}: {body}");
+        // The log says what the name resolved to (before `listening on`).
+        let log = server.log_text();
+        assert!(
+            log.lines()
+                .any(|l| l.contains("resolved the listen address") && l.contains("localhost:0")),
+            "{source}: {log}"
+        );
+        server.terminate();
+        let (status, lines) = server.wait_exit(WAIT);
+        assert_eq!(status.code(), Some(0), "{source}: {lines:?}");
+    }
+}
+
+#[tokio::test]
 async fn max_message_size_precedence_is_file_then_env_then_flag() {
     // (file, env, flag, what a 150-byte message gets)
     let cases: [(u32, Option<&str>, Option<&str>, Echo); 5] = [
@@ -277,6 +305,8 @@ fn invalid_values_in_the_file_exit_2_naming_the_key() {
         &["duplicate_ids", "sometimes"],
     );
     assert_config_error("listen = \"not an address\"\n", &["listen"]);
+    assert_config_error("listen = \"localhost\"\n", &["listen", "no port"]);
+    assert_config_error("listen = \"::1:80\"\n", &["listen", "[::1]:8080"]);
     assert_config_error("shutdown_timeout = \"ten\"\n", &["shutdown_timeout"]);
     assert_config_error("log_format = \"xml\"\n", &["log_format", "xml"]);
 }

@@ -223,6 +223,37 @@ fn non_loopback_with_auth_none_exits_2_before_binding() {
     assert!(!stderr.contains(SECRET), "{stderr}");
 }
 
+#[test]
+fn a_listen_name_resolving_to_a_non_loopback_address_needs_auth() {
+    // glibc resolves the name "0" to 0.0.0.0 (the inet_aton form): a host
+    // name that resolves to a non-loopback address, without the network
+    // or /etc/hosts. The port is taken on every interface, so exit 2 shows
+    // the refusal comes before binding.
+    let taken = std::net::TcpListener::bind("0.0.0.0:0").expect("bind");
+    let port = taken.local_addr().expect("addr").port();
+    let listen = format!("0:{port}");
+    let resolved = format!("0.0.0.0:{port}");
+    for env in [false, true] {
+        let mut command = switchboard();
+        if env {
+            command.env("SWITCHBOARD_LISTEN", &listen);
+        } else {
+            command.args(["--listen", &listen]);
+        }
+        let (code, stderr) = run_to_exit(command).into_code_and_stderr();
+        assert_eq!(code, Some(2), "{stderr}");
+        for named in [
+            "auth.mode",
+            &listen,
+            &resolved,
+            "not a loopback address",
+            "--insecure-allow-anonymous",
+        ] {
+            assert!(stderr.contains(named), "does not name {named}:\n{stderr}");
+        }
+    }
+}
+
 #[tokio::test]
 async fn insecure_flags_start_on_a_public_address_with_warnings() {
     let mut command = switchboard();

@@ -4,6 +4,7 @@
 //! loaded ([`validate`]). A problem anywhere is a [`ConfigError`] (exit
 //! code 2).
 
+use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -18,13 +19,13 @@ mod schema;
 mod sources;
 mod validate;
 
-pub(crate) use schema::LogFormat;
+pub(crate) use schema::{ListenAddr, LogFormat};
 pub(crate) use sources::Cli;
 
 /// The merged, checked configuration the server runs with.
 #[derive(Debug)]
 pub(crate) struct Config {
-    pub(crate) listen: SocketAddr,
+    pub(crate) listen: Listen,
     pub(crate) log_format: LogFormat,
     pub(crate) log_level: String,
     pub(crate) shutdown_timeout: Duration,
@@ -36,6 +37,41 @@ pub(crate) struct Config {
     pub(crate) tls: Option<Tls>,
     /// Said once logging is up: what runs insecurely, and why it may.
     pub(crate) warnings: Vec<String>,
+}
+
+/// `listen` as written, and the addresses it resolved to, in the order
+/// the server tries them.
+#[derive(Debug, Clone)]
+pub(crate) struct Listen {
+    pub(crate) written: ListenAddr,
+    /// Never empty.
+    pub(crate) addrs: Vec<SocketAddr>,
+}
+
+impl Listen {
+    /// Whether every address is loopback: only then may the server run
+    /// without authentication or API keys.
+    pub(crate) fn is_loopback(&self) -> bool {
+        self.addrs.iter().all(|addr| addr.ip().is_loopback())
+    }
+
+    /// Whether `written` is a name rather than an IP address.
+    pub(crate) fn is_name(&self) -> bool {
+        self.written.ip.is_none()
+    }
+}
+
+/// The address as written, and for a name what it resolved to:
+/// `localhost:8080 (127.0.0.1:8080)`.
+impl fmt::Display for Listen {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.written)?;
+        if self.is_name() {
+            let addrs: Vec<String> = self.addrs.iter().map(SocketAddr::to_string).collect();
+            write!(f, " ({})", addrs.join(", "))?;
+        }
+        Ok(())
+    }
 }
 
 /// Which backend the server runs with.

@@ -3,19 +3,91 @@
 //! shared with the flags, and the defaults of the settings that are not a
 //! library type's own default.
 
+use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::str::FromStr;
 use std::time::Duration;
 
 use clap::ValueEnum;
 use serde::Deserialize;
 use switchboard::{Compression, Limits};
 
-/// `listen` when no source sets it.
-pub(crate) const DEFAULT_LISTEN: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(
-    std::net::Ipv4Addr::LOCALHOST,
-    8080,
-));
+/// `listen` when no source sets it: 127.0.0.1:8080.
+pub(crate) fn default_listen() -> ListenAddr {
+    ListenAddr::from(SocketAddr::from(([127, 0, 0, 1], 8080)))
+}
+
+/// `listen` as written: an IP address and port (`127.0.0.1:8080`,
+/// `[::1]:8080`) or a host name and port (`localhost:8080`), resolved
+/// when the configuration is checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ListenAddr {
+    /// The host as written: a name, or an IP address without brackets.
+    pub(crate) host: String,
+    pub(crate) port: u16,
+    /// Set when the host is an IP address: nothing to resolve.
+    pub(crate) ip: Option<SocketAddr>,
+}
+
+impl From<SocketAddr> for ListenAddr {
+    fn from(addr: SocketAddr) -> Self {
+        Self {
+            host: addr.ip().to_string(),
+            port: addr.port(),
+            ip: Some(addr),
+        }
+    }
+}
+
+impl FromStr for ListenAddr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if let Ok(addr) = s.parse::<SocketAddr>() {
+            return Ok(Self::from(addr));
+        }
+        let example = "write HOST:PORT, e.g. 127.0.0.1:8080, localhost:8080 or [::1]:8080 (port 0 picks a free port)";
+        let Some((host, port)) = s.rsplit_once(':') else {
+            return Err(format!("{s:?} has no port: {example}"));
+        };
+        if host.is_empty() {
+            return Err(format!("{s:?} has no host: {example}"));
+        }
+        if host.contains(':') || host.starts_with('[') {
+            return Err(format!(
+                "{s:?} is not HOST:PORT: write an IPv6 address in brackets, e.g. [::1]:8080"
+            ));
+        }
+        if host.contains(char::is_whitespace) {
+            return Err(format!("{s:?} is not HOST:PORT: {example}"));
+        }
+        let port = port
+            .parse()
+            .map_err(|_| format!("{s:?} has no valid port (0-65535): {example}"))?;
+        Ok(Self {
+            host: host.to_owned(),
+            port,
+            ip: None,
+        })
+    }
+}
+
+impl fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.ip {
+            Some(addr) => addr.fmt(f),
+            None => write!(f, "{}:{}", self.host, self.port),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for ListenAddr {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
 
 /// `log_level` when no source sets it.
 pub(crate) const DEFAULT_LOG_LEVEL: &str = "info";
@@ -49,7 +121,7 @@ pub(crate) enum LogFormat {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct FileConfig {
-    pub(crate) listen: Option<SocketAddr>,
+    pub(crate) listen: Option<ListenAddr>,
     pub(crate) log_format: Option<LogFormat>,
     pub(crate) log_level: Option<String>,
     #[serde(default, deserialize_with = "opt_duration")]

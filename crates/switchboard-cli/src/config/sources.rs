@@ -4,7 +4,6 @@
 //! by key. The result, [`Settings`], is what was asked for, not yet checked
 //! (the `validate` module checks it).
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -12,7 +11,7 @@ use clap::{Parser, ValueEnum};
 use switchboard::{DuplicateIds, Limits, SlowConsumer};
 
 use crate::config::ConfigError;
-use crate::config::schema::{self, AuthMode, BackendKind, FileConfig, LogFormat};
+use crate::config::schema::{self, AuthMode, BackendKind, FileConfig, ListenAddr, LogFormat};
 
 /// A WebSocket messaging server: relay by client ID, topics, chat, echo, and
 /// an HTTP API for your backend.
@@ -26,9 +25,11 @@ pub(crate) struct Cli {
     /// TOML configuration file.
     #[arg(long, env = "SWITCHBOARD_CONFIG", value_name = "PATH")]
     pub(crate) config: Option<PathBuf>,
-    /// Address to listen on; port 0 picks a free port [default: 127.0.0.1:8080].
+    /// Address to listen on, HOST:PORT: an IP address, or a name bound at
+    /// the first address it resolves to; port 0 picks a free port
+    /// [default: 127.0.0.1:8080].
     #[arg(long, env = "SWITCHBOARD_LISTEN", value_name = "ADDR")]
-    pub(crate) listen: Option<SocketAddr>,
+    pub(crate) listen: Option<ListenAddr>,
     /// Log format [default: text].
     #[arg(long, env = "SWITCHBOARD_LOG_FORMAT", value_enum)]
     pub(crate) log_format: Option<LogFormat>,
@@ -445,7 +446,7 @@ fn duration(s: &str) -> Result<Duration, String> {
 /// Every setting, taken from the source that won; paths from the file are
 /// already relative to the file.
 pub(crate) struct Settings {
-    pub(crate) listen: SocketAddr,
+    pub(crate) listen: ListenAddr,
     pub(crate) log_format: LogFormat,
     pub(crate) log_level: String,
     pub(crate) shutdown_timeout: Duration,
@@ -559,7 +560,7 @@ impl Cli {
             listen: self
                 .listen
                 .or(file.listen)
-                .unwrap_or(schema::DEFAULT_LISTEN),
+                .unwrap_or_else(schema::default_listen),
             log_format: self
                 .log_format
                 .or(file.log_format)

@@ -4,7 +4,7 @@
 //! binds), and the safe defaults — no anonymous clients and no open API on
 //! a non-loopback address unless asked for.
 
-use std::net::SocketAddr;
+use std::net::{SocketAddr, ToSocketAddrs as _};
 use std::sync::Arc;
 
 use switchboard::auth::jwt::{JwtAuthenticator, JwtConfig, JwtKey};
@@ -13,9 +13,9 @@ use switchboard::redis::{RedisConfig, RedisConfigError};
 use switchboard::tls::{Tls, TlsError};
 use switchboard::{Limits, Security};
 
-use crate::config::schema::{AuthMode, BackendKind};
+use crate::config::schema::{AuthMode, BackendKind, ListenAddr};
 use crate::config::sources::{AuthSettings, RedisSettings, Settings};
-use crate::config::{BackendConfig, Config, ConfigError};
+use crate::config::{BackendConfig, Config, ConfigError, Listen};
 
 /// Checks `settings`; the first problem found stops the server.
 pub(crate) fn check(settings: Settings) -> Result<Config, ConfigError> {
@@ -29,9 +29,10 @@ pub(crate) fn check(settings: Settings) -> Result<Config, ConfigError> {
             message,
         })?;
     check_limits(&settings.limits)?;
-    let secured = security_config(&settings)?;
+    let listen = resolve_listen(&settings.listen)?;
+    let secured = security_config(&settings, &listen)?;
     Ok(Config {
-        listen: settings.listen,
+        listen,
         log_format: settings.log_format,
         log_level: settings.log_level,
         shutdown_timeout: settings.shutdown_timeout,
@@ -58,7 +59,7 @@ fn invalid(key: &'static str, message: String) -> ConfigError {
 
 /// `[auth]`, `[api]`, `[tls]`, origins and proxies, checked and loaded,
 /// and the safe defaults.
-fn security_config(settings: &Settings) -> Result<Secured, ConfigError> {
+fn security_config(settings: &Settings, listen: &Listen) -> Result<Secured, ConfigError> {
     let mut security = Security::default();
     let auth = &settings.auth;
     if let Some(grace) = auth.expiry_grace {
@@ -89,7 +90,7 @@ fn security_config(settings: &Settings) -> Result<Secured, ConfigError> {
             .map_err(|err| invalid("trusted_proxies", err.to_string()))?;
     }
     let tls = tls(settings)?;
-    let warnings = safe_defaults(settings, &security)?;
+    let warnings = safe_defaults(settings, listen, &security)?;
     Ok(Secured {
         security,
         jwt,
@@ -194,10 +195,15 @@ fn tls(settings: &Settings) -> Result<Option<Tls>, ConfigError> {
 
 /// No anonymous clients and no open API on a non-loopback address unless
 /// asked for; what is allowed that way is returned as warnings.
-fn safe_defaults(settings: &Settings, security: &Security) -> Result<Vec<String>, ConfigError> {
-    let listen: SocketAddr = settings.listen;
+///
+/// A name counts as loopback only when every address it resolves to is.
+fn safe_defaults(
+    settings: &Settings,
+    listen: &Listen,
+    security: &Security,
+) -> Result<Vec<String>, ConfigError> {
     let mut warnings = Vec::new();
-    let loopback = listen.ip().is_loopback();
+    let loopback = listen.is_loopback();
     if settings.auth.mode == AuthMode::None && !loopback {
         if !settings.insecure_allow_anonymous {
             return Err(invalid(
@@ -225,6 +231,48 @@ fn safe_defaults(settings: &Settings, security: &Security) -> Result<Vec<String>
         ));
     }
     Ok(warnings)
+}
+
+/// `listen`: an IP address as it is, a name resolved now (by the system's
+/// resolver: /etc/hosts, then DNS), so the safe defaults judge the
+/// addresses the server will bind.
+fn resolve_listen(written: &ListenAddr) -> Result<Listen, ConfigError> {
+    let addrs: Vec<SocketAddr> = match written.ip {
+        Some(addr) => vec![addr],
+        None => {
+            let mut addrs = Vec::new();
+            let resolved = (written.host.as_str(), written.port)
+                .to_socket_addrs()
+                .map_err(|err| {
+                    invalid(
+                        "listen",
+                        format!(
+                            "cannot resolve the host name in {written}: {err}. Use an IP address (127.0.0.1:{port}) or a name this machine resolves",
+                            port = written.port
+                        ),
+                    )
+                })?;
+            for addr in resolved {
+                if !addrs.contains(&addr) {
+                    addrs.push(addr);
+                }
+            }
+            addrs
+        }
+    };
+    if addrs.is_empty() {
+        return Err(invalid(
+            "listen",
+            format!(
+                "{written} resolves to no address: use an IP address, e.g. 127.0.0.1:{}",
+                written.port
+            ),
+        ));
+    }
+    Ok(Listen {
+        written: written.clone(),
+        addrs,
+    })
 }
 
 /// `backend` and, for Redis, its settings over the defaults of
