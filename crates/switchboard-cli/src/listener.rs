@@ -33,7 +33,7 @@ pub(crate) async fn bind(listen: &Listen) -> Result<TcpListener, BindError> {
     if listen.is_name() {
         tracing::info!(
             listen = %listen.written,
-            addresses = %addr_list(&listen.addrs),
+            addresses = crate::logging::json(&listen.addrs),
             "resolved the listen address"
         );
     }
@@ -74,10 +74,4 @@ pub(crate) async fn bind(listen: &Listen) -> Result<TcpListener, BindError> {
         from_name,
         source,
     })
-}
-
-/// `127.0.0.1:8080, [::1]:8080`.
-fn addr_list(addrs: &[SocketAddr]) -> String {
-    let addrs: Vec<String> = addrs.iter().map(SocketAddr::to_string).collect();
-    addrs.join(", ")
 }

@@ -14,8 +14,9 @@ use switchboard::{Hub, ServeOptions};
 
 mod config;
 mod listener;
+mod logging;
 
-use config::{BackendConfig, Cli, Config, ConfigError, LogFormat};
+use config::{BackendConfig, Cli, Config, ConfigError};
 use listener::BindError;
 use switchboard::redis::RedisBackend;
 
@@ -32,7 +33,7 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    if let Err(err) = init_logging(&config) {
+    if let Err(err) = logging::init(config.log_format, &config.log_level) {
         eprintln!("error: {err:#}");
         return ExitCode::from(EXIT_CONFIG);
     }
@@ -82,7 +83,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
             tracing::info!(
                 node = %redis.node_id,
                 key_prefix = %redis.key_prefix,
-                presence_ttl = ?redis.presence_ttl,
+                presence_ttl = %switchboard::duration::format(redis.presence_ttl),
                 "backend: redis (connecting in the background)"
             );
             let backend =
@@ -99,10 +100,14 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let app = switchboard::app(hub.clone());
     let security = &config.security;
     tracing::info!(
-        auth = if security.authenticator.is_some() { "jwt" } else { "none" },
+        auth = if security.authenticator.is_some() {
+            "jwt"
+        } else {
+            "none"
+        },
         api_keys = security.api_keys.len(),
-        origins = ?security.allowed_origins,
-        trusted_proxies = ?security.trusted_proxies,
+        origins = logging::json(&config.allowed_origins),
+        trusted_proxies = logging::json(&config.trusted_proxies),
         tls = config.tls.is_some(),
         "security"
     );
@@ -198,19 +203,4 @@ async fn shutdown_signal() {
         () = ctrl_c => tracing::info!("received Ctrl-C"),
         () = term => tracing::info!("received SIGTERM"),
     }
-}
-
-fn init_logging(config: &Config) -> anyhow::Result<()> {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_new(&config.log_level)
-        .with_context(|| format!("invalid log level {:?}", config.log_level))?;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
-    let result = match config.log_format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
-    };
-    result.map_err(|err| anyhow::anyhow!("cannot set up logging: {err}"))
 }

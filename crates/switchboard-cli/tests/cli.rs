@@ -425,6 +425,79 @@ async fn log_format_json_writes_json_objects() {
     assert!(shut_down, "no JSON line for the clean shutdown: {lines:?}");
 }
 
+/// The startup `security` line's fields, from a server started with
+/// `--log-format json` and `args`.
+fn json_security_fields(args: &[&str]) -> serde_json::Value {
+    let mut all = vec!["--log-format", "json"];
+    all.extend_from_slice(args);
+    let server = Server::start(&all);
+    let log = server.log_text();
+    let line = log
+        .lines()
+        .find(|l| l.contains("\"security\""))
+        .unwrap_or_else(|| panic!("no security line in:\n{log}"));
+    let value: serde_json::Value =
+        serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+    assert_eq!(value["fields"]["message"], "security", "{line}");
+    value["fields"].clone()
+}
+
+#[test]
+fn startup_log_values_are_json_values_in_json_logs() {
+    let origins = "https://a.example.com,https://*.example.com";
+    let fields = json_security_fields(&[
+        "--allowed-origins",
+        origins,
+        "--trusted-proxies",
+        "10.0.0.0/8,::1",
+    ]);
+    assert_eq!(
+        fields["origins"],
+        serde_json::json!(["https://a.example.com", "https://*.example.com"]),
+        "{fields}"
+    );
+    assert_eq!(
+        fields["trusted_proxies"],
+        serde_json::json!(["10.0.0.0/8", "::1"]),
+        "{fields}"
+    );
+    assert_eq!(fields["auth"], "none", "{fields}");
+    assert_eq!(fields["api_keys"], 0, "{fields}");
+    assert_eq!(fields["tls"], false, "{fields}");
+
+    // Not set: null (any origin), and an empty list.
+    let fields = json_security_fields(&[]);
+    assert!(fields["origins"].is_null(), "{fields}");
+    assert_eq!(fields["trusted_proxies"], serde_json::json!([]), "{fields}");
+}
+
+#[test]
+fn startup_log_values_are_plain_values_in_text_logs() {
+    let server = Server::start(&[
+        "--allowed-origins",
+        "https://a.example.com,https://*.example.com",
+        "--trusted-proxies",
+        "10.0.0.0/8",
+    ]);
+    let log = server.log_text();
+    assert!(
+        log.contains(r#"origins=["https://a.example.com","https://*.example.com"]"#),
+        "{log}"
+    );
+    assert!(log.contains(r#"trusted_proxies=["10.0.0.0/8"]"#), "{log}");
+    let server = Server::start(&[]);
+    let bare = server.log_text();
+    assert!(bare.contains("origins=null"), "{bare}");
+    for text in [log, bare] {
+        for debug in ["Some(", "None"] {
+            assert!(
+                !text.contains(debug),
+                "Rust debug text {debug:?} in:\n{text}"
+            );
+        }
+    }
+}
+
 /// Text of the `switchboard_bytes_out_total` counter.
 async fn bytes_out(addr: SocketAddr) -> u64 {
     let (status, body) = http(addr, "GET", "/metrics", None).await;

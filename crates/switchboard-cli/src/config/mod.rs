@@ -32,6 +32,10 @@ pub(crate) struct Config {
     pub(crate) limits: Limits,
     pub(crate) backend: BackendConfig,
     pub(crate) security: Security,
+    /// `allowed_origins` as configured (`None`: any origin), for the log.
+    pub(crate) allowed_origins: Option<Vec<String>>,
+    /// `trusted_proxies` as configured, for the log.
+    pub(crate) trusted_proxies: Vec<String>,
     /// The JWT authenticator, to re-read its key files on SIGHUP.
     pub(crate) jwt: Option<Arc<JwtAuthenticator>>,
     pub(crate) tls: Option<Tls>,

@@ -39,6 +39,8 @@ pub(crate) fn check(settings: Settings) -> Result<Config, ConfigError> {
         limits: settings.limits,
         backend,
         security: secured.security,
+        allowed_origins: settings.allowed_origins,
+        trusted_proxies: settings.trusted_proxies.unwrap_or_default(),
         jwt: secured.jwt,
         tls: secured.tls,
         warnings: secured.warnings,
