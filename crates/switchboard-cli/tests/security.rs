@@ -23,7 +23,7 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
 
-use support::{Server, TempFile, WAIT, next_text, run_to_exit, switchboard};
+use support::{Server, TempDir, TempFile, WAIT, next_text, run_to_exit, switchboard};
 
 const SECRET: &str = "cli test secret, at least thirty-two bytes";
 const API_KEY: &str = "api-key-0123456789abcdef";
@@ -530,6 +530,132 @@ fn bad_security_settings_exit_2_naming_the_key() {
         &["allowed_origins"],
     );
     assert_config_error("", &["--tls-key", "k.pem"], &[], &["tls.cert"]);
+}
+
+/// The RSA public key the library's tests use, as PEM.
+fn rsa_public_pem() -> String {
+    std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../switchboard/tests/fixtures/rsa-public.pem"
+    ))
+    .expect("read rsa-public.pem")
+}
+
+#[tokio::test]
+async fn relative_paths_in_the_file_are_taken_from_the_files_folder() {
+    let ca = Ca::new();
+    let (cert_pem, key_pem, der) = ca.leaf();
+    let dir = TempDir::new();
+    dir.file("tls/cert.pem", &cert_pem);
+    dir.file("tls/key.pem", &key_pem);
+    dir.file("jwt.pem", &rsa_public_pem());
+    dir.file(
+        "conf/switchboard.toml",
+        "listen = \"127.0.0.1:0\"\n[auth]\nmode = \"jwt\"\njwt_public_key = \"../jwt.pem\"\n[tls]\ncert = \"../tls/cert.pem\"\nkey = \"../tls/key.pem\"\n",
+    );
+    // The working directory holds none of the files: from `/` with an
+    // absolute --config, and from the folder above with a relative one.
+    let above = dir.path().parent().expect("temp dir has a parent");
+    let name = dir.path().file_name().expect("temp dir name");
+    let relative = std::path::Path::new(name).join("conf/switchboard.toml");
+    for (cwd, config) in [
+        (std::path::Path::new("/"), dir.join("conf/switchboard.toml")),
+        (above, relative.to_str().expect("UTF-8").to_owned()),
+    ] {
+        let mut command = switchboard();
+        command.current_dir(cwd).args(["--config", &config]);
+        let server = Server::spawn(command);
+        let log = server.log_text();
+        assert!(log.contains("listening on https://"), "{log}");
+        assert!(log.contains(r#"auth="jwt""#), "{log}");
+        let (_, shown) = tls(&ca.connector(), server.addr).await;
+        assert_eq!(shown, der, "--config {config} from {}", cwd.display());
+    }
+}
+
+#[test]
+fn file_errors_name_the_path_that_was_tried() {
+    let dir = TempDir::new();
+    // (config file, flags, environment, stderr must name)
+    type Case<'a> = (
+        &'a str,
+        &'a [&'a str],
+        &'a [(&'a str, &'a str)],
+        [String; 2],
+    );
+    let cases: [Case<'_>; 6] = [
+        // In the file: relative to the file's folder, whatever the working
+        // directory and however --config was written.
+        (
+            "[tls]\ncert = \"missing-cert.pem\"\nkey = \"missing-key.pem\"\n",
+            &[],
+            &[],
+            ["tls.cert".into(), dir.join("conf/missing-cert.pem")],
+        ),
+        (
+            "[auth]\nmode = \"jwt\"\njwt_jwks = \"keys/missing.json\"\n",
+            &[],
+            &[],
+            ["auth.jwt_jwks".into(), dir.join("conf/keys/missing.json")],
+        ),
+        (
+            "[auth]\nmode = \"jwt\"\njwt_public_key = \"missing.pem\"\n",
+            &[],
+            &[],
+            ["auth.jwt_public_key".into(), dir.join("conf/missing.pem")],
+        ),
+        // In flags and the environment: relative to the working directory.
+        (
+            "",
+            &["--tls-cert", "c.pem", "--tls-key", "k.pem"],
+            &[],
+            ["tls.cert".into(), dir.join("c.pem")],
+        ),
+        (
+            "",
+            &["--auth-mode", "jwt"],
+            &[("SWITCHBOARD_AUTH_JWT_JWKS", "jwks.json")],
+            ["auth.jwt_jwks".into(), dir.join("jwks.json")],
+        ),
+        (
+            "",
+            &["--auth-mode", "jwt", "--auth-jwt-public-key", "pub.pem"],
+            &[],
+            ["auth.jwt_public_key".into(), dir.join("pub.pem")],
+        ),
+    ];
+    for (toml, args, envs, named) in cases {
+        dir.file("conf/switchboard.toml", toml);
+        let mut command = switchboard();
+        command
+            .current_dir(dir.path())
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--config",
+                "conf/switchboard.toml",
+            ])
+            .args(args);
+        for (name, value) in envs {
+            command.env(name, value);
+        }
+        let (code, stderr) = run_to_exit(command).into_code_and_stderr();
+        assert_eq!(code, Some(2), "{toml:?} {args:?} {envs:?}: {stderr}");
+        for name in &named {
+            assert!(
+                stderr.contains(name.as_str()),
+                "{toml:?} {args:?} {envs:?}: stderr does not name {name}:\n{stderr}"
+            );
+        }
+    }
+    // The config file itself.
+    let mut command = switchboard();
+    command
+        .current_dir(dir.path())
+        .args(["--config", "missing.toml"]);
+    let (code, stderr) = run_to_exit(command).into_code_and_stderr();
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains(&dir.join("missing.toml")), "{stderr}");
 }
 
 #[tokio::test]

@@ -443,8 +443,8 @@ fn duration(s: &str) -> Result<Duration, String> {
     switchboard::duration::parse(s)
 }
 
-/// Every setting, taken from the source that won; paths from the file are
-/// already relative to the file.
+/// Every setting, taken from the source that won; paths are absolute
+/// (a relative one in the file was taken from the file's folder).
 pub(crate) struct Settings {
     pub(crate) listen: ListenAddr,
     pub(crate) log_format: LogFormat,
@@ -498,9 +498,23 @@ impl Cli {
     /// (clap has already put environment values into unset flags).
     pub(crate) fn into_settings(self) -> Result<Settings, ConfigError> {
         check_env_names()?;
-        let mut file = match &self.config {
-            Some(path) => read_file(path)?,
-            None => FileConfig::default(),
+        // Paths in the file are relative to the file's folder; paths in
+        // flags and the environment to the working directory. All become
+        // absolute here, so errors and reloads name the file tried.
+        let (mut file, file_dir) = match &self.config {
+            Some(path) => {
+                let path = absolute("config", path)?;
+                let dir = path.parent().map(Path::to_owned).unwrap_or_default();
+                (read_file(&path)?, dir)
+            }
+            None => (FileConfig::default(), PathBuf::new()),
+        };
+        let path = |key: &'static str, flag: Option<PathBuf>, in_file: Option<PathBuf>| match (
+            flag, in_file,
+        ) {
+            (Some(path), _) => absolute(key, &path).map(Some),
+            (None, Some(path)) => absolute(key, &file_dir.join(path)).map(Some),
+            (None, None) => Ok(None),
         };
         let mut limits = file.limits.take().unwrap_or_default();
         macro_rules! set {
@@ -544,14 +558,6 @@ impl Cli {
             compression_client_no_context_takeover => client_no_context_takeover
         );
 
-        // Paths in the file are relative to the file.
-        let base = self
-            .config
-            .as_deref()
-            .and_then(Path::parent)
-            .map(Path::to_owned)
-            .unwrap_or_default();
-        let in_file = |path: PathBuf| base.join(path);
         let auth = file.auth.take().unwrap_or_default();
         let api = file.api.take().unwrap_or_default();
         let tls = file.tls.take().unwrap_or_default();
@@ -585,10 +591,12 @@ impl Cli {
             auth: AuthSettings {
                 mode: self.auth_mode.or(auth.mode).unwrap_or(AuthMode::None),
                 secret: self.auth_jwt_secret.or(auth.jwt_secret),
-                public_key: self
-                    .auth_jwt_public_key
-                    .or_else(|| auth.jwt_public_key.map(in_file)),
-                jwks: self.auth_jwt_jwks.or_else(|| auth.jwt_jwks.map(in_file)),
+                public_key: path(
+                    "auth.jwt_public_key",
+                    self.auth_jwt_public_key,
+                    auth.jwt_public_key,
+                )?,
+                jwks: path("auth.jwt_jwks", self.auth_jwt_jwks, auth.jwt_jwks)?,
                 issuer: self.auth_issuer.or(auth.issuer),
                 audience: self.auth_audience.or(auth.audience),
                 clock_skew: self.auth_clock_skew.or(auth.clock_skew),
@@ -601,8 +609,8 @@ impl Cli {
             },
             allowed_origins: self.allowed_origins.or(file.allowed_origins),
             trusted_proxies: self.trusted_proxies.or(file.trusted_proxies),
-            tls_cert: self.tls_cert.or_else(|| tls.cert.map(in_file)),
-            tls_key: self.tls_key.or_else(|| tls.key.map(in_file)),
+            tls_cert: path("tls.cert", self.tls_cert, tls.cert)?,
+            tls_key: path("tls.key", self.tls_key, tls.key)?,
             insecure_allow_anonymous: self
                 .insecure_allow_anonymous
                 .or(file.insecure_allow_anonymous)
@@ -613,6 +621,24 @@ impl Cli {
                 .unwrap_or(false),
         })
     }
+}
+
+/// `path` made absolute against the working directory, without touching
+/// the file system (so the file need not exist yet).
+fn absolute(key: &'static str, path: &Path) -> Result<PathBuf, ConfigError> {
+    if path.as_os_str().is_empty() {
+        return Err(ConfigError::Invalid {
+            key,
+            message: "is an empty path: give a file, or leave the setting out".to_owned(),
+        });
+    }
+    std::path::absolute(path).map_err(|err| ConfigError::Invalid {
+        key,
+        message: format!(
+            "cannot resolve {} against the working directory: {err}",
+            path.display()
+        ),
+    })
 }
 
 fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
