@@ -658,6 +658,39 @@ fn file_errors_name_the_path_that_was_tried() {
     assert!(stderr.contains(&dir.join("missing.toml")), "{stderr}");
 }
 
+#[test]
+fn a_pem_key_as_the_jwt_secret_gets_the_same_message_from_flag_env_and_file() {
+    let pem = rsa_public_pem();
+    let body = pem.lines().nth(1).expect("a PEM body line");
+    let file = TempFile::config(&format!(
+        "[auth]\nmode = \"jwt\"\njwt_secret = \"\"\"\n{pem}\"\"\"\n"
+    ));
+    let mut by_flag = switchboard();
+    by_flag.args(["--auth-mode", "jwt", "--auth-jwt-secret", &pem]);
+    let mut by_env = switchboard();
+    by_env
+        .args(["--auth-mode", "jwt"])
+        .env("SWITCHBOARD_AUTH_JWT_SECRET", &pem);
+    let mut by_file = switchboard();
+    by_file.args(["--config", file.path()]);
+    for (source, mut command) in [("flag", by_flag), ("env", by_env), ("file", by_file)] {
+        command.args(["--listen", "127.0.0.1:0"]);
+        let (code, stderr) = run_to_exit(command).into_code_and_stderr();
+        assert_eq!(code, Some(2), "{source}: {stderr}");
+        for named in ["auth.jwt_secret", "is a PEM key", "jwt_public_key"] {
+            assert!(
+                stderr.contains(named),
+                "{source}: does not say {named:?}:\n{stderr}"
+            );
+        }
+        // The key is not echoed back (it might have been a private one).
+        assert!(
+            !stderr.contains(body),
+            "{source}: echoes the key:\n{stderr}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn api_keys_from_the_environment_are_comma_separated() {
     let mut command = switchboard();

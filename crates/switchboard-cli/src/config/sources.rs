@@ -215,11 +215,14 @@ pub(crate) struct Cli {
     pub(crate) auth_mode: Option<AuthMode>,
     /// HS256 shared secret, at least 32 bytes; prefer the environment
     /// variable, flags show in `ps`.
+    // A value may start with '-': a PEM key given by mistake then reaches
+    // the check that explains it, as from the environment or the file.
     #[arg(
         long,
         env = "SWITCHBOARD_AUTH_JWT_SECRET",
         value_name = "SECRET",
         hide_env_values = true,
+        allow_hyphen_values = true,
         help_heading = "Security"
     )]
     pub(crate) auth_jwt_secret: Option<String>,
