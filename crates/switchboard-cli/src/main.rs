@@ -7,7 +7,6 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use clap::Parser as _;
 use switchboard::auth::jwt::JwtAuthenticator;
 use switchboard::tls::Tls;
 use switchboard::{Hub, ServeOptions};
@@ -26,7 +25,15 @@ const EXIT_CONFIG: u8 = 2;
 const EXIT_BIND: u8 = 3;
 
 fn main() -> ExitCode {
-    let config = match Cli::parse().resolve() {
+    let cli = match Cli::from_command_line() {
+        Ok(cli) => cli,
+        Err(err) => {
+            // Help and --version go to stdout with exit code 0.
+            let _ = err.print();
+            return ExitCode::from(u8::try_from(err.exit_code()).unwrap_or(EXIT_CONFIG));
+        }
+    };
+    let config = match cli.resolve() {
         Ok(config) => config,
         Err(err) => {
             eprintln!("error: {:#}", anyhow::Error::new(err));

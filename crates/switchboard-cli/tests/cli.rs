@@ -351,6 +351,59 @@ fn invalid_values_in_flags_and_env_exit_2_naming_the_option() {
 }
 
 #[test]
+fn a_bad_value_from_the_environment_names_the_variable() {
+    // (variable, value, what else stderr must say)
+    let cases = [
+        ("SWITCHBOARD_PING_INTERVAL", "5 parsecs", "unknown unit"),
+        ("SWITCHBOARD_SLOW_CONSUMER", "sometimes", "drop-oldest"),
+        ("SWITCHBOARD_COMPRESSION", "yes", "true, false"),
+        ("SWITCHBOARD_MAX_CONNECTIONS", "lots", "--max-connections"),
+        ("SWITCHBOARD_LISTEN", "localhost", "no port"),
+    ];
+    for (name, value, says) in cases {
+        let mut command = switchboard();
+        command.env(name, value);
+        if name != "SWITCHBOARD_LISTEN" {
+            command.args(["--listen", "127.0.0.1:0"]);
+        }
+        let run = run_to_exit(command);
+        assert_eq!(run.code(), Some(2), "{name}={value}: {}", run.stderr);
+        for named in [name, value, says] {
+            assert!(
+                run.stderr.contains(named),
+                "{name}={value}: stderr does not name {named:?}:\n{}",
+                run.stderr
+            );
+        }
+    }
+
+    // A bad flag with a good variable: the flag is named, not the variable.
+    let mut command = switchboard();
+    command
+        .args(["--listen", "127.0.0.1:0", "--ping-interval", "5parsecs"])
+        .env("SWITCHBOARD_PING_INTERVAL", "5s");
+    let run = run_to_exit(command);
+    assert_eq!(run.code(), Some(2), "{}", run.stderr);
+    assert!(run.stderr.contains("--ping-interval"), "{}", run.stderr);
+    assert!(
+        !run.stderr.contains("SWITCHBOARD_PING_INTERVAL"),
+        "{}",
+        run.stderr
+    );
+}
+
+#[tokio::test]
+async fn a_flag_overrides_a_bad_value_in_the_environment() {
+    let mut command = switchboard();
+    command
+        .args(["--listen", "127.0.0.1:0", "--ping-interval", "5s"])
+        .env("SWITCHBOARD_PING_INTERVAL", "5 parsecs");
+    let server = Server::spawn(command);
+    let (status, _) = http(server.addr, "GET", "/heartbeat", None).await;
+    assert_eq!(status, 200);
+}
+
+#[test]
 fn unknown_switchboard_env_var_exits_2_naming_it() {
     let mut command = switchboard();
     command

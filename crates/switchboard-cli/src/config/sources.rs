@@ -4,10 +4,12 @@
 //! by key. The result, [`Settings`], is what was asked for, not yet checked
 //! (the `validate` module checks it).
 
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use clap::{Parser, ValueEnum};
+use clap::error::{ContextKind, ContextValue, ErrorKind};
+use clap::{CommandFactory as _, Parser, ValueEnum};
 use switchboard::{DuplicateIds, Limits, SlowConsumer};
 
 use crate::config::ConfigError;
@@ -497,6 +499,15 @@ pub(crate) struct ApiSettings {
 }
 
 impl Cli {
+    /// Parses the command line, with the `SWITCHBOARD_*` environment
+    /// variables standing in for absent flags. A bad value that came from
+    /// a variable is reported naming the variable, not only the flag the
+    /// user never typed.
+    pub(crate) fn from_command_line() -> Result<Self, clap::Error> {
+        let args: Vec<OsString> = std::env::args_os().collect();
+        Self::try_parse_from(&args).map_err(|err| name_the_variable(err, &args))
+    }
+
     /// Reads the file and applies the environment and the flags over it
     /// (clap has already put environment values into unset flags).
     pub(crate) fn into_settings(self) -> Result<Settings, ConfigError> {
@@ -655,9 +666,67 @@ fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
     })
 }
 
+/// Rewrites clap's `invalid value 'X' for '--flag <V>'` as `invalid value
+/// 'X' in SWITCHBOARD_FLAG (the environment variable for --flag)` when the
+/// value came from the environment: when the same arguments without the
+/// environment do not fail the same way.
+fn name_the_variable(err: clap::Error, args: &[OsString]) -> clap::Error {
+    if !matches!(
+        err.kind(),
+        ErrorKind::InvalidValue | ErrorKind::ValueValidation
+    ) {
+        return err;
+    }
+    let (Some(ContextValue::String(invalid_arg)), Some(ContextValue::String(value))) = (
+        err.get(ContextKind::InvalidArg),
+        err.get(ContextKind::InvalidValue),
+    ) else {
+        return err;
+    };
+    let mut command = Cli::command();
+    command.build();
+    let Some(arg) = command
+        .get_arguments()
+        .find(|arg| arg.to_string() == *invalid_arg)
+    else {
+        return err;
+    };
+    let (Some(env), Some(long)) = (arg.get_env(), arg.get_long()) else {
+        return err;
+    };
+    let env = env.to_string_lossy().into_owned();
+    let shown = if arg.is_hide_env_values_set() {
+        "<hidden>".to_owned()
+    } else {
+        format!("'{value}'")
+    };
+    let flag_is_bad = Cli::command()
+        .mut_args(|arg| arg.env(None))
+        .try_get_matches_from(args)
+        .is_err_and(|flag_err| {
+            flag_err.kind() == err.kind()
+                && flag_err.get(ContextKind::InvalidArg) == err.get(ContextKind::InvalidArg)
+        });
+    if flag_is_bad {
+        // The flag's own value is bad: clap's message is right.
+        return err;
+    }
+    let mut message =
+        format!("invalid value {shown} in {env} (the environment variable for --{long})");
+    if let Some(source) = std::error::Error::source(&err) {
+        message.push_str(&format!(": {source}"));
+    }
+    if let Some(ContextValue::Strings(valid)) = err.get(ContextKind::ValidValue) {
+        message.push_str(&format!(" [possible values: {}]", valid.join(", ")));
+    }
+    message.push_str(&format!(
+        "\n\n  tip: fix or unset {env}; --{long} on the command line takes precedence over it\n"
+    ));
+    clap::Error::raw(err.kind(), message).with_cmd(&command)
+}
+
 /// A misspelt `SWITCHBOARD_*` variable would otherwise be ignored silently.
 fn check_env_names() -> Result<(), ConfigError> {
-    use clap::CommandFactory as _;
     let command = Cli::command();
     let known: Vec<String> = command
         .get_arguments()
