@@ -14,9 +14,11 @@ use switchboard::{Hub, ServeOptions};
 mod config;
 mod listener;
 mod logging;
+mod pid_file;
 
 use config::{BackendConfig, Cli, Config, ConfigError};
 use listener::BindError;
+use pid_file::{PidFile, PidFileError};
 use switchboard::redis::RedisBackend;
 
 /// Exit code for configuration and usage errors (clap uses it too).
@@ -66,7 +68,9 @@ fn main() -> ExitCode {
             }
             if err.downcast_ref::<BindError>().is_some() {
                 ExitCode::from(EXIT_BIND)
-            } else if err.downcast_ref::<ConfigError>().is_some() {
+            } else if err.downcast_ref::<ConfigError>().is_some()
+                || err.downcast_ref::<PidFileError>().is_some()
+            {
                 ExitCode::from(EXIT_CONFIG)
             } else {
                 ExitCode::FAILURE
@@ -76,6 +80,9 @@ fn main() -> ExitCode {
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {
+    if let Some(path) = &config.pid_file {
+        pid_file::check(path)?;
+    }
     let listener = listener::bind(&config.listen).await?;
     let addr = listener
         .local_addr()
@@ -119,6 +126,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
         "security"
     );
     spawn_reload_on_sighup(config.tls.clone(), config.jwt.clone());
+    // Written once SIGHUP reloads rather than kills, so whoever reads the
+    // file may signal at once; removed when `run` returns, however it ends.
+    let _pid_file = config.pid_file.as_deref().map(PidFile::write).transpose()?;
     let scheme = if config.tls.is_some() {
         "https"
     } else {

@@ -17,7 +17,8 @@ use tokio_tungstenite::tungstenite::protocol::frame::Frame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::{CloseCode, Data, OpCode};
 
 use support::{
-    Server, TempFile, WAIT, drain, http, next_message, occupied_port, run_to_exit, switchboard,
+    Server, TempDir, TempFile, WAIT, drain, http, next_message, occupied_port, run_to_exit,
+    switchboard,
 };
 
 // ---------------------------------------------------------------------------
@@ -104,6 +105,7 @@ fn help_lists_every_option_and_exits_0() {
         "log_format",
         "log_level",
         "shutdown_timeout",
+        "pid_file",
         "backend",
         "node_id",
         "redis_url",
@@ -549,6 +551,115 @@ fn startup_log_values_are_plain_values_in_text_logs() {
             );
         }
     }
+}
+
+// ---------------------------------------------------------------------------
+// The pid file
+// ---------------------------------------------------------------------------
+
+/// The process ID in the pid file at `path`.
+fn pid_in(path: &str) -> String {
+    std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("read the pid file {path}: {e}"))
+        .trim()
+        .to_owned()
+}
+
+#[tokio::test]
+async fn pid_file_serves_the_documented_reload_recipe_and_is_removed_on_exit() {
+    let dir = TempDir::new();
+    let pid_file = dir.join("switchboard.pid");
+    let mut server = Server::start(&["--pid-file", &pid_file]);
+    // Written by the time the server says it listens.
+    assert_eq!(pid_in(&pid_file), server.proc.pid().to_string());
+
+    // The recipe in docs/configuration.md, run by a shell.
+    let status = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("kill -HUP \"$(cat '{pid_file}')\""))
+        .status()
+        .expect("run sh");
+    assert!(status.success(), "kill -HUP failed: {status}");
+    server.wait_for_log("received SIGHUP");
+    let (status, body) = http(server.addr, "GET", "/heartbeat", None).await;
+    assert_eq!(status, 200, "still serving after SIGHUP: {body}");
+    assert_eq!(pid_in(&pid_file), server.proc.pid().to_string());
+
+    server.terminate();
+    let (status, lines) = server.wait_exit(WAIT);
+    assert_eq!(status.code(), Some(0), "{lines:?}");
+    assert!(
+        !std::path::Path::new(&pid_file).exists(),
+        "the pid file outlived a clean exit"
+    );
+}
+
+#[test]
+fn a_pid_file_naming_a_running_server_is_refused_from_every_source() {
+    let dir = TempDir::new();
+    let pid_file = dir.join("switchboard.pid");
+    let first = Server::start(&["--pid-file", &pid_file]);
+    let first_pid = first.proc.pid().to_string();
+    // In the file, relative to the file's folder.
+    let config = dir.file("switchboard.toml", "pid_file = \"switchboard.pid\"\n");
+
+    let mut by_flag = switchboard();
+    by_flag.args(["--pid-file", &pid_file]);
+    let mut by_env = switchboard();
+    by_env.env("SWITCHBOARD_PID_FILE", &pid_file);
+    let mut by_file = switchboard();
+    by_file.args(["--config", config.to_str().expect("UTF-8")]);
+    for (source, mut command) in [("flag", by_flag), ("env", by_env), ("file", by_file)] {
+        command.args(["--listen", "127.0.0.1:0"]);
+        let run = run_to_exit(command);
+        assert_eq!(run.code(), Some(2), "{source}: {}", run.stderr);
+        for named in [pid_file.as_str(), &first_pid, "--pid-file"] {
+            assert!(
+                run.stderr.contains(named),
+                "{source}: stderr does not name {named}:\n{}",
+                run.stderr
+            );
+        }
+        // Neither overwritten nor removed.
+        assert_eq!(pid_in(&pid_file), first_pid, "{source}");
+    }
+}
+
+#[test]
+fn a_stale_pid_file_is_replaced_and_one_without_a_pid_is_refused() {
+    let dir = TempDir::new();
+    let pid_file = dir.join("switchboard.pid");
+    // A process that has exited, and one that is not a switchboard (this
+    // test): both leftovers, replaced with a warning.
+    let mut exited = std::process::Command::new("true")
+        .spawn()
+        .expect("spawn true");
+    exited.wait().expect("wait for true");
+    let cases = [
+        (exited.id(), "not running"),
+        (std::process::id(), "not a switchboard"),
+    ];
+    for (stale, warning) in cases {
+        std::fs::write(&pid_file, format!("{stale}\n")).expect("write pid file");
+        let server = Server::start(&["--pid-file", &pid_file]);
+        assert_eq!(pid_in(&pid_file), server.proc.pid().to_string());
+        let log = server.log_text();
+        assert!(log.contains(warning), "pid {stale}: {log}");
+    }
+
+    // Not a pid file at all (a mistyped path?): refused, left alone.
+    std::fs::write(&pid_file, "hello\n").expect("write pid file");
+    let mut command = switchboard();
+    command.args(["--listen", "127.0.0.1:0", "--pid-file", &pid_file]);
+    let run = run_to_exit(command);
+    assert_eq!(run.code(), Some(2), "{}", run.stderr);
+    assert!(run.stderr.contains(&pid_file), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("does not hold a process ID"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(pid_in(&pid_file), "hello");
 }
 
 /// Text of the `switchboard_bytes_out_total` counter.

@@ -29,6 +29,8 @@ pub(crate) struct Config {
     pub(crate) log_format: LogFormat,
     pub(crate) log_level: String,
     pub(crate) shutdown_timeout: Duration,
+    /// Where to write the process ID once listening (absolute).
+    pub(crate) pid_file: Option<PathBuf>,
     pub(crate) limits: Limits,
     pub(crate) backend: BackendConfig,
     pub(crate) security: Security,

@@ -126,6 +126,7 @@ pub(crate) struct FileConfig {
     pub(crate) log_level: Option<String>,
     #[serde(default, deserialize_with = "opt_duration")]
     pub(crate) shutdown_timeout: Option<Duration>,
+    pub(crate) pid_file: Option<PathBuf>,
     #[serde(default)]
     pub(crate) limits: Option<Limits>,
     pub(crate) backend: Option<BackendKind>,

@@ -41,6 +41,10 @@ pub(crate) struct Cli {
     /// How long shutdown waits for connections to close [default: 10s].
     #[arg(long, env = "SWITCHBOARD_SHUTDOWN_TIMEOUT", value_parser = duration, value_name = "DURATION")]
     pub(crate) shutdown_timeout: Option<Duration>,
+    /// Write the server's process ID to this file once it listens, for
+    /// `kill -HUP "$(cat PATH)"`; removed on exit [default: none].
+    #[arg(long, env = "SWITCHBOARD_PID_FILE", value_name = "PATH")]
+    pub(crate) pid_file: Option<PathBuf>,
 
     /// Where client IDs and topics live: "memory" (this process) or "redis"
     /// (several nodes sharing one Redis 7) [default: memory].
@@ -455,6 +459,7 @@ pub(crate) struct Settings {
     pub(crate) log_format: LogFormat,
     pub(crate) log_level: String,
     pub(crate) shutdown_timeout: Duration,
+    pub(crate) pid_file: Option<PathBuf>,
     /// The limits and `[compression]`, key by key.
     pub(crate) limits: Limits,
     pub(crate) backend: BackendKind,
@@ -593,6 +598,7 @@ impl Cli {
                 .shutdown_timeout
                 .or(file.shutdown_timeout)
                 .unwrap_or(switchboard::DEFAULT_SHUTDOWN_TIMEOUT),
+            pid_file: path("pid_file", self.pid_file, file.pid_file)?,
             limits,
             backend: self.backend.or(file.backend).unwrap_or(BackendKind::Memory),
             redis: RedisSettings {

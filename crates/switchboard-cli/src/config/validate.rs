@@ -36,6 +36,7 @@ pub(crate) fn check(settings: Settings) -> Result<Config, ConfigError> {
         log_format: settings.log_format,
         log_level: settings.log_level,
         shutdown_timeout: settings.shutdown_timeout,
+        pid_file: settings.pid_file,
         limits: settings.limits,
         backend,
         security: secured.security,
