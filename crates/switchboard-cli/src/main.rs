@@ -7,15 +7,18 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use clap::Parser as _;
 use switchboard::auth::jwt::JwtAuthenticator;
 use switchboard::tls::Tls;
 use switchboard::{Hub, ServeOptions};
-use tokio::net::TcpListener;
 
 mod config;
+mod listener;
+mod logging;
+mod pid_file;
 
-use config::{BackendConfig, Cli, Config, ConfigError, LogFormat};
+use config::{BackendConfig, Cli, Config, ConfigError};
+use listener::BindError;
+use pid_file::{PidFile, PidFileError};
 use switchboard::redis::RedisBackend;
 
 /// Exit code for configuration and usage errors (clap uses it too).
@@ -23,24 +26,23 @@ const EXIT_CONFIG: u8 = 2;
 /// Exit code when the listen address cannot be bound.
 const EXIT_BIND: u8 = 3;
 
-/// Marks a bind failure so `main` can pick its exit code.
-#[derive(Debug, thiserror::Error)]
-#[error("cannot listen on {addr}")]
-struct BindError {
-    addr: std::net::SocketAddr,
-    #[source]
-    source: std::io::Error,
-}
-
 fn main() -> ExitCode {
-    let config = match Cli::parse().resolve() {
+    let cli = match Cli::from_command_line() {
+        Ok(cli) => cli,
+        Err(err) => {
+            // Help and --version go to stdout with exit code 0.
+            let _ = err.print();
+            return ExitCode::from(u8::try_from(err.exit_code()).unwrap_or(EXIT_CONFIG));
+        }
+    };
+    let config = match cli.resolve() {
         Ok(config) => config,
         Err(err) => {
             eprintln!("error: {:#}", anyhow::Error::new(err));
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    if let Err(err) = init_logging(&config) {
+    if let Err(err) = logging::init(config.log_format, &config.log_level) {
         eprintln!("error: {err:#}");
         return ExitCode::from(EXIT_CONFIG);
     }
@@ -57,11 +59,18 @@ fn main() -> ExitCode {
     match runtime.block_on(run(config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            tracing::error!("{err:#}");
-            eprintln!("error: {err:#}");
+            // Once, in the log format asked for; on stderr as plain text
+            // only when the log filter hides errors.
+            if tracing::enabled!(tracing::Level::ERROR) {
+                tracing::error!("{err:#}");
+            } else {
+                eprintln!("error: {err:#}");
+            }
             if err.downcast_ref::<BindError>().is_some() {
                 ExitCode::from(EXIT_BIND)
-            } else if err.downcast_ref::<ConfigError>().is_some() {
+            } else if err.downcast_ref::<ConfigError>().is_some()
+                || err.downcast_ref::<PidFileError>().is_some()
+            {
                 ExitCode::from(EXIT_CONFIG)
             } else {
                 ExitCode::FAILURE
@@ -71,12 +80,10 @@ fn main() -> ExitCode {
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(config.listen)
-        .await
-        .map_err(|source| BindError {
-            addr: config.listen,
-            source,
-        })?;
+    if let Some(path) = &config.pid_file {
+        pid_file::check(path)?;
+    }
+    let listener = listener::bind(&config.listen).await?;
     let addr = listener
         .local_addr()
         .context("cannot read the bound address")?;
@@ -90,7 +97,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
             tracing::info!(
                 node = %redis.node_id,
                 key_prefix = %redis.key_prefix,
-                presence_ttl = ?redis.presence_ttl,
+                presence_ttl = %switchboard::duration::format(redis.presence_ttl),
                 "backend: redis (connecting in the background)"
             );
             let backend =
@@ -107,14 +114,21 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let app = switchboard::app(hub.clone());
     let security = &config.security;
     tracing::info!(
-        auth = if security.authenticator.is_some() { "jwt" } else { "none" },
+        auth = if security.authenticator.is_some() {
+            "jwt"
+        } else {
+            "none"
+        },
         api_keys = security.api_keys.len(),
-        origins = ?security.allowed_origins,
-        trusted_proxies = ?security.trusted_proxies,
+        origins = logging::json(&config.allowed_origins),
+        trusted_proxies = logging::json(&config.trusted_proxies),
         tls = config.tls.is_some(),
         "security"
     );
     spawn_reload_on_sighup(config.tls.clone(), config.jwt.clone());
+    // Written once SIGHUP reloads rather than kills, so whoever reads the
+    // file may signal at once; removed when `run` returns, however it ends.
+    let _pid_file = config.pid_file.as_deref().map(PidFile::write).transpose()?;
     let scheme = if config.tls.is_some() {
         "https"
     } else {
@@ -206,19 +220,4 @@ async fn shutdown_signal() {
         () = ctrl_c => tracing::info!("received Ctrl-C"),
         () = term => tracing::info!("received SIGTERM"),
     }
-}
-
-fn init_logging(config: &Config) -> anyhow::Result<()> {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_new(&config.log_level)
-        .with_context(|| format!("invalid log level {:?}", config.log_level))?;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
-    let result = match config.log_format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
-    };
-    result.map_err(|err| anyhow::anyhow!("cannot set up logging: {err}"))
 }

@@ -17,7 +17,8 @@ use tokio_tungstenite::tungstenite::protocol::frame::Frame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::{CloseCode, Data, OpCode};
 
 use support::{
-    Server, TempFile, WAIT, drain, http, next_message, occupied_port, run_to_exit, switchboard,
+    Server, TempDir, TempFile, WAIT, drain, http, next_message, occupied_port, run_to_exit,
+    switchboard,
 };
 
 // ---------------------------------------------------------------------------
@@ -104,6 +105,7 @@ fn help_lists_every_option_and_exits_0() {
         "log_format",
         "log_level",
         "shutdown_timeout",
+        "pid_file",
         "backend",
         "node_id",
         "redis_url",
@@ -183,6 +185,34 @@ async fn listen_precedence_is_file_then_env_then_flag() {
         .env("SWITCHBOARD_LISTEN", &busy);
     let server = Server::spawn(command);
     assert_ne!(server.addr.to_string(), busy);
+}
+
+#[tokio::test]
+async fn listen_takes_a_host_name_from_the_flag_the_environment_and_the_file() {
+    let file = TempFile::config("listen = \"localhost:0\"\n");
+    let mut by_flag = switchboard();
+    by_flag.args(["--listen", "localhost:0"]);
+    let mut by_env = switchboard();
+    by_env.env("SWITCHBOARD_LISTEN", "localhost:0");
+    let mut by_file = switchboard();
+    by_file.args(["--config", file.path()]);
+    for (source, command) in [("flag", by_flag), ("env", by_env), ("file", by_file)] {
+        let mut server = Server::spawn(command);
+        // localhost is loopback: no API key or authentication needed.
+        assert!(server.addr.ip().is_loopback(), "{source}: {}", server.addr);
+        let (status, body) = http(server.addr, "GET", "/heartbeat", None).await;
+        assert_eq!(status, 200, "{source}: {body}");
+        // The log says what the name resolved to (before `listening on`).
+        let log = server.log_text();
+        assert!(
+            log.lines()
+                .any(|l| l.contains("resolved the listen address") && l.contains("localhost:0")),
+            "{source}: {log}"
+        );
+        server.terminate();
+        let (status, lines) = server.wait_exit(WAIT);
+        assert_eq!(status.code(), Some(0), "{source}: {lines:?}");
+    }
 }
 
 #[tokio::test]
@@ -277,6 +307,8 @@ fn invalid_values_in_the_file_exit_2_naming_the_key() {
         &["duplicate_ids", "sometimes"],
     );
     assert_config_error("listen = \"not an address\"\n", &["listen"]);
+    assert_config_error("listen = \"localhost\"\n", &["listen", "no port"]);
+    assert_config_error("listen = \"::1:80\"\n", &["listen", "[::1]:8080"]);
     assert_config_error("shutdown_timeout = \"ten\"\n", &["shutdown_timeout"]);
     assert_config_error("log_format = \"xml\"\n", &["log_format", "xml"]);
 }
@@ -321,6 +353,59 @@ fn invalid_values_in_flags_and_env_exit_2_naming_the_option() {
 }
 
 #[test]
+fn a_bad_value_from_the_environment_names_the_variable() {
+    // (variable, value, what else stderr must say)
+    let cases = [
+        ("SWITCHBOARD_PING_INTERVAL", "5 parsecs", "unknown unit"),
+        ("SWITCHBOARD_SLOW_CONSUMER", "sometimes", "drop-oldest"),
+        ("SWITCHBOARD_COMPRESSION", "yes", "true, false"),
+        ("SWITCHBOARD_MAX_CONNECTIONS", "lots", "--max-connections"),
+        ("SWITCHBOARD_LISTEN", "localhost", "no port"),
+    ];
+    for (name, value, says) in cases {
+        let mut command = switchboard();
+        command.env(name, value);
+        if name != "SWITCHBOARD_LISTEN" {
+            command.args(["--listen", "127.0.0.1:0"]);
+        }
+        let run = run_to_exit(command);
+        assert_eq!(run.code(), Some(2), "{name}={value}: {}", run.stderr);
+        for named in [name, value, says] {
+            assert!(
+                run.stderr.contains(named),
+                "{name}={value}: stderr does not name {named:?}:\n{}",
+                run.stderr
+            );
+        }
+    }
+
+    // A bad flag with a good variable: the flag is named, not the variable.
+    let mut command = switchboard();
+    command
+        .args(["--listen", "127.0.0.1:0", "--ping-interval", "5parsecs"])
+        .env("SWITCHBOARD_PING_INTERVAL", "5s");
+    let run = run_to_exit(command);
+    assert_eq!(run.code(), Some(2), "{}", run.stderr);
+    assert!(run.stderr.contains("--ping-interval"), "{}", run.stderr);
+    assert!(
+        !run.stderr.contains("SWITCHBOARD_PING_INTERVAL"),
+        "{}",
+        run.stderr
+    );
+}
+
+#[tokio::test]
+async fn a_flag_overrides_a_bad_value_in_the_environment() {
+    let mut command = switchboard();
+    command
+        .args(["--listen", "127.0.0.1:0", "--ping-interval", "5s"])
+        .env("SWITCHBOARD_PING_INTERVAL", "5 parsecs");
+    let server = Server::spawn(command);
+    let (status, _) = http(server.addr, "GET", "/heartbeat", None).await;
+    assert_eq!(status, 200);
+}
+
+#[test]
 fn unknown_switchboard_env_var_exits_2_naming_it() {
     let mut command = switchboard();
     command
@@ -332,17 +417,34 @@ fn unknown_switchboard_env_var_exits_2_naming_it() {
 }
 
 #[test]
-fn address_in_use_exits_3() {
+fn address_in_use_exits_3_and_says_so_once() {
     let (_taken, busy) = occupied_port();
+    let message = format!("cannot listen on {busy}");
+    for format in ["text", "json"] {
+        let mut command = switchboard();
+        command.args(["--listen", &busy.to_string(), "--log-format", format]);
+        let run = run_to_exit(command);
+        assert_eq!(run.code(), Some(3), "{format}: stderr:\n{}", run.stderr);
+        assert_eq!(
+            run.stderr.matches(&message).count(),
+            1,
+            "{format}: `{message}` must appear exactly once:\n{}",
+            run.stderr
+        );
+        if format == "json" {
+            for line in run.stderr.lines().filter(|l| !l.trim().is_empty()) {
+                let value: serde_json::Value = serde_json::from_str(line)
+                    .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
+                assert!(value.get("level").is_some(), "{line}");
+            }
+        }
+    }
+    // With errors filtered out of the log, the error still shows, once.
     let mut command = switchboard();
-    command.args(["--listen", &busy.to_string()]);
+    command.args(["--listen", &busy.to_string(), "--log-level", "off"]);
     let run = run_to_exit(command);
     assert_eq!(run.code(), Some(3), "stderr:\n{}", run.stderr);
-    assert!(
-        run.stderr.contains(&format!("cannot listen on {busy}")),
-        "{}",
-        run.stderr
-    );
+    assert_eq!(run.stderr.matches(&message).count(), 1, "{}", run.stderr);
 }
 
 // ---------------------------------------------------------------------------
@@ -376,6 +478,188 @@ async fn log_format_json_writes_json_objects() {
         "no JSON line with `listening on http://`: {lines:?}"
     );
     assert!(shut_down, "no JSON line for the clean shutdown: {lines:?}");
+}
+
+/// The startup `security` line's fields, from a server started with
+/// `--log-format json` and `args`.
+fn json_security_fields(args: &[&str]) -> serde_json::Value {
+    let mut all = vec!["--log-format", "json"];
+    all.extend_from_slice(args);
+    let server = Server::start(&all);
+    let log = server.log_text();
+    let line = log
+        .lines()
+        .find(|l| l.contains("\"security\""))
+        .unwrap_or_else(|| panic!("no security line in:\n{log}"));
+    let value: serde_json::Value =
+        serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+    assert_eq!(value["fields"]["message"], "security", "{line}");
+    value["fields"].clone()
+}
+
+#[test]
+fn startup_log_values_are_json_values_in_json_logs() {
+    let origins = "https://a.example.com,https://*.example.com";
+    let fields = json_security_fields(&[
+        "--allowed-origins",
+        origins,
+        "--trusted-proxies",
+        "10.0.0.0/8,::1",
+    ]);
+    assert_eq!(
+        fields["origins"],
+        serde_json::json!(["https://a.example.com", "https://*.example.com"]),
+        "{fields}"
+    );
+    assert_eq!(
+        fields["trusted_proxies"],
+        serde_json::json!(["10.0.0.0/8", "::1"]),
+        "{fields}"
+    );
+    assert_eq!(fields["auth"], "none", "{fields}");
+    assert_eq!(fields["api_keys"], 0, "{fields}");
+    assert_eq!(fields["tls"], false, "{fields}");
+
+    // Not set: null (any origin), and an empty list.
+    let fields = json_security_fields(&[]);
+    assert!(fields["origins"].is_null(), "{fields}");
+    assert_eq!(fields["trusted_proxies"], serde_json::json!([]), "{fields}");
+}
+
+#[test]
+fn startup_log_values_are_plain_values_in_text_logs() {
+    let server = Server::start(&[
+        "--allowed-origins",
+        "https://a.example.com,https://*.example.com",
+        "--trusted-proxies",
+        "10.0.0.0/8",
+    ]);
+    let log = server.log_text();
+    assert!(
+        log.contains(r#"origins=["https://a.example.com","https://*.example.com"]"#),
+        "{log}"
+    );
+    assert!(log.contains(r#"trusted_proxies=["10.0.0.0/8"]"#), "{log}");
+    let server = Server::start(&[]);
+    let bare = server.log_text();
+    assert!(bare.contains("origins=null"), "{bare}");
+    for text in [log, bare] {
+        for debug in ["Some(", "None"] {
+            assert!(
+                !text.contains(debug),
+                "Rust debug text {debug:?} in:\n{text}"
+            );
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The pid file
+// ---------------------------------------------------------------------------
+
+/// The process ID in the pid file at `path`.
+fn pid_in(path: &str) -> String {
+    std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("read the pid file {path}: {e}"))
+        .trim()
+        .to_owned()
+}
+
+#[tokio::test]
+async fn pid_file_serves_the_documented_reload_recipe_and_is_removed_on_exit() {
+    let dir = TempDir::new();
+    let pid_file = dir.join("switchboard.pid");
+    let mut server = Server::start(&["--pid-file", &pid_file]);
+    // Written by the time the server says it listens.
+    assert_eq!(pid_in(&pid_file), server.proc.pid().to_string());
+
+    // The recipe in docs/configuration.md, run by a shell.
+    let status = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("kill -HUP \"$(cat '{pid_file}')\""))
+        .status()
+        .expect("run sh");
+    assert!(status.success(), "kill -HUP failed: {status}");
+    server.wait_for_log("received SIGHUP");
+    let (status, body) = http(server.addr, "GET", "/heartbeat", None).await;
+    assert_eq!(status, 200, "still serving after SIGHUP: {body}");
+    assert_eq!(pid_in(&pid_file), server.proc.pid().to_string());
+
+    server.terminate();
+    let (status, lines) = server.wait_exit(WAIT);
+    assert_eq!(status.code(), Some(0), "{lines:?}");
+    assert!(
+        !std::path::Path::new(&pid_file).exists(),
+        "the pid file outlived a clean exit"
+    );
+}
+
+#[test]
+fn a_pid_file_naming_a_running_server_is_refused_from_every_source() {
+    let dir = TempDir::new();
+    let pid_file = dir.join("switchboard.pid");
+    let first = Server::start(&["--pid-file", &pid_file]);
+    let first_pid = first.proc.pid().to_string();
+    // In the file, relative to the file's folder.
+    let config = dir.file("switchboard.toml", "pid_file = \"switchboard.pid\"\n");
+
+    let mut by_flag = switchboard();
+    by_flag.args(["--pid-file", &pid_file]);
+    let mut by_env = switchboard();
+    by_env.env("SWITCHBOARD_PID_FILE", &pid_file);
+    let mut by_file = switchboard();
+    by_file.args(["--config", config.to_str().expect("UTF-8")]);
+    for (source, mut command) in [("flag", by_flag), ("env", by_env), ("file", by_file)] {
+        command.args(["--listen", "127.0.0.1:0"]);
+        let run = run_to_exit(command);
+        assert_eq!(run.code(), Some(2), "{source}: {}", run.stderr);
+        for named in [pid_file.as_str(), &first_pid, "--pid-file"] {
+            assert!(
+                run.stderr.contains(named),
+                "{source}: stderr does not name {named}:\n{}",
+                run.stderr
+            );
+        }
+        // Neither overwritten nor removed.
+        assert_eq!(pid_in(&pid_file), first_pid, "{source}");
+    }
+}
+
+#[test]
+fn a_stale_pid_file_is_replaced_and_one_without_a_pid_is_refused() {
+    let dir = TempDir::new();
+    let pid_file = dir.join("switchboard.pid");
+    // A process that has exited, and one that is not a switchboard (this
+    // test): both leftovers, replaced with a warning.
+    let mut exited = std::process::Command::new("true")
+        .spawn()
+        .expect("spawn true");
+    exited.wait().expect("wait for true");
+    let cases = [
+        (exited.id(), "not running"),
+        (std::process::id(), "not a switchboard"),
+    ];
+    for (stale, warning) in cases {
+        std::fs::write(&pid_file, format!("{stale}\n")).expect("write pid file");
+        let server = Server::start(&["--pid-file", &pid_file]);
+        assert_eq!(pid_in(&pid_file), server.proc.pid().to_string());
+        let log = server.log_text();
+        assert!(log.contains(warning), "pid {stale}: {log}");
+    }
+
+    // Not a pid file at all (a mistyped path?): refused, left alone.
+    std::fs::write(&pid_file, "hello\n").expect("write pid file");
+    let mut command = switchboard();
+    command.args(["--listen", "127.0.0.1:0", "--pid-file", &pid_file]);
+    let run = run_to_exit(command);
+    assert_eq!(run.code(), Some(2), "{}", run.stderr);
+    assert!(run.stderr.contains(&pid_file), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("does not hold a process ID"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(pid_in(&pid_file), "hello");
 }
 
 /// Text of the `switchboard_bytes_out_total` counter.

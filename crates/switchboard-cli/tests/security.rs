@@ -23,7 +23,7 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
 
-use support::{Server, TempFile, WAIT, next_text, run_to_exit, switchboard};
+use support::{Server, TempDir, TempFile, WAIT, next_text, run_to_exit, switchboard};
 
 const SECRET: &str = "cli test secret, at least thirty-two bytes";
 const API_KEY: &str = "api-key-0123456789abcdef";
@@ -221,6 +221,37 @@ fn non_loopback_with_auth_none_exits_2_before_binding() {
     }
     // The secret from the environment never appears in messages.
     assert!(!stderr.contains(SECRET), "{stderr}");
+}
+
+#[test]
+fn a_listen_name_resolving_to_a_non_loopback_address_needs_auth() {
+    // glibc resolves the name "0" to 0.0.0.0 (the inet_aton form): a host
+    // name that resolves to a non-loopback address, without the network
+    // or /etc/hosts. The port is taken on every interface, so exit 2 shows
+    // the refusal comes before binding.
+    let taken = std::net::TcpListener::bind("0.0.0.0:0").expect("bind");
+    let port = taken.local_addr().expect("addr").port();
+    let listen = format!("0:{port}");
+    let resolved = format!("0.0.0.0:{port}");
+    for env in [false, true] {
+        let mut command = switchboard();
+        if env {
+            command.env("SWITCHBOARD_LISTEN", &listen);
+        } else {
+            command.args(["--listen", &listen]);
+        }
+        let (code, stderr) = run_to_exit(command).into_code_and_stderr();
+        assert_eq!(code, Some(2), "{stderr}");
+        for named in [
+            "auth.mode",
+            &listen,
+            &resolved,
+            "not a loopback address",
+            "--insecure-allow-anonymous",
+        ] {
+            assert!(stderr.contains(named), "does not name {named}:\n{stderr}");
+        }
+    }
 }
 
 #[tokio::test]
@@ -499,6 +530,165 @@ fn bad_security_settings_exit_2_naming_the_key() {
         &["allowed_origins"],
     );
     assert_config_error("", &["--tls-key", "k.pem"], &[], &["tls.cert"]);
+}
+
+/// The RSA public key the library's tests use, as PEM.
+fn rsa_public_pem() -> String {
+    std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../switchboard/tests/fixtures/rsa-public.pem"
+    ))
+    .expect("read rsa-public.pem")
+}
+
+#[tokio::test]
+async fn relative_paths_in_the_file_are_taken_from_the_files_folder() {
+    let ca = Ca::new();
+    let (cert_pem, key_pem, der) = ca.leaf();
+    let dir = TempDir::new();
+    dir.file("tls/cert.pem", &cert_pem);
+    dir.file("tls/key.pem", &key_pem);
+    dir.file("jwt.pem", &rsa_public_pem());
+    dir.file(
+        "conf/switchboard.toml",
+        "listen = \"127.0.0.1:0\"\n[auth]\nmode = \"jwt\"\njwt_public_key = \"../jwt.pem\"\n[tls]\ncert = \"../tls/cert.pem\"\nkey = \"../tls/key.pem\"\n",
+    );
+    // The working directory holds none of the files: from `/` with an
+    // absolute --config, and from the folder above with a relative one.
+    let above = dir.path().parent().expect("temp dir has a parent");
+    let name = dir.path().file_name().expect("temp dir name");
+    let relative = std::path::Path::new(name).join("conf/switchboard.toml");
+    for (cwd, config) in [
+        (std::path::Path::new("/"), dir.join("conf/switchboard.toml")),
+        (above, relative.to_str().expect("UTF-8").to_owned()),
+    ] {
+        let mut command = switchboard();
+        command.current_dir(cwd).args(["--config", &config]);
+        let server = Server::spawn(command);
+        let log = server.log_text();
+        assert!(log.contains("listening on https://"), "{log}");
+        assert!(log.contains(r#"auth="jwt""#), "{log}");
+        let (_, shown) = tls(&ca.connector(), server.addr).await;
+        assert_eq!(shown, der, "--config {config} from {}", cwd.display());
+    }
+}
+
+#[test]
+fn file_errors_name_the_path_that_was_tried() {
+    let dir = TempDir::new();
+    // (config file, flags, environment, stderr must name)
+    type Case<'a> = (
+        &'a str,
+        &'a [&'a str],
+        &'a [(&'a str, &'a str)],
+        [String; 2],
+    );
+    let cases: [Case<'_>; 6] = [
+        // In the file: relative to the file's folder, whatever the working
+        // directory and however --config was written.
+        (
+            "[tls]\ncert = \"missing-cert.pem\"\nkey = \"missing-key.pem\"\n",
+            &[],
+            &[],
+            ["tls.cert".into(), dir.join("conf/missing-cert.pem")],
+        ),
+        (
+            "[auth]\nmode = \"jwt\"\njwt_jwks = \"keys/missing.json\"\n",
+            &[],
+            &[],
+            ["auth.jwt_jwks".into(), dir.join("conf/keys/missing.json")],
+        ),
+        (
+            "[auth]\nmode = \"jwt\"\njwt_public_key = \"missing.pem\"\n",
+            &[],
+            &[],
+            ["auth.jwt_public_key".into(), dir.join("conf/missing.pem")],
+        ),
+        // In flags and the environment: relative to the working directory.
+        (
+            "",
+            &["--tls-cert", "c.pem", "--tls-key", "k.pem"],
+            &[],
+            ["tls.cert".into(), dir.join("c.pem")],
+        ),
+        (
+            "",
+            &["--auth-mode", "jwt"],
+            &[("SWITCHBOARD_AUTH_JWT_JWKS", "jwks.json")],
+            ["auth.jwt_jwks".into(), dir.join("jwks.json")],
+        ),
+        (
+            "",
+            &["--auth-mode", "jwt", "--auth-jwt-public-key", "pub.pem"],
+            &[],
+            ["auth.jwt_public_key".into(), dir.join("pub.pem")],
+        ),
+    ];
+    for (toml, args, envs, named) in cases {
+        dir.file("conf/switchboard.toml", toml);
+        let mut command = switchboard();
+        command
+            .current_dir(dir.path())
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--config",
+                "conf/switchboard.toml",
+            ])
+            .args(args);
+        for (name, value) in envs {
+            command.env(name, value);
+        }
+        let (code, stderr) = run_to_exit(command).into_code_and_stderr();
+        assert_eq!(code, Some(2), "{toml:?} {args:?} {envs:?}: {stderr}");
+        for name in &named {
+            assert!(
+                stderr.contains(name.as_str()),
+                "{toml:?} {args:?} {envs:?}: stderr does not name {name}:\n{stderr}"
+            );
+        }
+    }
+    // The config file itself.
+    let mut command = switchboard();
+    command
+        .current_dir(dir.path())
+        .args(["--config", "missing.toml"]);
+    let (code, stderr) = run_to_exit(command).into_code_and_stderr();
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains(&dir.join("missing.toml")), "{stderr}");
+}
+
+#[test]
+fn a_pem_key_as_the_jwt_secret_gets_the_same_message_from_flag_env_and_file() {
+    let pem = rsa_public_pem();
+    let body = pem.lines().nth(1).expect("a PEM body line");
+    let file = TempFile::config(&format!(
+        "[auth]\nmode = \"jwt\"\njwt_secret = \"\"\"\n{pem}\"\"\"\n"
+    ));
+    let mut by_flag = switchboard();
+    by_flag.args(["--auth-mode", "jwt", "--auth-jwt-secret", &pem]);
+    let mut by_env = switchboard();
+    by_env
+        .args(["--auth-mode", "jwt"])
+        .env("SWITCHBOARD_AUTH_JWT_SECRET", &pem);
+    let mut by_file = switchboard();
+    by_file.args(["--config", file.path()]);
+    for (source, mut command) in [("flag", by_flag), ("env", by_env), ("file", by_file)] {
+        command.args(["--listen", "127.0.0.1:0"]);
+        let (code, stderr) = run_to_exit(command).into_code_and_stderr();
+        assert_eq!(code, Some(2), "{source}: {stderr}");
+        for named in ["auth.jwt_secret", "is a PEM key", "jwt_public_key"] {
+            assert!(
+                stderr.contains(named),
+                "{source}: does not say {named:?}:\n{stderr}"
+            );
+        }
+        // The key is not echoed back (it might have been a private one).
+        assert!(
+            !stderr.contains(body),
+            "{source}: echoes the key:\n{stderr}"
+        );
+    }
 }
 
 #[tokio::test]

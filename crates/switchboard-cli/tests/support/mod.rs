@@ -9,7 +9,7 @@
 
 use std::io::{BufRead as _, Read as _};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
@@ -311,12 +311,7 @@ pub struct TempFile(PathBuf);
 impl TempFile {
     /// A new file, named uniquely for this process and ending in `suffix`.
     pub fn new(suffix: &str, contents: &str) -> Self {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let path = std::env::temp_dir().join(format!(
-            "switchboard-cli-test-{}-{}{suffix}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
+        let path = unique_temp_path(suffix);
         std::fs::write(&path, contents).expect("write temp file");
         Self(path)
     }
@@ -339,6 +334,59 @@ impl TempFile {
 impl Drop for TempFile {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// A path in the temp directory, unique to this process and call.
+fn unique_temp_path(suffix: &str) -> PathBuf {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    std::env::temp_dir().join(format!(
+        "switchboard-cli-test-{}-{}{suffix}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ))
+}
+
+/// A folder in the temp directory, removed with its contents on drop.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    /// A new empty folder; its path has no symbolic link in it, so it is
+    /// the path a process started in it sees as its working directory.
+    pub fn new() -> Self {
+        let path = unique_temp_path("-dir");
+        std::fs::create_dir(&path).expect("create temp dir");
+        Self(path.canonicalize().expect("canonical temp dir"))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    /// Writes `name` (which may hold subfolders) in the folder; returns
+    /// its path.
+    pub fn file(&self, name: &str, contents: &str) -> PathBuf {
+        let path = self.0.join(name);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).expect("create temp subfolder");
+        }
+        std::fs::write(&path, contents).expect("write temp file");
+        path
+    }
+
+    /// `name` in the folder, as text.
+    pub fn join(&self, name: &str) -> String {
+        self.0
+            .join(name)
+            .to_str()
+            .expect("temp path is UTF-8")
+            .to_owned()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
