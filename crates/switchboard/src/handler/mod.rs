@@ -68,6 +68,23 @@ pub enum Closed {
     Abnormal(String),
 }
 
+impl std::fmt::Display for Closed {
+    /// `by client: 1000 "bye"`, `by server: 1001 "server shutting down"`,
+    /// `abnormally: <why>`: what a log line should say.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::ByClient(Some(frame)) => {
+                write!(f, "by client: {} {:?}", frame.code.0, frame.reason)
+            }
+            Self::ByClient(None) => f.write_str("by client, without a status code"),
+            Self::ByServer(frame) => {
+                write!(f, "by server: {} {:?}", frame.code.0, frame.reason)
+            }
+            Self::Abnormal(why) => write!(f, "abnormally: {why}"),
+        }
+    }
+}
+
 /// A WebSocket endpoint's behaviour.
 ///
 /// Mount one with [`ws`](crate::ws) on any axum route. Callbacks are

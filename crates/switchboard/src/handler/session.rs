@@ -651,7 +651,7 @@ where
                 self.metrics().error(ErrorKind::HandlerPanic);
             }
         }
-        tracing::debug!(conn = self.conn.id().0, ?closed, "connection ended");
+        tracing::debug!(conn = self.conn.id().0, closed = %closed, "connection ended");
         // Dropping `self.conn` unregisters the ID and topics.
     }
 }
