@@ -333,11 +333,13 @@ key = "{}"
     let addr = server.addr;
     let connector = ca.connector();
     let alice = token("alice", 3600);
-    let offer = format!("switchboard.v1, bearer.{alice}");
+    // A browser wanting the plain relay offers switchboard.plain with its
+    // token (switchboard.v1 would select the v1 protocol).
+    let offer = format!("switchboard.plain, bearer.{alice}");
     let origin = ("origin", "https://app.example.com");
 
     // No token: 401. A token for alice, in the subprotocol, from an allowed
-    // origin: connected, answered with switchboard.v1 only.
+    // origin: connected, answered with switchboard.plain only.
     assert_eq!(
         wss(&connector, addr, "/ws", &[origin]).await.err(),
         Some(401)
@@ -351,7 +353,7 @@ key = "{}"
     .await
     .expect("alice connects");
     assert_eq!(shown, der_a);
-    assert_eq!(protocol.as_deref(), Some("switchboard.v1"));
+    assert_eq!(protocol.as_deref(), Some("switchboard.plain"));
     // Another origin: 403, token or not.
     assert_eq!(
         wss(

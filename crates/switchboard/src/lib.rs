@@ -91,9 +91,10 @@ pub use auth::Security;
 #[cfg(feature = "redis")]
 pub use backend::redis::{self, RedisBackend, RedisConfig};
 pub use backend::{
-    Backend, BackendHealth, ClientInfo, RegisterError, SendReport, memory::MemoryBackend,
+    Attached, Backend, BackendHealth, ClientInfo, Dedup, RegisterError, Replay, ResumePoint,
+    ResumeStatus, Retained, SendReport, memory::MemoryBackend,
 };
-pub use handler::{Closed, Conn, Handler, Outcome};
+pub use handler::{Closed, Conn, Handler, Outcome, Subprotocol};
 #[cfg(feature = "tls")]
 pub use http::tls;
 pub use http::{
@@ -103,12 +104,13 @@ pub use http_error::HttpError;
 pub use hub::refusals::Refusal;
 pub use hub::{Hub, HubBuilder};
 pub use id::{ClientId, MAX_NAME_LEN, NameError, Topic};
-pub use limits::{DuplicateIds, Limits, SlowConsumer, duration};
+pub use limits::{DuplicateIds, Limits, SlowConsumer, V1Limits, duration};
 pub use metrics::{Counter, ErrorKind, Metrics};
 pub use protocol::close::{CloseCode, CloseFrame};
 pub use protocol::deflate::Compression;
 pub use protocol::frame::WireFrame;
 pub use protocol::message::{Message, Text};
+pub use runtime::delivery::Envelope;
 pub use runtime::mailbox::{ConnHandle, ConnId, ConnRef, PushError};
 
 /// A boxed future, as returned by [`Backend`]'s and

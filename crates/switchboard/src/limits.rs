@@ -108,6 +108,70 @@ pub struct Limits {
     /// server reads it from its own `[compression]` table.
     #[serde(skip)]
     pub compression: Compression,
+    /// The `switchboard.v1` protocol's inboxes, deduplication and hello
+    /// deadline. Not a key of `[limits]`: the server reads it from its own
+    /// `[v1]` table.
+    #[serde(skip)]
+    pub v1: V1Limits,
+}
+
+/// What the `switchboard.v1` protocol keeps and for how long
+/// (docs/protocol-v1.md, "The inbox"). The `[v1]` table of a config file.
+///
+/// Memory: a retained message costs its payload (shared with the frames
+/// that delivered it) plus about 100 bytes of bookkeeping; an inbox with
+/// nothing retained about 200 bytes; `inbox_total_bytes` caps the payload
+/// bytes of one node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct V1Limits {
+    /// Messages kept per client ID; older ones are trimmed. Default 256.
+    pub inbox_size: usize,
+    /// Payload bytes kept per client ID; older messages are trimmed.
+    /// Default 1 MiB.
+    pub inbox_max_bytes: usize,
+    /// How long a message is kept, and how long an ID keeps its inbox after
+    /// its last v1 connection ends. Default 120 s (Socket.IO's and Ably's
+    /// two minutes).
+    #[serde(with = "duration")]
+    pub inbox_ttl: Duration,
+    /// How long an ID's epoch and newest sequence number outlive its
+    /// messages, so that a client back after an hour with nothing missed
+    /// resumes `recovered`. Default 24 h.
+    #[serde(with = "duration")]
+    pub inbox_meta_ttl: Duration,
+    /// Payload bytes retained over all IDs of this node; past it a message
+    /// is delivered but not retained, and its sender told so. Default
+    /// 256 MiB.
+    pub inbox_total_bytes: usize,
+    /// How long a sender's message id (`mid`) is remembered, so that a
+    /// resend delivers nothing new. Default 120 s, like `inbox_ttl`: a send
+    /// retried after a resume is still recognised.
+    #[serde(with = "duration")]
+    pub dedup_ttl: Duration,
+    /// Message ids remembered per sending client ID; the oldest is
+    /// forgotten first. Default 4,096 (about 150 bytes each, with the
+    /// stored report).
+    pub dedup_per_client: usize,
+    /// How long a v1 connection may take to send its `hello`; then it is
+    /// closed with 4400. Default 10 s.
+    #[serde(with = "duration")]
+    pub hello_timeout: Duration,
+}
+
+impl Default for V1Limits {
+    fn default() -> Self {
+        Self {
+            inbox_size: 256,
+            inbox_max_bytes: 1024 * 1024,
+            inbox_ttl: Duration::from_secs(120),
+            inbox_meta_ttl: Duration::from_secs(24 * 3600),
+            inbox_total_bytes: 256 * 1024 * 1024,
+            dedup_ttl: Duration::from_secs(120),
+            dedup_per_client: 4096,
+            hello_timeout: Duration::from_secs(10),
+        }
+    }
 }
 
 impl Default for Limits {
@@ -131,6 +195,7 @@ impl Default for Limits {
             max_header_size: 16 * 1024,
             duplicate_ids: DuplicateIds::Allow,
             compression: Compression::default(),
+            v1: V1Limits::default(),
         }
     }
 }

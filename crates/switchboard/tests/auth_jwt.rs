@@ -717,3 +717,86 @@ async fn a_custom_authenticator_plugs_in() {
     assert_eq!(report["delivered"], json!(["zoe"]));
     assert_eq!(recv_text(&mut zoe).await, r#""hi""#);
 }
+
+// ---------------------------------------------------------------------------
+// switchboard.v1: the sender is the token's subject; refresh in-band
+// ---------------------------------------------------------------------------
+
+/// A v1 connection with `token` in the subprotocol, hello answered.
+async fn v1_with_token(server: &TestServer, token: &str) -> Client {
+    let offer = format!("switchboard.v1, bearer.{token}");
+    let (mut client, response) =
+        connect_with(server, "/ws", &[("sec-websocket-protocol", &offer)]).await;
+    assert_eq!(
+        response.headers()["sec-websocket-protocol"],
+        "switchboard.v1"
+    );
+    send_text(&mut client, r#"{"type":"hello","id":0}"#).await;
+    assert_eq!(recv_json(&mut client).await["type"], "welcome");
+    client
+}
+
+#[tokio::test]
+async fn v1_refresh_moves_the_expiry_and_keeps_the_subject() {
+    let server = start(Security {
+        expiry_grace: Duration::from_millis(300),
+        ..security(JwtConfig {
+            clock_skew: Duration::ZERO,
+            ..secret_config()
+        })
+    })
+    .await;
+    let short = hs256(&json!({"sub": "alice", "exp": now() + 2}));
+    let mut alice = v1_with_token(&server, &short).await;
+    let mut bob = v1_with_token(&server, &hs256(&claims("bob", json!({})))).await;
+
+    // The sender of a message is the token's subject.
+    send_text(
+        &mut alice,
+        r#"{"type":"send","id":1,"targets":["bob"],"payload":"hi"}"#,
+    )
+    .await;
+    assert_eq!(recv_json(&mut alice).await["delivered"], json!(["bob"]));
+    assert_eq!(recv_json(&mut bob).await["from"], "alice");
+
+    // Someone else's token: refused, nothing changes.
+    let bobs = hs256(&claims("bob", json!({})));
+    send_text(
+        &mut alice,
+        &json!({"type": "refresh", "id": 2, "token": bobs}).to_string(),
+    )
+    .await;
+    assert_eq!(
+        recv_json(&mut alice).await["error"]["code"],
+        "subject_mismatch"
+    );
+    // A bad token: refused with the handshake's code.
+    send_text(
+        &mut alice,
+        r#"{"type":"refresh","id":3,"token":"not.a.token"}"#,
+    )
+    .await;
+    let refused = recv_json(&mut alice).await;
+    assert_eq!(refused["id"], 3);
+    assert!(refused["error"]["code"].as_str().is_some(), "{refused}");
+
+    // A new token for alice, valid for an hour: the 4002 at exp + grace
+    // (under 3 s from now) does not come.
+    let exp = now() + 3600;
+    let fresh = hs256(&json!({"sub": "alice", "exp": exp}));
+    send_text(
+        &mut alice,
+        &json!({"type": "refresh", "id": 4, "token": fresh}).to_string(),
+    )
+    .await;
+    let ack = recv_json(&mut alice).await;
+    assert_eq!(ack["id"], 4);
+    assert_eq!(ack["expires_at_ms"], exp * 1000);
+    assert_silent(&mut alice, Duration::from_millis(3500)).await;
+    send_text(
+        &mut alice,
+        r#"{"type":"send","id":5,"targets":["bob"],"payload":"still"}"#,
+    )
+    .await;
+    assert_eq!(recv_json(&mut alice).await["delivered"], json!(["bob"]));
+}

@@ -214,9 +214,14 @@ async fn a_relay_client_subscribed_to_chat_receives_chat_messages() {
         serde_json::json!({"subscribed":"chat"})
     );
 
-    send_text(&mut chat, "hello from chat").await;
-    assert_eq!(recv_text(&mut chat).await, "hello from chat");
-    assert_eq!(recv_text(&mut relay).await, "hello from chat");
+    // The topic carries JSON: relay subscribers get the chat text as a JSON
+    // string, chat clients get text.
+    send_text(&mut chat, "hello \"from\" chat").await;
+    assert_eq!(recv_text(&mut chat).await, "hello \"from\" chat");
+    assert_eq!(
+        recv_json(&mut relay).await,
+        serde_json::json!("hello \"from\" chat")
+    );
 
     // And a relay publish to "chat" reaches the chat clients as JSON.
     send_text(
@@ -258,16 +263,17 @@ async fn api_publish_to_chat_reaches_the_chat_clients() {
     }
     assert_silent(&mut echo, QUIET).await;
 
-    // A string payload arrives as its JSON text, quotes included.
+    // A string payload arrives as its text, as a chat client's own message
+    // does: JSON strings are what chat clients send into the topic.
     let response = http_post_json(
         server.addr,
         "/api/publish",
-        r#"{"topic":"chat","payload":"plain"}"#,
+        r#"{"topic":"chat","payload":"plain é"}"#,
     )
     .await;
     assert_eq!(response.json(), serde_json::json!({"recipients": 2}));
     for client in [&mut c1, &mut c2] {
-        assert_eq!(recv_text(client).await, r#""plain""#);
+        assert_eq!(recv_text(client).await, "plain é");
     }
 }
 
@@ -283,7 +289,7 @@ async fn chat_clients_can_send_after_the_backend_and_relay_use_the_topic() {
 
     send_text(&mut chat, "x").await;
     assert_eq!(recv_text(&mut chat).await, "x");
-    assert_eq!(recv_text(&mut relay).await, "x");
+    assert_eq!(recv_text(&mut relay).await, r#""x""#);
     assert_silent(&mut chat, QUIET).await;
     assert_silent(&mut relay, Duration::from_millis(20)).await;
 

@@ -22,6 +22,8 @@
 //! every route needs `Authorization: Bearer <key>`: without one, 401
 //! `missing_api_key`; with a wrong one, 401 `invalid_api_key`.
 
+use std::sync::Arc;
+
 use axum::extract::{Path, Request, State};
 use axum::middleware;
 use axum::response::{IntoResponse, Response};
@@ -38,6 +40,7 @@ use crate::hub::Hub;
 use crate::id::ClientId;
 use crate::metrics::ErrorKind;
 use crate::protocol::close::{CloseCode, CloseFrame};
+use crate::runtime::delivery::Envelope;
 
 /// The API routes, to be nested under `/api`; behind the hub's API keys
 /// when it has any.
@@ -86,46 +89,11 @@ async fn send(State(hub): State<Hub>, request: Request) -> Result<Response, Http
     let bytes = body(&hub, request).await?;
     let (targets, payload) =
         relay::parse_send(&bytes, hub.limits().max_targets).map_err(|e| bad_request(&hub, e))?;
-    let frame = Hub::encode_text(Bytes::copy_from_slice(payload.get().as_bytes()));
-    let report = hub.send(&targets.ids, &frame).await;
-    // Which list each ID's outcome puts it in. An ID the backend did not
-    // report (it always should) is not claimed delivered: unconfirmed.
-    const DELIVERED: usize = 0;
-    const OFFLINE: usize = 1;
-    const DROPPED: usize = 2;
-    const UNCONFIRMED: usize = 3;
-    let mut outcome = vec![UNCONFIRMED; targets.ids.len()];
-    for (list, indexes) in [
-        (DELIVERED, &report.delivered),
-        (OFFLINE, &report.offline),
-        (DROPPED, &report.dropped),
-        (UNCONFIRMED, &report.unconfirmed),
-    ] {
-        for &i in indexes {
-            if let Some(slot) = outcome.get_mut(i) {
-                *slot = list;
-            }
-        }
-    }
-    // Every target the caller wrote, in the order written, in the list of
-    // its ID: `["1",1,"x"]` reports `"1"` and `1` both delivered, though
-    // client 1 got the message once.
-    let mut lists: [Vec<serde_json::Value>; 4] = Default::default();
-    for (id, written) in targets.listed() {
-        lists[outcome[id]].push(written);
-    }
-    let [delivered, offline, dropped, unconfirmed] = lists;
-    let mut answer = json!({
-        "delivered": delivered,
-        "offline": offline,
-        "dropped": dropped,
-    });
-    // Only a clustered backend has targets it could not confirm; the key is
-    // there only when the list is not empty.
-    if !unconfirmed.is_empty() {
-        answer["unconfirmed"] = unconfirmed.into();
-    }
-    Ok(Json(answer).into_response())
+    let message = Envelope::json(Bytes::copy_from_slice(payload.get().as_bytes()));
+    let report = hub.deliver(&targets.ids, &Arc::new(message)).await;
+    // Written by hand in serde_json's key order, as it always was.
+    let answer = format!("{{{}}}", targets.report_lists(&report));
+    Ok(([(http::header::CONTENT_TYPE, "application/json")], answer).into_response())
 }
 
 async fn publish(State(hub): State<Hub>, request: Request) -> Result<Response, HttpError> {

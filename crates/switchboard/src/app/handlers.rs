@@ -11,14 +11,16 @@ use http::StatusCode;
 use http::request::Parts;
 
 use super::relay::{self, Request, RequestError};
-use crate::auth::{Identity, Permissions};
+use super::v1::V1;
+use crate::auth::{Identity, Permissions, SUBPROTOCOL_PLAIN, SUBPROTOCOL_V1};
 use crate::backend::RegisterError;
-use crate::handler::{Conn, Handler, Outcome};
+use crate::handler::{Conn, Handler, Outcome, Subprotocol};
 use crate::http_error::HttpError;
 use crate::hub::Hub;
 use crate::id::{ClientId, Topic};
 use crate::metrics::ErrorKind;
 use crate::protocol::message::Message;
+use crate::runtime::delivery::{Envelope, Format, v1_error};
 
 /// `/echo`: sends every text and binary message back unchanged (the
 /// payload is shared, not copied).
@@ -26,6 +28,8 @@ use crate::protocol::message::Message;
 pub struct Echo;
 
 impl Handler for Echo {
+    const SUBPROTOCOLS: &'static [&'static str] = &[SUBPROTOCOL_PLAIN];
+
     type State = ();
     type Info = ();
 
@@ -44,6 +48,12 @@ pub const CHAT_TOPIC: &str = "chat";
 
 /// `/chat`: every text message is broadcast to every `/chat` connection,
 /// the sender included. Binary messages get an error frame.
+///
+/// The topic carries JSON, like every topic: a `/chat` client's text `T` is
+/// published as the JSON string `"T"`, so relay subscribers of the topic
+/// get valid JSON. `/chat` clients get text back: a JSON string published
+/// to the topic (by `/chat`, a relay client or `/api/publish`) as its text,
+/// any other JSON value as its JSON text.
 #[derive(Debug, Clone)]
 pub struct Chat {
     topic: Topic,
@@ -68,6 +78,8 @@ impl Chat {
 }
 
 impl Handler for Chat {
+    const SUBPROTOCOLS: &'static [&'static str] = &[SUBPROTOCOL_PLAIN];
+
     /// Whether the client may send (its token's `sb_publish` allows the
     /// topic).
     type State = bool;
@@ -91,6 +103,7 @@ impl Handler for Chat {
                 ),
             ));
         }
+        conn.set_format(Format::Text);
         conn.join(self.topic.clone());
         Ok(permissions.is_none_or(|p| p.may_publish(&self.topic)))
     }
@@ -111,8 +124,9 @@ impl Handler for Chat {
                 ),
             ),
             Message::Text(text) => {
-                let frame = Hub::encode_text(text.into_bytes());
-                conn.hub().publish(&self.topic, &frame).await;
+                let json = serde_json::Value::from(text.as_str()).to_string();
+                let message = Envelope::json(Bytes::from(json)).on_topic(self.topic.clone());
+                conn.hub().publish_message(&Arc::new(message)).await;
                 Outcome::Continue
             }
             Message::Binary(_) => error_reply(
@@ -141,10 +155,32 @@ impl Handler for Chat {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Relay;
 
+/// A relay connection's state: the client's permissions (shared by all
+/// unrestricted clients), and for a `switchboard.v1` connection its
+/// protocol state, boxed: 16 bytes per plain connection.
+#[derive(Debug)]
+pub struct RelayState {
+    permissions: Arc<Permissions>,
+    v1: Option<Box<V1>>,
+}
+
+impl RelayState {
+    /// An unrestricted plain relay connection's state.
+    #[cfg(test)]
+    pub(crate) fn plain() -> Self {
+        Self {
+            permissions: Permissions::unrestricted(),
+            v1: None,
+        }
+    }
+}
+
 impl Handler for Relay {
-    /// The client's permissions (shared by all unrestricted clients: 8
-    /// bytes per connection).
-    type State = Arc<Permissions>;
+    /// `switchboard.v1` when offered, else the plain relay (also chosen
+    /// explicitly with `switchboard.plain`, by browsers passing a token).
+    const SUBPROTOCOLS: &'static [&'static str] = &[SUBPROTOCOL_V1, SUBPROTOCOL_PLAIN];
+
+    type State = RelayState;
     type Info = ();
 
     async fn connect(
@@ -173,25 +209,52 @@ impl Handler for Relay {
             }
             None => client_id_from_query(request)?,
         };
+        let permissions = match identity {
+            Some(identity) if !identity.permissions.is_unrestricted() => {
+                Arc::clone(&identity.permissions)
+            }
+            _ => Permissions::unrestricted(),
+        };
+        if request.extensions.get::<Subprotocol>() == Some(&Subprotocol(SUBPROTOCOL_V1)) {
+            // Registered by its hello, which resumes its inbox first.
+            let v1 = V1::connect(conn, id, Arc::clone(&permissions), identity.is_some());
+            return Ok(RelayState {
+                permissions,
+                v1: Some(v1),
+            });
+        }
         conn.register(id).map_err(|err| match err {
             RegisterError::AlreadyConnected(_) => {
                 HttpError::new(StatusCode::CONFLICT, "id_in_use", err.to_string())
             }
         })?;
-        Ok(match identity {
-            Some(identity) if !identity.permissions.is_unrestricted() => {
-                Arc::clone(&identity.permissions)
-            }
-            _ => Permissions::unrestricted(),
+        Ok(RelayState {
+            permissions,
+            v1: None,
         })
     }
 
     async fn on_message(
         &self,
-        permissions: &mut Self::State,
+        state: &mut Self::State,
         message: Message,
         conn: &mut Conn<()>,
     ) -> Outcome {
+        if let Some(v1) = state.v1.as_mut() {
+            return match message {
+                Message::Text(text) => v1.on_text(text.as_bytes(), conn).await,
+                Message::Binary(_) => {
+                    conn.hub().metrics().error(ErrorKind::BadRequest);
+                    Outcome::reply_text(v1_error(
+                        None,
+                        "binary_not_supported",
+                        "switchboard.v1 frames are JSON text",
+                        false,
+                    ))
+                }
+            };
+        }
+        let permissions = &state.permissions;
         let text = match message {
             Message::Text(text) => text,
             Message::Binary(_) => {

@@ -28,6 +28,7 @@ use crate::hub::Hub;
 pub mod api;
 pub mod handlers;
 pub mod relay;
+pub(crate) mod v1;
 
 use api::protect;
 use handlers::{Chat, Echo, Relay};

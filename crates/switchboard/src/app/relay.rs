@@ -20,6 +20,7 @@ use serde::Deserialize;
 use serde::de::{self, Deserializer, SeqAccess, Visitor};
 use serde_json::value::RawValue;
 
+use crate::backend::SendReport;
 use crate::id::{ClientId, Topic};
 
 /// A relay or API request that could not be used: a stable `code` and a
@@ -32,6 +33,9 @@ pub struct RequestError {
     pub code: &'static str,
     /// What was wrong, for people.
     pub message: Cow<'static, str>,
+    /// Retrying the same request later may succeed (`switchboard.v1`
+    /// errors say so; the plain relay's error frames do not).
+    pub temporary: bool,
 }
 
 impl RequestError {
@@ -39,7 +43,14 @@ impl RequestError {
         Self {
             code,
             message: message.into(),
+            temporary: false,
         }
+    }
+
+    /// Marks the error as temporary.
+    pub(crate) fn temporary(mut self) -> Self {
+        self.temporary = true;
+        self
     }
 
     /// The JSON error body.
@@ -83,6 +94,66 @@ impl Targets {
         })
     }
 
+    /// The lists of a send's report, every target as the caller wrote it,
+    /// in the order written, in the list of its ID's outcome, as JSON object
+    /// members in key order: `"delivered":[…],"dropped":[…],"offline":[…]`,
+    /// then `"retained"` and `"unconfirmed"` when not empty. `["1",1,"x"]`
+    /// reports `"1"` and `1` both delivered, though client 1 got the message
+    /// once. An ID the backend did not report (it always should) is not
+    /// claimed delivered or offline: unconfirmed.
+    pub(crate) fn report_lists(&self, report: &SendReport) -> String {
+        const DELIVERED: u8 = 0;
+        const DROPPED: u8 = 1;
+        const OFFLINE: u8 = 2;
+        const UNCONFIRMED: u8 = 3;
+        let n = self.ids.len();
+        let mut outcome = vec![UNCONFIRMED; n];
+        for (list, indexes) in [
+            (DELIVERED, &report.delivered),
+            (OFFLINE, &report.offline),
+            (DROPPED, &report.dropped),
+            (UNCONFIRMED, &report.unconfirmed),
+        ] {
+            for &i in indexes {
+                if let Some(slot) = outcome.get_mut(i) {
+                    *slot = list;
+                }
+            }
+        }
+        let mut retained = vec![false; n];
+        for &i in &report.retained {
+            if let Some(slot) = retained.get_mut(i) {
+                *slot = true;
+            }
+        }
+        let mut out = String::with_capacity(48 + 8 * self.listed.len());
+        let mut list = |name: &str, pick: &dyn Fn(usize) -> bool, always: bool| {
+            let mut members = self.listed().filter(|&(id, _)| pick(id)).peekable();
+            if members.peek().is_none() && !always {
+                return;
+            }
+            if !out.is_empty() {
+                out.push(',');
+            }
+            out.push('"');
+            out.push_str(name);
+            out.push_str("\":[");
+            for (i, (_, written)) in members.enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                out.push_str(&written.to_string());
+            }
+            out.push(']');
+        };
+        list("delivered", &|i| outcome[i] == DELIVERED, true);
+        list("dropped", &|i| outcome[i] == DROPPED, true);
+        list("offline", &|i| outcome[i] == OFFLINE, true);
+        list("retained", &|i| retained[i], false);
+        list("unconfirmed", &|i| outcome[i] == UNCONFIRMED, false);
+        out
+    }
+
     /// The position in `targets` of the first listing of each ID, for
     /// messages that name `targets[i]`.
     pub(crate) fn position_of(&self, id: usize) -> usize {
@@ -112,7 +183,7 @@ pub(crate) enum Request<'a> {
 /// (`Some("null")`): `"payload": null` is a payload like any other, and
 /// `"targets": null` is a wrong type, not a missing field.
 #[derive(Deserialize)]
-struct Envelope<'a> {
+struct Fields<'a> {
     #[serde(rename = "type", borrow, default, deserialize_with = "present")]
     kind: Option<&'a RawValue>,
     #[serde(borrow, default, deserialize_with = "present")]
@@ -125,14 +196,14 @@ struct Envelope<'a> {
 
 /// A field that is there, whatever its value (serde's `Option` would read
 /// `null` as absent).
-fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+pub(crate) fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
     <&'de RawValue>::deserialize(d).map(Some)
 }
 
 /// Parses a relay frame; `max_targets` bounds the target list.
 pub(crate) fn parse(input: &[u8], max_targets: usize) -> Result<Request<'_>, RequestError> {
-    let envelope = envelope(input)?;
-    let kind = match envelope.kind {
+    let fields = fields(input)?;
+    let kind = match fields.kind {
         None => None,
         Some(raw) => Some(serde_json::from_str::<Cow<'_, str>>(raw.get()).map_err(|_| {
             RequestError::new(
@@ -143,14 +214,14 @@ pub(crate) fn parse(input: &[u8], max_targets: usize) -> Result<Request<'_>, Req
     };
     match kind.as_deref() {
         None | Some("send") => Ok(Request::Send {
-            targets: parse_targets(envelope.targets, max_targets)?,
-            payload: require_payload(envelope.payload)?,
+            targets: parse_targets(fields.targets, max_targets)?,
+            payload: require_payload(fields.payload)?,
         }),
-        Some("subscribe") => Ok(Request::Subscribe(parse_topic(envelope.topic)?)),
-        Some("unsubscribe") => Ok(Request::Unsubscribe(parse_topic(envelope.topic)?)),
+        Some("subscribe") => Ok(Request::Subscribe(parse_topic(fields.topic)?)),
+        Some("unsubscribe") => Ok(Request::Unsubscribe(parse_topic(fields.topic)?)),
         Some("publish") => Ok(Request::Publish {
-            topic: parse_topic(envelope.topic)?,
-            payload: require_payload(envelope.payload)?,
+            topic: parse_topic(fields.topic)?,
+            payload: require_payload(fields.payload)?,
         }),
         Some(other) => Err(RequestError::new(
             "unknown_type",
@@ -164,11 +235,8 @@ pub(crate) fn parse(input: &[u8], max_targets: usize) -> Result<Request<'_>, Req
 
 /// Parses a `/api/publish` body: `{"topic":…,"payload":…}`.
 pub(crate) fn parse_publish(input: &[u8]) -> Result<(Topic, &RawValue), RequestError> {
-    let envelope = envelope(input)?;
-    Ok((
-        parse_topic(envelope.topic)?,
-        require_payload(envelope.payload)?,
-    ))
+    let fields = fields(input)?;
+    Ok((parse_topic(fields.topic)?, require_payload(fields.payload)?))
 }
 
 /// Parses a `/api/send` body: `{"targets":[…],"payload":…}`.
@@ -176,17 +244,21 @@ pub(crate) fn parse_send(
     input: &[u8],
     max_targets: usize,
 ) -> Result<(Targets, &RawValue), RequestError> {
-    let envelope = envelope(input)?;
+    let fields = fields(input)?;
     Ok((
-        parse_targets(envelope.targets, max_targets)?,
-        require_payload(envelope.payload)?,
+        parse_targets(fields.targets, max_targets)?,
+        require_payload(fields.payload)?,
     ))
 }
 
-/// Parses the top-level object. serde's derived structs also accept a JSON
-/// array (as a tuple of fields), so anything not starting with `{` is
-/// refused first.
-fn envelope(input: &[u8]) -> Result<Envelope<'_>, RequestError> {
+fn fields(input: &[u8]) -> Result<Fields<'_>, RequestError> {
+    object(input)
+}
+
+/// Parses a top-level JSON object into `T`. serde's derived structs also
+/// accept a JSON array (as a tuple of fields), so anything not starting
+/// with `{` is refused first.
+pub(crate) fn object<'a, T: Deserialize<'a>>(input: &'a [u8]) -> Result<T, RequestError> {
     let first = input.iter().find(|b| !b.is_ascii_whitespace());
     if first != Some(&b'{') {
         return Err(match serde_json::from_slice::<&RawValue>(input) {
@@ -221,7 +293,7 @@ fn classify(input: &[u8], err: &serde_json::Error) -> RequestError {
     }
 }
 
-fn require_payload(payload: Option<&RawValue>) -> Result<&RawValue, RequestError> {
+pub(crate) fn require_payload(payload: Option<&RawValue>) -> Result<&RawValue, RequestError> {
     payload.ok_or_else(|| {
         RequestError::new(
             "missing_payload",
@@ -230,7 +302,7 @@ fn require_payload(payload: Option<&RawValue>) -> Result<&RawValue, RequestError
     })
 }
 
-fn parse_topic(topic: Option<&RawValue>) -> Result<Topic, RequestError> {
+pub(crate) fn parse_topic(topic: Option<&RawValue>) -> Result<Topic, RequestError> {
     let raw = topic.ok_or_else(|| {
         RequestError::new(
             "missing_topic",
@@ -242,7 +314,7 @@ fn parse_topic(topic: Option<&RawValue>) -> Result<Topic, RequestError> {
     Topic::new(&name).map_err(|e| RequestError::new("invalid_topic", e.to_string()))
 }
 
-fn parse_targets(raw: Option<&RawValue>, max: usize) -> Result<Targets, RequestError> {
+pub(crate) fn parse_targets(raw: Option<&RawValue>, max: usize) -> Result<Targets, RequestError> {
     let raw = raw.ok_or_else(|| {
         RequestError::new(
             "missing_targets",
@@ -504,6 +576,24 @@ mod tests {
         let ids: Vec<&str> = targets.ids.iter().map(ClientId::as_str).collect();
         let expected: Vec<String> = (0..40).map(|i| i.to_string()).collect();
         assert_eq!(ids, expected);
+    }
+
+    #[test]
+    fn report_lists_echo_every_target_as_written_in_one_list() {
+        let (targets, _) =
+            parse_send(br#"{"targets":["1",1,"x",2,"2","y"],"payload":0}"#, 10).expect("parse");
+        // ids: "1", "x", "2", "y"; "y" is left out of the report.
+        let report = SendReport {
+            delivered: vec![0],
+            offline: vec![1],
+            dropped: vec![2],
+            retained: vec![1, 2],
+            ..SendReport::default()
+        };
+        assert_eq!(
+            targets.report_lists(&report),
+            r#""delivered":["1",1],"dropped":[2,"2"],"offline":["x"],"retained":["x",2,"2"],"unconfirmed":["y"]"#
+        );
     }
 
     #[test]

@@ -61,9 +61,14 @@ pub use ip::{ClientIp, ProxyError, TrustedProxies};
 pub(crate) use ip::{IpGuard, IpLimiter};
 pub use origin::{AllowedOrigins, OriginError};
 
-/// The WebSocket subprotocol Switchboard speaks. A client that offers it in
-/// `Sec-WebSocket-Protocol` gets it echoed back.
-pub const SUBPROTOCOL: &str = "switchboard.v1";
+/// The `switchboard.v1` client protocol (docs/protocol-v1.md), chosen by
+/// offering it in `Sec-WebSocket-Protocol`.
+pub const SUBPROTOCOL_V1: &str = "switchboard.v1";
+
+/// The plain relay protocol, for a client that must offer a subprotocol
+/// (a browser passing `bearer.<jwt>`) but wants the plain relay, byte for
+/// byte as without one.
+pub const SUBPROTOCOL_PLAIN: &str = "switchboard.plain";
 
 /// A `Sec-WebSocket-Protocol` entry starting with this carries a bearer
 /// token: `bearer.<token>`. Browsers cannot set an `Authorization` header on
@@ -112,6 +117,19 @@ pub trait Authenticator: Send + Sync + 'static {
     /// Accepts the request with the client's identity, or refuses it.
     fn authenticate<'a>(&'a self, request: &'a Parts)
     -> BoxFuture<'a, Result<Identity, HttpError>>;
+
+    /// Checks a token a connected client sends to extend its session (a
+    /// `switchboard.v1` `refresh`), as the handshake would. The default
+    /// refuses: an authenticator that does not read bearer tokens cannot
+    /// refresh.
+    fn refresh<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<Identity, HttpError>> {
+        let _ = token;
+        Box::pin(std::future::ready(Err(HttpError::new(
+            StatusCode::BAD_REQUEST,
+            "refresh_not_supported",
+            "this server's authenticator does not accept tokens in-band: reconnect with new credentials",
+        ))))
+    }
 }
 
 /// Who a client is, as an [`Authenticator`] proved it.
@@ -409,29 +427,64 @@ pub(crate) fn offered_subprotocols(request: &Parts) -> impl Iterator<Item = &str
         .filter(|entry| !entry.is_empty())
 }
 
-/// Picks the subprotocol to answer with: [`SUBPROTOCOL`] when offered.
+/// Picks the subprotocol to answer with: the first of `supported` (the
+/// endpoint's, in its order of preference) that the client offered.
 ///
-/// A client that offers a `bearer.` entry without `switchboard.v1` is
-/// refused (400 `subprotocol_required`): the answer cannot echo the token,
-/// and browsers fail a handshake in which they offered protocols and got
-/// none back, after the server has accepted — a confusing failure that this
-/// turns into a clear one.
-pub(crate) fn negotiate_subprotocol(request: &Parts) -> Result<Option<HeaderValue>, HttpError> {
-    let mut offered = false;
+/// Refused with 400:
+/// - `subprotocol_required`: a `bearer.` entry without a protocol the
+///   endpoint speaks. The answer cannot echo the token, and browsers fail a
+///   handshake in which they offered protocols and got none back — after
+///   the server has accepted, a confusing failure this turns into a clear
+///   one.
+/// - `unsupported_subprotocol`: only `switchboard.*` protocols this endpoint
+///   does not speak (a `switchboard.v1` client on `/chat`, say).
+///
+/// Other unknown protocols are not an error: the server answers without one
+/// (RFC 6455 §4.2.2), as servers that speak none do.
+pub(crate) fn negotiate_subprotocol(
+    request: &Parts,
+    supported: &[&'static str],
+) -> Result<Option<&'static str>, HttpError> {
     let mut bearer = false;
+    let mut ours = Vec::new();
     for entry in offered_subprotocols(request) {
-        offered |= entry == SUBPROTOCOL;
         bearer |= entry.starts_with(BEARER_PROTOCOL_PREFIX);
+        if entry.starts_with("switchboard.") {
+            ours.push(entry);
+        }
     }
-    if offered {
-        return Ok(Some(HeaderValue::from_static(SUBPROTOCOL)));
+    if let Some(chosen) = supported.iter().find(|name| ours.contains(name)) {
+        return Ok(Some(chosen));
+    }
+    let speaks = if supported.is_empty() {
+        "this endpoint speaks no subprotocol".to_owned()
+    } else {
+        format!(
+            "this endpoint speaks {}",
+            supported
+                .iter()
+                .map(|p| format!("`{p}`"))
+                .collect::<Vec<_>>()
+                .join(" or ")
+        )
+    };
+    if let Some(first) = ours.first() {
+        return Err(HttpError::new(
+            StatusCode::BAD_REQUEST,
+            "unsupported_subprotocol",
+            format!(
+                "subprotocol {:?} is not spoken here: {speaks}",
+                first.chars().take(40).collect::<String>()
+            ),
+        ));
     }
     if bearer {
         return Err(HttpError::new(
             StatusCode::BAD_REQUEST,
             "subprotocol_required",
             format!(
-                "a `{BEARER_PROTOCOL_PREFIX}<token>` subprotocol entry must come with `{SUBPROTOCOL}`, the one the server answers with: offer [\"{SUBPROTOCOL}\", \"{BEARER_PROTOCOL_PREFIX}<token>\"]"
+                "a `{BEARER_PROTOCOL_PREFIX}<token>` subprotocol entry must come with a protocol the server can answer with ({speaks}): offer e.g. [\"{}\", \"{BEARER_PROTOCOL_PREFIX}<token>\"]",
+                supported.first().copied().unwrap_or("switchboard.plain")
             ),
         ));
     }
@@ -476,6 +529,9 @@ mod tests {
 
     #[test]
     fn subprotocol_answer() {
+        const RELAY: &[&str] = &[SUBPROTOCOL_V1, SUBPROTOCOL_PLAIN];
+        const CHAT: &[&str] = &[SUBPROTOCOL_PLAIN];
+        let offer = |value: &str| parts("/ws", &[("sec-websocket-protocol", value)]);
         let p = parts(
             "/ws",
             &[
@@ -484,14 +540,32 @@ mod tests {
             ],
         );
         assert_eq!(
-            negotiate_subprotocol(&p).expect("ok"),
-            Some(HeaderValue::from_static("switchboard.v1"))
+            negotiate_subprotocol(&p, RELAY).expect("ok"),
+            Some("switchboard.v1")
         );
-        let p = parts("/ws", &[("sec-websocket-protocol", "graphql-ws")]);
-        assert_eq!(negotiate_subprotocol(&p).expect("ok"), None);
-        let p = parts("/ws", &[("sec-websocket-protocol", "bearer.x")]);
-        let err = negotiate_subprotocol(&p).expect_err("bearer alone");
+        // The endpoint's preference wins over the client's order.
+        let both = offer("switchboard.plain, switchboard.v1");
+        assert_eq!(
+            negotiate_subprotocol(&both, RELAY).expect("ok"),
+            Some("switchboard.v1")
+        );
+        assert_eq!(
+            negotiate_subprotocol(&both, CHAT).expect("ok"),
+            Some("switchboard.plain")
+        );
+        // Someone else's protocol: answered without one.
+        assert_eq!(
+            negotiate_subprotocol(&offer("graphql-ws"), RELAY).expect("ok"),
+            None
+        );
+        // A bearer entry alone cannot be answered.
+        let err = negotiate_subprotocol(&offer("bearer.x"), RELAY).expect_err("bearer alone");
         assert_eq!(err.code, "subprotocol_required");
+        // v1 where only the plain protocol is spoken.
+        let err = negotiate_subprotocol(&offer("switchboard.v1, bearer.x"), CHAT)
+            .expect_err("v1 on chat");
+        assert_eq!(err.code, "unsupported_subprotocol");
+        assert!(err.message.contains("switchboard.plain"), "{}", err.message);
     }
 
     #[test]

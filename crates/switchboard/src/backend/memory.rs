@@ -3,26 +3,46 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
 
 use parking_lot::{Mutex, RwLock};
+use tokio::time::Instant;
 
-use super::{Backend, ClientInfo, RegisterError, SendReport};
+use super::dedup::DedupStore;
+use super::inbox::{IdInbox, InboxLimits, new_epoch};
+use super::{Attached, Backend, ClientInfo, Dedup, RegisterError, Replay, ResumePoint, SendReport};
 use crate::BoxFuture;
 use crate::id::{ClientId, Topic};
-use crate::limits::DuplicateIds;
+use crate::limits::{DuplicateIds, V1Limits};
 use crate::protocol::close::{CloseCode, CloseFrame};
-use crate::protocol::frame::WireFrame;
-use crate::runtime::mailbox::{ConnId, ConnRef, PushError};
+use crate::runtime::delivery::Envelope;
+use crate::runtime::mailbox::{ConnId, ConnRef};
 
 /// Shards of the client map. Each shard is a short-held mutex; 32 shards
 /// keep the chance that two cores want the same lock low without making
 /// a full scan (`GET /api/connections`) expensive.
 const SHARDS: usize = 32;
 
-/// One shard: client ID → its live connections, oldest first.
-type ClientShard = Mutex<HashMap<ClientId, Vec<ConnRef>>>;
+/// How often at most one shard is swept for expired inbox messages and
+/// forgettable inboxes: every shard is visited within 32 × this.
+const SWEEP_EVERY: Duration = Duration::from_millis(100);
 
-/// Client IDs and topics, in this process's memory.
+/// One client ID: its live connections, oldest first, and — once a
+/// `switchboard.v1` connection has used the ID — its inbox. Kept in one
+/// entry so that numbering a message and queueing it to the ID's
+/// connections happen under one lock: seq order is delivery order.
+#[derive(Default)]
+struct Entry {
+    conns: Vec<ConnRef>,
+    inbox: Option<Box<IdInbox>>,
+}
+
+/// One shard: client ID → its entry.
+type ClientShard = Mutex<HashMap<ClientId, Entry>>;
+
+/// Client IDs, their inboxes and topics, in this process's memory.
 ///
 /// IDs are hashed with a per-process random key (`RandomState`), since they
 /// come from clients and a fixed hash would let them force collisions.
@@ -33,16 +53,41 @@ pub struct MemoryBackend {
     // publishes to different topics run in parallel.
     topics: RwLock<HashMap<Topic, HashMap<ConnId, ConnRef>>>,
     policy: DuplicateIds,
+    /// This process's inbox epoch: inboxes do not survive a restart, so
+    /// every start begins a new history (a resume across it is `reset`).
+    epoch: String,
+    /// Inboxes created so far, so that an inbox forgotten and made again
+    /// gets an epoch of its own.
+    generations: AtomicU64,
+    inbox_limits: InboxLimits,
+    /// Payload bytes retained over all inboxes (`v1.inbox_total_bytes`).
+    retained_bytes: AtomicUsize,
+    dedup: DedupStore,
+    /// The next shard to sweep, and when the last sweep was.
+    sweep: Mutex<(usize, Instant)>,
 }
 
 impl MemoryBackend {
-    /// An empty backend with the given duplicate-ID policy.
+    /// An empty backend with the given duplicate-ID policy and the default
+    /// `switchboard.v1` limits.
     pub fn new(policy: DuplicateIds) -> Self {
+        Self::with_v1(policy, &V1Limits::default())
+    }
+
+    /// An empty backend with the given duplicate-ID policy and
+    /// `switchboard.v1` limits.
+    pub fn with_v1(policy: DuplicateIds, v1: &V1Limits) -> Self {
         Self {
             hasher: RandomState::new(),
             clients: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             topics: RwLock::new(HashMap::new()),
             policy,
+            epoch: new_epoch(),
+            generations: AtomicU64::new(0),
+            inbox_limits: InboxLimits::from(v1),
+            retained_bytes: AtomicUsize::new(0),
+            dedup: DedupStore::new(v1.dedup_ttl, v1.dedup_per_client),
+            sweep: Mutex::new((0, Instant::now())),
         }
     }
 
@@ -51,30 +96,39 @@ impl MemoryBackend {
         &self.clients[(h as usize) % SHARDS]
     }
 
-    /// Queues `frame` to every connection of `id`, without a report.
-    /// Returns (connections queued to, whether the ID had any connection).
-    fn deliver(&self, id: &ClientId, frame: &WireFrame) -> (usize, bool) {
-        let shard = self.shard(id).lock();
-        let Some(conns) = shard.get(id) else {
-            return (0, false);
-        };
-        let mut queued = 0;
-        for conn in conns {
-            match conn.push(frame.clone()) {
-                Ok(()) => queued += 1,
-                Err(PushError::Full | PushError::Closed) => {}
-            }
-        }
-        (queued, true)
+    /// The epoch of an inbox of generation `generation`.
+    fn epoch_of(&self, generation: u64) -> String {
+        format!("{}{generation:x}", self.epoch)
     }
 
     /// [`Backend::send`], synchronously: the in-memory backend never waits.
-    pub(crate) fn send_now(&self, targets: &[ClientId], frame: &WireFrame) -> SendReport {
+    pub(crate) fn send_now(&self, targets: &[ClientId], message: &Arc<Envelope>) -> SendReport {
+        self.maybe_sweep();
         let mut report = SendReport::default();
+        let mut now = None;
         for (i, id) in targets.iter().enumerate() {
-            match self.deliver(id, frame) {
-                (0, false) => report.offline.push(i),
-                (0, true) => report.dropped.push(i),
+            let mut shard = self.shard(id).lock();
+            let Some(entry) = shard.get_mut(id) else {
+                report.offline.push(i);
+                continue;
+            };
+            let numbered = entry.inbox.as_mut().and_then(|inbox| {
+                let now = *now.get_or_insert_with(Instant::now);
+                inbox.append(message, now, &self.inbox_limits, &self.retained_bytes)
+            });
+            if matches!(numbered, Some((_, true))) {
+                report.retained.push(i);
+            }
+            let seq = numbered.map(|(seq, _)| seq);
+            let mut v1 = None;
+            let queued = entry
+                .conns
+                .iter()
+                .filter(|conn| conn.deliver(message, seq, &mut v1).is_ok())
+                .count();
+            match (queued, entry.conns.is_empty()) {
+                (0, true) => report.offline.push(i),
+                (0, false) => report.dropped.push(i),
                 (n, _) => {
                     report.connections += n;
                     report.delivered.push(i);
@@ -85,20 +139,131 @@ impl MemoryBackend {
     }
 
     /// [`Backend::publish`], synchronously.
-    pub(crate) fn publish_now(&self, topic: &Topic, frame: &WireFrame) -> usize {
+    pub(crate) fn publish_now(&self, message: &Envelope) -> usize {
+        let Some(topic) = message.topic() else {
+            return 0;
+        };
         let topics = self.topics.read();
         topics.get(topic).map_or(0, |subs| {
             subs.values()
-                .filter(|conn| conn.push(frame.clone()).is_ok())
+                .filter(|conn| conn.deliver(message, None, &mut None).is_ok())
                 .count()
         })
+    }
+
+    /// [`Backend::attach`], synchronously.
+    pub(crate) fn attach_now(
+        &self,
+        id: &ClientId,
+        conn: &ConnRef,
+        resume: Option<&ResumePoint>,
+    ) -> Result<Attached, RegisterError> {
+        let now = Instant::now();
+        let mut shard = self.shard(id).lock();
+        let entry = shard.entry(id.clone()).or_default();
+        self.admit(id, &mut entry.conns)?;
+        let inbox = entry.inbox.get_or_insert_with(|| {
+            let generation = self.generations.fetch_add(1, Ordering::Relaxed);
+            Box::new(IdInbox::new(now, generation))
+        });
+        let epoch = self.epoch_of(inbox.generation());
+        let attached = inbox.attach(
+            &epoch,
+            resume,
+            now,
+            &self.inbox_limits,
+            &self.retained_bytes,
+        );
+        entry.conns.push(conn.clone());
+        Ok(attached)
+    }
+
+    /// [`Backend::replay`], synchronously.
+    pub(crate) fn replay_now(&self, id: &ClientId, from: u64, to: u64) -> Replay {
+        let shard = self.shard(id).lock();
+        match shard.get(id).and_then(|entry| entry.inbox.as_ref()) {
+            Some(inbox) => inbox.range(from, to),
+            None => Replay {
+                messages: Vec::new(),
+                lost: if from <= to {
+                    vec![(from.max(1), to)]
+                } else {
+                    Vec::new()
+                },
+            },
+        }
+    }
+
+    /// The duplicate-ID policy, for a connection about to join `conns`.
+    fn admit(&self, id: &ClientId, conns: &mut Vec<ConnRef>) -> Result<(), RegisterError> {
+        match self.policy {
+            DuplicateIds::Allow => {}
+            DuplicateIds::RejectNew if !conns.is_empty() => {
+                return Err(RegisterError::AlreadyConnected(id.clone()));
+            }
+            DuplicateIds::RejectNew => {}
+            DuplicateIds::ReplaceOldest => {
+                if !conns.is_empty() {
+                    // Oldest first: connections are appended in order.
+                    let oldest = conns.remove(0);
+                    oldest.close(CloseFrame::new(
+                        CloseCode::REPLACED,
+                        "replaced by a newer connection with the same client id",
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Sweeps one shard, if the last sweep was `SWEEP_EVERY` ago: drops
+    /// inbox messages past their TTL (giving their bytes back to the node's
+    /// budget) and forgets inboxes whose meta has expired. Done on the
+    /// sending path rather than by a task of its own, so that an idle
+    /// backend costs nothing; one shard at a time keeps each pass short.
+    fn maybe_sweep(&self) {
+        let shard = {
+            let Some(mut sweep) = self.sweep.try_lock() else {
+                return;
+            };
+            let now = Instant::now();
+            if now < sweep.1 + SWEEP_EVERY {
+                return;
+            }
+            sweep.1 = now;
+            sweep.0 = (sweep.0 + 1) % SHARDS;
+            sweep.0
+        };
+        let now = Instant::now();
+        self.clients[shard].lock().retain(|_, entry| {
+            if let Some(inbox) = entry.inbox.as_mut() {
+                inbox.trim(now, &self.inbox_limits, &self.retained_bytes);
+                if inbox.forgettable(now, &self.inbox_limits) {
+                    inbox.release(&self.retained_bytes);
+                    entry.inbox = None;
+                }
+            }
+            !entry.conns.is_empty() || entry.inbox.is_some()
+        });
+        if shard == 0 {
+            self.dedup.sweep();
+        }
+    }
+
+    /// Payload bytes retained in inboxes now.
+    pub fn retained_bytes(&self) -> usize {
+        self.retained_bytes.load(Ordering::Relaxed)
     }
 
     /// [`Backend::clients`], synchronously.
     pub(crate) fn clients_now(&self) -> Vec<ClientInfo> {
         let mut out = Vec::new();
         for shard in self.clients.iter() {
-            for (id, conns) in shard.lock().iter() {
+            for (id, entry) in shard.lock().iter() {
+                let conns = &entry.conns;
+                if conns.is_empty() {
+                    continue;
+                }
                 let oldest = conns.iter().map(ConnRef::since).min();
                 out.push(ClientInfo {
                     id: id.clone(),
@@ -115,7 +280,12 @@ impl MemoryBackend {
     pub(crate) fn disconnect_now(&self, id: &ClientId, frame: &CloseFrame) -> usize {
         // Closing is asynchronous: each connection unregisters itself when
         // its task ends, so the entry is left for that path to remove.
-        let conns: Vec<ConnRef> = self.shard(id).lock().get(id).cloned().unwrap_or_default();
+        let conns: Vec<ConnRef> = self
+            .shard(id)
+            .lock()
+            .get(id)
+            .map(|entry| entry.conns.clone())
+            .unwrap_or_default();
         for conn in &conns {
             conn.close(frame.clone());
         }
@@ -127,7 +297,7 @@ impl MemoryBackend {
     #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     pub(crate) fn presence(&self, id: &ClientId) -> Option<(usize, u64)> {
         let shard = self.shard(id).lock();
-        let conns = shard.get(id).filter(|c| !c.is_empty())?;
+        let conns = shard.get(id).map(|e| &e.conns).filter(|c| !c.is_empty())?;
         let oldest = conns.iter().map(ConnRef::since).min();
         Some((conns.len(), oldest.map_or(0, crate::backend::unix_ms)))
     }
@@ -146,7 +316,10 @@ impl MemoryBackend {
 
     /// How many client IDs are registered (for tests and metrics).
     pub fn client_count(&self) -> usize {
-        self.clients.iter().map(|s| s.lock().len()).sum()
+        self.clients
+            .iter()
+            .map(|s| s.lock().values().filter(|e| !e.conns.is_empty()).count())
+            .sum()
     }
 
     /// How many topics have at least one subscriber.
@@ -158,35 +331,27 @@ impl MemoryBackend {
 impl Backend for MemoryBackend {
     fn register(&self, id: &ClientId, conn: &ConnRef) -> Result<(), RegisterError> {
         let mut shard = self.shard(id).lock();
-        let conns = shard.entry(id.clone()).or_default();
-        match self.policy {
-            DuplicateIds::Allow => {}
-            DuplicateIds::RejectNew if !conns.is_empty() => {
-                return Err(RegisterError::AlreadyConnected(id.clone()));
-            }
-            DuplicateIds::RejectNew => {}
-            DuplicateIds::ReplaceOldest => {
-                if !conns.is_empty() {
-                    // Oldest first: connections are appended in order.
-                    let oldest = conns.remove(0);
-                    oldest.close(CloseFrame::new(
-                        CloseCode::REPLACED,
-                        "replaced by a newer connection with the same client id",
-                    ));
-                }
-            }
-        }
-        conns.push(conn.clone());
+        let entry = shard.entry(id.clone()).or_default();
+        self.admit(id, &mut entry.conns)?;
+        entry.conns.push(conn.clone());
         Ok(())
     }
 
     fn unregister(&self, id: &ClientId, conn: ConnId) {
         let mut shard = self.shard(id).lock();
-        if let Some(conns) = shard.get_mut(id) {
-            conns.retain(|c| c.id() != conn);
-            if conns.is_empty() {
-                shard.remove(id);
+        let Some(entry) = shard.get_mut(id) else {
+            return;
+        };
+        if let Some(at) = entry.conns.iter().position(|c| c.id() == conn) {
+            let gone = entry.conns.remove(at);
+            if gone.is_v1()
+                && let Some(inbox) = entry.inbox.as_mut()
+            {
+                inbox.detach(Instant::now());
             }
+        }
+        if entry.conns.is_empty() && entry.inbox.is_none() {
+            shard.remove(id);
         }
     }
 
@@ -211,13 +376,14 @@ impl Backend for MemoryBackend {
     fn send<'a>(
         &'a self,
         targets: &'a [ClientId],
-        frame: &'a WireFrame,
+        message: &'a Arc<Envelope>,
     ) -> BoxFuture<'a, SendReport> {
-        Box::pin(std::future::ready(self.send_now(targets, frame)))
+        Box::pin(std::future::ready(self.send_now(targets, message)))
     }
 
-    fn publish<'a>(&'a self, topic: &'a Topic, frame: &'a WireFrame) -> BoxFuture<'a, usize> {
-        Box::pin(std::future::ready(self.publish_now(topic, frame)))
+    fn publish<'a>(&'a self, topic: &'a Topic, message: &'a Arc<Envelope>) -> BoxFuture<'a, usize> {
+        debug_assert_eq!(message.topic(), Some(topic));
+        Box::pin(std::future::ready(self.publish_now(message)))
     }
 
     fn clients(&self) -> BoxFuture<'_, Vec<ClientInfo>> {
@@ -226,5 +392,39 @@ impl Backend for MemoryBackend {
 
     fn disconnect<'a>(&'a self, id: &'a ClientId, frame: CloseFrame) -> BoxFuture<'a, usize> {
         Box::pin(std::future::ready(self.disconnect_now(id, &frame)))
+    }
+
+    fn attach<'a>(
+        &'a self,
+        id: &'a ClientId,
+        conn: &'a ConnRef,
+        resume: Option<&'a ResumePoint>,
+    ) -> BoxFuture<'a, Result<Attached, RegisterError>> {
+        Box::pin(std::future::ready(self.attach_now(id, conn, resume)))
+    }
+
+    fn replay<'a>(&'a self, id: &'a ClientId, from: u64, to: u64) -> BoxFuture<'a, Replay> {
+        Box::pin(std::future::ready(self.replay_now(id, from, to)))
+    }
+
+    fn dedup<'a>(&'a self, sender: &'a ClientId, mid: &'a str) -> BoxFuture<'a, Dedup> {
+        Box::pin(std::future::ready(self.dedup.begin(sender, mid)))
+    }
+
+    fn dedup_done(&self, sender: &ClientId, mid: &str, report: Arc<str>) {
+        self.dedup.done(sender, mid, report);
+    }
+
+    fn dedup_abort(&self, sender: &ClientId, mid: &str) {
+        self.dedup.abort(sender, mid);
+    }
+
+    fn render_metrics(&self, out: &mut String) {
+        use std::fmt::Write as _;
+        let _ = writeln!(
+            out,
+            "# HELP switchboard_inbox_retained_bytes Payload bytes kept in switchboard.v1 inboxes.\n# TYPE switchboard_inbox_retained_bytes gauge\nswitchboard_inbox_retained_bytes {}",
+            self.retained_bytes()
+        );
     }
 }

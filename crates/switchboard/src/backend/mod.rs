@@ -6,15 +6,21 @@
 //! A backend stores connections as [`ConnRef`]s, the runtime's type-erased
 //! handle to a connection's mailbox; it never sees a socket or a handler.
 
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use crate::BoxFuture;
 use crate::id::{ClientId, Topic};
 use crate::protocol::close::CloseFrame;
-use crate::protocol::frame::WireFrame;
+use crate::runtime::delivery::Envelope;
 use crate::runtime::mailbox::{ConnId, ConnRef};
 
+pub(crate) mod dedup;
+pub(crate) mod inbox;
 pub(crate) mod memory;
+
+pub use dedup::Dedup;
+pub use inbox::{Attached, Replay, ResumePoint, ResumeStatus, Retained};
 #[cfg(feature = "redis")]
 pub mod redis;
 
@@ -28,8 +34,9 @@ pub enum RegisterError {
     AlreadyConnected(ClientId),
 }
 
-/// The result of sending one frame to a list of client IDs. Each list holds
-/// indexes into the `targets` slice that was sent to.
+/// The result of sending one message to a list of client IDs. Each list
+/// holds indexes into the `targets` slice that was sent to; `delivered`,
+/// `offline`, `dropped` and `unconfirmed` together hold each index once.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct SendReport {
@@ -45,7 +52,11 @@ pub struct SendReport {
     /// node that has the target did not answer in time. Treat them as not
     /// delivered. Always empty with the in-memory backend.
     pub unconfirmed: Vec<usize>,
-    /// Connections the frame was queued to, over all targets.
+    /// Targets whose inbox kept the message (`switchboard.v1` IDs seen
+    /// recently): if they are offline or dropped it now, they get it when
+    /// they resume within `v1.inbox_ttl`. Overlaps the lists above.
+    pub retained: Vec<usize>,
+    /// Connections the message was queued to, over all targets.
     pub connections: usize,
 }
 
@@ -110,9 +121,13 @@ impl BackendHealth {
 /// (local bookkeeping first, remote propagation may follow in the
 /// background), while everything that must report what happened across the
 /// cluster — `send`, `publish`, `connections`, `disconnect` — returns a
-/// future. Frames arrive encoded ([`WireFrame`]), so a backend forwards the
-/// same bytes to every local connection and can put the payload on the wire
-/// to other nodes unchanged.
+/// future. Messages arrive as an [`Envelope`], whose payload a backend
+/// forwards unchanged to every local connection ([`ConnRef::deliver`] picks
+/// each connection's frame) and can put on the wire to other nodes as it is.
+///
+/// The `switchboard.v1` methods (`attach`, `replay`, `dedup*`) have defaults
+/// for a backend without inboxes: v1 clients then always resume `new` or
+/// `reset`, and sends are not deduplicated.
 pub trait Backend: Send + Sync + 'static {
     /// Adds `conn` under `id`, applying the backend's duplicate-ID policy.
     fn register(&self, id: &ClientId, conn: &ConnRef) -> Result<(), RegisterError>;
@@ -122,16 +137,17 @@ pub trait Backend: Send + Sync + 'static {
     fn subscribe(&self, topic: &Topic, conn: &ConnRef);
     /// Unsubscribes connection `conn` from `topic`.
     fn unsubscribe(&self, topic: &Topic, conn: ConnId);
-    /// Queues `frame` to every connection of every target and reports, per
-    /// target, whether it was delivered, offline or dropped.
+    /// Numbers `message` in each target's inbox (if it has one), queues it
+    /// to every connection of every target, and reports, per target, what
+    /// happened.
     fn send<'a>(
         &'a self,
         targets: &'a [ClientId],
-        frame: &'a WireFrame,
+        message: &'a Arc<Envelope>,
     ) -> BoxFuture<'a, SendReport>;
-    /// Queues `frame` to every subscriber of `topic`; returns how many
+    /// Queues `message` to every subscriber of `topic`; returns how many
     /// connections it was queued to.
-    fn publish<'a>(&'a self, topic: &'a Topic, frame: &'a WireFrame) -> BoxFuture<'a, usize>;
+    fn publish<'a>(&'a self, topic: &'a Topic, message: &'a Arc<Envelope>) -> BoxFuture<'a, usize>;
     /// Lists every client ID registered on this node.
     fn clients(&self) -> BoxFuture<'_, Vec<ClientInfo>>;
     /// Closes every connection of `id` with `frame`, on every node; returns
@@ -154,6 +170,64 @@ pub trait Backend: Send + Sync + 'static {
     /// `GET /metrics`. The default adds nothing.
     fn render_metrics(&self, out: &mut String) {
         let _ = out;
+    }
+
+    /// Registers the `switchboard.v1` connection `conn` under `id` (as
+    /// [`register`](Self::register) does), gives the ID an inbox if it has
+    /// none, and finds what a client at `resume` missed. Every message
+    /// numbered after [`Attached::top`] reaches `conn` live; the caller
+    /// queues [`Attached::replay`] ahead of them (the connection's mailbox
+    /// is held meanwhile). The default registers and resumes nothing.
+    fn attach<'a>(
+        &'a self,
+        id: &'a ClientId,
+        conn: &'a ConnRef,
+        resume: Option<&'a ResumePoint>,
+    ) -> BoxFuture<'a, Result<Attached, RegisterError>> {
+        let result = self.register(id, conn).map(|()| Attached {
+            epoch: String::new(),
+            top: 0,
+            status: if resume.is_some() {
+                ResumeStatus::Reset
+            } else {
+                ResumeStatus::New
+            },
+            lost: Vec::new(),
+            replay: Vec::new(),
+        });
+        Box::pin(std::future::ready(result))
+    }
+
+    /// The retained messages of `id`'s inbox numbered `from..=to`. The
+    /// default has none.
+    fn replay<'a>(&'a self, id: &'a ClientId, from: u64, to: u64) -> BoxFuture<'a, Replay> {
+        let _ = id;
+        let lost = if from <= to {
+            vec![(from, to)]
+        } else {
+            Vec::new()
+        };
+        Box::pin(std::future::ready(Replay {
+            messages: Vec::new(),
+            lost,
+        }))
+    }
+
+    /// Looks up `sender`'s message id `mid` (see [`Dedup`]) and marks it in
+    /// flight if it is new. The default deduplicates nothing.
+    fn dedup<'a>(&'a self, sender: &'a ClientId, mid: &'a str) -> BoxFuture<'a, Dedup> {
+        let _ = (sender, mid);
+        Box::pin(std::future::ready(Dedup::New))
+    }
+
+    /// Records the report of `sender`'s send `mid`, for `dedup_ttl`.
+    fn dedup_done(&self, sender: &ClientId, mid: &str, report: Arc<str>) {
+        let _ = (sender, mid, report);
+    }
+
+    /// Forgets `sender`'s send `mid` that did not finish.
+    fn dedup_abort(&self, sender: &ClientId, mid: &str) {
+        let _ = (sender, mid);
     }
 }
 

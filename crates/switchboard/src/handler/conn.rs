@@ -2,11 +2,14 @@
 
 use std::sync::Arc;
 
-use crate::backend::RegisterError;
+use crate::backend::{Attached, RegisterError, ResumePoint};
 use crate::hub::Hub;
+use crate::hub::expiry::Deadline;
 use crate::id::{ClientId, Topic};
 use crate::limits::SlowConsumer;
 use crate::protocol::close::CloseFrame;
+use crate::protocol::frame::WireFrame;
+use crate::runtime::delivery::Format;
 use crate::runtime::mailbox::{ConnHandle, ConnId, ConnRef, Mailbox};
 
 /// The connection as its handler sees it: passed to every callback.
@@ -107,9 +110,66 @@ impl<I: Send + 'static> Conn<I> {
     /// connection pays for none until it asks. [`ws`](crate::ws) uses it to
     /// close connections whose credentials expire (4002).
     pub fn close_at(&self, at: tokio::time::Instant, frame: CloseFrame) {
-        self.hub
-            .expiry()
-            .schedule(ConnRef::new(self.mailbox.clone()), at, frame);
+        self.hub.expiry().schedule(
+            ConnRef::new(self.mailbox.clone()),
+            Deadline::Credentials,
+            at,
+            frame,
+        );
+    }
+
+    /// Closes this connection with `frame` at `at` unless cancelled with
+    /// `None` first: a deadline of the connection's protocol (a v1 hello),
+    /// kept apart from the credentials' (`close_at`).
+    pub(crate) fn protocol_deadline(&self, at: Option<(tokio::time::Instant, CloseFrame)>) {
+        let expiry = self.hub.expiry();
+        match at {
+            Some((at, frame)) => expiry.schedule(
+                ConnRef::new(self.mailbox.clone()),
+                Deadline::Protocol,
+                at,
+                frame,
+            ),
+            None => expiry.cancel_one(self.id(), Deadline::Protocol),
+        }
+    }
+
+    /// Sets how messages sent to this connection are written. Call it in
+    /// `connect`, before registering: every message then has one format.
+    pub(crate) fn set_format(&self, format: Format) {
+        self.mailbox.set_format(format);
+    }
+
+    /// Registers this `switchboard.v1` connection under `id` with an inbox
+    /// (see [`Backend::attach`](crate::Backend::attach)) and holds its
+    /// deliveries until [`release`](Self::release), which puts the welcome
+    /// and the replay ahead of them.
+    pub(crate) async fn attach(
+        &mut self,
+        id: ClientId,
+        resume: Option<&ResumePoint>,
+    ) -> Result<Attached, RegisterError> {
+        if let Some(old) = self.client_id.take() {
+            self.hub.backend().unregister(&old, self.id());
+        }
+        self.mailbox.hold();
+        let conn = ConnRef::new(self.mailbox.clone());
+        match self.hub.backend().attach(&id, &conn, resume).await {
+            Ok(attached) => {
+                self.client_id = Some(id);
+                Ok(attached)
+            }
+            Err(err) => {
+                self.mailbox.release(Vec::new());
+                Err(err)
+            }
+        }
+    }
+
+    /// Queues `front` ahead of every delivery held since
+    /// [`attach`](Self::attach), and lets them all through.
+    pub(crate) fn release(&self, front: Vec<WireFrame>) {
+        self.mailbox.release(front);
     }
 }
 

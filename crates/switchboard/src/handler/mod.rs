@@ -68,6 +68,12 @@ pub enum Closed {
     Abnormal(String),
 }
 
+/// The subprotocol the upgrade agreed on, one of the handler's
+/// [`SUBPROTOCOLS`](Handler::SUBPROTOCOLS); in the request's extensions
+/// when one was agreed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Subprotocol(pub &'static str);
+
 impl std::fmt::Display for Closed {
     /// `by client: 1000 "bye"`, `by server: 1001 "server shutting down"`,
     /// `abnormally: <why>`: what a log line should say.
@@ -90,6 +96,13 @@ impl std::fmt::Display for Closed {
 /// Mount one with [`ws`](crate::ws) on any axum route. Callbacks are
 /// `async fn`s in your `impl`; each returns an [`Outcome`].
 pub trait Handler: Send + Sync + 'static {
+    /// The WebSocket subprotocols this endpoint speaks, most preferred
+    /// first. The upgrade answers with the first one the client offered and
+    /// tells `connect` which (the [`Subprotocol`] in the request's
+    /// extensions). Default: none. A browser passing its token as a
+    /// `bearer.<jwt>` subprotocol needs one to be answered with.
+    const SUBPROTOCOLS: &'static [&'static str] = &[];
+
     /// Per-connection state, owned by the connection's task.
     type State: Send + 'static;
     /// Messages other parts of the program send to one connection through

@@ -20,6 +20,8 @@ pub enum Outcome {
     ReplyMany(Vec<Message>),
     /// Send an already-encoded frame (see [`crate::Hub::encode_text`]).
     Send(WireFrame),
+    /// Send several already-encoded frames, in order.
+    SendMany(Vec<WireFrame>),
     /// Send the close frame and end the connection (RFC 6455 §7.1.2).
     Stop(CloseFrame),
 }

@@ -32,6 +32,7 @@ use crate::protocol::close::{CloseCode, CloseFrame};
 use crate::protocol::deflate::Agreed;
 use crate::protocol::frame::{OpCode, WireFrame};
 use crate::protocol::message::Message;
+use crate::runtime::delivery::{Format, v1_error, v1_request_id};
 use crate::runtime::mailbox::{Item, Taken};
 use crate::runtime::rate::{Rate, TokenBucket};
 use crate::runtime::reader::{Incoming, Reader};
@@ -292,6 +293,7 @@ where
                     items: VecDeque::new(),
                     close: Some(close),
                     dropped: 0,
+                    gap: None,
                 }));
             }
         }
@@ -358,7 +360,10 @@ where
                                 Rate::Allowed => {}
                                 Rate::Refused => {
                                     self.metrics().error(ErrorKind::RateLimited);
-                                    self.writer.push(WireFrame::from_text(RATE_LIMITED));
+                                    self.writer.push(rate_limited(
+                                        self.conn.mailbox.format(),
+                                        message.as_bytes(),
+                                    ));
                                     continue;
                                 }
                                 Rate::Abusive => {
@@ -419,7 +424,7 @@ where
                 continue;
             }
             match item {
-                Item::Frame(frame) => self.writer.push(frame),
+                Item::Frame(frame) | Item::Tagged(frame, _) => self.writer.push(frame),
                 Item::Info(info) => {
                     if let Some(outcome) = Box::pin(self.call_info(info)).await {
                         self.apply(outcome, sleep.as_mut());
@@ -441,14 +446,20 @@ where
     ) -> Option<Taken<H::Info>> {
         if taken.dropped > 0 {
             self.metrics().dropped_messages.add(taken.dropped);
-            self.writer.push(dropped_notice(taken.dropped));
+            // A v1 connection learns exactly what it lost; a plain one how
+            // many.
+            let notice = match taken.gap.take() {
+                Some(gap) => gap.frame(),
+                None => dropped_notice(taken.dropped),
+            };
+            self.writer.push(notice);
             taken.dropped = 0;
         }
         if taken.items.iter().any(|item| matches!(item, Item::Info(_))) {
             return Some(taken);
         }
         for item in taken.items {
-            if let Item::Frame(frame) = item {
+            if let Item::Frame(frame) | Item::Tagged(frame, _) = item {
                 self.writer.push(frame);
             }
         }
@@ -537,6 +548,11 @@ where
                 }
             }
             Outcome::Send(frame) => self.writer.push(frame),
+            Outcome::SendMany(frames) => {
+                for frame in frames {
+                    self.writer.push(frame);
+                }
+            }
             Outcome::Stop(frame) => self.start_close(frame, sleep),
         }
     }
@@ -656,8 +672,19 @@ where
     }
 }
 
-/// The error frame for a message over the rate limit.
-const RATE_LIMITED: &str = r#"{"error":{"code":"rate_limited","message":"too many messages: this one was not handled (limits.max_message_rate)"}}"#;
+/// What a client is told of a message over the rate limit: the relay's
+/// error frame, or for a `switchboard.v1` client a temporary error tied to
+/// the request's id (read from the refused message, on this path only).
+fn rate_limited(format: Format, message: &[u8]) -> WireFrame {
+    const MESSAGE: &str = "too many messages: this one was not handled (limits.max_message_rate)";
+    if format == Format::V1 {
+        let id = v1_request_id(message);
+        return WireFrame::from_text(v1_error(id, "rate_limited", MESSAGE, true));
+    }
+    WireFrame::from_text(format!(
+        r#"{{"error":{{"code":"rate_limited","message":"{MESSAGE}"}}}}"#
+    ))
+}
 
 /// The notice sent before the frames that follow a drop (drop-oldest policy).
 fn dropped_notice(count: u64) -> WireFrame {
@@ -673,7 +700,7 @@ fn close_frame(frame: &CloseFrame) -> WireFrame {
 #[cfg(test)]
 mod size_tests {
     use super::*;
-    use crate::handlers::{Echo, Relay};
+    use crate::app::handlers::{Echo, Relay, RelayState};
     use crate::{Hub, Limits};
 
     /// What an idle connection costs in its task allocation. Printed so a
@@ -692,7 +719,7 @@ mod size_tests {
             s1,
             Bytes::new(),
             Arc::new(Relay),
-            Arc::default(),
+            RelayState::plain(),
             Conn::new(hub.clone()),
             Admission::default(),
             None,

@@ -33,7 +33,7 @@ use parking_lot::Mutex;
 use tokio::net::TcpStream;
 
 use crate::auth::{ClientIp, Identity, IpGuard, negotiate_subprotocol};
-use crate::handler::{Conn, Handler, session};
+use crate::handler::{Conn, Handler, Subprotocol, session};
 use crate::http_error::HttpError;
 use crate::hub::refusals::{self, request_id};
 use crate::hub::{Admission, CapPermit, Hub};
@@ -128,7 +128,7 @@ async fn accept<H: Handler>(
         ));
     };
     let slot = parts.extensions.remove::<ConnSlot>();
-    let admitted = admit(hub, parts).await?;
+    let admitted = admit(hub, parts, H::SUBPROTOCOLS).await?;
     let deflate = negotiate(
         &hub.limits().compression,
         parts
@@ -192,7 +192,10 @@ async fn accept<H: Handler>(
     );
     headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
     if let Some(protocol) = admitted.protocol {
-        headers.insert(header::SEC_WEBSOCKET_PROTOCOL, protocol);
+        headers.insert(
+            header::SEC_WEBSOCKET_PROTOCOL,
+            http::HeaderValue::from_static(protocol),
+        );
     }
     if let Some((_, extension)) = deflate {
         headers.insert(header::SEC_WEBSOCKET_EXTENSIONS, extension);
@@ -203,7 +206,7 @@ async fn accept<H: Handler>(
 /// What the security checks let through.
 struct Admitted {
     ip: Option<IpGuard>,
-    protocol: Option<http::HeaderValue>,
+    protocol: Option<&'static str>,
     expires_at: Option<SystemTime>,
 }
 
@@ -214,10 +217,14 @@ struct Admitted {
 ///    per-IP limits (429 with `Retry-After`), before anything costly, so a
 ///    client guessing tokens is slowed down too;
 /// 2. the `Origin` allow-list (403 `origin_not_allowed`);
-/// 3. the subprotocol (`switchboard.v1` is echoed);
+/// 3. the subprotocol (the first of the handler's `SUBPROTOCOLS` the client offered);
 /// 4. the authenticator (401), whose [`Identity`] is put in the request's
 ///    extensions for the handler's `connect`.
-async fn admit(hub: &Hub, parts: &mut Parts) -> Result<Admitted, HttpError> {
+async fn admit(
+    hub: &Hub,
+    parts: &mut Parts,
+    subprotocols: &[&'static str],
+) -> Result<Admitted, HttpError> {
     let security = hub.security();
     let metrics = hub.metrics();
     let mut ip = None;
@@ -260,8 +267,11 @@ async fn admit(hub: &Hub, parts: &mut Parts) -> Result<Admitted, HttpError> {
             ));
         }
     }
-    let protocol =
-        negotiate_subprotocol(parts).inspect_err(|_| metrics.error(ErrorKind::Handshake))?;
+    let protocol = negotiate_subprotocol(parts, subprotocols)
+        .inspect_err(|_| metrics.error(ErrorKind::Handshake))?;
+    if let Some(name) = protocol {
+        parts.extensions.insert(Subprotocol(name));
+    }
     let mut expires_at = None;
     if let Some(authenticator) = &security.authenticator {
         let identity = match AssertUnwindSafe(authenticator.authenticate(parts))

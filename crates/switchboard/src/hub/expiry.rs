@@ -25,10 +25,19 @@ pub(crate) struct Expiry {
     wake: Arc<Notify>,
 }
 
+/// Which of a connection's deadlines: it may have one of each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(crate) enum Deadline {
+    /// Its credentials expire (4002).
+    Credentials,
+    /// Its protocol wants something by then (a v1 hello: 4400).
+    Protocol,
+}
+
 #[derive(Default)]
 struct State {
-    by_deadline: BTreeMap<(Instant, ConnId), (ConnRef, CloseFrame)>,
-    by_conn: HashMap<ConnId, Instant>,
+    by_deadline: BTreeMap<(Instant, ConnId, Deadline), (ConnRef, CloseFrame)>,
+    by_conn: HashMap<(ConnId, Deadline), Instant>,
     /// The timer task; started on first use, and again if the runtime it
     /// ran on has gone (a hub outliving a test's runtime).
     task: Option<tokio::task::JoinHandle<()>>,
@@ -36,16 +45,22 @@ struct State {
 
 impl Expiry {
     /// Closes `conn` with `frame` at `at` (at once if `at` has passed),
-    /// replacing an earlier schedule of the same connection. Must be
-    /// called inside a tokio runtime.
-    pub(crate) fn schedule(self: &Arc<Self>, conn: ConnRef, at: Instant, frame: CloseFrame) {
+    /// replacing an earlier schedule of the same connection and kind. Must
+    /// be called inside a tokio runtime.
+    pub(crate) fn schedule(
+        self: &Arc<Self>,
+        conn: ConnRef,
+        kind: Deadline,
+        at: Instant,
+        frame: CloseFrame,
+    ) {
         let id = conn.id();
         let mut state = self.state.lock();
-        if let Some(old) = state.by_conn.insert(id, at) {
-            state.by_deadline.remove(&(old, id));
+        if let Some(old) = state.by_conn.insert((id, kind), at) {
+            state.by_deadline.remove(&(old, id, kind));
         }
-        let earliest = state.by_deadline.keys().next().map(|(at, _)| *at);
-        state.by_deadline.insert((at, id), (conn, frame));
+        let earliest = state.by_deadline.keys().next().map(|(at, ..)| *at);
+        state.by_deadline.insert((at, id, kind), (conn, frame));
         if state.task.as_ref().is_none_or(|task| task.is_finished()) {
             state.task = Some(tokio::spawn(run(
                 Arc::downgrade(self),
@@ -58,11 +73,18 @@ impl Expiry {
         }
     }
 
-    /// Forgets `id`'s schedule, if any.
+    /// Forgets `id`'s schedules, if any.
     pub(crate) fn cancel(&self, id: ConnId) {
+        for kind in [Deadline::Credentials, Deadline::Protocol] {
+            self.cancel_one(id, kind);
+        }
+    }
+
+    /// Forgets `id`'s schedule of `kind`, if any.
+    pub(crate) fn cancel_one(&self, id: ConnId, kind: Deadline) {
         let mut state = self.state.lock();
-        if let Some(at) = state.by_conn.remove(&id) {
-            state.by_deadline.remove(&(at, id));
+        if let Some(at) = state.by_conn.remove(&(id, kind)) {
+            state.by_deadline.remove(&(at, id, kind));
         }
     }
 
@@ -71,12 +93,12 @@ impl Expiry {
         let mut state = self.state.lock();
         let mut due = Vec::new();
         while let Some(entry) = state.by_deadline.first_entry() {
-            let (at, id) = *entry.key();
+            let (at, id, kind) = *entry.key();
             if at > now {
                 return (due, Some(at));
             }
             due.push(entry.remove());
-            state.by_conn.remove(&id);
+            state.by_conn.remove(&(id, kind));
         }
         (due, None)
     }

@@ -15,6 +15,7 @@ use crate::limits::Limits;
 use crate::metrics::Metrics;
 use crate::protocol::close::CloseFrame;
 use crate::protocol::frame::WireFrame;
+use crate::runtime::delivery::Envelope;
 use crate::runtime::mailbox::{ConnId, ConnRef};
 
 mod admission;
@@ -74,9 +75,12 @@ impl HubBuilder {
 
     /// The hub.
     pub fn build(self) -> Hub {
-        let backend = self
-            .backend
-            .unwrap_or_else(|| Arc::new(MemoryBackend::new(self.limits.duplicate_ids)));
+        let backend = self.backend.unwrap_or_else(|| {
+            Arc::new(MemoryBackend::with_v1(
+                self.limits.duplicate_ids,
+                &self.limits.v1,
+            ))
+        });
         Hub {
             inner: Arc::new(HubInner {
                 backend,
@@ -160,9 +164,18 @@ impl Hub {
         WireFrame::text(text.into())
     }
 
-    /// Sends `frame` to every connection of each target.
+    /// Sends `frame` to every connection of each target, as it is (a
+    /// `switchboard.v1` connection gets it wrapped as a `msg`).
     pub async fn send(&self, targets: &[ClientId], frame: &WireFrame) -> SendReport {
-        let report = self.backend().send(targets, frame).await;
+        self.deliver(targets, &Arc::new(Envelope::of_frame(frame.clone())))
+            .await
+    }
+
+    /// Sends `message` to each target: numbered in the target's inbox when
+    /// it has one, queued to each of its connections in that connection's
+    /// format.
+    pub async fn deliver(&self, targets: &[ClientId], message: &Arc<Envelope>) -> SendReport {
+        let report = self.backend().send(targets, message).await;
         let m = self.metrics();
         m.deliveries.add(report.connections as u64);
         m.offline_targets.add(report.offline.len() as u64);
@@ -174,7 +187,18 @@ impl Hub {
     /// Publishes `frame` to every subscriber of `topic`; returns the number
     /// of connections it was queued to.
     pub async fn publish(&self, topic: &Topic, frame: &WireFrame) -> usize {
-        let n = self.backend().publish(topic, frame).await;
+        let message = Envelope::of_frame(frame.clone()).on_topic(topic.clone());
+        self.publish_message(&Arc::new(message)).await
+    }
+
+    /// Publishes `message` to every subscriber of its topic (see
+    /// [`Envelope::on_topic`]); returns the number of connections it was
+    /// queued to, or 0 for a message without a topic.
+    pub async fn publish_message(&self, message: &Arc<Envelope>) -> usize {
+        let Some(topic) = message.topic() else {
+            return 0;
+        };
+        let n = self.backend().publish(topic, message).await;
         self.metrics().publish_deliveries.add(n as u64);
         n
     }

@@ -22,6 +22,12 @@ use bytes::{BufMut, Bytes, BytesMut};
 /// | 4000 | [`DISCONNECTED`](Self::DISCONNECTED) | the backend closed it (`DELETE /api/connections/{id}`) |
 /// | 4001 | [`REPLACED`](Self::REPLACED) | a newer connection took this ID (`duplicate_ids = "replace-oldest"`) |
 /// | 4002 | [`TOKEN_EXPIRED`](Self::TOKEN_EXPIRED) | the client's credentials expired (plus the grace period): reconnect with a fresh token |
+/// | 4100 | [`SLOW_CONSUMER`](Self::SLOW_CONSUMER) | a `switchboard.v1` client's queue overflowed: reconnect with backoff and resume |
+/// | 4400 | [`BAD_HELLO`](Self::BAD_HELLO) | a `switchboard.v1` client did not start with a valid `hello` |
+/// | 4409 | [`ID_IN_USE`](Self::ID_IN_USE) | a `switchboard.v1` hello for an ID already connected, under `duplicate_ids = "reject-new"` |
+///
+/// For clients: 4100–4199 mean "reconnect with backoff, then resume";
+/// 4400–4499 mean "do not reconnect unchanged" (docs/protocol-v1.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct CloseCode(pub u16);
 
@@ -49,6 +55,15 @@ impl CloseCode {
     /// 4002: the client's token expired while it was connected (after
     /// `Security::expiry_grace`); it should get a new token and reconnect.
     pub const TOKEN_EXPIRED: Self = Self(4002);
+    /// 4100: a `switchboard.v1` connection's outgoing queue overflowed; its
+    /// inbox has what it missed, so it should reconnect and resume.
+    pub const SLOW_CONSUMER: Self = Self(4100);
+    /// 4400: a `switchboard.v1` connection did not start with a valid
+    /// `hello` in time; reconnecting unchanged will fail the same way.
+    pub const BAD_HELLO: Self = Self(4400);
+    /// 4409: a `switchboard.v1` hello for an ID that is connected already,
+    /// under `duplicate_ids = "reject-new"`.
+    pub const ID_IN_USE: Self = Self(4409);
 
     /// Whether a peer may send this code in a close frame (RFC 6455 §7.4.1,
     /// §7.4.2 and the IANA registry): 1000–1003, 1007–1014 and 3000–4999.

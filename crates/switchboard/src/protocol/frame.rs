@@ -249,16 +249,56 @@ impl Head {
 ///
 /// Cloning is cheap (a reference count), which is how one message is
 /// encoded once and queued to thousands of connections.
+///
+/// A frame may wrap the shared payload in a short per-recipient envelope —
+/// `prefix`, then the payload, then `suffix` — written with one vectored
+/// write, so a `switchboard.v1` message (`{"type":"msg","seq":7,…,"payload":`,
+/// the sender's JSON, then `}`) shares the payload bytes between all its
+/// recipients instead of copying them into each recipient's frame.
 #[derive(Debug, Clone)]
 pub struct WireFrame {
     pub(crate) head: Head,
+    pub(crate) suffix: Suffix,
+    pub(crate) prefix: Bytes,
     pub(crate) body: Bytes,
+}
+
+/// What follows the body of a frame: nothing, or the `}` that closes an
+/// envelope begun in its prefix. An enum of one byte rather than a slice,
+/// because every queued frame carries it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Suffix {
+    None,
+    CloseBrace,
+}
+
+impl Suffix {
+    pub(crate) fn as_slice(self) -> &'static [u8] {
+        match self {
+            Self::None => b"",
+            Self::CloseBrace => b"}",
+        }
+    }
 }
 
 impl WireFrame {
     pub(crate) fn new(opcode: OpCode, body: Bytes) -> Self {
         Self {
             head: Head::new(opcode, body.len()),
+            suffix: Suffix::None,
+            prefix: Bytes::new(),
+            body,
+        }
+    }
+
+    /// A text frame `prefix` + `body` + `suffix`, sharing `body`. The caller
+    /// guarantees the three together are UTF-8.
+    pub(crate) fn enveloped(prefix: Bytes, body: Bytes, suffix: Suffix) -> Self {
+        let len = prefix.len() + body.len() + suffix.as_slice().len();
+        Self {
+            head: Head::new(OpCode::Text, len),
+            suffix,
+            prefix,
             body,
         }
     }
@@ -281,12 +321,41 @@ impl WireFrame {
 
     /// Total bytes this frame occupies on the wire.
     pub fn wire_len(&self) -> usize {
-        self.head.as_slice().len() + self.body.len()
+        self.head.as_slice().len() + self.payload_len()
     }
 
-    /// The payload (without the header).
+    /// Length of the frame's payload: envelope and body.
+    pub(crate) fn payload_len(&self) -> usize {
+        self.prefix.len() + self.body.len() + self.suffix.as_slice().len()
+    }
+
+    /// The frame's bytes in order: header, envelope prefix, body, suffix
+    /// (some may be empty).
+    pub(crate) fn parts(&self) -> [&[u8]; 4] {
+        [
+            self.head.as_slice(),
+            &self.prefix,
+            &self.body,
+            self.suffix.as_slice(),
+        ]
+    }
+
+    /// The shared body: the whole payload of a plain frame, the wrapped
+    /// payload of an enveloped one.
     pub fn payload(&self) -> &Bytes {
         &self.body
+    }
+
+    /// The whole payload as one buffer (copied only for an enveloped frame).
+    pub(crate) fn contiguous_payload(&self) -> Bytes {
+        if self.prefix.is_empty() && self.suffix == Suffix::None {
+            return self.body.clone();
+        }
+        let mut out = Vec::with_capacity(self.payload_len());
+        for part in &self.parts()[1..] {
+            out.extend_from_slice(part);
+        }
+        Bytes::from(out)
     }
 
     /// Whether this is a text frame.

@@ -10,12 +10,14 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::task::{Context, Poll, Waker};
 use std::time::SystemTime;
 
 use parking_lot::Mutex;
 
+use super::delivery::{Envelope, Format, Gap};
+use crate::id::Topic;
 use crate::protocol::close::{CloseCode, CloseFrame};
 use crate::protocol::frame::WireFrame;
 
@@ -38,18 +40,30 @@ pub enum PushError {
     #[error("connection is closed")]
     Closed,
     /// The outgoing queue is full (the client reads too slowly). The
-    /// connection is being closed with 1008; the message was not queued.
+    /// connection is being closed (1008; a `switchboard.v1` connection with
+    /// 4100, "reconnect and resume"); the message was not queued.
     #[error("outgoing queue is full: the client is not reading fast enough")]
     Full,
 }
 
 pub(crate) enum Item<I> {
     Frame(WireFrame),
+    /// A message to a `switchboard.v1` connection, with what a gap report
+    /// says of it if the drop-oldest policy drops it.
+    Tagged(WireFrame, Tag),
     Info(I),
 }
 
+/// What a dropped v1 message was: a numbered message of the ID's inbox, or
+/// a message of a topic.
+#[derive(Debug, Clone)]
+pub(crate) enum Tag {
+    Seq(u64),
+    Topic(Topic),
+}
+
 /// What the connection task finds when it looks in its mailbox.
-pub(crate) struct Inbox<I> {
+pub(crate) struct Queue<I> {
     pub(crate) items: VecDeque<Item<I>>,
     /// A close requested from outside (API, shutdown, overflow), until the
     /// connection task takes it.
@@ -61,6 +75,13 @@ pub(crate) struct Inbox<I> {
     queued_bytes: usize,
     /// Frames dropped by the drop-oldest policy since the task last looked.
     dropped: u64,
+    /// For a v1 connection: what those dropped frames were, for the gap
+    /// report. Outside the queue's limits, merged until taken, so the report
+    /// itself is never dropped.
+    gap: Option<Box<Gap>>,
+    /// Deliveries are held back (a v1 connection resuming: live messages
+    /// wait behind the replay, see `release`).
+    held: bool,
     /// The pending close is an overflow: it must get through even while
     /// the connection's writer is backed up (see `poll_close`). Other closes
     /// (shutdown, API) wait behind the frames already queued.
@@ -76,22 +97,41 @@ pub(crate) struct Taken<I> {
     /// Frames dropped (drop-oldest policy) since the last take: the client
     /// is told before it gets `items`.
     pub(crate) dropped: u64,
+    /// For a v1 connection, what they were.
+    pub(crate) gap: Option<Box<Gap>>,
 }
 
-impl<I> Inbox<I> {
+impl<I> Queue<I> {
     /// Drop-oldest policy: drops the oldest frames until one of `bytes`
     /// fits. `Info` messages are never dropped (handlers may rely on them);
     /// if only those are queued, the overflow closes the connection as usual.
-    fn make_room(&mut self, max_messages: usize, max_bytes: usize, bytes: usize) {
+    /// A v1 connection (`v1`) also records what it dropped, for its gap
+    /// report.
+    fn make_room(&mut self, max_messages: usize, max_bytes: usize, bytes: usize, v1: bool) {
         while self.items.len() >= max_messages
             || self.queued_bytes.saturating_add(bytes) > max_bytes
         {
-            let Some(at) = self.items.iter().position(|i| matches!(i, Item::Frame(_))) else {
+            let Some(at) = self.items.iter().position(|i| !matches!(i, Item::Info(_))) else {
                 return;
             };
-            if let Some(Item::Frame(frame)) = self.items.remove(at) {
-                self.queued_bytes = self.queued_bytes.saturating_sub(frame.wire_len());
-                self.dropped += 1;
+            let tag = match self.items.remove(at) {
+                Some(Item::Frame(frame)) => {
+                    self.queued_bytes = self.queued_bytes.saturating_sub(frame.wire_len());
+                    None
+                }
+                Some(Item::Tagged(frame, tag)) => {
+                    self.queued_bytes = self.queued_bytes.saturating_sub(frame.wire_len());
+                    Some(tag)
+                }
+                Some(Item::Info(_)) | None => return,
+            };
+            self.dropped += 1;
+            if v1 {
+                let gap = self.gap.get_or_insert_default();
+                match tag {
+                    Some(tag) => gap.add(tag),
+                    None => gap.add_untagged(),
+                }
             }
         }
     }
@@ -110,7 +150,9 @@ pub(crate) struct Mailbox<I> {
     max_messages: usize,
     max_bytes: usize,
     drop_oldest: bool,
-    inbox: Mutex<Inbox<I>>,
+    /// How messages are written to this connection ([`Format`] as bits).
+    format: AtomicU8,
+    queue: Mutex<Queue<I>>,
 }
 
 impl<I: Send + 'static> Mailbox<I> {
@@ -126,12 +168,15 @@ impl<I: Send + 'static> Mailbox<I> {
             max_messages,
             max_bytes,
             drop_oldest,
-            inbox: Mutex::new(Inbox {
+            format: AtomicU8::new(Format::Plain.to_bits()),
+            queue: Mutex::new(Queue {
                 items: VecDeque::new(),
                 close: None,
                 closing: false,
                 queued_bytes: 0,
                 dropped: 0,
+                gap: None,
+                held: false,
                 close_now: false,
                 closed: false,
                 waker: None,
@@ -141,32 +186,46 @@ impl<I: Send + 'static> Mailbox<I> {
 
     fn push_item(&self, item: Item<I>, bytes: usize) -> Result<(), (PushError, Item<I>)> {
         let waker = {
-            let mut inbox = self.inbox.lock();
-            if inbox.closing {
+            let mut queue = self.queue.lock();
+            if queue.closing {
                 return Err((PushError::Closed, item));
             }
             if self.drop_oldest {
-                inbox.make_room(self.max_messages, self.max_bytes, bytes);
+                queue.make_room(
+                    self.max_messages,
+                    self.max_bytes,
+                    bytes,
+                    self.format() == Format::V1,
+                );
             }
-            if inbox.items.len() >= self.max_messages
-                || inbox.queued_bytes.saturating_add(bytes) > self.max_bytes
+            if queue.items.len() >= self.max_messages
+                || queue.queued_bytes.saturating_add(bytes) > self.max_bytes
             {
-                inbox.close = Some(CloseFrame::new(
-                    CloseCode::POLICY_VIOLATION,
-                    "outgoing queue overflow: the client read too slowly",
-                ));
-                inbox.closing = true;
-                inbox.close_now = true;
-                let waker = inbox.waker.take();
-                drop(inbox);
+                queue.close = Some(if self.format() == Format::V1 {
+                    // A v1 client loses nothing it cannot get back: its
+                    // inbox has what it missed, so it is told to resume.
+                    CloseFrame::new(
+                        CloseCode::SLOW_CONSUMER,
+                        "slow consumer: reconnect and resume",
+                    )
+                } else {
+                    CloseFrame::new(
+                        CloseCode::POLICY_VIOLATION,
+                        "outgoing queue overflow: the client read too slowly",
+                    )
+                });
+                queue.closing = true;
+                queue.close_now = true;
+                let waker = queue.waker.take();
+                drop(queue);
                 if let Some(w) = waker {
                     w.wake();
                 }
                 return Err((PushError::Full, item));
             }
-            inbox.queued_bytes += bytes;
-            inbox.items.push_back(item);
-            inbox.waker.take()
+            queue.queued_bytes += bytes;
+            queue.items.push_back(item);
+            queue.waker.take()
         };
         if let Some(w) = waker {
             w.wake();
@@ -180,25 +239,69 @@ impl<I: Send + 'static> Mailbox<I> {
             .map_err(|(e, _)| e)
     }
 
+    pub(crate) fn push_tagged(&self, frame: WireFrame, tag: Tag) -> Result<(), PushError> {
+        let bytes = frame.wire_len();
+        self.push_item(Item::Tagged(frame, tag), bytes)
+            .map_err(|(e, _)| e)
+    }
+
     pub(crate) fn push_info(&self, info: I) -> Result<(), (PushError, I)> {
         self.push_item(Item::Info(info), 0)
             .map_err(|(e, item)| match item {
                 Item::Info(info) => (e, info),
                 // push_item hands back the item it was given.
-                Item::Frame(_) => unreachable!("push_item returned a different item"),
+                Item::Frame(_) | Item::Tagged(..) => {
+                    unreachable!("push_item returned a different item")
+                }
             })
+    }
+
+    /// How messages are written to this connection.
+    pub(crate) fn format(&self) -> Format {
+        Format::from_bits(self.format.load(Ordering::Acquire))
+    }
+
+    /// Sets how messages are written to this connection; before it is
+    /// registered anywhere, so that every message it gets has one format.
+    pub(crate) fn set_format(&self, format: Format) {
+        self.format.store(format.to_bits(), Ordering::Release);
+    }
+
+    /// Holds deliveries back: they are queued but not taken until
+    /// [`release`](Self::release).
+    pub(crate) fn hold(&self) {
+        self.queue.lock().held = true;
+    }
+
+    /// Puts `front` ahead of everything queued meanwhile and lets the
+    /// connection take it all: a v1 welcome and its replay come before the
+    /// live messages that arrived while they were read. `front` is outside
+    /// the queue's limits (it is bounded by the inbox's).
+    pub(crate) fn release(&self, front: Vec<WireFrame>) {
+        let waker = {
+            let mut queue = self.queue.lock();
+            queue.held = false;
+            for frame in front.into_iter().rev() {
+                queue.queued_bytes += frame.wire_len();
+                queue.items.push_front(Item::Frame(frame));
+            }
+            queue.waker.take()
+        };
+        if let Some(w) = waker {
+            w.wake();
+        }
     }
 
     /// Asks the connection to close after the frames already queued.
     pub(crate) fn request_close(&self, frame: CloseFrame) {
         let waker = {
-            let mut inbox = self.inbox.lock();
-            if inbox.closing {
+            let mut queue = self.queue.lock();
+            if queue.closing {
                 return;
             }
-            inbox.close = Some(frame);
-            inbox.closing = true;
-            inbox.waker.take()
+            queue.close = Some(frame);
+            queue.closing = true;
+            queue.waker.take()
         };
         if let Some(w) = waker {
             w.wake();
@@ -208,19 +311,21 @@ impl<I: Send + 'static> Mailbox<I> {
     /// Called by the connection task: takes everything queued, or registers
     /// the waker and returns `Pending`.
     pub(crate) fn poll_take(&self, cx: &mut Context<'_>) -> Poll<Taken<I>> {
-        let mut inbox = self.inbox.lock();
-        if inbox.items.is_empty() && inbox.close.is_none() && inbox.dropped == 0 {
-            match &inbox.waker {
+        let mut queue = self.queue.lock();
+        let nothing = queue.held || (queue.items.is_empty() && queue.dropped == 0);
+        if nothing && queue.close.is_none() {
+            match &queue.waker {
                 Some(w) if w.will_wake(cx.waker()) => {}
-                _ => inbox.waker = Some(cx.waker().clone()),
+                _ => queue.waker = Some(cx.waker().clone()),
             }
             return Poll::Pending;
         }
-        inbox.queued_bytes = 0;
+        queue.queued_bytes = 0;
         Poll::Ready(Taken {
-            items: std::mem::take(&mut inbox.items),
-            close: inbox.close.take(),
-            dropped: std::mem::take(&mut inbox.dropped),
+            items: std::mem::take(&mut queue.items),
+            close: queue.close.take(),
+            dropped: std::mem::take(&mut queue.dropped),
+            gap: queue.gap.take(),
         })
     }
 
@@ -229,15 +334,15 @@ impl<I: Send + 'static> Mailbox<I> {
     /// that stops reading is exactly the one whose queue overflows, so that
     /// close must get through even then; flushing first would never end.
     pub(crate) fn poll_close(&self, cx: &mut Context<'_>) -> Poll<CloseFrame> {
-        let mut inbox = self.inbox.lock();
-        if inbox.close_now
-            && let Some(close) = inbox.close.take()
+        let mut queue = self.queue.lock();
+        if queue.close_now
+            && let Some(close) = queue.close.take()
         {
             return Poll::Ready(close);
         }
-        match &inbox.waker {
+        match &queue.waker {
             Some(w) if w.will_wake(cx.waker()) => {}
-            _ => inbox.waker = Some(cx.waker().clone()),
+            _ => queue.waker = Some(cx.waker().clone()),
         }
         Poll::Pending
     }
@@ -245,23 +350,23 @@ impl<I: Send + 'static> Mailbox<I> {
     /// The connection started closing on its own (a handler `Stop`, a
     /// protocol error, the client's close): refuse further pushes.
     pub(crate) fn mark_closing(&self) {
-        self.inbox.lock().closing = true;
+        self.queue.lock().closing = true;
     }
 
     /// Marks the mailbox closed; later pushes fail with `Closed`. Returns how
     /// many queued items were never delivered.
     pub(crate) fn mark_closed(&self) -> usize {
-        let mut inbox = self.inbox.lock();
-        inbox.closed = true;
-        inbox.closing = true;
-        inbox.waker = None;
-        let dropped = inbox.items.len();
-        inbox.items = VecDeque::new();
+        let mut queue = self.queue.lock();
+        queue.closed = true;
+        queue.closing = true;
+        queue.waker = None;
+        let dropped = queue.items.len();
+        queue.items = VecDeque::new();
         dropped
     }
 
     pub(crate) fn is_closed(&self) -> bool {
-        self.inbox.lock().closed
+        self.queue.lock().closed
     }
 }
 
@@ -270,7 +375,9 @@ impl<I: Send + 'static> Mailbox<I> {
 trait Outlet: Send + Sync {
     fn id(&self) -> ConnId;
     fn since(&self) -> SystemTime;
+    fn format(&self) -> Format;
     fn push_frame(&self, frame: WireFrame) -> Result<(), PushError>;
+    fn push_tagged(&self, frame: WireFrame, tag: Tag) -> Result<(), PushError>;
     fn request_close(&self, frame: CloseFrame);
 }
 
@@ -281,8 +388,14 @@ impl<I: Send + 'static> Outlet for Mailbox<I> {
     fn since(&self) -> SystemTime {
         self.since
     }
+    fn format(&self) -> Format {
+        Mailbox::format(self)
+    }
     fn push_frame(&self, frame: WireFrame) -> Result<(), PushError> {
         Mailbox::push_frame(self, frame)
+    }
+    fn push_tagged(&self, frame: WireFrame, tag: Tag) -> Result<(), PushError> {
+        Mailbox::push_tagged(self, frame, tag)
     }
     fn request_close(&self, frame: CloseFrame) {
         Mailbox::request_close(self, frame);
@@ -320,6 +433,35 @@ impl ConnRef {
     /// already queued, then end.
     pub fn close(&self, frame: CloseFrame) {
         self.0.request_close(frame);
+    }
+
+    /// Queues `message` in the connection's format: a message to the ID
+    /// with inbox number `seq`, or a topic message. `v1` keeps the v1 frame
+    /// made for the first v1 connection of an ID for its others.
+    pub fn deliver(
+        &self,
+        message: &Envelope,
+        seq: Option<u64>,
+        v1: &mut Option<WireFrame>,
+    ) -> Result<(), PushError> {
+        match self.0.format() {
+            Format::V1 => {
+                let frame = v1
+                    .get_or_insert_with(|| message.frame_for(Format::V1, seq))
+                    .clone();
+                match (message.topic(), seq) {
+                    (Some(topic), _) => self.0.push_tagged(frame, Tag::Topic(topic.clone())),
+                    (None, Some(seq)) => self.0.push_tagged(frame, Tag::Seq(seq)),
+                    (None, None) => self.0.push_frame(frame),
+                }
+            }
+            format => self.0.push_frame(message.frame_for(format, seq)),
+        }
+    }
+
+    /// Whether this is a `switchboard.v1` connection.
+    pub(crate) fn is_v1(&self) -> bool {
+        self.0.format() == Format::V1
     }
 }
 

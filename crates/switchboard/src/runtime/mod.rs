@@ -12,6 +12,7 @@
 //! The task that runs a connection with these parts and calls its handler
 //! is one layer up, in `handler::session`, because it needs the hub.
 
+pub(crate) mod delivery;
 pub(crate) mod mailbox;
 pub(crate) mod rate;
 pub(crate) mod reader;

@@ -6,13 +6,15 @@ use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
+use bytes::Bytes;
 use tokio::io::AsyncWrite;
 
 use crate::metrics::Metrics;
 use crate::protocol::deflate::{Agreed, Deflater};
-use crate::protocol::frame::{Head, WireFrame};
+use crate::protocol::frame::{Head, Suffix, WireFrame};
 
-/// Slices handed to one `writev` call (two per frame: header and body).
+/// Slices handed to one `writev` call (two to four per frame: header,
+/// envelope prefix, body, suffix; empty parts are skipped).
 const MAX_IOV: usize = 64;
 
 /// Up to this many queued bytes are copied into one stack buffer and sent
@@ -55,11 +57,13 @@ impl Writer {
     pub(crate) fn push(&mut self, mut frame: WireFrame) {
         if let Some(deflater) = self.deflater.as_mut()
             && let Some(opcode) = frame.data_opcode()
-            && deflater.wants(frame.body.len())
+            && deflater.wants(frame.payload_len())
         {
-            let body = deflater.compress(&frame.body);
+            let body = deflater.compress(&frame.contiguous_payload());
             frame = WireFrame {
                 head: Head::with_rsv1(opcode, body.len(), true),
+                suffix: Suffix::None,
+                prefix: Bytes::new(),
                 body,
             };
         }
@@ -126,7 +130,7 @@ impl Writer {
         let mut skip = self.offset;
         self.queue
             .iter()
-            .flat_map(|frame| [frame.head.as_slice(), &frame.body[..]])
+            .flat_map(WireFrame::parts)
             .filter_map(move |part| {
                 if skip >= part.len() {
                     skip -= part.len();
@@ -165,7 +169,6 @@ impl Writer {
 mod writer_props {
     use std::task::Waker;
 
-    use bytes::Bytes;
     use proptest::prelude::*;
 
     use crate::protocol::frame::OpCode;
@@ -237,10 +240,17 @@ mod writer_props {
         ) {
             let mut writer = Writer::new(None);
             let mut expected = Vec::new();
-            for body in &bodies {
-                let frame = WireFrame::new(OpCode::Binary, Bytes::from(body.clone()));
-                expected.extend_from_slice(frame.head.as_slice());
-                expected.extend_from_slice(&frame.body);
+            for (i, body) in bodies.iter().enumerate() {
+                // Every third frame is enveloped: prefix, shared body, `}`.
+                let frame = if i % 3 == 2 {
+                    let prefix = Bytes::from(format!("{{\"seq\":{i},\"payload\":"));
+                    WireFrame::enveloped(prefix, Bytes::from(body.clone()), Suffix::CloseBrace)
+                } else {
+                    WireFrame::new(OpCode::Binary, Bytes::from(body.clone()))
+                };
+                for part in frame.parts() {
+                    expected.extend_from_slice(part);
+                }
                 writer.push(frame);
             }
             let mut io = ShortWrites { max, out: Vec::new(), plain_calls: 0, vectored_calls: 0 };

@@ -4,6 +4,7 @@
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use ::redis::{PushInfo, PushKind, Value};
@@ -12,12 +13,12 @@ use tokio::sync::mpsc;
 
 use super::replies::strings;
 use super::stats::kind_index;
-use super::wire::{Header, Kind, Reply};
+use super::wire::{Header, Kind, Reply, envelope_of};
 use super::{Epoch, Link, Liveness, Shared};
 use crate::backend::SendReport;
 use crate::id::ClientId;
 use crate::protocol::close::{CloseCode, CloseFrame};
-use crate::protocol::frame::WireFrame;
+use crate::runtime::delivery::Envelope;
 
 impl Shared {
     /// Called by the Redis connection's reader for every push, in order.
@@ -58,6 +59,7 @@ impl Shared {
                     from: header.f.into_owned(),
                     delivered: header.d,
                     dropped: header.x,
+                    retained: header.n,
                     count: header.c,
                 },
             );
@@ -72,6 +74,7 @@ impl Shared {
                     from: header.f.into_owned(),
                     delivered: Vec::new(),
                     dropped: Vec::new(),
+                    retained: Vec::new(),
                     count: 0,
                 },
             );
@@ -87,7 +90,7 @@ impl Shared {
         let mut ack = Header::new(Kind::Ack, header.r, &epoch.member);
         match header.k {
             Kind::Send => {
-                let frame = frame_of(header.b, body);
+                let message = Arc::new(envelope_of(&header, body));
                 let mut ids = Vec::with_capacity(header.t.len());
                 let mut at = Vec::with_capacity(header.t.len());
                 for (id, &index) in header.t.iter().zip(&header.i) {
@@ -96,10 +99,11 @@ impl Shared {
                         at.push(index);
                     }
                 }
-                let report = self.local.send_now(&ids, &frame);
+                let report = self.local.send_now(&ids, &message);
                 self.stats.remote_deliveries.add(report.connections as u64);
                 ack.d = report.delivered.iter().map(|&j| at[j]).collect();
                 ack.x = report.dropped.iter().map(|&j| at[j]).collect();
+                ack.n = report.retained.iter().map(|&j| at[j]).collect();
                 ack.c = report.connections;
             }
             Kind::Pub => {
@@ -107,7 +111,8 @@ impl Shared {
                     self.stats.invalid.add(1);
                     return;
                 };
-                let n = self.local.publish_now(&topic, &frame_of(header.b, body));
+                let message = envelope_of(&header, body).on_topic(topic);
+                let n = self.local.publish_now(&message);
                 self.stats.remote_deliveries.add(n as u64);
                 ack.c = n;
             }
@@ -216,7 +221,7 @@ impl Shared {
     pub(super) async fn send_remote(
         &self,
         targets: &[ClientId],
-        frame: &WireFrame,
+        message: &Envelope,
         report: &mut SendReport,
     ) {
         let deadline = tokio::time::Instant::now() + self.config.request_timeout;
@@ -224,6 +229,10 @@ impl Shared {
         let mut delivered = vec![false; n];
         let mut dropped = vec![false; n];
         let mut unknown = vec![false; n];
+        let mut retained = vec![false; n];
+        for &i in &report.retained {
+            retained[i] = true;
+        }
         for &i in &report.delivered {
             delivered[i] = true;
         }
@@ -242,7 +251,7 @@ impl Shared {
                 return Ok(());
             }
             let (request, mut rx, _guard) = self.register_request();
-            let payload = frame.payload();
+            let payload = message.payload();
             let messages: Vec<(String, Vec<u8>)> = located
                 .iter()
                 .map(|(member, indexes)| {
@@ -252,7 +261,9 @@ impl Shared {
                         .iter()
                         .map(|&i| Cow::Borrowed(targets[i].as_str()))
                         .collect();
-                    header.b = !frame.is_text();
+                    header.b = message.is_binary();
+                    header.s = message.sender().map(|s| Cow::Borrowed(s.as_str()));
+                    header.m = message.message_id().map(Cow::Borrowed);
                     (member.clone(), header.encode(payload))
                 })
                 .collect();
@@ -285,6 +296,9 @@ impl Shared {
                 for i in reply.dropped.into_iter().filter(|&i| i < n) {
                     dropped[i] = true;
                 }
+                for i in reply.retained.into_iter().filter(|&i| i < n) {
+                    retained[i] = true;
+                }
             }
             for indexes in waiting.values() {
                 indexes.iter().for_each(|&i| unknown[i] = true);
@@ -299,6 +313,7 @@ impl Shared {
         report.dropped.clear();
         report.offline.clear();
         report.unconfirmed.clear();
+        report.retained = (0..n).filter(|&i| retained[i]).collect();
         for i in 0..n {
             if delivered[i] {
                 report.delivered.push(i);
@@ -347,13 +362,5 @@ impl Shared {
             .sum();
         let replies = self.collect(&mut rx, expected, deadline).await;
         Some(replies.iter().map(|r| r.count).sum())
-    }
-}
-
-pub(super) fn frame_of(binary: bool, body: Bytes) -> WireFrame {
-    if binary {
-        WireFrame::from_binary(body)
-    } else {
-        WireFrame::text(body)
     }
 }

@@ -59,7 +59,7 @@ use crate::BoxFuture;
 use crate::id::{ClientId, Topic};
 use crate::limits::DuplicateIds;
 use crate::protocol::close::CloseFrame;
-use crate::protocol::frame::WireFrame;
+use crate::runtime::delivery::Envelope;
 use crate::runtime::mailbox::{ConnId, ConnRef};
 
 mod config;
@@ -349,21 +349,21 @@ impl Backend for RedisBackend {
     fn send<'a>(
         &'a self,
         targets: &'a [ClientId],
-        frame: &'a WireFrame,
+        message: &'a Arc<Envelope>,
     ) -> BoxFuture<'a, SendReport> {
         Box::pin(async move {
-            let mut report = self.shared.local.send_now(targets, frame);
+            let mut report = self.shared.local.send_now(targets, message);
             if !targets.is_empty() {
-                self.shared.send_remote(targets, frame, &mut report).await;
+                self.shared.send_remote(targets, message, &mut report).await;
             }
             report
         })
     }
 
-    fn publish<'a>(&'a self, topic: &'a Topic, frame: &'a WireFrame) -> BoxFuture<'a, usize> {
+    fn publish<'a>(&'a self, topic: &'a Topic, message: &'a Arc<Envelope>) -> BoxFuture<'a, usize> {
         Box::pin(async move {
-            let local = self.shared.local.publish_now(topic, frame);
-            match self.shared.publish_remote(topic, frame).await {
+            let local = self.shared.local.publish_now(message);
+            match self.shared.publish_remote(topic, message).await {
                 Some(remote) => local + remote,
                 None => {
                     self.shared.stats.unconfirmed_publishes.add(1);

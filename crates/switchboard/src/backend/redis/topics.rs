@@ -1,19 +1,23 @@
 //! Topics across nodes: one shard channel per topic, subscribed while this
 //! node has a local subscriber.
 
+use std::borrow::Cow;
+
 use super::wire::{Header, Kind};
 use super::{BATCH, Session, Shared};
 use crate::id::Topic;
-use crate::protocol::frame::WireFrame;
+use crate::runtime::delivery::Envelope;
 
 impl Shared {
-    pub(super) async fn publish_remote(&self, topic: &Topic, frame: &WireFrame) -> Option<usize> {
+    pub(super) async fn publish_remote(&self, topic: &Topic, message: &Envelope) -> Option<usize> {
         let deadline = tokio::time::Instant::now() + self.config.request_timeout;
         let link = self.link()?;
         let (request, mut rx, _guard) = self.register_request();
         let mut header = Header::new(Kind::Pub, request, &link.member);
-        header.b = !frame.is_text();
-        let message = header.encode(frame.payload());
+        header.b = message.is_binary();
+        header.s = message.sender().map(|s| Cow::Borrowed(s.as_str()));
+        header.m = message.message_id().map(Cow::Borrowed);
+        let message = header.encode(message.payload());
         self.count_published(Kind::Pub, 1);
         let mut conn = link.conn.clone();
         let mut command = ::redis::cmd("SPUBLISH");

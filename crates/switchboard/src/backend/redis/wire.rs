@@ -40,6 +40,15 @@ pub(super) struct Header<'a> {
     /// Ack of a send: indexes dropped (connected, every connection refused).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub(super) x: Vec<usize>,
+    /// Ack of a send: indexes whose inbox kept the message.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(super) n: Vec<usize>,
+    /// Send and publish: the sender's client ID, if any.
+    #[serde(default, borrow, skip_serializing_if = "Option::is_none")]
+    pub(super) s: Option<Cow<'a, str>>,
+    /// Send and publish: the sender's message id, if any.
+    #[serde(default, borrow, skip_serializing_if = "Option::is_none")]
+    pub(super) m: Option<Cow<'a, str>>,
     /// Ack: connections reached (send, publish) or closed. Close: the code.
     #[serde(default)]
     pub(super) c: usize,
@@ -56,6 +65,9 @@ impl<'a> Header<'a> {
             b: false,
             d: Vec::new(),
             x: Vec::new(),
+            n: Vec::new(),
+            s: None,
+            m: None,
             c: 0,
         }
     }
@@ -68,12 +80,33 @@ impl<'a> Header<'a> {
     }
 }
 
+/// The message a send or publish carries: its payload and, from the
+/// header, its sender and message id.
+pub(super) fn envelope_of(
+    header: &Header<'_>,
+    body: bytes::Bytes,
+) -> crate::runtime::delivery::Envelope {
+    let frame = if header.b {
+        crate::protocol::frame::WireFrame::from_binary(body)
+    } else {
+        crate::protocol::frame::WireFrame::text(body)
+    };
+    let sender = header
+        .s
+        .as_deref()
+        .and_then(|s| crate::id::ClientId::new(s).ok());
+    crate::runtime::delivery::Envelope::of_frame(frame)
+        .from(sender)
+        .mid(header.m.as_deref())
+}
+
 /// An answer, as the waiting request sees it.
 #[derive(Debug)]
 pub(super) struct Reply {
     pub(super) from: String,
     pub(super) delivered: Vec<usize>,
     pub(super) dropped: Vec<usize>,
+    pub(super) retained: Vec<usize>,
     pub(super) count: usize,
 }
 

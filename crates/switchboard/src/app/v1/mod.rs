@@ -1,0 +1,409 @@
+//! The `switchboard.v1` protocol on `/ws` (docs/protocol-v1.md): a relay
+//! client that opted in with the subprotocol `switchboard.v1` says hello,
+//! resumes from its inbox, and gets exactly one answer per request.
+//!
+//! - [`request`]: the client's frames, parsed;
+//! - [`reply`]: the server's answers, encoded;
+//! - this module: what each request does, on the connection's own task.
+//!
+//! Messages *to* the client (`msg`, `pub`, `gap`) are written by the
+//! runtime in the connection's v1 format (`runtime::delivery`), because they
+//! are queued by other connections and never pass through this handler.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use serde_json::value::RawValue;
+
+use crate::app::relay::{RequestError, Targets};
+use crate::auth::Permissions;
+use crate::backend::{Dedup, RegisterError, ResumePoint};
+use crate::handler::{Conn, Outcome};
+use crate::hub::Hub;
+use crate::id::{ClientId, Topic};
+use crate::metrics::ErrorKind;
+use crate::protocol::close::{CloseCode, CloseFrame};
+use crate::protocol::frame::WireFrame;
+use crate::runtime::delivery::{Envelope, Format, v1_error};
+
+pub(crate) mod reply;
+pub(crate) mod request;
+
+use request::{Kind, Request};
+
+/// A v1 connection's state (boxed in the relay's state: plain connections
+/// pay one pointer for it).
+#[derive(Debug)]
+pub(crate) struct V1 {
+    client_id: ClientId,
+    permissions: Arc<Permissions>,
+    /// The hello was answered; until then only a hello is accepted.
+    ready: bool,
+    /// The client proved its ID with a token (so it may refresh it).
+    authenticated: bool,
+}
+
+impl V1 {
+    /// Sets up a v1 connection in `connect`: writes in the v1 format and
+    /// must say hello within `v1.hello_timeout`. It is not registered under
+    /// its ID until then (the hello resumes its inbox first).
+    pub(crate) fn connect(
+        conn: &Conn<()>,
+        client_id: ClientId,
+        permissions: Arc<Permissions>,
+        authenticated: bool,
+    ) -> Box<Self> {
+        conn.set_format(Format::V1);
+        let timeout = conn.hub().limits().v1.hello_timeout;
+        conn.protocol_deadline(Some((
+            tokio::time::Instant::now() + timeout,
+            CloseFrame::new(
+                CloseCode::BAD_HELLO,
+                "no hello in time: a switchboard.v1 connection starts with {\"type\":\"hello\"}",
+            ),
+        )));
+        Box::new(Self {
+            client_id,
+            permissions,
+            ready: false,
+            authenticated,
+        })
+    }
+
+    /// Handles one text frame.
+    pub(crate) async fn on_text(&mut self, text: &[u8], conn: &mut Conn<()>) -> Outcome {
+        let hub = conn.hub();
+        let request = match request::parse(text, hub.limits().max_targets) {
+            Ok(request) => request,
+            Err(refused) if !self.ready => {
+                return bad_hello(&format!(
+                    "the first frame must be a valid hello: {}",
+                    refused.error.message
+                ));
+            }
+            Err(refused) => {
+                hub.metrics().error(ErrorKind::BadRequest);
+                return error(refused.id, &refused.error);
+            }
+        };
+        let Request { id, kind } = request;
+        if !self.ready {
+            return match kind {
+                Kind::Hello { resume } => self.hello(id, resume, conn).await,
+                _ => bad_hello(
+                    "the first frame of a switchboard.v1 connection must be {\"type\":\"hello\"}",
+                ),
+            };
+        }
+        match kind {
+            Kind::Hello { .. } => bad_hello("hello was already answered on this connection"),
+            Kind::Send {
+                mid,
+                targets,
+                payload,
+            } => self.send(id, mid.as_deref(), &targets, payload, conn).await,
+            Kind::Publish { topic, payload } => self.publish(id, topic, payload, conn).await,
+            Kind::Subscribe(topic) => self.subscribe(id, topic, conn),
+            Kind::Unsubscribe(topic) => {
+                let was = conn.leave(&topic);
+                ack(id, |out| reply::unsubscribed(out, &topic, was))
+            }
+            Kind::Replay { from, to } => self.replay(id, from, to, conn).await,
+            Kind::Refresh { token } => self.refresh(id, &token, conn).await,
+        }
+    }
+
+    async fn hello(
+        &mut self,
+        id: Option<u64>,
+        resume: Option<ResumePoint>,
+        conn: &mut Conn<()>,
+    ) -> Outcome {
+        conn.protocol_deadline(None);
+        let attached = match conn.attach(self.client_id.clone(), resume.as_ref()).await {
+            Ok(attached) => attached,
+            Err(RegisterError::AlreadyConnected(_)) => {
+                return Outcome::Stop(CloseFrame::new(
+                    CloseCode::ID_IN_USE,
+                    "this client id is connected already and duplicate_ids is \"reject-new\"",
+                ));
+            }
+        };
+        // The welcome and the replay go ahead of every live message that
+        // reached the connection while they were read (its deliveries are
+        // held until `release`).
+        let mut front = Vec::with_capacity(1 + attached.replay.len());
+        front.push(WireFrame::from_text(reply::welcome(
+            id,
+            &self.client_id,
+            conn,
+            &attached,
+        )));
+        front.extend(
+            attached
+                .replay
+                .iter()
+                .map(|r| r.envelope.frame_for(Format::V1, Some(r.seq))),
+        );
+        conn.release(front);
+        self.ready = true;
+        Outcome::Continue
+    }
+
+    async fn send(
+        &mut self,
+        id: Option<u64>,
+        mid: Option<&str>,
+        targets: &Targets,
+        payload: &RawValue,
+        conn: &mut Conn<()>,
+    ) -> Outcome {
+        let hub = conn.hub();
+        if let Some(refusal) = forbidden_target(&self.permissions, targets) {
+            hub.metrics().error(ErrorKind::Forbidden);
+            return error(id, &refusal);
+        }
+        let backend = hub.backend();
+        let mut pending = None;
+        if let Some(mid) = mid {
+            match backend.dedup(&self.client_id, mid).await {
+                Dedup::New => pending = Some(DedupGuard::new(hub, &self.client_id, mid)),
+                Dedup::InFlight => {
+                    return error(
+                        id,
+                        &RequestError::new(
+                            "in_flight",
+                            "a send with this mid is being handled: wait for its ack",
+                        )
+                        .temporary(),
+                    );
+                }
+                Dedup::Done(report) => {
+                    return ack(id, |out| reply::sent(out, Some(mid), &report, true));
+                }
+            }
+        }
+        let message = Envelope::json(Bytes::copy_from_slice(payload.get().as_bytes()))
+            .from(Some(self.client_id.clone()))
+            .mid(mid);
+        let report = hub.deliver(&targets.ids, &Arc::new(message)).await;
+        let lists = targets.report_lists(&report);
+        if let Some(guard) = pending {
+            guard.done(&lists);
+        }
+        ack(id, |out| reply::sent(out, mid, &lists, false))
+    }
+
+    async fn publish(
+        &mut self,
+        id: Option<u64>,
+        topic: Topic,
+        payload: &RawValue,
+        conn: &mut Conn<()>,
+    ) -> Outcome {
+        let hub = conn.hub();
+        if !self.permissions.may_publish(&topic) {
+            hub.metrics().error(ErrorKind::Forbidden);
+            return error(id, &forbidden_topic("sb_publish", &topic));
+        }
+        let message = Envelope::json(Bytes::copy_from_slice(payload.get().as_bytes()))
+            .from(Some(self.client_id.clone()))
+            .on_topic(topic);
+        let recipients = hub.publish_message(&Arc::new(message)).await;
+        ack(id, |out| reply::published(out, recipients))
+    }
+
+    fn subscribe(&mut self, id: Option<u64>, topic: Topic, conn: &mut Conn<()>) -> Outcome {
+        let hub = conn.hub();
+        if !self.permissions.may_subscribe(&topic) {
+            hub.metrics().error(ErrorKind::Forbidden);
+            return error(id, &forbidden_topic("sb_subscribe", &topic));
+        }
+        conn.join(topic.clone());
+        ack(id, |out| reply::subscribed(out, &topic))
+    }
+
+    async fn replay(
+        &mut self,
+        id: Option<u64>,
+        from: u64,
+        to: u64,
+        conn: &mut Conn<()>,
+    ) -> Outcome {
+        let hub = conn.hub();
+        let most = hub.limits().v1.inbox_size.max(1) as u64;
+        if to - from >= most {
+            hub.metrics().error(ErrorKind::BadRequest);
+            return error(
+                id,
+                &RequestError::new(
+                    "invalid_range",
+                    format!(
+                        "a replay covers at most {most} seqs (v1.inbox_size); split {from}..{to}"
+                    ),
+                ),
+            );
+        }
+        let replay = hub.backend().replay(&self.client_id, from, to).await;
+        let mut frames: Vec<WireFrame> = replay
+            .messages
+            .iter()
+            .map(|r| r.envelope.frame_for(Format::V1, Some(r.seq)))
+            .collect();
+        let mut out = String::with_capacity(64);
+        reply::ack_head(&mut out, id);
+        reply::replayed(&mut out, replay.messages.len(), &replay.lost);
+        frames.push(WireFrame::from_text(out));
+        Outcome::SendMany(frames)
+    }
+
+    async fn refresh(&mut self, id: Option<u64>, token: &str, conn: &mut Conn<()>) -> Outcome {
+        let hub = conn.hub();
+        let security = hub.security();
+        let Some(authenticator) = security
+            .authenticator
+            .as_ref()
+            .filter(|_| self.authenticated)
+        else {
+            return error(
+                id,
+                &RequestError::new(
+                    "refresh_not_supported",
+                    "this connection did not authenticate with a token: there is nothing to refresh",
+                ),
+            );
+        };
+        let identity = match authenticator.refresh(token).await {
+            Ok(identity) => identity,
+            Err(refusal) => {
+                hub.metrics().error(ErrorKind::Unauthorized);
+                return error(id, &RequestError::new(refusal.code, refusal.message));
+            }
+        };
+        if identity.client_id != self.client_id {
+            hub.metrics().error(ErrorKind::Forbidden);
+            return error(
+                id,
+                &RequestError::new(
+                    "subject_mismatch",
+                    format!(
+                        "the new token is for {}, this connection is {}: a refresh keeps the same client id",
+                        identity.client_id, self.client_id
+                    ),
+                ),
+            );
+        }
+        let expires_at_ms = identity.expires_at.map(crate::backend::unix_ms);
+        if let Some(expires_at) = identity.expires_at {
+            let left = expires_at
+                .duration_since(SystemTime::now())
+                .unwrap_or_default();
+            conn.close_at(
+                tokio::time::Instant::now() + left.saturating_add(security.expiry_grace),
+                CloseFrame::new(
+                    CloseCode::TOKEN_EXPIRED,
+                    "token expired: reconnect with a new token",
+                ),
+            );
+        }
+        self.permissions = if identity.permissions.is_unrestricted() {
+            Permissions::unrestricted()
+        } else {
+            Arc::clone(&identity.permissions)
+        };
+        ack(id, |out| reply::refreshed(out, expires_at_ms))
+    }
+}
+
+/// An acknowledgement for request `id` whose fields `fields` writes; none
+/// for a request without an id (it succeeded; nobody is waiting).
+fn ack(id: Option<u64>, fields: impl FnOnce(&mut String)) -> Outcome {
+    if id.is_none() {
+        return Outcome::Continue;
+    }
+    let mut out = String::with_capacity(128);
+    reply::ack_head(&mut out, id);
+    fields(&mut out);
+    out.push('}');
+    Outcome::reply_text(out)
+}
+
+/// A refused request: an ack with the error for a request with an id, an
+/// `error` frame otherwise.
+fn error(id: Option<u64>, error: &RequestError) -> Outcome {
+    Outcome::reply_text(v1_error(id, error.code, &error.message, error.temporary))
+}
+
+fn bad_hello(reason: &str) -> Outcome {
+    // A close reason is at most 123 bytes; `CloseFrame` cuts longer ones.
+    Outcome::Stop(CloseFrame {
+        code: CloseCode::BAD_HELLO,
+        reason: std::borrow::Cow::Owned(reason.to_owned()),
+    })
+}
+
+/// The first target the client's token does not allow, as the refusal.
+fn forbidden_target(permissions: &Permissions, targets: &Targets) -> Option<RequestError> {
+    if permissions.is_unrestricted() {
+        return None;
+    }
+    let (i, target) = targets
+        .ids
+        .iter()
+        .enumerate()
+        .find(|(_, id)| !permissions.may_send_to(id))?;
+    Some(RequestError::new(
+        "forbidden_target",
+        format!(
+            "targets[{}] ({target}) is not allowed by the token's sb_targets claim; nothing was sent",
+            targets.position_of(i)
+        ),
+    ))
+}
+
+fn forbidden_topic(claim: &str, topic: &Topic) -> RequestError {
+    RequestError::new(
+        "forbidden_topic",
+        format!(
+            "the token's {claim} claim does not allow the topic {:?}",
+            topic.as_str()
+        ),
+    )
+}
+
+/// Marks a send with a message id in flight until it is done; if the
+/// connection ends first (the task dropped mid-send), the id is forgotten so
+/// that the client's resend is not refused as in flight for `dedup_ttl`.
+struct DedupGuard {
+    hub: Hub,
+    sender: ClientId,
+    mid: Box<str>,
+    armed: bool,
+}
+
+impl DedupGuard {
+    fn new(hub: &Hub, sender: &ClientId, mid: &str) -> Self {
+        Self {
+            hub: hub.clone(),
+            sender: sender.clone(),
+            mid: Box::from(mid),
+            armed: true,
+        }
+    }
+
+    fn done(mut self, lists: &str) {
+        self.hub
+            .backend()
+            .dedup_done(&self.sender, &self.mid, Arc::from(lists));
+        self.armed = false;
+    }
+}
+
+impl Drop for DedupGuard {
+    fn drop(&mut self) {
+        if self.armed {
+            self.hub.backend().dedup_abort(&self.sender, &self.mid);
+        }
+    }
+}
