@@ -877,3 +877,64 @@ async fn connect_disconnect_cycles_leave_no_entries_and_no_memory_growth() {
     let state = wait_until_empty(addr).await;
     assert_eq!(state["clients"], serde_json::json!([]), "{state}");
 }
+
+#[test]
+fn unknown_v1_key_exits_2_naming_it() {
+    assert_config_error("[v1]\ninbox_sise = 10\n", &["inbox_sise"]);
+    assert_config_error("[v1]\ninbox_ttl = \"soon\"\n", &["inbox_ttl"]);
+}
+
+#[tokio::test]
+async fn the_v1_table_sets_the_hello_deadline() {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+    let file = TempFile::config("[v1]\nhello_timeout = \"300ms\"\ninbox_size = 7\n");
+    let server = Server::start(&["--config", file.path()]);
+    let mut request = server
+        .ws_url("/ws?id=late")
+        .into_client_request()
+        .expect("request");
+    request.headers_mut().insert(
+        "sec-websocket-protocol",
+        "switchboard.v1".parse().expect("header value"),
+    );
+    let (mut client, _) = tokio_tungstenite::connect_async(request)
+        .await
+        .expect("connect");
+    let started = Instant::now();
+    let closed = loop {
+        match tokio::time::timeout(WAIT, client.next()).await {
+            Ok(Some(Ok(WsMessage::Close(frame)))) => break frame,
+            Ok(Some(Ok(_))) => continue,
+            other => panic!("no close frame: {other:?}"),
+        }
+    };
+    assert_eq!(closed.map(|f| u16::from(f.code)), Some(4400));
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // And the inbox size reaches the welcome.
+    let mut request = server
+        .ws_url("/ws?id=on-time")
+        .into_client_request()
+        .expect("request");
+    request.headers_mut().insert(
+        "sec-websocket-protocol",
+        "switchboard.v1".parse().expect("header value"),
+    );
+    let (mut client, _) = tokio_tungstenite::connect_async(request)
+        .await
+        .expect("connect");
+    client
+        .send(WsMessage::text(r#"{"type":"hello"}"#))
+        .await
+        .expect("send hello");
+    let welcome = match tokio::time::timeout(WAIT, client.next()).await {
+        Ok(Some(Ok(WsMessage::Text(text)))) => text.to_string(),
+        other => panic!("no welcome: {other:?}"),
+    };
+    let welcome: serde_json::Value = serde_json::from_str(&welcome).expect("JSON");
+    assert_eq!(welcome["limits"]["inbox_size"], 7, "{welcome}");
+}

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use clap::ValueEnum;
 use serde::Deserialize;
-use switchboard::{Compression, Limits};
+use switchboard::{Compression, Limits, V1Limits};
 
 /// `listen` when no source sets it: 127.0.0.1:8080.
 pub(crate) fn default_listen() -> ListenAddr {
@@ -135,6 +135,10 @@ pub(crate) struct FileConfig {
     pub(crate) redis: Option<RedisTable>,
     #[serde(default)]
     pub(crate) compression: Option<Compression>,
+    /// The `[v1]` table: the `switchboard.v1` protocol's inboxes,
+    /// deduplication and hello deadline (file only).
+    #[serde(default)]
+    pub(crate) v1: Option<V1Limits>,
     pub(crate) insecure_allow_anonymous: Option<bool>,
     pub(crate) insecure_open_api: Option<bool>,
     pub(crate) allowed_origins: Option<Vec<String>>,

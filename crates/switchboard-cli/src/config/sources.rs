@@ -561,6 +561,7 @@ impl Cli {
             max_connection_rate_per_ip
         );
         limits.compression = file.compression.take().unwrap_or_default();
+        limits.v1 = file.v1.take().unwrap_or_default();
         let c = &mut limits.compression;
         macro_rules! set_compression {
             ($($flag:ident => $field:ident),*) => {$(
