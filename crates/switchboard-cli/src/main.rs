@@ -101,7 +101,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
                 "backend: redis (connecting in the background)"
             );
             let backend =
-                RedisBackend::start(redis, config.limits.duplicate_ids).map_err(|err| {
+                RedisBackend::start_with_limits(redis, &config.limits).map_err(|err| {
                     anyhow::Error::new(ConfigError::Invalid {
                         key: "redis",
                         message: err.to_string(),

@@ -54,10 +54,13 @@ use parking_lot::{Mutex, RwLock};
 use tokio::sync::{Notify, mpsc, watch};
 
 use super::memory::MemoryBackend;
-use super::{Backend, BackendHealth, ClientInfo, RegisterError, SendReport};
+use super::{
+    Attached, Backend, BackendHealth, ClientInfo, Dedup, RegisterError, Replay, ResumePoint,
+    SendReport,
+};
 use crate::BoxFuture;
 use crate::id::{ClientId, Topic};
-use crate::limits::DuplicateIds;
+use crate::limits::{DuplicateIds, Limits};
 use crate::protocol::close::CloseFrame;
 use crate::runtime::delivery::Envelope;
 use crate::runtime::mailbox::{ConnId, ConnRef};
@@ -245,6 +248,19 @@ impl RedisBackend {
     /// (local delivery only, reported degraded) and reconnects with backoff
     /// whenever the connection is lost.
     pub fn start(config: RedisConfig, policy: DuplicateIds) -> Result<Arc<Self>, RedisConfigError> {
+        let limits = Limits {
+            duplicate_ids: policy,
+            ..Limits::default()
+        };
+        Self::start_with_limits(config, &limits)
+    }
+
+    /// [`start`](Self::start), with the node's limits: the duplicate-ID
+    /// policy and the `switchboard.v1` inbox limits.
+    pub fn start_with_limits(
+        config: RedisConfig,
+        limits: &Limits,
+    ) -> Result<Arc<Self>, RedisConfigError> {
         config.validate()?;
         let mut info = ::redis::IntoConnectionInfo::into_connection_info(config.url.as_str())
             .map_err(|err| RedisConfigError::Url {
@@ -261,7 +277,7 @@ impl RedisBackend {
             own_prefix: format!("{}#", config.node_id),
             config,
             client,
-            local: MemoryBackend::new(policy),
+            local: MemoryBackend::with_v1(limits.duplicate_ids, &limits.v1),
             link: RwLock::new(None),
             last_error: Mutex::new(Some("connecting to redis".to_owned())),
             live: Mutex::new(HashMap::new()),
@@ -387,6 +403,40 @@ impl Backend for RedisBackend {
 
     fn cluster_clients(&self) -> BoxFuture<'_, Option<Vec<ClientInfo>>> {
         Box::pin(self.shared.cluster_clients())
+    }
+
+    // switchboard.v1: inboxes and deduplication live on the node that has
+    // the ID's connections (this node's memory), so a client resumes on the
+    // node it left; resuming on another node is `reset`.
+    fn attach<'a>(
+        &'a self,
+        id: &'a ClientId,
+        conn: &'a ConnRef,
+        resume: Option<&'a ResumePoint>,
+    ) -> BoxFuture<'a, Result<Attached, RegisterError>> {
+        let result = self.shared.local.attach_now(id, conn, resume);
+        if result.is_ok() {
+            self.shared.mark_id(id);
+        }
+        Box::pin(std::future::ready(result))
+    }
+
+    fn replay<'a>(&'a self, id: &'a ClientId, from: u64, to: u64) -> BoxFuture<'a, Replay> {
+        Box::pin(std::future::ready(
+            self.shared.local.replay_now(id, from, to),
+        ))
+    }
+
+    fn dedup<'a>(&'a self, sender: &'a ClientId, mid: &'a str) -> BoxFuture<'a, Dedup> {
+        self.shared.local.dedup(sender, mid)
+    }
+
+    fn dedup_done(&self, sender: &ClientId, mid: &str, report: Arc<str>) {
+        self.shared.local.dedup_done(sender, mid, report);
+    }
+
+    fn dedup_abort(&self, sender: &ClientId, mid: &str) {
+        self.shared.local.dedup_abort(sender, mid);
     }
 
     fn health(&self) -> BackendHealth {
