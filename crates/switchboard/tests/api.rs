@@ -352,6 +352,61 @@ async fn delete_of_an_invalid_id_is_400_invalid_id() {
     }
 }
 
+#[tokio::test]
+async fn send_target_beyond_64_bits_is_an_integer_out_of_range() {
+    let server = TestServer::start().await;
+    let mut echo = server.connect("/echo").await;
+    for (targets, says) in [
+        (
+            "[123456789012345678901234567890]",
+            "targets[0] is an integer out of range",
+        ),
+        (
+            "[1,18446744073709551616]",
+            "targets[1] is an integer out of range",
+        ),
+        (
+            "[-9223372036854775809]",
+            "targets[0] is an integer out of range",
+        ),
+        ("[2.5]", "targets[0] is not an integer"),
+    ] {
+        let body = format!(r#"{{"targets":{targets},"payload":1}}"#);
+        let response = http_post_json(server.addr, "/api/send", &body).await;
+        assert_eq!(response.status, 400, "{body}: {response:?}");
+        assert_eq!(response.error_code(), "invalid_target", "{body}");
+        let message = error_message_of(&response.json());
+        assert!(message.starts_with(says), "{body}: {message}");
+        assert!(!message.contains("floating"), "{body}: {message}");
+        assert_echo_answers(&mut echo, &body).await;
+    }
+    let message = error_message_of(
+        &http_post_json(
+            server.addr,
+            "/api/send",
+            r#"{"targets":[99999999999999999999],"payload":1}"#,
+        )
+        .await
+        .json(),
+    );
+    assert!(message.contains("must fit in 64 bits"), "{message}");
+    assert!(message.contains("write large ids as strings"), "{message}");
+
+    // The relay says the same in its error frame.
+    let mut one = server.connect("/ws?id=1").await;
+    send_text(
+        &mut one,
+        r#"{"targets":[123456789012345678901234567890],"payload":1}"#,
+    )
+    .await;
+    let frame = recv_json(&mut one).await;
+    assert_eq!(error_code_of(&frame), "invalid_target");
+    assert!(
+        error_message_of(&frame).starts_with("targets[0] is an integer out of range"),
+        "{frame}"
+    );
+}
+
 // ---------------------------------------------------------------------------
 // Bad bodies: 400 with the relay's codes
 // ---------------------------------------------------------------------------

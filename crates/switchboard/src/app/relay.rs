@@ -279,6 +279,7 @@ impl<'de> Visitor<'de> for TargetsVisitor {
                         .map_err(|e| de::Error::custom(format!("targets[{index}]: {e}")))?,
                     Written::String,
                 ),
+                Target::Float(n) => return Err(de::Error::custom(not_an_id_number(index, n))),
             };
             index += 1;
             // Each target gets a message once, however often it is listed.
@@ -314,6 +315,35 @@ enum Target<'a> {
     Unsigned(u64),
     Signed(i64),
     Name(Cow<'a, str>),
+    /// A number that is neither a `u64` nor an `i64`: written with a
+    /// fraction or an exponent, or an integer beyond 64 bits (serde_json
+    /// reads those as `f64`). Refused by the caller, who knows its index.
+    Float(f64),
+}
+
+/// The message for a target number that is not a 64-bit integer.
+///
+/// Why not serde's own: an integer beyond 64 bits reaches the visitor as
+/// an `f64`, so serde would describe `123456789012345678901234567890` as
+/// "floating point `1.2345678901234568e29`" — true of the parser, not of
+/// what the client wrote.
+fn not_an_id_number(index: usize, n: f64) -> String {
+    // 2^64 and -2^63, exactly representable as f64. An integer literal
+    // just below i64::MIN rounds to -2^63 itself, hence `<=`: i64::MIN
+    // written as an integer never gets here (it is an i64).
+    const ABOVE_U64: f64 = 18_446_744_073_709_551_616.0;
+    const I64_MIN: f64 = -9_223_372_036_854_775_808.0;
+    if n >= ABOVE_U64 || n <= I64_MIN {
+        format!(
+            "targets[{index}] is an integer out of range: client ids written as numbers must fit in 64 bits ({} to {}); write large ids as strings",
+            i64::MIN,
+            u64::MAX
+        )
+    } else {
+        format!(
+            "targets[{index}] is not an integer ({n}): client ids written as numbers are whole numbers without a fraction or exponent, such as 42; write other ids as strings"
+        )
+    }
 }
 
 impl<'de> Deserialize<'de> for Target<'de> {
@@ -329,6 +359,9 @@ impl<'de> Deserialize<'de> for Target<'de> {
             }
             fn visit_i64<E: de::Error>(self, n: i64) -> Result<Target<'de>, E> {
                 Ok(Target::Signed(n))
+            }
+            fn visit_f64<E: de::Error>(self, n: f64) -> Result<Target<'de>, E> {
+                Ok(Target::Float(n))
             }
             fn visit_borrowed_str<E: de::Error>(self, s: &'de str) -> Result<Target<'de>, E> {
                 Ok(Target::Name(Cow::Borrowed(s)))
@@ -421,6 +454,42 @@ mod tests {
             panic!("null payload refused");
         };
         assert_eq!(payload.get(), "null");
+    }
+
+    #[test]
+    fn numbers_beyond_64_bits_are_out_of_range_not_floating_point() {
+        for (input, says) in [
+            (
+                r#"{"targets":[123456789012345678901234567890],"payload":1}"#,
+                "targets[0] is an integer out of range",
+            ),
+            (
+                r#"{"targets":[1,18446744073709551616],"payload":1}"#,
+                "targets[1] is an integer out of range",
+            ),
+            (
+                r#"{"targets":[-9223372036854775809],"payload":1}"#,
+                "targets[0] is an integer out of range",
+            ),
+            (
+                r#"{"targets":[1.5],"payload":1}"#,
+                "targets[0] is not an integer (1.5)",
+            ),
+        ] {
+            let err = parse(input.as_bytes(), 10).expect_err(input);
+            assert_eq!(err.code, "invalid_target");
+            assert!(err.message.starts_with(says), "{input}: {}", err.message);
+            assert!(!err.message.contains("floating"), "{}", err.message);
+        }
+        // The edges of the ranges still parse.
+        let Ok(Request::Send { targets, .. }) = parse(
+            br#"{"targets":[18446744073709551615,-9223372036854775808],"payload":1}"#,
+            10,
+        ) else {
+            panic!("u64::MAX and i64::MIN are ids");
+        };
+        let ids: Vec<&str> = targets.ids.iter().map(ClientId::as_str).collect();
+        assert_eq!(ids, ["18446744073709551615", "-9223372036854775808"]);
     }
 
     #[test]

@@ -474,3 +474,18 @@ pub async fn drain_until_closed(client: &mut Client) {
         }
     }
 }
+
+/// Sends `text` on an `/echo` connection and asserts it comes back: the
+/// server still answers its other clients.
+pub async fn assert_echo_answers(echo: &mut Client, text: &str) {
+    send_text(echo, text).await;
+    assert_eq!(recv_text(echo).await, text, "/echo did not answer");
+}
+
+/// The `message` of a `{"error":{"code":…,"message":…}}` value.
+pub fn error_message_of(value: &serde_json::Value) -> String {
+    value["error"]["message"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no error.message in {value}"))
+        .to_owned()
+}
