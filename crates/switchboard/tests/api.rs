@@ -64,7 +64,7 @@ async fn send_echoes_each_target_the_way_it_was_written() {
     let mut minus = server.connect("/ws?id=-3").await;
 
     // "1" written as a string is reported as a string; a repeated target
-    // is reported (and delivered) once.
+    // is reported as often as it is written, but delivered once.
     let response = http_post_json(
         server.addr,
         "/api/send",
@@ -74,10 +74,47 @@ async fn send_echoes_each_target_the_way_it_was_written() {
     assert_eq!(response.status, 200, "{response:?}");
     assert_eq!(
         response.json(),
-        json!({"delivered":["1",-3],"offline":["ghost",-4],"dropped":[]})
+        json!({"delivered":["1",-3,1],"offline":["ghost",-4],"dropped":[]})
     );
     assert_eq!(recv_text(&mut one).await, r#""hi""#);
     assert_eq!(recv_text(&mut minus).await, r#""hi""#);
+    assert_silent(&mut one, QUIET).await;
+}
+
+#[tokio::test]
+async fn send_reports_every_target_as_written_in_the_list_of_its_id() {
+    let server = TestServer::start().await;
+    let mut echo = server.connect("/echo").await;
+    let mut one = server.connect("/ws?id=1").await;
+
+    let response = http_post_json(
+        server.addr,
+        "/api/send",
+        r#"{"targets":["1",1,"x"],"payload":"once"}"#,
+    )
+    .await;
+    assert_eq!(response.status, 200, "{response:?}");
+    assert_eq!(
+        response.json(),
+        json!({"delivered":["1",1],"offline":["x"],"dropped":[]})
+    );
+    // Delivered once per ID, however often it is listed.
+    assert_eq!(recv_text(&mut one).await, r#""once""#);
+    assert_silent(&mut one, QUIET).await;
+    assert_echo_answers(&mut echo, "still here").await;
+
+    // In the order written, repeats included, each in one list.
+    let response = http_post_json(
+        server.addr,
+        "/api/send",
+        r#"{"targets":["x",1,"x","1",1,"y"],"payload":2}"#,
+    )
+    .await;
+    assert_eq!(
+        response.json(),
+        json!({"delivered":[1,"1",1],"offline":["x","x","y"],"dropped":[]})
+    );
+    assert_eq!(recv_text(&mut one).await, "2");
     assert_silent(&mut one, QUIET).await;
 }
 
@@ -582,7 +619,7 @@ async fn send_over_max_targets_is_400_too_many_targets() {
     assert_eq!(response.status, 200, "{response:?}");
     assert_eq!(
         response.json(),
-        json!({"delivered":[1],"offline":[2,3],"dropped":[]})
+        json!({"delivered":[1,1,"1"],"offline":[2,3,2],"dropped":[]})
     );
     assert_eq!(recv_text(&mut one).await, "1");
 }

@@ -7,6 +7,13 @@
 //! | `GET /api/connections[?scope=cluster\|local]` | | `{"clients":[{"id","connections","connected_since_unix_ms"}],"clients_total":N,"connections_open":N}`; a clustered backend adds `"scope"` and `"node"` |
 //! | `DELETE /api/connections/{id}` | | `{"closed":N}`; the connections get close code 4000; 404 if none |
 //!
+//! A `/api/send` report lists every target the caller wrote, in the order
+//! written and spelled as written (integer or string), each in exactly one
+//! list; a target written twice (`1` and `"1"` are the same ID) is listed
+//! twice, in the list of its ID, though the ID gets the message once. So
+//! `{"targets":["1",1,"x"]}` with client 1 connected answers
+//! `{"delivered":["1",1],"offline":["x"],"dropped":[]}`.
+//!
 //! Errors are JSON (`{"error":{"code","message"}}`) with status 400 for a
 //! bad body (the same codes as the relay's error frames), 404 for an
 //! unknown ID, 413 for a body over `limits.max_message_size`.
@@ -81,18 +88,42 @@ async fn send(State(hub): State<Hub>, request: Request) -> Result<Response, Http
         relay::parse_send(&bytes, hub.limits().max_targets).map_err(|e| bad_request(&hub, e))?;
     let frame = Hub::encode_text(Bytes::copy_from_slice(payload.get().as_bytes()));
     let report = hub.send(&targets.ids, &frame).await;
-    let list = |indexes: &[usize]| -> Vec<serde_json::Value> {
-        indexes.iter().map(|&i| targets.json(i)).collect()
-    };
+    // Which list each ID's outcome puts it in. An ID the backend did not
+    // report (it always should) is not claimed delivered: unconfirmed.
+    const DELIVERED: usize = 0;
+    const OFFLINE: usize = 1;
+    const DROPPED: usize = 2;
+    const UNCONFIRMED: usize = 3;
+    let mut outcome = vec![UNCONFIRMED; targets.ids.len()];
+    for (list, indexes) in [
+        (DELIVERED, &report.delivered),
+        (OFFLINE, &report.offline),
+        (DROPPED, &report.dropped),
+        (UNCONFIRMED, &report.unconfirmed),
+    ] {
+        for &i in indexes {
+            if let Some(slot) = outcome.get_mut(i) {
+                *slot = list;
+            }
+        }
+    }
+    // Every target the caller wrote, in the order written, in the list of
+    // its ID: `["1",1,"x"]` reports `"1"` and `1` both delivered, though
+    // client 1 got the message once.
+    let mut lists: [Vec<serde_json::Value>; 4] = Default::default();
+    for (id, written) in targets.listed() {
+        lists[outcome[id]].push(written);
+    }
+    let [delivered, offline, dropped, unconfirmed] = lists;
     let mut answer = json!({
-        "delivered": list(&report.delivered),
-        "offline": list(&report.offline),
-        "dropped": list(&report.dropped),
+        "delivered": delivered,
+        "offline": offline,
+        "dropped": dropped,
     });
     // Only a clustered backend has targets it could not confirm; the key is
     // there only when the list is not empty.
-    if !report.unconfirmed.is_empty() {
-        answer["unconfirmed"] = list(&report.unconfirmed).into();
+    if !unconfirmed.is_empty() {
+        answer["unconfirmed"] = unconfirmed.into();
     }
     Ok(Json(answer).into_response())
 }

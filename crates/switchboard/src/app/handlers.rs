@@ -247,6 +247,7 @@ fn refuse(permissions: &Permissions, request: &Request<'_>, hub: &Hub) -> Option
                 .iter()
                 .enumerate()
                 .find(|(_, id)| !permissions.may_send_to(id))?;
+            let i = targets.position_of(i);
             (
                 "forbidden_target",
                 format!(

@@ -56,21 +56,40 @@ pub(crate) enum Written {
     String,
 }
 
-/// The parsed targets: IDs, deduplicated, each with how it was written.
+/// The parsed targets: each ID once (who gets the message), and every
+/// target as it was listed (what a report echoes).
 #[derive(Debug, Default)]
 pub(crate) struct Targets {
+    /// Each ID once, in the order first listed: the message goes to each
+    /// once, however often and however it was spelled (`1` and `"1"`).
     pub(crate) ids: Vec<ClientId>,
-    pub(crate) written: Vec<Written>,
+    /// Every element of `targets`, in order: how it was written and which
+    /// of `ids` it names.
+    listed: Vec<(Written, usize)>,
 }
 
 impl Targets {
-    /// The target as the client wrote it, for reports.
-    pub(crate) fn json(&self, i: usize) -> serde_json::Value {
-        match self.written[i] {
-            Written::Unsigned(n) => n.into(),
-            Written::Signed(n) => n.into(),
-            Written::String => self.ids[i].as_str().into(),
-        }
+    /// Every listed target, in the order written: the index into
+    /// [`ids`](Self::ids) of the ID it names, and the target as the client
+    /// wrote it (integer or string), for reports.
+    pub(crate) fn listed(&self) -> impl Iterator<Item = (usize, serde_json::Value)> + '_ {
+        self.listed.iter().map(|&(written, id)| {
+            let json = match written {
+                Written::Unsigned(n) => n.into(),
+                Written::Signed(n) => n.into(),
+                Written::String => self.ids[id].as_str().into(),
+            };
+            (id, json)
+        })
+    }
+
+    /// The position in `targets` of the first listing of each ID, for
+    /// messages that name `targets[i]`.
+    pub(crate) fn position_of(&self, id: usize) -> usize {
+        self.listed
+            .iter()
+            .position(|&(_, listed)| listed == id)
+            .unwrap_or(id)
     }
 }
 
@@ -264,7 +283,7 @@ impl<'de> Visitor<'de> for TargetsVisitor {
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Targets, A::Error> {
         let mut out = Targets::default();
-        let mut seen = std::collections::HashSet::new();
+        let mut seen = std::collections::HashMap::new();
         let mut index = 0usize;
         while let Some(target) = seq.next_element::<Target<'de>>().map_err(|e| {
             de::Error::custom(format!(
@@ -282,21 +301,22 @@ impl<'de> Visitor<'de> for TargetsVisitor {
                 Target::Float(n) => return Err(de::Error::custom(not_an_id_number(index, n))),
             };
             index += 1;
-            // Each target gets a message once, however often it is listed.
-            // A linear scan is fastest for the usual handful of targets; a
-            // fan-out to thousands switches to a set (a scan would cost
-            // n²/2 comparisons: 2 million for 2,000 targets).
-            if out.ids.len() < 16 {
-                if out.ids.contains(&id) {
-                    continue;
-                }
+            // Each ID gets a message once, however often it is listed; a
+            // repeat is only remembered for the report. A linear scan is
+            // fastest for the usual handful of targets; a fan-out to
+            // thousands switches to a map (a scan would cost n²/2
+            // comparisons: 2 million for 2,000 targets).
+            let known = if out.ids.len() < 16 {
+                out.ids.iter().position(|known| *known == id)
             } else {
                 if seen.is_empty() {
-                    seen.extend(out.ids.iter().cloned());
+                    seen.extend(out.ids.iter().cloned().zip(0..));
                 }
-                if !seen.insert(id.clone()) {
-                    continue;
-                }
+                seen.get(&id).copied()
+            };
+            if let Some(at) = known {
+                out.listed.push((written, at));
+                continue;
             }
             if out.ids.len() == self.max {
                 return Err(de::Error::custom(format!(
@@ -304,8 +324,11 @@ impl<'de> Visitor<'de> for TargetsVisitor {
                     self.max
                 )));
             }
+            if !seen.is_empty() {
+                seen.insert(id.clone(), out.ids.len());
+            }
+            out.listed.push((written, out.ids.len()));
             out.ids.push(id);
-            out.written.push(written);
         }
         Ok(out)
     }
@@ -397,8 +420,44 @@ mod tests {
         let ids: Vec<&str> = targets.ids.iter().map(ClientId::as_str).collect();
         assert_eq!(ids, ["2", "alice", "-3"]);
         assert_eq!(payload.get(), r#"{"a": [1, 2]}"#);
-        assert_eq!(targets.json(0), serde_json::json!(2));
-        assert_eq!(targets.json(1), serde_json::json!("alice"));
+        let listed: Vec<(usize, serde_json::Value)> = targets.listed().collect();
+        assert_eq!(
+            listed,
+            [
+                (0, serde_json::json!(2)),
+                (1, serde_json::json!("alice")),
+                (0, serde_json::json!(2)),
+                (2, serde_json::json!(-3)),
+            ]
+        );
+    }
+
+    #[test]
+    fn every_spelling_is_listed_and_each_id_sent_once() {
+        // Past 16 IDs the lookup switches to a map: both paths.
+        for filler in [0, 30] {
+            let mut listed: Vec<String> = (100..100 + filler).map(|i| i.to_string()).collect();
+            listed.extend(["\"1\"", "1", "\"x\"", "\"1\"", "-1", "\"-1\""].map(String::from));
+            let frame = format!(r#"{{"targets":[{}],"payload":1}}"#, listed.join(","));
+            let Ok(Request::Send { targets, .. }) = parse(frame.as_bytes(), 100) else {
+                panic!("not a send: {frame}");
+            };
+            let ids: Vec<&str> = targets.ids[filler..].iter().map(ClientId::as_str).collect();
+            assert_eq!(ids, ["1", "x", "-1"]);
+            let tail: Vec<(usize, serde_json::Value)> = targets.listed().skip(filler).collect();
+            assert_eq!(
+                tail,
+                [
+                    (filler, serde_json::json!("1")),
+                    (filler, serde_json::json!(1)),
+                    (filler + 1, serde_json::json!("x")),
+                    (filler, serde_json::json!("1")),
+                    (filler + 2, serde_json::json!(-1)),
+                    (filler + 2, serde_json::json!("-1")),
+                ]
+            );
+            assert_eq!(targets.position_of(filler + 2), filler + 4);
+        }
     }
 
     #[test]
