@@ -240,6 +240,15 @@ pub(crate) struct Cli {
         help_heading = "Security"
     )]
     pub(crate) auth_jwt_jwks: Option<PathBuf>,
+    /// With a JWKS of several keys, refuse tokens without a kid instead of
+    /// trying each key [default: true].
+    #[arg(
+        long,
+        env = "SWITCHBOARD_AUTH_JWKS_REQUIRE_KID",
+        value_name = "BOOL",
+        help_heading = "Security"
+    )]
+    pub(crate) auth_jwks_require_kid: Option<bool>,
     /// The iss tokens must have [default: not checked].
     #[arg(
         long,
@@ -503,6 +512,7 @@ struct AuthFile {
     jwt_secret: Option<String>,
     jwt_public_key: Option<PathBuf>,
     jwt_jwks: Option<PathBuf>,
+    jwks_require_kid: Option<bool>,
     issuer: Option<String>,
     audience: Option<String>,
     #[serde(default, deserialize_with = "opt_duration")]
@@ -790,6 +800,12 @@ impl Cli {
                 let mut config = JwtConfig::new(key);
                 config.issuer = issuer;
                 config.audience = audience;
+                if let Some(require) = self
+                    .auth_jwks_require_kid
+                    .or_else(|| auth.and_then(|a| a.jwks_require_kid))
+                {
+                    config.jwks_require_kid = require;
+                }
                 if let Some(skew) = self
                     .auth_clock_skew
                     .or_else(|| auth.and_then(|a| a.clock_skew))

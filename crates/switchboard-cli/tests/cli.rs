@@ -114,6 +114,7 @@ fn help_lists_every_option_and_exits_0() {
         "auth_jwt_secret",
         "auth_jwt_public_key",
         "auth_jwt_jwks",
+        "auth_jwks_require_kid",
         "auth_issuer",
         "auth_audience",
         "auth_clock_skew",
