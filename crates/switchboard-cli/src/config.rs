@@ -129,6 +129,10 @@ pub(crate) struct Cli {
     /// Drop an HTTP client that sends no headers for this long [default: 10s].
     #[arg(long, env = "SWITCHBOARD_HANDSHAKE_TIMEOUT", value_parser = duration, value_name = "DURATION", help_heading = "Limits")]
     pub(crate) handshake_timeout: Option<Duration>,
+    /// Answer 408 and close when a request body has not fully arrived this
+    /// long after its headers; 0 disables [default: 10s].
+    #[arg(long, env = "SWITCHBOARD_BODY_TIMEOUT", value_parser = duration, value_name = "DURATION", help_heading = "Limits")]
+    pub(crate) body_timeout: Option<Duration>,
     /// Open TCP connections before new ones get 503 [default: 100000].
     #[arg(
         long,
@@ -635,6 +639,7 @@ impl Cli {
             pong_timeout,
             close_timeout,
             handshake_timeout,
+            body_timeout,
             max_connections,
             max_targets,
             duplicate_ids,

@@ -344,3 +344,86 @@ async fn connect_raw(server: &TestServer, headers: &[(&str, &str)]) -> tokio::ne
     assert_eq!(response.status, 101, "{}", response.text());
     stream
 }
+
+// ---------------------------------------------------------------------------
+// Request bodies that do not arrive
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn a_body_that_stops_arriving_gets_408_and_the_connection_closes() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    // Room for the /echo client and the stalled request, not a third: the
+    // stalled request holds a place under max_connections that /heartbeat
+    // needs, until the body deadline frees it.
+    let limits = Limits {
+        body_timeout: Duration::from_millis(300),
+        max_connections: 2,
+        ..Limits::default()
+    };
+    let server = start(limits, Security::default()).await;
+    let mut echo = server.connect("/echo").await;
+
+    let mut stalled = tokio::net::TcpStream::connect(server.addr)
+        .await
+        .expect("connect");
+    let head = format!(
+        "POST /api/send HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n",
+        server.addr
+    );
+    stalled.write_all(head.as_bytes()).await.expect("head");
+    stalled.write_all(b"{\"targets\"").await.expect("10 bytes");
+    let started = tokio::time::Instant::now();
+    assert_echo_answers(&mut echo, "while the body stalls").await;
+    let busy = http_get(server.addr, "/heartbeat").await;
+    assert_eq!(busy.status, 503, "{}", busy.text());
+
+    let response = tokio::time::timeout(WAIT, read_http_response(&mut stalled))
+        .await
+        .expect("an answer once the body deadline passes");
+    assert_eq!(response.status, 408, "{}", response.text());
+    assert_eq!(response.error_code(), "body_timeout");
+    assert!(
+        response.text().contains("limits.body_timeout"),
+        "{}",
+        response.text()
+    );
+    assert_eq!(response.header("connection"), Some("close"));
+    assert!(started.elapsed() >= Duration::from_millis(250));
+    // Then the server closes the connection.
+    let mut rest = [0u8; 64];
+    let n = tokio::time::timeout(WAIT, stalled.read(&mut rest))
+        .await
+        .expect("the connection is closed")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "{:?}", String::from_utf8_lossy(&rest[..n]));
+
+    // Its place is free again.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let response = http_get(server.addr, "/heartbeat").await;
+        if response.status == 200 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "place not freed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_echo_answers(&mut echo, "after the timeout").await;
+
+    // A body that arrives in time, slowly, is served.
+    let mut slow = tokio::net::TcpStream::connect(server.addr)
+        .await
+        .expect("connect");
+    let body = br#"{"targets":[1],"payload":2}"#;
+    let head = format!(
+        "POST /api/send HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        server.addr,
+        body.len()
+    );
+    slow.write_all(head.as_bytes()).await.expect("head");
+    for part in body.chunks(10) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        slow.write_all(part).await.expect("part");
+    }
+    let response = read_http_response(&mut slow).await;
+    assert_eq!(response.status, 200, "{}", response.text());
+}

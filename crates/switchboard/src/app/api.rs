@@ -16,7 +16,9 @@
 //!
 //! Errors are JSON (`{"error":{"code","message"}}`) with status 400 for a
 //! bad body (the same codes as the relay's error frames), 404 for an
-//! unknown ID, 413 for a body over `limits.max_message_size`.
+//! unknown ID, 408 for a body that did not arrive within
+//! `limits.body_timeout` (then the connection is closed), 413 for a body
+//! over `limits.max_message_size`.
 //!
 //! With [`Security::api_keys`](crate::Security::api_keys) set on the hub,
 //! every route needs `Authorization: Bearer <key>`: without one, 401
@@ -33,6 +35,7 @@ use serde_json::json;
 
 use super::relay::{self, RequestError};
 use crate::auth::ApiKeys;
+use crate::http::deadline::is_body_timeout;
 use crate::http_error::HttpError;
 use crate::hub::Hub;
 use crate::id::ClientId;
@@ -68,12 +71,29 @@ async fn body(hub: &Hub, request: Request) -> Result<Bytes, HttpError> {
     let limit = hub.limits().max_message_size;
     axum::body::to_bytes(request.into_body(), limit)
         .await
-        .map_err(|_| {
-            HttpError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "body_too_large",
-                format!("the request body is over {limit} bytes (limits.max_message_size)"),
-            )
+        .map_err(|err| {
+            let err = err.into_inner();
+            if err.is::<http_body_util::LengthLimitError>() {
+                HttpError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "body_too_large",
+                    format!("the request body is over {limit} bytes (limits.max_message_size)"),
+                )
+            } else if is_body_timeout(&*err) {
+                // `serve` answers 408 `body_timeout` in place of this.
+                HttpError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "body_timeout",
+                    "the request body did not arrive in time (limits.body_timeout)",
+                )
+            } else {
+                hub.metrics().error(ErrorKind::BadRequest);
+                HttpError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_body",
+                    format!("the request body could not be read: {err}"),
+                )
+            }
         })
 }
 

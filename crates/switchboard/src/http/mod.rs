@@ -3,6 +3,7 @@
 //! ([`ws`]: the handshake and the security checks that run before it),
 //! JSON bodies for every HTTP error ([`json_errors()`]), and TLS.
 
+pub(crate) mod deadline;
 mod json_errors;
 mod serve;
 #[cfg(feature = "tls")]

@@ -15,7 +15,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::body::Body;
 use axum::extract::ConnectInfo;
 use axum::response::Response;
 use hyper::body::Incoming;
@@ -25,6 +24,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tower::ServiceExt as _;
 
+use super::deadline::{BodyDeadline, limit_body};
 use super::json_errors::json_errors;
 use super::upgrade::ConnSlot;
 use crate::hub::CapPermit;
@@ -141,10 +141,19 @@ pub async fn serve_with_options(
         };
         let slot = ConnSlot::new(permit);
         let router = router.clone();
+        let body_timeout = limits.body_timeout;
         let service = hyper::service::service_fn(move |mut request: http::Request<Incoming>| {
             request.extensions_mut().insert(slot.clone());
             request.extensions_mut().insert(ConnectInfo(peer));
-            router.clone().oneshot(request.map(Body::new))
+            let (request, deadline) = limit_body(request, body_timeout);
+            let response = router.clone().oneshot(request);
+            async move {
+                let response = response.await;
+                match deadline.as_ref().and_then(BodyDeadline::response) {
+                    Some(timed_out) => Ok(timed_out),
+                    None => response,
+                }
+            }
         });
         let stopping = http_stopped.clone();
         let handshake_timeout = limits.handshake_timeout;
