@@ -829,3 +829,34 @@ async fn a_custom_authenticator_plugs_in() {
     assert_eq!(report["delivered"], json!(["zoe"]));
     assert_eq!(recv_text(&mut zoe).await, r#""hi""#);
 }
+
+#[tokio::test]
+async fn repeated_token_parameter_is_400_invalid_query() {
+    let server = start(security(secret_config())).await;
+    let alice = hs256(&claims("alice", json!({})));
+    let mut echo = connect_bearer(&server, "/echo", &alice).await;
+    // Read as a list the first token counted, read as a map the last: a
+    // repeated ?token= is refused whichever is valid.
+    let mallory = hs256(&claims("mallory", json!({})));
+    for target in [
+        format!("/ws?token={alice}&token={mallory}"),
+        format!("/ws?token=junk&token={alice}"),
+    ] {
+        let response = http_upgrade(server.addr, &target, &upgrade_headers()).await;
+        assert_eq!(response.status, 400, "{}", response.text());
+        assert_eq!(response.error_code(), "invalid_query");
+        assert!(
+            error_message_of(&response.json()).contains("`token` is given 2 times"),
+            "{}",
+            response.text()
+        );
+        assert_echo_answers(&mut echo, "still answering").await;
+    }
+    let response = http_upgrade(
+        server.addr,
+        &format!("/ws?token={alice}"),
+        &upgrade_headers(),
+    )
+    .await;
+    assert_eq!(response.status, 101, "{}", response.text());
+}

@@ -162,15 +162,8 @@ async fn publish(State(hub): State<Hub>, request: Request) -> Result<Response, H
 /// cluster listing that cannot be made (the backplane is down) falls back to
 /// this node's with `"degraded": true`.
 async fn connections(State(hub): State<Hub>, uri: http::Uri) -> Result<Response, HttpError> {
-    let query: axum::extract::Query<std::collections::HashMap<String, String>> =
-        axum::extract::Query::try_from_uri(&uri).map_err(|err| {
-            HttpError::new(
-                StatusCode::BAD_REQUEST,
-                "invalid_query",
-                format!("the query string could not be read: {err}"),
-            )
-        })?;
-    let local_only = match query.get("scope").map(String::as_str) {
+    let scope = crate::query::param(&uri, "scope")?;
+    let local_only = match scope.as_deref() {
         None | Some("cluster") => false,
         Some("local") => true,
         Some(other) => {

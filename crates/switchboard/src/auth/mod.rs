@@ -41,7 +41,6 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use axum::extract::Query;
 use http::request::Parts;
 use http::{HeaderValue, StatusCode, header};
 
@@ -345,7 +344,8 @@ pub fn unauthorized(
 ///    up in proxy and access logs: prefer the other two).
 ///
 /// `Ok(None)` when there is none; an `Authorization` header with another
-/// scheme, or an empty token, is a 401 `invalid_token`.
+/// scheme, or an empty token, is a 401 `invalid_token`; `?token=` given
+/// twice is a 400 `invalid_query`.
 pub fn bearer_token(request: &Parts) -> Result<Option<String>, HttpError> {
     if let Some(value) = request.headers.get(header::AUTHORIZATION) {
         let value = value.to_str().map_err(|_| {
@@ -373,20 +373,12 @@ pub fn bearer_token(request: &Parts) -> Result<Option<String>, HttpError> {
             return Ok(Some(token.to_owned()));
         }
     }
-    let query: Query<Vec<(String, String)>> = Query::try_from_uri(&request.uri).map_err(|err| {
-        HttpError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_query",
-            format!("the query string could not be read ({err})"),
-        )
-    })?;
-    match query.0.into_iter().find(|(name, _)| name == "token") {
-        Some((_, token)) if token.is_empty() => Err(unauthorized(
+    match crate::query::param(&request.uri, "token")? {
+        Some(token) if token.is_empty() => Err(unauthorized(
             "invalid_token",
             "`?token=` is empty: put the token after the `=`",
         )),
-        Some((_, token)) => Ok(Some(token)),
-        None => Ok(None),
+        token => Ok(token),
     }
 }
 

@@ -4,6 +4,7 @@
 //! JSON bodies for every HTTP error ([`json_errors()`]), and TLS.
 
 pub(crate) mod deadline;
+mod host;
 mod json_errors;
 mod serve;
 #[cfg(feature = "tls")]

@@ -25,6 +25,7 @@ use tokio::sync::{Semaphore, watch};
 use tower::ServiceExt as _;
 
 use super::deadline::{BodyDeadline, limit_body};
+use super::host;
 use super::json_errors::json_errors;
 use super::upgrade::ConnSlot;
 use crate::hub::CapPermit;
@@ -145,10 +146,14 @@ pub async fn serve_with_options(
         let service = hyper::service::service_fn(move |mut request: http::Request<Incoming>| {
             request.extensions_mut().insert(slot.clone());
             request.extensions_mut().insert(ConnectInfo(peer));
+            let checked = host::authority(request.version(), request.uri(), request.headers());
             let (request, deadline) = limit_body(request, body_timeout);
-            let response = router.clone().oneshot(request);
+            let response = checked.map(|_| router.clone().oneshot(request));
             async move {
-                let response = response.await;
+                let response = match response {
+                    Ok(response) => response.await,
+                    Err(refusal) => return Ok(host::refuse(refusal)),
+                };
                 match deadline.as_ref().and_then(BodyDeadline::response) {
                     Some(timed_out) => Ok(timed_out),
                     None => response,
