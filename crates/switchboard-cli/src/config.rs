@@ -10,7 +10,7 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 use serde::Deserialize;
 use switchboard::auth::jwt::{JwtAuthenticator, JwtConfig, JwtKey};
-use switchboard::auth::{AllowedOrigins, ApiKeys, TrustedProxies};
+use switchboard::auth::{AllowedHosts, AllowedOrigins, ApiKeys, TrustedProxies};
 use switchboard::redis::{RedisConfig, RedisConfigError};
 use switchboard::tls::{Tls, TlsError};
 use switchboard::{Compression, DuplicateIds, Limits, Security, SlowConsumer};
@@ -334,6 +334,18 @@ pub(crate) struct Cli {
         help_heading = "Security"
     )]
     pub(crate) allowed_origins: Option<Vec<String>>,
+    /// Host names answered besides localhost, 127.0.0.1 and [::1],
+    /// comma-separated: rt.example.com, *.example.com, or * for any. On a
+    /// loopback address other names get 421 [default: loopback names only
+    /// on loopback, any elsewhere].
+    #[arg(
+        long,
+        env = "SWITCHBOARD_ALLOWED_HOSTS",
+        value_name = "HOSTS",
+        value_delimiter = ',',
+        help_heading = "Security"
+    )]
+    pub(crate) allowed_hosts: Option<Vec<String>>,
     /// Proxies (addresses or CIDR ranges, comma-separated) whose
     /// X-Forwarded-For is believed [default: none].
     #[arg(
@@ -499,6 +511,7 @@ struct FileConfig {
     insecure_allow_anonymous: Option<bool>,
     insecure_open_api: Option<bool>,
     allowed_origins: Option<Vec<String>>,
+    allowed_hosts: Option<Vec<String>>,
     trusted_proxies: Option<Vec<String>>,
     #[serde(default)]
     auth: Option<AuthFile>,
@@ -852,6 +865,16 @@ impl Cli {
             security.allowed_origins = Some(
                 AllowedOrigins::new(&origins)
                     .map_err(|err| invalid("allowed_origins", err.to_string()))?,
+            );
+        }
+        if let Some(hosts) = self
+            .allowed_hosts
+            .clone()
+            .or_else(|| file.allowed_hosts.clone())
+        {
+            security.allowed_hosts = Some(
+                AllowedHosts::new(&hosts)
+                    .map_err(|err| invalid("allowed_hosts", err.to_string()))?,
             );
         }
         if let Some(proxies) = self

@@ -125,6 +125,7 @@ fn help_lists_every_option_and_exits_0() {
         "api_protect_heartbeat",
         "insecure_open_api",
         "allowed_origins",
+        "allowed_hosts",
         "trusted_proxies",
         "tls_cert",
         "tls_key",

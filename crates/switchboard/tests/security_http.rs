@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use switchboard::auth::{AllowedOrigins, ApiKeys, TrustedProxies};
+use switchboard::auth::{AllowedHosts, AllowedOrigins, ApiKeys, TrustedProxies};
 use switchboard::{ErrorKind, Hub, Limits, Security};
 
 const KEY_1: &str = "key-one-0123456789abcdef";
@@ -200,16 +200,21 @@ async fn disallowed_origin_is_403_before_the_upgrade() {
         }
     }
     assert_eq!(server.hub.metrics().errors(ErrorKind::Forbidden), 15);
-    // Plain HTTP routes are not WebSockets: the check does not apply.
-    let api = http_request(
-        server.addr,
-        "GET",
-        "/api/connections",
-        &[("Origin", "https://evil.example")],
-        b"",
-    )
-    .await;
-    assert_eq!(api.status, 200);
+    // The API takes the listed origins too, and refuses the others.
+    for (origin, status) in [
+        ("https://app.example.com", 200),
+        ("https://evil.example", 403),
+    ] {
+        let api = http_request(
+            server.addr,
+            "GET",
+            "/api/connections",
+            &[("Origin", origin)],
+            b"",
+        )
+        .await;
+        assert_eq!(api.status, status, "{origin}: {}", api.text());
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -536,4 +541,213 @@ async fn repeated_query_parameters_the_server_reads_are_400_invalid_query() {
     // Parameters the server does not read may repeat.
     let response = http_upgrade(server.addr, "/ws?id=a&x=1&x=2", &upgrade_headers()).await;
     assert_eq!(response.status, 101, "{}", response.text());
+}
+
+// ---------------------------------------------------------------------------
+// Browsers and the open development API
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn api_refuses_browser_requests_from_other_origins() {
+    // The development defaults: no API key, no allowed_origins.
+    let server = start(Limits::default(), Security::default()).await;
+    let mut echo = server.connect("/echo").await;
+    let mut one = server.connect("/ws?id=1").await;
+    for origin in ["http://evil.example", "null", "http://localhost:1"] {
+        let response = send_from(server.addr, Some(origin)).await;
+        assert_eq!(response.status, 403, "{origin}: {}", response.text());
+        assert_eq!(response.error_code(), "origin_not_allowed");
+        assert!(
+            response.text().contains("allowed_origins"),
+            "{}",
+            response.text()
+        );
+        assert_silent(&mut one, Duration::from_millis(50)).await;
+        assert_echo_answers(&mut echo, origin).await;
+    }
+    for (method, path) in [
+        ("GET", "/api/connections"),
+        ("DELETE", "/api/connections/1"),
+    ] {
+        let response = http_request(
+            server.addr,
+            method,
+            path,
+            &[("Origin", "http://evil.example")],
+            b"",
+        )
+        .await;
+        assert_eq!(response.status, 403, "{method} {path}: {}", response.text());
+        assert_eq!(response.error_code(), "origin_not_allowed");
+    }
+    assert_eq!(server.hub.metrics().errors(ErrorKind::Forbidden), 5);
+
+    // Not a browser (no Origin), or a page of the server itself: served.
+    let response = send_from(server.addr, None).await;
+    assert_eq!(response.status, 200, "{}", response.text());
+    assert_eq!(recv_text(&mut one).await, r#""from a page""#);
+    let own = format!("http://{}", server.addr);
+    let response = send_from(server.addr, Some(&own)).await;
+    assert_eq!(response.status, 200, "{}", response.text());
+    assert_eq!(recv_text(&mut one).await, r#""from a page""#);
+}
+
+/// `POST /api/send` to client 1, as a browser page of `origin` would.
+async fn send_from(addr: std::net::SocketAddr, origin: Option<&str>) -> RawResponse {
+    let mut headers = vec![("Content-Type", "application/json")];
+    if let Some(origin) = origin {
+        headers.push(("Origin", origin));
+    }
+    http_request(
+        addr,
+        "POST",
+        "/api/send",
+        &headers,
+        br#"{"targets":[1],"payload":"from a page"}"#,
+    )
+    .await
+}
+
+#[tokio::test]
+async fn api_bodies_must_be_sent_as_application_json() {
+    let server = start(Limits::default(), Security::default()).await;
+    let mut echo = server.connect("/echo").await;
+    let mut one = server.connect("/ws?id=1").await;
+    let body = br#"{"targets":[1],"payload":1}"#;
+    // What a cross-site form or fetch can send without a preflight.
+    for content_type in [
+        Some("text/plain"),
+        Some("application/x-www-form-urlencoded"),
+        Some("multipart/form-data; boundary=x"),
+        Some("application/jsonp"),
+        None,
+    ] {
+        let headers: Vec<(&str, &str)> = content_type
+            .map(|t| ("Content-Type", t))
+            .into_iter()
+            .collect();
+        for path in ["/api/send", "/api/publish"] {
+            let response = http_request(server.addr, "POST", path, &headers, body).await;
+            assert_eq!(
+                response.status,
+                415,
+                "{content_type:?} {path}: {}",
+                response.text()
+            );
+            assert_eq!(response.error_code(), "unsupported_media_type");
+            assert!(
+                response.text().contains("Content-Type: application/json"),
+                "{}",
+                response.text()
+            );
+        }
+        assert_silent(&mut one, Duration::from_millis(50)).await;
+        assert_echo_answers(&mut echo, "still here").await;
+    }
+    for content_type in ["application/json", "Application/JSON; charset=utf-8"] {
+        let response = http_request(
+            server.addr,
+            "POST",
+            "/api/send",
+            &[("Content-Type", content_type)],
+            body,
+        )
+        .await;
+        assert_eq!(response.status, 200, "{content_type}: {}", response.text());
+        assert_eq!(recv_text(&mut one).await, "1");
+    }
+}
+
+/// `Host: <name>` on a raw request to `server`, for `path`.
+async fn get_for_host(server: &TestServer, path: &str, host: &str) -> RawResponse {
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    http_raw(server.addr, request.as_bytes()).await
+}
+
+#[tokio::test]
+async fn a_loopback_server_answers_only_loopback_host_names() {
+    let server = start(Limits::default(), Security::default()).await;
+    let mut echo = server.connect("/echo").await;
+    let port = server.addr.port();
+    // A page whose own DNS name now points at 127.0.0.1 (DNS rebinding).
+    for host in [
+        format!("evil.example:{port}"),
+        "evil.example".to_owned(),
+        format!("localhost.evil.example:{port}"),
+        format!("0.0.0.0:{port}"),
+        format!("192.168.1.10:{port}"),
+    ] {
+        let response = get_for_host(&server, "/heartbeat", &host).await;
+        assert_eq!(response.status, 421, "{host}: {}", response.text());
+        assert_eq!(response.error_code(), "host_not_allowed");
+        assert!(
+            response.text().contains("allowed_hosts"),
+            "{}",
+            response.text()
+        );
+        assert_eq!(response.header("connection"), Some("close"));
+        assert_echo_answers(&mut echo, &host).await;
+    }
+    let post = format!(
+        "POST /api/send HTTP/1.1\r\nHost: evil.example:{port}\r\nOrigin: http://evil.example:{port}\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{{}}"
+    );
+    let response = http_raw(server.addr, post.as_bytes()).await;
+    assert_eq!(response.status, 421, "{}", response.text());
+    let mut upgrade = format!("GET /echo HTTP/1.1\r\nHost: evil.example:{port}\r\n");
+    for (name, value) in upgrade_headers() {
+        upgrade.push_str(&format!("{name}: {value}\r\n"));
+    }
+    upgrade.push_str("\r\n");
+    let response = http_raw(server.addr, upgrade.as_bytes()).await;
+    assert_eq!(response.status, 421, "{}", response.text());
+    // The absolute form names the host too.
+    let absolute = format!(
+        "GET http://evil.example:{port}/heartbeat HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"
+    );
+    let response = http_raw(server.addr, absolute.as_bytes()).await;
+    assert_eq!(response.status, 421, "{}", response.text());
+    assert_eq!(server.hub.metrics().errors(ErrorKind::Forbidden), 8);
+
+    for host in [
+        format!("localhost:{port}"),
+        format!("LocalHost:{port}"),
+        format!("app.localhost:{port}"),
+        format!("127.0.0.1:{port}"),
+        format!("127.0.0.2:{port}"),
+        format!("[::1]:{port}"),
+        "localhost".to_owned(),
+    ] {
+        let response = get_for_host(&server, "/heartbeat", &host).await;
+        assert_eq!(response.status, 200, "{host}: {}", response.text());
+    }
+    // HTTP/1.0 without Host is no browser.
+    let response = http_raw(server.addr, b"GET /heartbeat HTTP/1.0\r\n\r\n").await;
+    assert_eq!(response.status, 200, "{}", response.text());
+}
+
+#[tokio::test]
+async fn allowed_hosts_adds_names_a_loopback_server_answers_to() {
+    let security = Security {
+        allowed_hosts: Some(AllowedHosts::new(["rt.example.com", "*.example.org"]).expect("hosts")),
+        ..Security::default()
+    };
+    let server = start(Limits::default(), security).await;
+    for (host, status) in [
+        ("rt.example.com", 200),
+        ("rt.example.com:443", 200),
+        ("a.example.org", 200),
+        ("localhost", 200),
+        ("example.org", 421),
+        ("evil.example", 421),
+    ] {
+        let response = get_for_host(&server, "/heartbeat", host).await;
+        assert_eq!(response.status, status, "{host}: {}", response.text());
+    }
+    let security = Security {
+        allowed_hosts: Some(AllowedHosts::new(["*"]).expect("any")),
+        ..Security::default()
+    };
+    let server = start(Limits::default(), security).await;
+    let response = get_for_host(&server, "/heartbeat", "anything.example").await;
+    assert_eq!(response.status, 200, "{}", response.text());
 }

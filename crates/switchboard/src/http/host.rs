@@ -1,5 +1,5 @@
 //! The `Host` of every request, checked in [`serve`](super::serve()) before
-//! routing.
+//! routing: present and well-formed, and one this server answers to.
 //!
 //! RFC 9112 §3.2: "A server MUST respond with a 400 (Bad Request) status
 //! code to any HTTP/1.1 request message that lacks a Host header field and
@@ -8,11 +8,67 @@
 //! that to the server; a request refused here gets `Connection: close` too,
 //! since a client that gets framing this wrong is not worth keeping.
 
+use std::net::IpAddr;
+
 use axum::response::{IntoResponse as _, Response};
 use http::uri::Authority;
 use http::{HeaderMap, HeaderValue, StatusCode, Version, header};
 
+use crate::auth::{AllowedHosts, is_loopback_host};
 use crate::http_error::HttpError;
+
+/// Which `Host` names a server answers to: on a loopback listener, or with
+/// [`Security::allowed_hosts`](crate::Security::allowed_hosts) set, the
+/// loopback names and the listed ones; otherwise any.
+///
+/// Why: a web page can point a DNS name of its own at 127.0.0.1
+/// (DNS rebinding); the browser then treats the server as that page's own
+/// origin — no preflight, no `Origin` to refuse, answers readable — and
+/// only `Host` still carries the page's name. A development server on
+/// loopback with no credentials (the defaults) would otherwise be open to
+/// every site its user visits.
+#[derive(Debug)]
+pub(crate) struct HostPolicy {
+    loopback_listener: bool,
+    allowed: Option<AllowedHosts>,
+}
+
+impl HostPolicy {
+    pub(crate) fn new(listener: IpAddr, allowed: Option<AllowedHosts>) -> Self {
+        Self {
+            loopback_listener: listener.to_canonical().is_loopback(),
+            allowed,
+        }
+    }
+
+    /// 421 `host_not_allowed` for a name the server does not answer to. A
+    /// request without `Host` (HTTP/1.0) is not a browser's: let through.
+    pub(crate) fn check(&self, authority: Option<&Authority>) -> Result<(), HttpError> {
+        let Some(authority) = authority else {
+            return Ok(());
+        };
+        if !self.loopback_listener && self.allowed.is_none() {
+            return Ok(());
+        }
+        let host = authority.host();
+        if is_loopback_host(host) || self.allowed.as_ref().is_some_and(|a| a.allows(host)) {
+            return Ok(());
+        }
+        let host: String = host.chars().take(100).collect();
+        let message = if self.loopback_listener {
+            format!(
+                "this server listens on a loopback address and answers to localhost, 127.0.0.1 and [::1], not {host:?} (a web page pointing its own name at this machine, DNS rebinding, looks like this): if you reach the server by that name, through a reverse proxy for example, add it to allowed_hosts"
+            )
+        } else {
+            format!("{host:?} is not one of the server's names: add it to allowed_hosts")
+        };
+        Err(HttpError::new(
+            StatusCode::MISDIRECTED_REQUEST,
+            "host_not_allowed",
+            message,
+        ))
+    }
+}
 
 /// The authority a request is for: its `Host`, checked as RFC 9112 §3.2
 /// asks, or — for an absolute-form target (`GET http://host/path`), which
@@ -120,6 +176,32 @@ mod tests {
         authority(version, &uri.parse().expect("uri"), &headers)
             .map(|a| a.map(|a| a.to_string()))
             .map_err(|err| err.code)
+    }
+
+    #[test]
+    fn host_policy_by_listener_and_list() {
+        let check = |policy: &HostPolicy, host: &str| {
+            policy
+                .check(Some(&host.parse().expect("authority")))
+                .map_err(|err| err.code)
+        };
+        let loopback = HostPolicy::new([127, 0, 0, 1].into(), None);
+        assert_eq!(check(&loopback, "localhost:8080"), Ok(()));
+        assert_eq!(
+            check(&loopback, "evil.example:8080"),
+            Err("host_not_allowed")
+        );
+        assert!(loopback.check(None).is_ok());
+        let v6 = HostPolicy::new("::1".parse().expect("ip"), None);
+        assert_eq!(check(&v6, "evil.example"), Err("host_not_allowed"));
+        // Elsewhere any name, unless a list is set.
+        let public = HostPolicy::new([192, 0, 2, 1].into(), None);
+        assert_eq!(check(&public, "evil.example"), Ok(()));
+        let listed = AllowedHosts::new(["rt.example.com"]).expect("hosts");
+        let public = HostPolicy::new([0, 0, 0, 0].into(), Some(listed));
+        assert_eq!(check(&public, "rt.example.com"), Ok(()));
+        assert_eq!(check(&public, "localhost:1"), Ok(()));
+        assert_eq!(check(&public, "evil.example"), Err("host_not_allowed"));
     }
 
     #[test]

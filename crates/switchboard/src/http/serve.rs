@@ -25,11 +25,12 @@ use tokio::sync::{Semaphore, watch};
 use tower::ServiceExt as _;
 
 use super::deadline::{BodyDeadline, limit_body};
-use super::host;
+use super::host::{self, HostPolicy};
 use super::json_errors::json_errors;
 use super::upgrade::ConnSlot;
 use crate::hub::CapPermit;
 use crate::hub::Hub;
+use crate::metrics::ErrorKind;
 use crate::protocol::close::{CloseCode, CloseFrame};
 
 /// How long [`serve`] waits for connections to finish after shutdown
@@ -105,6 +106,12 @@ pub async fn serve_with_options(
     let cap = Arc::new(Semaphore::new(limits.max_connections));
     let (stop_http, http_stopped) = watch::channel(false);
     let router = json_errors(router);
+    let hosts = Arc::new(HostPolicy::new(
+        listener
+            .local_addr()
+            .map_or(std::net::Ipv4Addr::UNSPECIFIED.into(), |addr| addr.ip()),
+        hub.security().allowed_hosts.clone(),
+    ));
     #[cfg(feature = "tls")]
     let tls = options.tls.as_ref().map(super::tls::Tls::acceptor);
     tokio::pin!(shutdown);
@@ -143,10 +150,18 @@ pub async fn serve_with_options(
         let slot = ConnSlot::new(permit);
         let router = router.clone();
         let body_timeout = limits.body_timeout;
+        let hosts = Arc::clone(&hosts);
+        let conn_hub = hub.clone();
         let service = hyper::service::service_fn(move |mut request: http::Request<Incoming>| {
             request.extensions_mut().insert(slot.clone());
             request.extensions_mut().insert(ConnectInfo(peer));
-            let checked = host::authority(request.version(), request.uri(), request.headers());
+            let checked = host::authority(request.version(), request.uri(), request.headers())
+                .inspect_err(|_| conn_hub.metrics().error(ErrorKind::BadRequest))
+                .and_then(|authority| {
+                    hosts
+                        .check(authority.as_ref())
+                        .inspect_err(|_| conn_hub.metrics().error(ErrorKind::Forbidden))
+                });
             let (request, deadline) = limit_body(request, body_timeout);
             let response = checked.map(|_| router.clone().oneshot(request));
             async move {
