@@ -707,7 +707,7 @@ async fn api_keys_from_the_environment_are_comma_separated() {
     ] {
         let mut stream = TcpStream::connect(server.addr).await.expect("connect");
         let request = format!(
-            "GET /api/connections HTTP/1.1\r\nhost: x\r\nconnection: close\r\nauthorization: Bearer {key}\r\n\r\n"
+            "GET /api/connections HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\nauthorization: Bearer {key}\r\n\r\n"
         );
         stream.write_all(request.as_bytes()).await.expect("write");
         let mut response = Vec::new();

@@ -84,6 +84,7 @@ mod id;
 mod limits;
 mod metrics;
 mod protocol;
+mod query;
 mod runtime;
 
 pub use app::{api, app, handlers, relay};

@@ -62,6 +62,16 @@ pub struct Limits {
     /// long (slowloris). Default 10 s.
     #[serde(with = "duration")]
     pub handshake_timeout: Duration,
+    /// Time a request body (`POST /api/send`, …) has to arrive in full,
+    /// counted from the end of its head. Default 10 s: a body of
+    /// `max_message_size` (64 KiB) arrives in that time at 6.4 KB/s. Past
+    /// it the request is answered 408 `body_timeout` and the connection is
+    /// closed, so a client that announces a body and sends part of it
+    /// cannot hold a connection (and a place under `max_connections`)
+    /// open. Zero turns the deadline off. Memory: one timer per request
+    /// body while it is read.
+    #[serde(with = "duration")]
+    pub body_timeout: Duration,
     /// Open TCP connections (HTTP and WebSocket together). Default 100,000.
     /// Past it a new connection is answered 503 and closed. Each idle
     /// WebSocket costs its socket buffers in the kernel plus the connection
@@ -185,6 +195,7 @@ impl Default for Limits {
             pong_timeout: Duration::from_secs(10),
             close_timeout: Duration::from_secs(5),
             handshake_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(10),
             max_connections: 100_000,
             max_connections_per_ip: 0,
             max_connection_rate_per_ip: 0,

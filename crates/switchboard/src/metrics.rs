@@ -43,7 +43,8 @@ pub enum ErrorKind {
     KeepaliveTimeout,
     /// The socket failed (reset, broken pipe).
     Io,
-    /// A relay or API request that could not be parsed.
+    /// A relay or API request that could not be parsed, or an HTTP request
+    /// without a usable `Host` (400).
     BadRequest,
     /// An HTTP request to a WebSocket route that was not a valid upgrade.
     Handshake,
@@ -54,7 +55,9 @@ pub enum ErrorKind {
     Unauthorized,
     /// An upgrade refused for its origin or a client ID it may not use, or
     /// a relay frame the client's permissions do not allow (403 or an
-    /// error frame).
+    /// error frame); an API request from a browser origin that is not
+    /// allowed (403); a request for a `Host` the server does not answer to
+    /// (421).
     Forbidden,
     /// An upgrade refused by the per-IP limits (429).
     IpLimited,

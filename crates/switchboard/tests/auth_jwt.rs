@@ -433,6 +433,118 @@ async fn jwks_file_picks_keys_by_kid_and_reloads() {
     let _ = std::fs::remove_file(&path);
 }
 
+#[tokio::test]
+async fn iss_must_be_a_string_not_an_array() {
+    let server = start(security(JwtConfig {
+        issuer: Some("https://auth.example.com/".into()),
+        ..secret_config()
+    }))
+    .await;
+    let good = hs256(&claims(
+        "alice",
+        json!({"iss": "https://auth.example.com/"}),
+    ));
+    let mut echo = connect_bearer(&server, "/echo", &good).await;
+
+    // RFC 7519 §4.1.1: `iss` is a StringOrURI. jsonwebtoken alone would
+    // accept an array whose members are all configured issuers.
+    for iss in [
+        json!(["https://auth.example.com/"]),
+        json!(["https://auth.example.com/", "https://evil.example/"]),
+        json!({"iss": "https://auth.example.com/"}),
+        json!(42),
+    ] {
+        let token = hs256(&claims("alice", json!({ "iss": iss })));
+        let response = upgrade_with_token(&server, "/ws", &token).await;
+        assert_401(&response, "invalid_issuer");
+        assert_echo_answers(&mut echo, &iss.to_string()).await;
+    }
+    let token = hs256(&claims(
+        "alice",
+        json!({"iss": ["https://auth.example.com/"]}),
+    ));
+    let response = upgrade_with_token(&server, "/ws", &token).await;
+    assert!(
+        error_message_of(&response.json()).contains("must be a string"),
+        "{}",
+        response.text()
+    );
+    assert_eq!(upgrade_with_token(&server, "/ws", &good).await.status, 101);
+
+    // Without auth.issuer, `iss` is not read at all.
+    let server = start(security(secret_config())).await;
+    let token = hs256(&claims("alice", json!({"iss": ["anything"]})));
+    assert_eq!(upgrade_with_token(&server, "/ws", &token).await.status, 101);
+}
+
+#[tokio::test]
+async fn jwks_with_several_keys_requires_kid() {
+    let rsa = EncodingKey::from_rsa_pem(RSA_PRIVATE).expect("RSA key");
+    let ec_pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("ec");
+    let ec = EncodingKey::from_ec_pem(ec_pair.serialize_pem().as_bytes()).expect("ec key");
+    let two = JwkSet {
+        keys: vec![
+            jwk(&ec, Algorithm::ES256, "ec-1"),
+            jwk(&rsa, Algorithm::RS256, "rsa-1"),
+        ],
+    };
+    let jwks = serde_json::to_string(&two).expect("json");
+    let server = start(security(JwtConfig::new(JwtKey::Jwks(jwks.clone())))).await;
+    let alice = claims("alice", json!({}));
+    let named = with_kid(Algorithm::RS256, "rsa-1", &rsa, &alice);
+    let mut echo = connect_bearer(&server, "/echo", &named).await;
+
+    // No kid: refused before any signature is checked.
+    let unnamed = sign(Algorithm::RS256, &rsa, &alice);
+    let response = upgrade_with_token(&server, "/ws", &unnamed).await;
+    assert_401(&response, "missing_kid");
+    let message = error_message_of(&response.json());
+    assert!(message.contains("2 keys"), "{message}");
+    assert!(message.contains("auth.jwks_require_kid"), "{message}");
+    assert_echo_answers(&mut echo, "after missing_kid").await;
+    assert_eq!(upgrade_with_token(&server, "/ws", &named).await.status, 101);
+
+    // Turned off, a token without kid is tried against each key.
+    let server = start(security(JwtConfig {
+        jwks_require_kid: false,
+        ..JwtConfig::new(JwtKey::Jwks(jwks))
+    }))
+    .await;
+    assert_eq!(
+        upgrade_with_token(&server, "/ws", &unnamed).await.status,
+        101
+    );
+
+    // One key needs no kid.
+    let one = JwkSet {
+        keys: vec![jwk(&rsa, Algorithm::RS256, "rsa-1")],
+    };
+    let server = start(security(JwtConfig::new(JwtKey::Jwks(
+        serde_json::to_string(&one).expect("json"),
+    ))))
+    .await;
+    assert_eq!(
+        upgrade_with_token(&server, "/ws", &unnamed).await.status,
+        101
+    );
+
+    // Several keys, one without a kid: tokens could not name it.
+    let mut anonymous = jwk(&ec, Algorithm::ES256, "unused");
+    anonymous.common.key_id = None;
+    let mixed = JwkSet {
+        keys: vec![jwk(&rsa, Algorithm::RS256, "rsa-1"), anonymous],
+    };
+    let mixed = serde_json::to_string(&mixed).expect("json");
+    let err = JwtAuthenticator::new(JwtConfig::new(JwtKey::Jwks(mixed.clone())))
+        .expect_err("a key without kid among several");
+    assert!(err.to_string().contains("key #2 has no kid"), "{err}");
+    JwtAuthenticator::new(JwtConfig {
+        jwks_require_kid: false,
+        ..JwtConfig::new(JwtKey::Jwks(mixed))
+    })
+    .expect("allowed when kid is not required");
+}
+
 #[test]
 fn bad_jwt_configurations_are_named() {
     let err = JwtAuthenticator::new(JwtConfig::new(JwtKey::Secret(b"short".to_vec())))
@@ -799,4 +911,33 @@ async fn v1_refresh_moves_the_expiry_and_keeps_the_subject() {
     )
     .await;
     assert_eq!(recv_json(&mut alice).await["delivered"], json!(["bob"]));
+#[tokio::test]
+async fn repeated_token_parameter_is_400_invalid_query() {
+    let server = start(security(secret_config())).await;
+    let alice = hs256(&claims("alice", json!({})));
+    let mut echo = connect_bearer(&server, "/echo", &alice).await;
+    // Read as a list the first token counted, read as a map the last: a
+    // repeated ?token= is refused whichever is valid.
+    let mallory = hs256(&claims("mallory", json!({})));
+    for target in [
+        format!("/ws?token={alice}&token={mallory}"),
+        format!("/ws?token=junk&token={alice}"),
+    ] {
+        let response = http_upgrade(server.addr, &target, &upgrade_headers()).await;
+        assert_eq!(response.status, 400, "{}", response.text());
+        assert_eq!(response.error_code(), "invalid_query");
+        assert!(
+            error_message_of(&response.json()).contains("`token` is given 2 times"),
+            "{}",
+            response.text()
+        );
+        assert_echo_answers(&mut echo, "still answering").await;
+    }
+    let response = http_upgrade(
+        server.addr,
+        &format!("/ws?token={alice}"),
+        &upgrade_headers(),
+    )
+    .await;
+    assert_eq!(response.status, 101, "{}", response.text());
 }

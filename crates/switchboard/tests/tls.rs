@@ -180,7 +180,8 @@ async fn https_and_wss_on_one_port_with_a_real_client() {
     send_text_tls(&mut two, r#"{"targets":[1],"payload":{"hi":2}}"#).await;
     assert_eq!(recv_text_tls(&mut one).await, r#"{"hi":2}"#);
 
-    // A plain-text client gets no HTTP answer from a TLS port.
+    // A plain-text client is told to use TLS (see
+    // plain_http_on_the_tls_port_gets_a_readable_400_tls_required).
     let mut plain = TcpStream::connect(addr).await.expect("connect");
     plain
         .write_all(b"GET /heartbeat HTTP/1.1\r\nhost: x\r\n\r\n")
@@ -189,7 +190,7 @@ async fn https_and_wss_on_one_port_with_a_real_client() {
     let mut bytes = Vec::new();
     let _ = tokio::time::timeout(WAIT, plain.read_to_end(&mut bytes)).await;
     assert!(
-        !bytes.starts_with(b"HTTP/"),
+        bytes.starts_with(b"HTTP/1.1 400 "),
         "{:?}",
         String::from_utf8_lossy(&bytes)
     );
@@ -199,6 +200,66 @@ async fn https_and_wss_on_one_port_with_a_real_client() {
     let tcp = TcpStream::connect(addr).await.expect("connect");
     let name = ServerName::try_from("localhost").expect("name");
     assert!(stranger.connect(name, tcp).await.is_err());
+}
+
+/// Writes `bytes` on a new plain TCP connection to `addr` and reads until
+/// the server closes it.
+async fn plain_exchange(addr: SocketAddr, bytes: &[u8]) -> Vec<u8> {
+    let mut plain = TcpStream::connect(addr).await.expect("connect");
+    plain.write_all(bytes).await.expect("write");
+    let mut answer = Vec::new();
+    tokio::time::timeout(WAIT, plain.read_to_end(&mut answer))
+        .await
+        .expect("the server closes the connection")
+        .expect("read");
+    answer
+}
+
+#[tokio::test]
+async fn plain_http_on_the_tls_port_gets_a_readable_400_tls_required() {
+    let ca = Ca::new();
+    let (cert, key, _) = ca.leaf();
+    let files = Files::new();
+    files.write(&cert, &key);
+    let addr = serve_tls(Tls::from_pem_files(&files.cert, &files.key).expect("tls")).await;
+    let connector = ca.connector();
+    let (mut echo, _) = wss(&connector, addr, "/echo").await;
+
+    for request in [
+        &b"GET /heartbeat HTTP/1.1\r\nHost: localhost\r\n\r\n"[..],
+        b"POST /api/send HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}",
+        b"GET /ws?id=1 HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+        b"GET / HTTP/1.0\r\n\r\n",
+    ] {
+        let answer = plain_exchange(addr, request).await;
+        let text = String::from_utf8(answer).expect("a readable answer");
+        assert!(text.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{text}");
+        let (head, body) = text.split_once("\r\n\r\n").expect("head and body");
+        let head = head.to_ascii_lowercase();
+        assert!(head.contains("content-type: application/json"), "{head}");
+        assert!(head.contains("connection: close"), "{head}");
+        assert_eq!(
+            serde_json::from_str::<serde_json::Value>(body).expect("JSON"),
+            serde_json::json!({"error":{
+                "code":"tls_required",
+                "message":"this port speaks HTTPS: use https:// or wss://"
+            }})
+        );
+        send_text_tls(&mut echo, "still answering").await;
+        assert_eq!(recv_text_tls(&mut echo).await, "still answering");
+    }
+
+    // Neither HTTP nor TLS: no HTTP answer, the connection is dropped.
+    let answer = plain_exchange(addr, &[0, 1, 2, 3, 4, 5, 6, 7]).await;
+    assert!(
+        !answer.starts_with(b"HTTP/"),
+        "{:?}",
+        String::from_utf8_lossy(&answer)
+    );
+    // And TLS is unaffected by the peek.
+    let (mut again, _) = wss(&connector, addr, "/echo").await;
+    send_text_tls(&mut again, "over TLS").await;
+    assert_eq!(recv_text_tls(&mut again).await, "over TLS");
 }
 
 #[tokio::test]

@@ -142,6 +142,7 @@ pub(crate) struct FileConfig {
     pub(crate) insecure_allow_anonymous: Option<bool>,
     pub(crate) insecure_open_api: Option<bool>,
     pub(crate) allowed_origins: Option<Vec<String>>,
+    pub(crate) allowed_hosts: Option<Vec<String>>,
     pub(crate) trusted_proxies: Option<Vec<String>>,
     #[serde(default)]
     pub(crate) auth: Option<AuthTable>,
@@ -159,6 +160,7 @@ pub(crate) struct AuthTable {
     pub(crate) jwt_secret: Option<String>,
     pub(crate) jwt_public_key: Option<PathBuf>,
     pub(crate) jwt_jwks: Option<PathBuf>,
+    pub(crate) jwks_require_kid: Option<bool>,
     pub(crate) issuer: Option<String>,
     pub(crate) audience: Option<String>,
     #[serde(default, deserialize_with = "opt_duration")]

@@ -135,6 +135,10 @@ pub(crate) struct Cli {
     /// Drop an HTTP client that sends no headers for this long [default: 10s].
     #[arg(long, env = "SWITCHBOARD_HANDSHAKE_TIMEOUT", value_parser = duration, value_name = "DURATION", help_heading = "Limits")]
     pub(crate) handshake_timeout: Option<Duration>,
+    /// Answer 408 and close when a request body has not fully arrived this
+    /// long after its headers; 0 disables [default: 10s].
+    #[arg(long, env = "SWITCHBOARD_BODY_TIMEOUT", value_parser = duration, value_name = "DURATION", help_heading = "Limits")]
+    pub(crate) body_timeout: Option<Duration>,
     /// Open TCP connections before new ones get 503 [default: 100000].
     #[arg(
         long,
@@ -249,6 +253,15 @@ pub(crate) struct Cli {
         help_heading = "Security"
     )]
     pub(crate) auth_jwt_jwks: Option<PathBuf>,
+    /// With a JWKS of several keys, refuse tokens without a kid instead of
+    /// trying each key [default: true].
+    #[arg(
+        long,
+        env = "SWITCHBOARD_AUTH_JWKS_REQUIRE_KID",
+        value_name = "BOOL",
+        help_heading = "Security"
+    )]
+    pub(crate) auth_jwks_require_kid: Option<bool>,
     /// The iss tokens must have [default: not checked].
     #[arg(
         long,
@@ -330,6 +343,18 @@ pub(crate) struct Cli {
         help_heading = "Security"
     )]
     pub(crate) allowed_origins: Option<Vec<String>>,
+    /// Host names answered besides localhost, 127.0.0.1 and [::1],
+    /// comma-separated: rt.example.com, *.example.com, or * for any. On a
+    /// loopback address other names get 421 [default: loopback names only
+    /// on loopback, any elsewhere].
+    #[arg(
+        long,
+        env = "SWITCHBOARD_ALLOWED_HOSTS",
+        value_name = "HOSTS",
+        value_delimiter = ',',
+        help_heading = "Security"
+    )]
+    pub(crate) allowed_hosts: Option<Vec<String>>,
     /// Proxies (addresses or CIDR ranges, comma-separated) whose
     /// X-Forwarded-For is believed [default: none].
     #[arg(
@@ -467,6 +492,7 @@ pub(crate) struct Settings {
     pub(crate) auth: AuthSettings,
     pub(crate) api: ApiSettings,
     pub(crate) allowed_origins: Option<Vec<String>>,
+    pub(crate) allowed_hosts: Option<Vec<String>>,
     pub(crate) trusted_proxies: Option<Vec<String>>,
     pub(crate) tls_cert: Option<PathBuf>,
     pub(crate) tls_key: Option<PathBuf>,
@@ -490,6 +516,7 @@ pub(crate) struct AuthSettings {
     pub(crate) secret: Option<String>,
     pub(crate) public_key: Option<PathBuf>,
     pub(crate) jwks: Option<PathBuf>,
+    pub(crate) jwks_require_kid: Option<bool>,
     pub(crate) issuer: Option<String>,
     pub(crate) audience: Option<String>,
     pub(crate) clock_skew: Option<Duration>,
@@ -550,6 +577,7 @@ impl Cli {
             pong_timeout,
             close_timeout,
             handshake_timeout,
+            body_timeout,
             max_connections,
             max_targets,
             duplicate_ids,
@@ -618,6 +646,7 @@ impl Cli {
                     auth.jwt_public_key,
                 )?,
                 jwks: path("auth.jwt_jwks", self.auth_jwt_jwks, auth.jwt_jwks)?,
+                jwks_require_kid: self.auth_jwks_require_kid.or(auth.jwks_require_kid),
                 issuer: self.auth_issuer.or(auth.issuer),
                 audience: self.auth_audience.or(auth.audience),
                 clock_skew: self.auth_clock_skew.or(auth.clock_skew),
@@ -629,6 +658,7 @@ impl Cli {
                 protect_heartbeat: self.api_protect_heartbeat.or(api.protect_heartbeat),
             },
             allowed_origins: self.allowed_origins.or(file.allowed_origins),
+            allowed_hosts: self.allowed_hosts.or(file.allowed_hosts),
             trusted_proxies: self.trusted_proxies.or(file.trusted_proxies),
             tls_cert: path("tls.cert", self.tls_cert, tls.cert)?,
             tls_key: path("tls.key", self.tls_key, tls.key)?,

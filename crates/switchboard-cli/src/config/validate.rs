@@ -8,7 +8,7 @@ use std::net::{SocketAddr, ToSocketAddrs as _};
 use std::sync::Arc;
 
 use switchboard::auth::jwt::{JwtAuthenticator, JwtConfig, JwtKey};
-use switchboard::auth::{AllowedOrigins, ApiKeys, TrustedProxies};
+use switchboard::auth::{AllowedHosts, AllowedOrigins, ApiKeys, TrustedProxies};
 use switchboard::redis::{RedisConfig, RedisConfigError};
 use switchboard::tls::{Tls, TlsError};
 use switchboard::{Limits, Security};
@@ -81,6 +81,11 @@ fn security_config(settings: &Settings, listen: &Listen) -> Result<Secured, Conf
     }
     if let Some(protect) = api.protect_heartbeat {
         security.protect_heartbeat = protect;
+    }
+    if let Some(hosts) = &settings.allowed_hosts {
+        security.allowed_hosts = Some(
+            AllowedHosts::new(hosts).map_err(|err| invalid("allowed_hosts", err.to_string()))?,
+        );
     }
     if let Some(origins) = &settings.allowed_origins {
         security.allowed_origins = Some(
@@ -160,6 +165,9 @@ fn jwt_authenticator(auth: &AuthSettings) -> Result<Option<Arc<JwtAuthenticator>
             let mut config = JwtConfig::new(key);
             config.issuer = auth.issuer.clone();
             config.audience = auth.audience.clone();
+            if let Some(require) = auth.jwks_require_kid {
+                config.jwks_require_kid = require;
+            }
             if let Some(skew) = auth.clock_skew {
                 config.clock_skew = skew;
             }

@@ -16,25 +16,39 @@
 //!
 //! Errors are JSON (`{"error":{"code","message"}}`) with status 400 for a
 //! bad body (the same codes as the relay's error frames), 404 for an
-//! unknown ID, 413 for a body over `limits.max_message_size`.
+//! unknown ID, 408 for a body that did not arrive within
+//! `limits.body_timeout` (then the connection is closed), 413 for a body
+//! over `limits.max_message_size`.
 //!
 //! With [`Security::api_keys`](crate::Security::api_keys) set on the hub,
 //! every route needs `Authorization: Bearer <key>`: without one, 401
 //! `missing_api_key`; with a wrong one, 401 `invalid_api_key`.
+//!
+//! The API is for backends, not browsers. A request with an `Origin`
+//! header (a browser's) is refused with 403 `origin_not_allowed` unless
+//! that origin is the server's own (the `Origin` names the request's
+//! `Host`) or is in [`Security::allowed_origins`](crate::Security::allowed_origins)
+//! — unset, that is no other origin. Bodies must be sent as
+//! `Content-Type: application/json` (415 `unsupported_media_type`
+//! otherwise), which a browser sends to another site only after a
+//! preflight this server never approves. The `Host` check that stops DNS
+//! rebinding is [`serve`](crate::serve)'s, for every route
+//! ([`Security::allowed_hosts`](crate::Security::allowed_hosts)).
 
 use std::sync::Arc;
 
 use axum::extract::{Path, Request, State};
-use axum::middleware;
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use bytes::Bytes;
-use http::StatusCode;
+use http::{StatusCode, header};
 use serde_json::json;
 
 use super::relay::{self, RequestError};
-use crate::auth::ApiKeys;
+use crate::auth::{ApiKeys, is_same_origin};
+use crate::http::deadline::is_body_timeout;
 use crate::http_error::HttpError;
 use crate::hub::Hub;
 use crate::id::ClientId;
@@ -43,7 +57,7 @@ use crate::protocol::close::{CloseCode, CloseFrame};
 use crate::runtime::delivery::Envelope;
 
 /// The API routes, to be nested under `/api`; behind the hub's API keys
-/// when it has any.
+/// when it has any, and refusing browsers of other origins.
 pub fn router(hub: Hub) -> Router {
     let keys = hub.security().api_keys.clone();
     let router = Router::new()
@@ -51,8 +65,84 @@ pub fn router(hub: Hub) -> Router {
         .route("/publish", post(publish))
         .route("/connections", get(connections))
         .route("/connections/{id}", delete(disconnect))
-        .with_state(hub);
-    protect(router, &keys)
+        .with_state(hub.clone());
+    // The origin check is the outer layer: it runs before the key check.
+    protect(router, &keys).layer(middleware::from_fn_with_state(hub, browser_origin))
+}
+
+/// Refuses an API request a browser sent from another site: 403
+/// `origin_not_allowed` unless its `Origin` is absent (not a browser), names
+/// the server itself (the request's `Host`), or is in `allowed_origins`.
+///
+/// Why: the API is for backends. With the development defaults (loopback,
+/// no API key) any page the user visits could otherwise make the browser
+/// `POST` to `http://127.0.0.1:8080/api/send`; with keys, a page cannot
+/// attach one, but refusing it here costs nothing and says why. The JSON
+/// content type ([`json_body`]) stops the same requests a second way:
+/// browsers must ask first (preflight) before sending it across sites, and
+/// the server answers no preflight.
+async fn browser_origin(State(hub): State<Hub>, request: Request, next: Next) -> Response {
+    let allowed_origins = &hub.security().allowed_origins;
+    let host = request.uri().authority().map(|a| a.as_str()).or_else(|| {
+        request
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+    });
+    for origin in request.headers().get_all(header::ORIGIN) {
+        let origin = String::from_utf8_lossy(origin.as_bytes());
+        let allowed = host.is_some_and(|host| is_same_origin(&origin, host))
+            || allowed_origins.as_ref().is_some_and(|a| a.allows(&origin));
+        if !allowed {
+            hub.metrics().error(ErrorKind::Forbidden);
+            return HttpError::new(
+                StatusCode::FORBIDDEN,
+                "origin_not_allowed",
+                format!(
+                    "origin {:?} may not call the API: browsers may call it only from the server's own origin or one in allowed_origins (backends send no Origin)",
+                    origin.chars().take(100).collect::<String>()
+                ),
+            )
+            .into_response();
+        }
+    }
+    next.run(request).await
+}
+
+/// The body of a JSON request: 415 `unsupported_media_type` unless it says
+/// `Content-Type: application/json` (parameters such as `charset` aside),
+/// then [`body`].
+///
+/// Why insist: `text/plain` and form bodies are what a browser sends
+/// across sites without asking first; `application/json` it sends only
+/// after a preflight the server never approves.
+async fn json_body(hub: &Hub, request: Request) -> Result<Bytes, HttpError> {
+    let content_type = request.headers().get(header::CONTENT_TYPE);
+    let media_type = content_type
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .map(str::trim);
+    if !media_type.is_some_and(|t| t.eq_ignore_ascii_case("application/json")) {
+        hub.metrics().error(ErrorKind::BadRequest);
+        let got = match content_type {
+            Some(value) => format!(
+                "{:?}",
+                String::from_utf8_lossy(value.as_bytes())
+                    .chars()
+                    .take(100)
+                    .collect::<String>()
+            ),
+            None => "none".to_owned(),
+        };
+        return Err(HttpError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            format!(
+                "the body must be JSON sent with `Content-Type: application/json` (got {got}); with curl: -H 'Content-Type: application/json'"
+            ),
+        ));
+    }
+    body(hub, request).await
 }
 
 /// Puts `router` behind `keys` (a no-op when there are none): a request
@@ -71,12 +161,29 @@ async fn body(hub: &Hub, request: Request) -> Result<Bytes, HttpError> {
     let limit = hub.limits().max_message_size;
     axum::body::to_bytes(request.into_body(), limit)
         .await
-        .map_err(|_| {
-            HttpError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "body_too_large",
-                format!("the request body is over {limit} bytes (limits.max_message_size)"),
-            )
+        .map_err(|err| {
+            let err = err.into_inner();
+            if err.is::<http_body_util::LengthLimitError>() {
+                HttpError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "body_too_large",
+                    format!("the request body is over {limit} bytes (limits.max_message_size)"),
+                )
+            } else if is_body_timeout(&*err) {
+                // `serve` answers 408 `body_timeout` in place of this.
+                HttpError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "body_timeout",
+                    "the request body did not arrive in time (limits.body_timeout)",
+                )
+            } else {
+                hub.metrics().error(ErrorKind::BadRequest);
+                HttpError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_body",
+                    format!("the request body could not be read: {err}"),
+                )
+            }
         })
 }
 
@@ -86,7 +193,7 @@ fn bad_request(hub: &Hub, err: RequestError) -> HttpError {
 }
 
 async fn send(State(hub): State<Hub>, request: Request) -> Result<Response, HttpError> {
-    let bytes = body(&hub, request).await?;
+    let bytes = json_body(&hub, request).await?;
     let (targets, payload) =
         relay::parse_send(&bytes, hub.limits().max_targets).map_err(|e| bad_request(&hub, e))?;
     let message = Envelope::json(Bytes::copy_from_slice(payload.get().as_bytes()));
@@ -97,7 +204,7 @@ async fn send(State(hub): State<Hub>, request: Request) -> Result<Response, Http
 }
 
 async fn publish(State(hub): State<Hub>, request: Request) -> Result<Response, HttpError> {
-    let bytes = body(&hub, request).await?;
+    let bytes = json_body(&hub, request).await?;
     let (topic, payload) = relay::parse_publish(&bytes).map_err(|e| bad_request(&hub, e))?;
     let frame = Hub::encode_text(Bytes::copy_from_slice(payload.get().as_bytes()));
     let recipients = hub.publish(&topic, &frame).await;
@@ -110,15 +217,8 @@ async fn publish(State(hub): State<Hub>, request: Request) -> Result<Response, H
 /// cluster listing that cannot be made (the backplane is down) falls back to
 /// this node's with `"degraded": true`.
 async fn connections(State(hub): State<Hub>, uri: http::Uri) -> Result<Response, HttpError> {
-    let query: axum::extract::Query<std::collections::HashMap<String, String>> =
-        axum::extract::Query::try_from_uri(&uri).map_err(|err| {
-            HttpError::new(
-                StatusCode::BAD_REQUEST,
-                "invalid_query",
-                format!("the query string could not be read: {err}"),
-            )
-        })?;
-    let local_only = match query.get("scope").map(String::as_str) {
+    let scope = crate::query::param(&uri, "scope")?;
+    let local_only = match scope.as_deref() {
         None | Some("cluster") => false,
         Some("local") => true,
         Some(other) => {

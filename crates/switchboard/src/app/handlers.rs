@@ -2,10 +2,8 @@
 //! [`Echo`] on `/echo` and [`Chat`] on `/chat`. They use only the public
 //! [`Handler`] API, so they double as examples.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
-use axum::extract::Query;
 use bytes::Bytes;
 use http::StatusCode;
 use http::request::Parts;
@@ -344,22 +342,15 @@ fn forbidden(hub: &Hub, code: &'static str, message: String) -> Outcome {
     )
 }
 
-/// The value of query parameter `name`, if present.
+/// The value of query parameter `name`, if present; 400 `invalid_query`
+/// if it is given twice.
 fn query_param(request: &Parts, name: &str) -> Result<Option<String>, HttpError> {
-    let query: Query<HashMap<String, String>> =
-        Query::try_from_uri(&request.uri).map_err(|err| {
-            HttpError::new(
-                StatusCode::BAD_REQUEST,
-                "invalid_query",
-                format!(
-                    "the query string could not be read ({err}): connect to /ws?id=<client id>"
-                ),
-            )
-        })?;
-    Ok(query.0.get(name).cloned())
+    crate::query::param(&request.uri, name)
 }
 
-/// Reads and checks `?id=` of an upgrade request.
+/// Reads and checks `?id=` of an upgrade request: 400 `missing_id`,
+/// `invalid_id`, or `invalid_query` (`id` given twice, or a query string
+/// that cannot be decoded).
 pub fn client_id_from_query(request: &Parts) -> Result<ClientId, HttpError> {
     let raw = query_param(request, "id")?.ok_or_else(|| {
         HttpError::new(

@@ -26,7 +26,13 @@
 //!   server's RSA public key as the secret (algorithm confusion).
 //! - `exp` (required unless [`JwtConfig::require_exp`] is off) and `nbf`,
 //!   each with [`JwtConfig::clock_skew`] of tolerance.
-//! - `iss` and `aud` when configured (then the token must have them).
+//! - `iss` and `aud` when configured (then the token must have them). `iss`
+//!   must be a string, as RFC 7519 §4.1.1 defines it (a StringOrURI): a
+//!   one-element array holding the right issuer is refused
+//!   (`invalid_issuer`), whatever `jsonwebtoken` would accept.
+//! - `kid`, when the key is a JWKS with several keys and
+//!   [`JwtConfig::jwks_require_kid`] is on (the default): a token must name
+//!   its key rather than be tried against each (`missing_kid`).
 //! - `sub`: required, and must be a valid [`ClientId`]; it becomes the
 //!   client's ID.
 //!
@@ -45,8 +51,9 @@
 //!
 //! Every refusal is 401 with a JSON body and `WWW-Authenticate: Bearer`;
 //! the codes are `missing_token`, `invalid_token` (malformed, or a claim
-//! that cannot be used), `unsupported_algorithm`, `unknown_key` (a `kid`
-//! not in the JWKS), `invalid_signature`, `token_expired`,
+//! that cannot be used), `unsupported_algorithm`, `missing_kid` (no `kid`
+//! while the JWKS has several keys), `unknown_key` (a `kid` not in the
+//! JWKS), `invalid_signature`, `token_expired`,
 //! `token_not_yet_valid`, `invalid_issuer` and `invalid_audience`.
 
 use std::path::PathBuf;
@@ -130,11 +137,19 @@ pub struct JwtConfig {
     /// Refuse tokens without `exp` (they would never expire). Default
     /// `true`.
     pub require_exp: bool,
+    /// With a JWKS of several keys, refuse tokens without a `kid` header
+    /// (401 `missing_kid`) instead of trying each key in turn, and refuse a
+    /// JWKS in which such a key has no `kid`. Default `true`. Why: a token
+    /// that names no key costs one signature check per key (a cheap way to
+    /// make the server work), and which key verified it is left to chance
+    /// when keys overlap in algorithm. A single-key JWKS, a PEM key or a
+    /// secret needs no `kid`.
+    pub jwks_require_kid: bool,
 }
 
 impl JwtConfig {
     /// Defaults around `key`: no issuer or audience check, 30 s of clock
-    /// skew, `exp` required.
+    /// skew, `exp` required, `kid` required with a JWKS of several keys.
     pub fn new(key: JwtKey) -> Self {
         Self {
             key,
@@ -142,6 +157,7 @@ impl JwtConfig {
             audience: None,
             clock_skew: Duration::from_secs(30),
             require_exp: true,
+            jwks_require_kid: true,
         }
     }
 }
@@ -203,6 +219,8 @@ pub struct JwtAuthenticator {
     keys: RwLock<Arc<Vec<KeyEntry>>>,
     validation: Validation,
     require_exp: bool,
+    issuer: Option<String>,
+    require_kid: bool,
 }
 
 impl std::fmt::Debug for JwtAuthenticator {
@@ -217,7 +235,7 @@ impl std::fmt::Debug for JwtAuthenticator {
 impl JwtAuthenticator {
     /// Loads the key (reading files now) and checks the configuration.
     pub fn new(config: JwtConfig) -> Result<Self, JwtError> {
-        let keys = load(&config.key)?;
+        let keys = load(&config.key, config.jwks_require_kid)?;
         let mut validation = Validation::new(Algorithm::HS256);
         validation.leeway = config.clock_skew.as_secs();
         validation.validate_exp = true;
@@ -226,10 +244,8 @@ impl JwtAuthenticator {
         if config.require_exp {
             required.push("exp");
         }
-        if let Some(issuer) = &config.issuer {
-            validation.set_issuer(&[issuer]);
-            required.push("iss");
-        }
+        // `iss` is checked in `identity`, not by `jsonwebtoken`, which
+        // takes an array of issuers too (see there).
         match &config.audience {
             Some(audience) => {
                 validation.set_audience(&[audience]);
@@ -243,6 +259,8 @@ impl JwtAuthenticator {
             keys: RwLock::new(Arc::new(keys)),
             validation,
             require_exp: config.require_exp,
+            issuer: config.issuer,
+            require_kid: config.jwks_require_kid,
         })
     }
 
@@ -250,7 +268,7 @@ impl JwtAuthenticator {
     /// keys in use stay. Returns how many keys are now in use. A key given
     /// in memory is kept as it is.
     pub fn reload(&self) -> Result<usize, JwtError> {
-        let keys = load(&self.source)?;
+        let keys = load(&self.source, self.require_kid)?;
         let n = keys.len();
         *self.keys.write() = Arc::new(keys);
         Ok(n)
@@ -297,6 +315,15 @@ impl JwtAuthenticator {
                 ),
             ));
         }
+        if kid.is_none() && self.require_kid && keys.len() > 1 {
+            return Err(unauthorized(
+                "missing_kid",
+                format!(
+                    "the token has no `kid` header, and the JWKS has {} keys: the token must name the key that signed it (auth.jwks_require_kid)",
+                    keys.len()
+                ),
+            ));
+        }
         let candidates: Vec<&KeyEntry> = keys
             .iter()
             .filter(|k| k.algorithms.contains(&algorithm))
@@ -333,6 +360,34 @@ impl JwtAuthenticator {
     }
 
     fn identity(&self, claims: Claims) -> Result<Identity, HttpError> {
+        // Checked here rather than by `jsonwebtoken`, which accepts an
+        // array `iss` whose members are all configured issuers (and calls
+        // an `iss` of another type missing). RFC 7519 §4.1.1 makes `iss` one
+        // StringOrURI: an issuer that writes anything else is not the one
+        // configured.
+        if let Some(issuer) = &self.issuer {
+            match &claims.iss {
+                Some(Value::String(iss)) if iss == issuer => {}
+                Some(Value::String(_)) => {
+                    return Err(unauthorized(
+                        "invalid_issuer",
+                        "the token's `iss` is not the configured issuer (auth.issuer)",
+                    ));
+                }
+                Some(_) => {
+                    return Err(unauthorized(
+                        "invalid_issuer",
+                        "the token's `iss` must be a string (RFC 7519 §4.1.1): the configured issuer (auth.issuer)",
+                    ));
+                }
+                None => {
+                    return Err(unauthorized(
+                        "invalid_token",
+                        "the token has no `iss` claim, which is required",
+                    ));
+                }
+            }
+        }
         let sub = match &claims.sub {
             Some(Value::String(sub)) => sub,
             _ => {
@@ -403,6 +458,7 @@ impl Authenticator for JwtAuthenticator {
 #[derive(serde::Deserialize)]
 struct Claims {
     sub: Option<Value>,
+    iss: Option<Value>,
     exp: Option<Value>,
     sb_targets: Option<Value>,
     sb_subscribe: Option<Value>,
@@ -513,7 +569,9 @@ fn refusal(err: &jsonwebtoken::errors::Error) -> HttpError {
     }
 }
 
-fn load(source: &JwtKey) -> Result<Vec<KeyEntry>, JwtError> {
+/// The keys of `source`; `require_kid` refuses a JWKS of several keys in
+/// which one has no `kid`.
+fn load(source: &JwtKey, require_kid: bool) -> Result<Vec<KeyEntry>, JwtError> {
     let read = |path: &PathBuf| {
         std::fs::read(path).map_err(|source| JwtError::Read {
             path: path.clone(),
@@ -536,8 +594,8 @@ fn load(source: &JwtKey) -> Result<Vec<KeyEntry>, JwtError> {
         }
         JwtKey::PublicKeyPem(pem) => pem_key(pem, "the PEM key".to_owned()),
         JwtKey::PublicKeyFile(path) => pem_key(&read(path)?, path.display().to_string()),
-        JwtKey::Jwks(text) => jwks(text.as_bytes(), "the JWKS".to_owned()),
-        JwtKey::JwksFile(path) => jwks(&read(path)?, path.display().to_string()),
+        JwtKey::Jwks(text) => jwks(text.as_bytes(), "the JWKS".to_owned(), require_kid),
+        JwtKey::JwksFile(path) => jwks(&read(path)?, path.display().to_string(), require_kid),
     }
 }
 
@@ -568,21 +626,29 @@ fn pem_key(pem: &[u8], what: String) -> Result<Vec<KeyEntry>, JwtError> {
     }])
 }
 
-fn jwks(text: &[u8], what: String) -> Result<Vec<KeyEntry>, JwtError> {
+fn jwks(text: &[u8], what: String, require_kid: bool) -> Result<Vec<KeyEntry>, JwtError> {
     let bad = |reason: String| JwtError::Jwks {
         what: what.clone(),
         reason,
     };
     let set: JwkSet = serde_json::from_slice(text)
         .map_err(|e| bad(format!("{e} (expected {{\"keys\":[…]}})")))?;
+    let signing =
+        |jwk: &&jsonwebtoken::jwk::Jwk| jwk.common.public_key_use != Some(PublicKeyUse::Encryption);
+    let several = set.keys.iter().filter(signing).count() > 1;
     let mut keys = Vec::new();
     for (i, jwk) in set.keys.iter().enumerate() {
         let name = match &jwk.common.key_id {
             Some(kid) => format!("key #{} (kid {kid:?})", i + 1),
             None => format!("key #{}", i + 1),
         };
-        if jwk.common.public_key_use == Some(PublicKeyUse::Encryption) {
+        if !signing(&jwk) {
             continue;
+        }
+        if require_kid && several && jwk.common.key_id.is_none() {
+            return Err(bad(format!(
+                "{name} has no kid: with several keys, tokens name theirs by kid (give every key a kid, or turn off auth.jwks_require_kid)"
+            )));
         }
         let by_type: &[Algorithm] = match &jwk.algorithm {
             AlgorithmParameters::RSA(_) => RSA,

@@ -4,7 +4,10 @@
 //!   101 and returns the client's [`Identity`] (its client ID, when its
 //!   credentials expire, what it may do). [`jwt::JwtAuthenticator`] is the
 //!   built-in one; write your own for sessions, opaque tokens or mTLS.
-//! - [`AllowedOrigins`]: the browser origins that may open WebSockets.
+//! - [`AllowedOrigins`]: the browser origins that may open WebSockets and
+//!   call the API.
+//! - [`AllowedHosts`]: the `Host` names a server on a loopback address
+//!   answers to besides `localhost` (DNS rebinding).
 //! - [`ApiKeys`]: the keys that open `/api/*` (and optionally `/metrics`
 //!   and `/heartbeat`).
 //! - [`TrustedProxies`]: whose `X-Forwarded-For` is believed, for the
@@ -41,7 +44,6 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use axum::extract::Query;
 use http::request::Parts;
 use http::{HeaderValue, StatusCode, header};
 
@@ -50,6 +52,7 @@ use crate::http_error::HttpError;
 use crate::id::{ClientId, Topic};
 
 mod api_key;
+mod hosts;
 mod ip;
 #[cfg(feature = "jwt")]
 pub mod jwt;
@@ -57,8 +60,10 @@ mod origin;
 
 pub(crate) use api_key::require_api_key;
 pub use api_key::{ApiKeyError, ApiKeys, MIN_API_KEY_LEN};
+pub use hosts::{AllowedHosts, HostError, is_loopback_host};
 pub use ip::{ClientIp, ProxyError, TrustedProxies};
 pub(crate) use ip::{IpGuard, IpLimiter};
+pub(crate) use origin::is_same_origin;
 pub use origin::{AllowedOrigins, OriginError};
 
 /// The `switchboard.v1` client protocol (docs/protocol-v1.md), chosen by
@@ -295,7 +300,21 @@ pub struct Security {
     /// Browser origins allowed to open WebSockets; `None` allows any. A
     /// request with another `Origin` gets 403 before the upgrade; a request
     /// without `Origin` (not a browser) is not affected.
+    ///
+    /// The API (`/api/*`) takes browser requests only from these origins
+    /// and from the server's own (the `Origin` naming the request's `Host`);
+    /// `None` there means no other origin, not any (see
+    /// [`api`](crate::api)).
     pub allowed_origins: Option<AllowedOrigins>,
+    /// `Host` names answered besides the loopback ones. `None` (the
+    /// default): on a loopback listener only `localhost` (and
+    /// `*.localhost`), `127.0.0.0/8` and `[::1]` are answered, any name
+    /// elsewhere. Set: the listed names and the loopback ones, on any
+    /// listener. Other names get 421 `host_not_allowed` before routing —
+    /// what a DNS-rebinding page looks like. List the public name when a
+    /// reverse proxy on the same machine forwards it to a loopback
+    /// listener; `*` turns the check off.
+    pub allowed_hosts: Option<AllowedHosts>,
     /// Keys that open `/api/*` (`Authorization: Bearer <key>`); empty
     /// leaves the API open.
     pub api_keys: ApiKeys,
@@ -316,6 +335,7 @@ impl Default for Security {
             authenticator: None,
             expiry_grace: Duration::from_secs(30),
             allowed_origins: None,
+            allowed_hosts: None,
             api_keys: ApiKeys::default(),
             protect_metrics: true,
             protect_heartbeat: false,
@@ -330,6 +350,7 @@ impl fmt::Debug for Security {
             .field("authenticator", &self.authenticator.is_some())
             .field("expiry_grace", &self.expiry_grace)
             .field("allowed_origins", &self.allowed_origins)
+            .field("allowed_hosts", &self.allowed_hosts)
             .field("api_keys", &self.api_keys)
             .field("protect_metrics", &self.protect_metrics)
             .field("protect_heartbeat", &self.protect_heartbeat)
@@ -363,7 +384,8 @@ pub fn unauthorized(
 ///    up in proxy and access logs: prefer the other two).
 ///
 /// `Ok(None)` when there is none; an `Authorization` header with another
-/// scheme, or an empty token, is a 401 `invalid_token`.
+/// scheme, or an empty token, is a 401 `invalid_token`; `?token=` given
+/// twice is a 400 `invalid_query`.
 pub fn bearer_token(request: &Parts) -> Result<Option<String>, HttpError> {
     if let Some(value) = request.headers.get(header::AUTHORIZATION) {
         let value = value.to_str().map_err(|_| {
@@ -391,20 +413,12 @@ pub fn bearer_token(request: &Parts) -> Result<Option<String>, HttpError> {
             return Ok(Some(token.to_owned()));
         }
     }
-    let query: Query<Vec<(String, String)>> = Query::try_from_uri(&request.uri).map_err(|err| {
-        HttpError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_query",
-            format!("the query string could not be read ({err})"),
-        )
-    })?;
-    match query.0.into_iter().find(|(name, _)| name == "token") {
-        Some((_, token)) if token.is_empty() => Err(unauthorized(
+    match crate::query::param(&request.uri, "token")? {
+        Some(token) if token.is_empty() => Err(unauthorized(
             "invalid_token",
             "`?token=` is empty: put the token after the `=`",
         )),
-        Some((_, token)) => Ok(Some(token)),
-        None => Ok(None),
+        token => Ok(token),
     }
 }
 

@@ -139,6 +139,25 @@ fn parse(raw: &str, wildcard: bool) -> Result<OriginPattern, OriginError> {
     Ok(OriginPattern { scheme, host, port })
 }
 
+/// Whether the `Origin` value `origin` names the server a request was sent
+/// to: the same host and port as `authority`, the request's `Host`. The
+/// scheme is not compared: behind a proxy that terminates TLS the server
+/// sees plain HTTP for an `https://` page, and one port does not serve both
+/// schemes to a browser. A `Host` without a port takes the origin scheme's
+/// default.
+pub(crate) fn is_same_origin(origin: &str, authority: &str) -> bool {
+    let Ok(origin) = parse(origin, false) else {
+        return false;
+    };
+    let (Host::Exact(origin_host), Some(origin_port)) = (&origin.host, origin.port) else {
+        return false;
+    };
+    let Some((host, port)) = split_port(authority) else {
+        return false;
+    };
+    host.eq_ignore_ascii_case(origin_host) && port.unwrap_or(origin_port) == origin_port
+}
+
 /// `host[:port]`, with IPv6 hosts in brackets; `None` for a bad port.
 fn split_port(authority: &str) -> Option<(&str, Option<u16>)> {
     let port_at = match authority.rfind(':') {
@@ -203,6 +222,29 @@ mod tests {
             "",
         ] {
             assert!(!allowed.allows(refused), "{refused} must be refused");
+        }
+    }
+
+    #[test]
+    fn same_origin_is_host_and_port() {
+        for (origin, host) in [
+            ("http://localhost:8080", "localhost:8080"),
+            ("http://LOCALHOST:8080", "localhost:8080"),
+            ("https://rt.example.com", "rt.example.com"),
+            ("https://rt.example.com", "rt.example.com:443"),
+            ("http://rt.example.com", "rt.example.com"),
+            ("http://[::1]:8080", "[::1]:8080"),
+        ] {
+            assert!(is_same_origin(origin, host), "{origin} {host}");
+        }
+        for (origin, host) in [
+            ("http://evil.example:8080", "localhost:8080"),
+            ("http://localhost:8081", "localhost:8080"),
+            ("https://rt.example.com", "rt.example.com:8443"),
+            ("null", "localhost:8080"),
+            ("http://localhost:8080", "bad host:x"),
+        ] {
+            assert!(!is_same_origin(origin, host), "{origin} {host}");
         }
     }
 

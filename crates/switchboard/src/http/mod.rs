@@ -3,6 +3,8 @@
 //! ([`ws`]: the handshake and the security checks that run before it),
 //! JSON bodies for every HTTP error ([`json_errors()`]), and TLS.
 
+pub(crate) mod deadline;
+mod host;
 mod json_errors;
 mod serve;
 #[cfg(feature = "tls")]

@@ -15,7 +15,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::body::Body;
 use axum::extract::ConnectInfo;
 use axum::response::Response;
 use hyper::body::Incoming;
@@ -25,10 +24,13 @@ use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tower::ServiceExt as _;
 
+use super::deadline::{BodyDeadline, limit_body};
+use super::host::{self, HostPolicy};
 use super::json_errors::json_errors;
 use super::upgrade::ConnSlot;
 use crate::hub::Hub;
 use crate::hub::{CapPermit, refusals};
+use crate::metrics::ErrorKind;
 use crate::protocol::close::{CloseCode, CloseFrame};
 
 /// How long [`serve`] waits for connections to finish after shutdown
@@ -104,6 +106,12 @@ pub async fn serve_with_options(
     let cap = Arc::new(Semaphore::new(limits.max_connections));
     let (stop_http, http_stopped) = watch::channel(false);
     let router = json_errors(router);
+    let hosts = Arc::new(HostPolicy::new(
+        listener
+            .local_addr()
+            .map_or(std::net::Ipv4Addr::UNSPECIFIED.into(), |addr| addr.ip()),
+        hub.security().allowed_hosts.clone(),
+    ));
     #[cfg(feature = "tls")]
     let tls = options.tls.as_ref().map(super::tls::Tls::acceptor);
     tokio::pin!(shutdown);
@@ -151,10 +159,31 @@ pub async fn serve_with_options(
         };
         let slot = ConnSlot::new(permit);
         let router = router.clone();
+        let body_timeout = limits.body_timeout;
+        let hosts = Arc::clone(&hosts);
+        let conn_hub = hub.clone();
         let service = hyper::service::service_fn(move |mut request: http::Request<Incoming>| {
             request.extensions_mut().insert(slot.clone());
             request.extensions_mut().insert(ConnectInfo(peer));
-            router.clone().oneshot(request.map(Body::new))
+            let checked = host::authority(request.version(), request.uri(), request.headers())
+                .inspect_err(|_| conn_hub.metrics().error(ErrorKind::BadRequest))
+                .and_then(|authority| {
+                    hosts
+                        .check(authority.as_ref())
+                        .inspect_err(|_| conn_hub.metrics().error(ErrorKind::Forbidden))
+                });
+            let (request, deadline) = limit_body(request, body_timeout);
+            let response = checked.map(|_| router.clone().oneshot(request));
+            async move {
+                let response = match response {
+                    Ok(response) => response.await,
+                    Err(refusal) => return Ok(host::refuse(refusal)),
+                };
+                match deadline.as_ref().and_then(BodyDeadline::response) {
+                    Some(timed_out) => Ok(timed_out),
+                    None => response,
+                }
+            }
         });
         let stopping = http_stopped.clone();
         let handshake_timeout = limits.handshake_timeout;
@@ -167,7 +196,22 @@ pub async fn serve_with_options(
             tokio::spawn(async move {
                 // The handshake counts against the same deadline as the
                 // request head: a client that stalls in either is dropped.
-                match tokio::time::timeout(handshake_timeout, tls.accept(stream)).await {
+                let deadline = tokio::time::Instant::now() + handshake_timeout;
+                match tokio::time::timeout_at(deadline, first_byte(&stream)).await {
+                    Ok(Ok(Some(byte))) if byte.is_ascii_uppercase() => {
+                        tls_required(stream, deadline).await;
+                        return;
+                    }
+                    // A TLS record (0x16 for a handshake) or anything else:
+                    // rustls decides.
+                    Ok(Ok(Some(_))) => {}
+                    Ok(Ok(None)) | Ok(Err(_)) => return,
+                    Err(_) => {
+                        tracing::debug!(%peer, "TLS handshake timed out");
+                        return;
+                    }
+                }
+                match tokio::time::timeout_at(deadline, tls.accept(stream)).await {
                     Ok(Ok(stream)) => {
                         serve_http(
                             stream,
@@ -265,6 +309,75 @@ async fn serve_http<IO, S>(
     };
     if let Err(err) = result {
         tracing::debug!(%err, %peer, "http connection ended with an error");
+    }
+}
+
+/// The first byte the client sent, left in the socket; `None` when it
+/// closed without sending any.
+#[cfg(feature = "tls")]
+async fn first_byte(stream: &tokio::net::TcpStream) -> io::Result<Option<u8>> {
+    let mut byte = [0u8; 1];
+    let n = stream.peek(&mut byte).await?;
+    Ok((n == 1).then_some(byte[0]))
+}
+
+/// Answers plain HTTP sent to the TLS port with a readable 400
+/// `tls_required`, then closes.
+///
+/// Why: a TLS server answers a plain request with a TLS alert, bytes curl
+/// shows as "HTTP/0.9 when not allowed" and browsers as an empty reply —
+/// nothing that says "use https://". A TLS connection starts with a
+/// handshake record (byte 0x16); an HTTP request with a method in capital
+/// letters, so one byte tells them apart. The request head is read first
+/// (bounded) and the socket drained after, so closing with unread bytes
+/// does not turn into a reset that loses the answer.
+#[cfg(feature = "tls")]
+async fn tls_required(mut stream: tokio::net::TcpStream, deadline: tokio::time::Instant) {
+    use tokio::io::AsyncReadExt as _;
+    const HEAD_MAX: usize = 16 * 1024;
+    let error = crate::http_error::HttpError::new(
+        http::StatusCode::BAD_REQUEST,
+        "tls_required",
+        "this port speaks HTTPS: use https:// or wss://",
+    );
+    let body = error.body().to_string();
+    let response = format!(
+        "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let mut head = Vec::new();
+    let mut buf = [0u8; 2048];
+    let read_head = async {
+        while head.len() < HEAD_MAX
+            && !head.windows(4).any(|w| w == b"\r\n\r\n")
+            && !head.windows(2).any(|w| w == b"\n\n")
+        {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => head.extend_from_slice(&buf[..n]),
+            }
+        }
+    };
+    let _ = tokio::time::timeout_at(deadline, read_head).await;
+    let write = async {
+        stream.write_all(response.as_bytes()).await?;
+        stream.shutdown().await
+    };
+    if tokio::time::timeout(Duration::from_secs(2), write)
+        .await
+        .is_ok_and(|written| written.is_ok())
+    {
+        // Until the client closes, a little more at most.
+        let drain = async {
+            let mut left = 64 * 1024usize;
+            while left > 0 {
+                match stream.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => left = left.saturating_sub(n),
+                }
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
     }
 }
 
