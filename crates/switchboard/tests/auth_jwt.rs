@@ -911,6 +911,8 @@ async fn v1_refresh_moves_the_expiry_and_keeps_the_subject() {
     )
     .await;
     assert_eq!(recv_json(&mut alice).await["delivered"], json!(["bob"]));
+}
+
 #[tokio::test]
 async fn repeated_token_parameter_is_400_invalid_query() {
     let server = start(security(secret_config())).await;
