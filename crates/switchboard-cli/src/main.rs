@@ -134,13 +134,13 @@ async fn run(config: Config) -> anyhow::Result<()> {
     } else {
         "http"
     };
+    let shutdown = shutdown_signal();
     tracing::info!("listening on {scheme}://{addr}");
     let options = ServeOptions {
         shutdown_timeout: config.shutdown_timeout,
         tls: config.tls.clone(),
     };
-    let served =
-        switchboard::serve_with_options(listener, app, hub, shutdown_signal(), options).await;
+    let served = switchboard::serve_with_options(listener, app, hub, shutdown, options).await;
     // Leave the cluster whatever happened: the other nodes then report this
     // node's IDs offline at once instead of after the presence TTL.
     if let Some(backend) = redis {
@@ -197,27 +197,49 @@ fn spawn_reload_on_sighup(tls: Option<Tls>, jwt: Option<Arc<JwtAuthenticator>>) 
     let _ = (tls, jwt);
 }
 
-/// Resolves on SIGTERM or Ctrl-C (SIGINT).
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+/// A future that resolves on SIGTERM or Ctrl-C (SIGINT), with both
+/// handlers installed before it returns.
+///
+/// Why not an `async fn`: its body would register the handlers only when
+/// first polled, inside `serve`, after the server has logged that it
+/// listens. A SIGTERM sent in between — a supervisor stopping a server that
+/// just started — would take the default action and kill the process
+/// without a graceful shutdown (seen under load in
+/// `runs_with_no_config_and_heartbeat_answers_200`).
+fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(err) => {
-                tracing::warn!(%err, "cannot listen for SIGTERM; only Ctrl-C stops the server");
-                std::future::pending::<()>().await;
+    let (term, interrupt) = {
+        use tokio::signal::unix::{SignalKind, signal};
+        let install = |kind: SignalKind, name: &str| {
+            signal(kind)
+                .inspect_err(|err| tracing::warn!(%err, "cannot listen for {name}"))
+                .ok()
+        };
+        (
+            install(SignalKind::terminate(), "SIGTERM"),
+            install(SignalKind::interrupt(), "SIGINT"),
+        )
+    };
+    async move {
+        #[cfg(unix)]
+        {
+            let wait = |signal: Option<tokio::signal::unix::Signal>| async move {
+                match signal {
+                    Some(mut signal) => {
+                        signal.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! {
+                () = wait(interrupt) => tracing::info!("received Ctrl-C"),
+                () = wait(term) => tracing::info!("received SIGTERM"),
             }
         }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => tracing::info!("received Ctrl-C"),
-        () = term => tracing::info!("received SIGTERM"),
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+            tracing::info!("received Ctrl-C");
+        }
     }
 }
