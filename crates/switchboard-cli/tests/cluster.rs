@@ -152,6 +152,14 @@ impl Redis {
         self.try_command(args)
             .unwrap_or_else(|e| panic!("redis {args:?}: {e}"))
     }
+
+    /// The members of `sbtest:nodes` (`node#epoch`).
+    fn members(&self) -> Vec<String> {
+        match self.command(&["ZRANGE", "sbtest:nodes", "0", "-1"]) {
+            Resp::Array(items) => items.iter().map(Resp::text).collect(),
+            other => panic!("ZRANGE: {other:?}"),
+        }
+    }
 }
 
 /// A RESP2 reply, enough for these tests.
@@ -169,6 +177,13 @@ impl Resp {
         match self {
             Self::Int(n) => *n,
             other => panic!("expected an integer reply, got {other:?}"),
+        }
+    }
+
+    fn text(&self) -> String {
+        match self {
+            Self::Bulk(Some(text)) | Self::Simple(text) => text.clone(),
+            other => panic!("expected a string reply, got {other:?}"),
         }
     }
 }
@@ -217,28 +232,12 @@ struct Node {
 impl Node {
     /// A node of the cluster on `redis`, named `name`.
     async fn start(redis: &Redis, name: &str) -> Self {
-        let ttl = format!("{}ms", TTL.as_millis());
-        let timeout = format!("{}ms", REQUEST_TIMEOUT.as_millis());
-        let mut command = switchboard();
-        command.args([
-            "--listen",
-            "127.0.0.1:0",
-            "--backend",
-            "redis",
-            "--redis-url",
-            &redis.url(),
-            "--node-id",
-            name,
-            "--redis-key-prefix",
-            "sbtest",
-            "--redis-presence-ttl",
-            &ttl,
-            "--redis-request-timeout",
-            &timeout,
-            "--shutdown-timeout",
-            "5s",
-        ]);
-        let node = Self::spawn(name, command);
+        Self::start_with(name, &NodeOptions::new(redis)).await
+    }
+
+    /// A node named `name` run with `options`, once it is healthy.
+    async fn start_with(name: &str, options: &NodeOptions) -> Self {
+        let node = Self::spawn(name, options.command(name));
         node.wait_healthy().await;
         node
     }
@@ -335,6 +334,58 @@ impl Node {
                 self.logs()
             )
         })
+    }
+}
+
+/// How a node is started: by default as [`Node::start`] starts it.
+#[derive(Clone)]
+struct NodeOptions {
+    url: String,
+    ttl: Duration,
+    request_timeout: Duration,
+    extra: Vec<String>,
+}
+
+impl NodeOptions {
+    fn new(redis: &Redis) -> Self {
+        Self::url(redis.url())
+    }
+
+    /// A node that reaches Redis at `url`.
+    fn url(url: String) -> Self {
+        Self {
+            url,
+            ttl: TTL,
+            request_timeout: REQUEST_TIMEOUT,
+            extra: Vec::new(),
+        }
+    }
+
+    /// The command line of a node named `name`.
+    fn command(&self, name: &str) -> Command {
+        let ttl = format!("{}ms", self.ttl.as_millis());
+        let timeout = format!("{}ms", self.request_timeout.as_millis());
+        let mut command = switchboard();
+        command.args([
+            "--listen",
+            "127.0.0.1:0",
+            "--backend",
+            "redis",
+            "--redis-url",
+            &self.url,
+            "--node-id",
+            name,
+            "--redis-key-prefix",
+            "sbtest",
+            "--redis-presence-ttl",
+            &ttl,
+            "--redis-request-timeout",
+            &timeout,
+            "--shutdown-timeout",
+            "5s",
+        ]);
+        command.args(&self.extra);
+        command
     }
 }
 
@@ -861,6 +912,103 @@ async fn redis_connection_flaps_under_load_never_duplicate_or_leak() {
             "{name}: reconnects"
         );
     }
+}
+
+// ---------------------------------------------------------------------------
+// Hardening (issue 12)
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_process_with_a_node_id_in_use_refuses_to_start_and_the_cluster_is_unaffected() {
+    let redis = Redis::start();
+    let mut a = Node::start(&redis, "a").await;
+    let b = Node::start(&redis, "b").await;
+    let c = Node::start(&redis, "c").await;
+    let mut alice = a.connect("/ws?id=alice").await;
+    let mut bob = b.connect("/ws?id=bob").await;
+    let mut carol = c.connect("/ws?id=carol").await;
+    for node in [&a, &b, &c] {
+        node.wait_listed(&[("alice", 1), ("bob", 1), ("carol", 1)])
+            .await;
+    }
+
+    // A second process named "a" on the same Redis and key prefix (two
+    // containers whose default <host>-<pid> collide, a copied config).
+    let twin = {
+        let command = NodeOptions::new(&redis).command("a");
+        std::thread::spawn(move || run_to_exit(command))
+    };
+    // Meanwhile the cluster goes on: messages to a's client and between
+    // the other nodes.
+    let mut rounds = 0;
+    while !twin.is_finished() && rounds < 400 {
+        rounds += 1;
+        let report = b.send(json!(["alice", "carol"]), json!(rounds)).await;
+        assert_eq!(
+            report,
+            json!({"delivered": ["alice", "carol"], "offline": [], "dropped": []}),
+            "round {rounds}"
+        );
+        assert_eq!(next_text(&mut alice).await, rounds.to_string());
+        assert_eq!(next_text(&mut carol).await, rounds.to_string());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let finished = twin
+        .join()
+        .unwrap_or_else(|_| panic!("the second \"a\" did not exit by itself"));
+    assert_eq!(
+        finished.code(),
+        Some(2),
+        "the second \"a\" must refuse to run; stderr:\n{}",
+        finished.stderr
+    );
+    assert!(
+        finished.stderr.contains("node id \"a\"") && finished.stderr.contains("--node-id"),
+        "the message names the node ID and the option to set:\n{}",
+        finished.stderr
+    );
+
+    // The first "a" is untouched: still the only member named a, reachable
+    // from everywhere, and reaching everyone.
+    let members: Vec<String> = redis
+        .members()
+        .into_iter()
+        .filter(|m| m.starts_with("a#"))
+        .collect();
+    assert_eq!(members.len(), 1, "{members:?}");
+    let report = c.send(json!(["alice"]), json!("from c")).await;
+    assert_eq!(report["delivered"], json!(["alice"]), "{report}");
+    assert_eq!(next_text(&mut alice).await, r#""from c""#);
+    let report = a.send(json!(["bob", "carol"]), json!("from a")).await;
+    assert_eq!(report["delivered"], json!(["bob", "carol"]), "{report}");
+    assert_eq!(next_text(&mut bob).await, r#""from a""#);
+    assert_eq!(next_text(&mut carol).await, r#""from a""#);
+    alice
+        .send(WsMessage::text(
+            json!({"targets": ["bob"], "payload": "relay"}).to_string(),
+        ))
+        .await
+        .expect("send");
+    assert_eq!(next_text(&mut bob).await, r#""relay""#);
+    assert_quiet(&mut alice, "alice").await;
+    a.wait_healthy().await;
+
+    // A node restarted under the same ID after a crash is no twin: its
+    // predecessor's presence is still within the TTL, but nothing listens
+    // on its channel any more. It starts, and its clients are reachable.
+    a.proc.signal("-KILL");
+    a.exit_within(WAIT);
+    drop(alice);
+    let restarted = Node::start(&redis, "a").await;
+    let mut alice = restarted.connect("/ws?id=alice").await;
+    let delivered = wait_for("alice reachable on the restarted a", WAIT, || async {
+        let report = b.send(json!(["alice"]), json!("again")).await;
+        (report["delivered"] == json!(["alice"])).then_some(())
+    })
+    .await;
+    let () = delivered;
+    assert_eq!(next_text(&mut alice).await, r#""again""#);
+    assert!(!restarted.logs().contains("in use"), "{}", restarted.logs());
 }
 
 // ---------------------------------------------------------------------------

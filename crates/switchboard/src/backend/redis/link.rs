@@ -9,16 +9,31 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 
 use ::redis::aio::MultiplexedConnection;
-use ::redis::{AsyncConnectionConfig, PushInfo};
+use ::redis::{AsyncConnectionConfig, PushInfo, Value};
 use tokio::sync::{Notify, mpsc, watch};
 
 use super::presence::{collect_garbage, heartbeat, leave, write_presence};
+use super::replies::number;
 use super::topics::subscribe_topics;
 use super::wire::Kind;
 use super::{
-    ACK_QUEUE, Epoch, Link, MAX_BACKOFF, MIN_BACKOFF, Session, Shared, TaskGuard, local_ms,
+    ACK_QUEUE, Epoch, Link, MAX_BACKOFF, MIN_BACKOFF, RedisFailure, Session, Shared, TaskGuard,
+    local_ms,
 };
 use crate::id::{ClientId, Topic};
+
+/// Why a connection attempt failed.
+pub(super) enum ConnectError {
+    Redis(::redis::RedisError),
+    /// Another running process has this node ID: stop for good.
+    Twin(RedisFailure),
+}
+
+impl From<::redis::RedisError> for ConnectError {
+    fn from(error: ::redis::RedisError) -> Self {
+        Self::Redis(error)
+    }
+}
 
 /// Why a connected session ended.
 pub(super) enum Ended {
@@ -37,7 +52,8 @@ pub(super) async fn supervise(shared: Arc<Shared>) {
         if *stop.borrow() {
             return;
         }
-        let member: Arc<str> = Arc::from(format!("{}#{}", shared.config.node_id, random_epoch()));
+        let epoch = shared.epochs.fetch_add(1, Ordering::Relaxed) + 1;
+        let member: Arc<str> = Arc::from(format!("{}{epoch}", shared.own_prefix));
         let connect = connect(&shared, Arc::clone(&member), &stale);
         let attempt = tokio::select! {
             attempt = connect => attempt,
@@ -64,7 +80,11 @@ pub(super) async fn supervise(shared: Arc<Shared>) {
                     }
                 }
             }
-            Err(error) => {
+            Err(ConnectError::Twin(failure)) => {
+                shared.fail(failure);
+                return;
+            }
+            Err(ConnectError::Redis(error)) => {
                 // It may have registered part of its presence. (Bounded: the
                 // presence of a member not marked expires with its TTL anyway.)
                 if stale.len() < 16 {
@@ -89,7 +109,7 @@ pub(super) async fn connect(
     shared: &Arc<Shared>,
     member: Arc<str>,
     stale: &[Arc<str>],
-) -> Result<Session, ::redis::RedisError> {
+) -> Result<Session, ConnectError> {
     let timeout = shared.config.request_timeout;
     let (acks_tx, acks_rx) = mpsc::channel(ACK_QUEUE);
     let epoch = Arc::new(Epoch {
@@ -133,11 +153,27 @@ pub(super) async fn connect(
             .arg(format!("switchboard:{member}"))
             .exec_async(&mut conn)
             .await?;
-        heartbeat(shared, &mut session, true).await?;
+        // The inbox before the heartbeat: a member other nodes can see
+        // always has a listener while its connection lives (which is how a
+        // twin tells a running process from a dead one, below).
         ::redis::cmd("SSUBSCRIBE")
             .arg(shared.keys.node_channel(&member))
             .exec_async(&mut conn)
             .await?;
+        let (_, members) = heartbeat(shared, &mut session, true).await?;
+        if let Some(other) = find_twin(shared, &mut conn, &members).await? {
+            // Leave no trace: nothing but the heartbeat was written.
+            let _ = ::redis::cmd("ZREM")
+                .arg(shared.keys.nodes())
+                .arg(member.as_ref())
+                .exec_async(&mut conn)
+                .await;
+            return Err(ConnectError::Twin(RedisFailure::NodeIdInUse {
+                node_id: shared.config.node_id.clone(),
+                other,
+                key_prefix: shared.config.key_prefix.clone(),
+            }));
+        }
         // Subscriptions first, then presence: from the moment other nodes
         // can find an ID here, its messages have a listener.
         shared.dirty_topics.lock().clear();
@@ -163,12 +199,57 @@ pub(super) async fn connect(
                 .exec_async(&mut conn)
                 .await?;
         }
-        Ok::<_, ::redis::RedisError>(())
+        Ok::<_, ConnectError>(())
     };
     setup.await?;
     let acker_shared = Arc::clone(shared);
     tokio::spawn(acker(acker_shared, conn, acks_rx, ended_rx));
     Ok(session)
+}
+
+/// Another running process with this node ID, among the members of
+/// `P:nodes`: a member named like this node but not of this process, whose
+/// inbox has a listener (a live connection, even of a process frozen past
+/// its deadline). A member whose inbox has none belongs to a process that
+/// is gone (a node restarted after a crash, within its predecessor's TTL)
+/// or to an earlier connection of one that is reconnecting (which then
+/// finds this node, and refuses): not a reason to refuse.
+///
+/// Each process subscribes to its inbox, then adds its member, then reads
+/// the members: of two starting at once, at least the second to add its
+/// member sees the first.
+async fn find_twin(
+    shared: &Shared,
+    conn: &mut MultiplexedConnection,
+    members: &[(String, u64)],
+) -> Result<Option<String>, ::redis::RedisError> {
+    let candidates: Vec<&String> = members
+        .iter()
+        .filter(|(member, _)| shared.is_twin(member))
+        .map(|(member, _)| member)
+        .collect();
+    if candidates.is_empty() {
+        return Ok(None);
+    }
+    let mut pipe = ::redis::pipe();
+    for member in &candidates {
+        pipe.cmd("PUBSUB")
+            .arg("SHARDNUMSUB")
+            .arg(shared.keys.node_channel(member));
+    }
+    let replies: Vec<Value> = pipe.query_async(conn).await?;
+    for (member, reply) in candidates.into_iter().zip(replies) {
+        // [channel, count]
+        let listeners = match &reply {
+            Value::Array(items) => items.get(1).and_then(number).unwrap_or(0.0),
+            Value::Map(pairs) => pairs.first().and_then(|(_, n)| number(n)).unwrap_or(0.0),
+            _ => 0.0,
+        };
+        if listeners > 0.0 {
+            return Ok(Some(member.clone()));
+        }
+    }
+    Ok(None)
 }
 
 /// Publishes the answers queued by the reader, in batches; ends with its
@@ -253,7 +334,12 @@ pub(super) async fn flush(
     Ok(())
 }
 
-pub(super) fn random_epoch() -> String {
+/// A random token of 8 hex digits: this process's part of its members.
+pub(super) fn random_token() -> String {
+    format!("{:08x}", random_u32())
+}
+
+pub(super) fn random_u32() -> u32 {
     static N: AtomicU64 = AtomicU64::new(0);
     let seed = (
         std::time::SystemTime::now()
@@ -263,5 +349,5 @@ pub(super) fn random_epoch() -> String {
         N.fetch_add(1, Ordering::Relaxed),
         std::process::id(),
     );
-    format!("{:08x}", RandomState::new().hash_one(seed) as u32)
+    RandomState::new().hash_one(seed) as u32
 }

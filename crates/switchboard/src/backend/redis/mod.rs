@@ -33,10 +33,13 @@
 //! | node inbox | shard channel `P:n:<member>` (`SSUBSCRIBE` / `SPUBLISH`) | sends, closes, answers |
 //! | topic | shard channel `P:t:<topic>` | subscribed while the node has a subscriber |
 //!
-//! A *member* is the node ID plus a random epoch that changes on every
+//! A *member* is `node_id#instance.epoch`: the node ID, a random token
+//! drawn once per process, and a number that changes on every
 //! (re)connection to Redis; after a reconnection the node writes its
 //! presence again under its new member and the old one is removed, so a
-//! cleanup of a dead member can never erase a live one.
+//! cleanup of a dead member can never erase a live one. A second process
+//! with the same node ID is told apart by its token, and refuses to run
+//! (see [`RedisBackend::failed`]).
 //!
 //! A send looks up each target's members (`SMEMBERS`, pipelined), publishes
 //! one message per member node (`SPUBLISH`), and waits for each node's
@@ -46,7 +49,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use ::redis::aio::MultiplexedConnection;
@@ -88,6 +91,28 @@ const BATCH: usize = 500;
 /// sender reports its targets unconfirmed.
 const ACK_QUEUE: usize = 16_384;
 
+/// Why the Redis backend stopped for good (it does not reconnect).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RedisFailure {
+    /// Another running process registered the same node ID on the same
+    /// Redis and key prefix. Two processes with one node ID would each
+    /// take the other's messages for their own; the one that finds the
+    /// other refuses to run.
+    #[error(
+        "node id {node_id:?} is already used by another running node on this redis \
+         (its member {other:?}, key prefix {key_prefix:?}): every node needs its own node id"
+    )]
+    NodeIdInUse {
+        /// This node's ID.
+        node_id: String,
+        /// The other process's member (`node_id#instance.epoch`).
+        other: String,
+        /// The key prefix both use.
+        key_prefix: String,
+    },
+}
+
 /// The current connection to Redis and the member name it registered.
 #[derive(Clone)]
 struct Link {
@@ -124,8 +149,13 @@ struct Shared {
     config: RedisConfig,
     client: ::redis::Client,
     keys: Keys,
-    /// `node_id#`: members of this node, whatever their epoch.
+    /// `node_id#`: members named like this node (this process's, or a
+    /// twin's).
+    node_prefix: String,
+    /// `node_id#instance.`: this process's members, whatever their epoch.
     own_prefix: String,
+    /// The last epoch number used.
+    epochs: AtomicU32,
     local: MemoryBackend,
     link: RwLock<Option<Link>>,
     last_error: Mutex<Option<String>>,
@@ -137,6 +167,8 @@ struct Shared {
     dirty_topics: Mutex<HashSet<Topic>>,
     wake: Notify,
     stop: watch::Sender<bool>,
+    /// Set once when the backend stops for good.
+    failure: watch::Sender<Option<RedisFailure>>,
     stats: Stats,
 }
 
@@ -169,6 +201,11 @@ impl Shared {
         member.starts_with(&self.own_prefix)
     }
 
+    /// A member of another process with this node's ID.
+    fn is_twin(&self, member: &str) -> bool {
+        member.starts_with(&self.node_prefix) && !self.is_own(member)
+    }
+
     fn liveness(&self, member: &str) -> Liveness {
         match self.live.lock().get(member) {
             Some(until) if *until > Instant::now() => Liveness::Live,
@@ -185,6 +222,13 @@ impl Shared {
     fn mark_topic(&self, topic: &Topic) {
         self.dirty_topics.lock().insert(topic.clone());
         self.wake.notify_one();
+    }
+
+    /// Stops the backend for good with `failure`.
+    fn fail(&self, failure: RedisFailure) {
+        tracing::error!(node = %self.config.node_id, "{failure}");
+        *self.last_error.lock() = Some(failure.to_string());
+        self.failure.send_replace(Some(failure));
     }
 
     fn set_error(&self, message: String) {
@@ -256,9 +300,12 @@ impl RedisBackend {
             message: err.to_string(),
         })?;
         let (stop, _) = watch::channel(false);
+        let (failure, _) = watch::channel(None);
         let shared = Arc::new(Shared {
             keys: Keys::new(&config.key_prefix),
-            own_prefix: format!("{}#", config.node_id),
+            node_prefix: format!("{}#", config.node_id),
+            own_prefix: format!("{}#{}.", config.node_id, link::random_token()),
+            epochs: AtomicU32::new(0),
             config,
             client,
             local: MemoryBackend::new(policy),
@@ -271,6 +318,7 @@ impl RedisBackend {
             dirty_topics: Mutex::new(HashSet::new()),
             wake: Notify::new(),
             stop,
+            failure,
             stats: Stats::default(),
         });
         let supervisor = tokio::spawn(supervise(Arc::clone(&shared)));
@@ -288,6 +336,30 @@ impl RedisBackend {
     /// Whether the node is connected to Redis and registered.
     pub fn is_connected(&self) -> bool {
         self.shared.link.read().is_some()
+    }
+
+    /// Why the backend stopped for good, if it did.
+    pub fn failure(&self) -> Option<RedisFailure> {
+        self.shared.failure.borrow().clone()
+    }
+
+    /// Resolves once the backend has stopped for good, which it does only
+    /// when another running process uses this node ID on the same Redis
+    /// and key prefix ([`RedisFailure::NodeIdInUse`], found when this node
+    /// connects or reconnects, before it registers anything). The node then
+    /// serves its own clients only, reported degraded; a server should
+    /// shut down (the `switchboard` binary exits with code 2). Pending
+    /// forever otherwise.
+    pub async fn failed(&self) -> RedisFailure {
+        let mut failure = self.shared.failure.subscribe();
+        loop {
+            if let Some(failure) = failure.borrow_and_update().clone() {
+                return failure;
+            }
+            if failure.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
     }
 
     /// Leaves the cluster: removes this node's presence (its IDs are
