@@ -153,6 +153,27 @@ impl Redis {
             .unwrap_or_else(|e| panic!("redis {args:?}: {e}"))
     }
 
+    /// Every key matching `pattern` (`SCAN`, bounded).
+    fn keys(&self, pattern: &str) -> Vec<String> {
+        let mut keys = Vec::new();
+        let mut cursor = "0".to_owned();
+        for _ in 0..100_000 {
+            let reply = self.command(&["SCAN", &cursor, "MATCH", pattern, "COUNT", "1000"]);
+            let Resp::Array(parts) = reply else {
+                panic!("SCAN reply: {reply:?}")
+            };
+            let [Resp::Bulk(Some(next)), Resp::Array(found)] = parts.as_slice() else {
+                panic!("SCAN reply: {parts:?}")
+            };
+            keys.extend(found.iter().map(Resp::text));
+            cursor.clone_from(next);
+            if cursor == "0" {
+                return keys;
+            }
+        }
+        panic!("SCAN {pattern} did not finish")
+    }
+
     /// The members of `sbtest:nodes` (`node#epoch`).
     fn members(&self) -> Vec<String> {
         match self.command(&["ZRANGE", "sbtest:nodes", "0", "-1"]) {
@@ -276,6 +297,12 @@ impl Node {
         ws_connect(self.addr, path).await
     }
 
+    /// [`Self::connect`] with an owned path, for `join_all`.
+    fn connect_owned(&self, path: String) -> impl std::future::Future<Output = Client> + 'static {
+        let addr = self.addr;
+        async move { ws_connect(addr, &path).await }
+    }
+
     async fn send(&self, targets: Value, payload: Value) -> Value {
         let body = json!({ "targets": targets, "payload": payload }).to_string();
         let (status, body) = http(self.addr, "POST", "/api/send", Some(&body)).await;
@@ -359,6 +386,11 @@ impl NodeOptions {
             request_timeout: REQUEST_TIMEOUT,
             extra: Vec::new(),
         }
+    }
+
+    fn args(mut self, args: &[&str]) -> Self {
+        self.extra.extend(args.iter().map(|a| (*a).to_owned()));
+        self
     }
 
     /// The command line of a node named `name`.
@@ -1009,6 +1041,112 @@ async fn a_second_process_with_a_node_id_in_use_refuses_to_start_and_the_cluster
     let () = delivered;
     assert_eq!(next_text(&mut alice).await, r#""again""#);
     assert!(!restarted.logs().contains("in use"), "{}", restarted.logs());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn churn_while_redis_is_down_is_not_queued_and_presence_is_rebuilt_on_reconnect() {
+    const TOPICS: usize = 20_000;
+    const IDS: usize = 1_000;
+    const WINDOW: usize = 500;
+    const PARALLEL: usize = 20;
+    let mut redis = Redis::start();
+    let port = redis.port;
+    let fast = [
+        "--max-message-rate",
+        "1000000",
+        "--message-burst",
+        "1000000",
+    ];
+    let a = Node::start_with("a", &NodeOptions::new(&redis).args(&fast)).await;
+    let b = Node::start(&redis, "b").await;
+    let mut keeper = a.connect("/ws?id=keeper").await;
+    subscribe(&mut keeper, "kept").await;
+    b.wait_listed(&[("keeper", 1)]).await;
+    wait_topic_nodes(&redis, "kept", 1).await;
+
+    redis.stop();
+    wait_for("a degraded", WAIT, || async {
+        (a.metric("switchboard_backend_up").await == 0).then_some(())
+    })
+    .await;
+
+    // Churn while Redis is away: 20,000 distinct topics subscribed and
+    // unsubscribed, 1,000 distinct IDs connected and closed.
+    let started = Instant::now();
+    let mut churner = a.connect("/ws?id=churner").await;
+    for first in (0..TOPICS).step_by(WINDOW) {
+        for kind in ["subscribe", "unsubscribe"] {
+            for i in first..first + WINDOW {
+                let frame = json!({"type": kind, "topic": format!("churn-{i}")}).to_string();
+                churner.feed(WsMessage::text(frame)).await.expect("feed");
+            }
+            churner.flush().await.expect("flush");
+            for _ in 0..WINDOW {
+                let ack = next_text(&mut churner).await;
+                assert!(ack.contains(kind), "{ack}");
+            }
+        }
+    }
+    for batch in 0..IDS / PARALLEL {
+        let clients = futures_util::future::join_all(
+            (0..PARALLEL).map(|j| a.connect_owned(format!("/ws?id=gone-{}", batch * PARALLEL + j))),
+        )
+        .await;
+        for mut client in clients {
+            client.close(None).await.expect("close");
+            drain(&mut client).await;
+        }
+    }
+    // What is still there when Redis comes back: state, not a log.
+    let mut stayed = a.connect("/ws?id=stayed").await;
+    subscribe(&mut keeper, "joined").await;
+    let pending = a.metric("switchboard_redis_resync_pending").await;
+    eprintln!(
+        "churned {TOPICS} topics and {IDS} IDs in {:?}; resync pending: {pending}",
+        started.elapsed()
+    );
+    assert_eq!(
+        pending, 0,
+        "changes made while Redis is down must not pile up: the reconnection writes the whole state"
+    );
+
+    // Redis comes back (empty): exactly the current state is registered.
+    let redis = Redis::start_on(port);
+    a.wait_healthy().await;
+    b.wait_healthy().await;
+    b.wait_listed(&[("keeper", 1), ("churner", 1), ("stayed", 1)])
+        .await;
+    let listed = b.listed("/api/connections").await;
+    assert_eq!(listed.len(), 3, "{listed:?}");
+    let mut locs = redis.keys("sbtest:loc:*");
+    locs.sort();
+    assert_eq!(
+        locs,
+        [
+            "sbtest:loc:churner",
+            "sbtest:loc:keeper",
+            "sbtest:loc:stayed"
+        ]
+    );
+    wait_for("a subscribed to exactly its topics", WAIT, || async {
+        let Resp::Array(channels) = redis.command(&["PUBSUB", "SHARDCHANNELS", "sbtest:t:*"])
+        else {
+            panic!("PUBSUB SHARDCHANNELS")
+        };
+        let mut channels: Vec<String> = channels.iter().map(Resp::text).collect();
+        channels.sort();
+        (channels == ["sbtest:t:joined", "sbtest:t:kept"]).then_some(())
+    })
+    .await;
+    let report = b.send(json!(["stayed", "keeper"]), json!("back")).await;
+    assert_eq!(report["delivered"], json!(["stayed", "keeper"]), "{report}");
+    assert_eq!(next_text(&mut stayed).await, r#""back""#);
+    assert_eq!(next_text(&mut keeper).await, r#""back""#);
+    let body = json!({"topic": "joined", "payload": "topic"}).to_string();
+    let (status, answer) = http(b.addr, "POST", "/api/publish", Some(&body)).await;
+    assert_eq!((status, answer.as_str()), (200, r#"{"recipients":1}"#));
+    assert_eq!(next_text(&mut keeper).await, r#""topic""#);
+    assert_eq!(a.metric("switchboard_redis_resync_pending").await, 0);
 }
 
 // ---------------------------------------------------------------------------

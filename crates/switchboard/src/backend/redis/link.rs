@@ -69,6 +69,7 @@ pub(super) async fn supervise(shared: Arc<Shared>) {
                 tracing::info!(node = %shared.config.node_id, member = %session.link.member, "connected to redis");
                 let ended = run(&shared, &mut session, &mut stop).await;
                 *shared.link.write() = None;
+                shared.stop_recording();
                 session.epoch.ended.store(true, Ordering::Release);
                 let _ = session.ended_tx.send(true);
                 stale.push(member);
@@ -81,10 +82,12 @@ pub(super) async fn supervise(shared: Arc<Shared>) {
                 }
             }
             Err(ConnectError::Twin(failure)) => {
+                shared.stop_recording();
                 shared.fail(failure);
                 return;
             }
             Err(ConnectError::Redis(error)) => {
+                shared.stop_recording();
                 // It may have registered part of its presence. (Bounded: the
                 // presence of a member not marked expires with its TTL anyway.)
                 if stale.len() < 16 {
@@ -174,12 +177,13 @@ pub(super) async fn connect(
                 key_prefix: shared.config.key_prefix.clone(),
             }));
         }
+        // Changes from here on are recorded; everything before is in what
+        // is read below.
+        shared.start_recording();
         // Subscriptions first, then presence: from the moment other nodes
         // can find an ID here, its messages have a listener.
-        shared.dirty_topics.lock().clear();
         let topics = shared.local.topic_names();
         subscribe_topics(shared, &mut session, topics).await?;
-        shared.dirty_ids.lock().clear();
         let ids: Vec<ClientId> = shared
             .local
             .clients_now()
@@ -323,11 +327,16 @@ pub(super) async fn flush(
     shared: &Shared,
     session: &mut Session,
 ) -> Result<(), ::redis::RedisError> {
-    let topics: Vec<Topic> = shared.dirty_topics.lock().drain().collect();
+    // Taken whole, so that a burst of changes leaves no capacity behind.
+    let topics: Vec<Topic> = std::mem::take(&mut shared.resync.lock().topics)
+        .into_iter()
+        .collect();
     if !topics.is_empty() {
         subscribe_topics(shared, session, topics).await?;
     }
-    let ids: Vec<ClientId> = shared.dirty_ids.lock().drain().collect();
+    let ids: Vec<ClientId> = std::mem::take(&mut shared.resync.lock().ids)
+        .into_iter()
+        .collect();
     if !ids.is_empty() {
         write_presence(shared, session, ids).await?;
     }

@@ -129,6 +129,17 @@ struct Epoch {
     acks: mpsc::Sender<(String, Vec<u8>)>,
 }
 
+/// What changed locally since the last flush, while connected. A set (each
+/// ID or topic once, whatever its number of changes), and nothing is
+/// recorded while disconnected: a (re)connection writes the whole local
+/// state under its new member anyway.
+#[derive(Default)]
+struct Resync {
+    recording: bool,
+    ids: HashSet<ClientId>,
+    topics: HashSet<Topic>,
+}
+
 /// Counts a background task for as long as it lives.
 struct TaskGuard(Arc<Shared>);
 
@@ -163,8 +174,7 @@ struct Shared {
     live: Mutex<HashMap<String, Instant>>,
     pending: Mutex<HashMap<u64, mpsc::UnboundedSender<Reply>>>,
     next_request: AtomicU64,
-    dirty_ids: Mutex<HashSet<ClientId>>,
-    dirty_topics: Mutex<HashSet<Topic>>,
+    resync: Mutex<Resync>,
     wake: Notify,
     stop: watch::Sender<bool>,
     /// Set once when the backend stops for good.
@@ -215,13 +225,45 @@ impl Shared {
     }
 
     fn mark_id(&self, id: &ClientId) {
-        self.dirty_ids.lock().insert(id.clone());
-        self.wake.notify_one();
+        let mut resync = self.resync.lock();
+        if resync.recording {
+            resync.ids.insert(id.clone());
+            drop(resync);
+            self.wake.notify_one();
+        }
     }
 
     fn mark_topic(&self, topic: &Topic) {
-        self.dirty_topics.lock().insert(topic.clone());
-        self.wake.notify_one();
+        let mut resync = self.resync.lock();
+        if resync.recording {
+            resync.topics.insert(topic.clone());
+            drop(resync);
+            self.wake.notify_one();
+        }
+    }
+
+    /// From now on, record changes (a connection is about to read the whole
+    /// local state: what changes after this is recorded, what changed
+    /// before is in what it reads).
+    fn start_recording(&self) {
+        let mut resync = self.resync.lock();
+        resync.recording = true;
+        resync.ids.clear();
+        resync.topics.clear();
+    }
+
+    /// The connection is gone: the next one writes the whole state.
+    fn stop_recording(&self) {
+        let mut resync = self.resync.lock();
+        resync.recording = false;
+        resync.ids = HashSet::new();
+        resync.topics = HashSet::new();
+    }
+
+    /// IDs and topics whose state is still to be written to Redis.
+    fn resync_pending(&self) -> usize {
+        let resync = self.resync.lock();
+        resync.ids.len() + resync.topics.len()
     }
 
     /// Stops the backend for good with `failure`.
@@ -314,8 +356,7 @@ impl RedisBackend {
             live: Mutex::new(HashMap::new()),
             pending: Mutex::new(HashMap::new()),
             next_request: AtomicU64::new(1),
-            dirty_ids: Mutex::new(HashSet::new()),
-            dirty_topics: Mutex::new(HashSet::new()),
+            resync: Mutex::new(Resync::default()),
             wake: Notify::new(),
             stop,
             failure,

@@ -83,6 +83,12 @@ impl Stats {
             shared.pending.lock().len().to_string(),
         );
         line(
+            "switchboard_redis_resync_pending",
+            "gauge",
+            "IDs and topics changed locally whose state is still to be written to Redis.",
+            shared.resync_pending().to_string(),
+        );
+        line(
             "switchboard_redis_tasks",
             "gauge",
             "Background tasks of the redis backend (2 while connected).",
