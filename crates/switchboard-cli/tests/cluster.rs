@@ -174,6 +174,14 @@ impl Redis {
         panic!("SCAN {pattern} did not finish")
     }
 
+    /// The members of the set `key`.
+    fn set(&self, key: &str) -> Vec<String> {
+        match self.command(&["SMEMBERS", key]) {
+            Resp::Array(items) => items.iter().map(Resp::text).collect(),
+            other => panic!("SMEMBERS {key}: {other:?}"),
+        }
+    }
+
     /// The members of `sbtest:nodes` (`node#epoch`).
     fn members(&self) -> Vec<String> {
         match self.command(&["ZRANGE", "sbtest:nodes", "0", "-1"]) {
@@ -240,6 +248,147 @@ fn read_resp(reader: &mut impl BufRead) -> std::io::Result<Resp> {
         }
         _ => return Err(bad()),
     })
+}
+
+/// A TCP proxy between nodes and Redis that a test can cut (every
+/// connection closed, new ones refused: the node is cut off from Redis
+/// while Redis and the other nodes go on).
+struct Proxy {
+    port: u16,
+    state: Arc<ProxyState>,
+    accept: Option<std::thread::JoinHandle<()>>,
+}
+
+struct ProxyState {
+    upstream: u16,
+    stop: AtomicBool,
+    inner: Mutex<ProxyInner>,
+}
+
+#[derive(Default)]
+struct ProxyInner {
+    /// New connections are closed at once.
+    refuse: bool,
+    next_id: u64,
+    conns: Vec<ProxyConn>,
+}
+
+struct ProxyConn {
+    id: u64,
+    down: std::net::TcpStream,
+    up: std::net::TcpStream,
+}
+
+impl Proxy {
+    fn start(redis: &Redis) -> Self {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind the proxy");
+        let port = listener.local_addr().expect("proxy address").port();
+        let state = Arc::new(ProxyState {
+            upstream: redis.port,
+            stop: AtomicBool::new(false),
+            inner: Mutex::new(ProxyInner::default()),
+        });
+        let accept = {
+            let state = Arc::clone(&state);
+            std::thread::spawn(move || {
+                for down in listener.incoming() {
+                    if state.stop.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    let Ok(down) = down else { continue };
+                    ProxyState::serve(&state, down);
+                }
+            })
+        };
+        Self {
+            port,
+            state,
+            accept: Some(accept),
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// Closes every connection and refuses new ones until [`Self::restore`].
+    fn cut(&self) {
+        let mut inner = self.state.inner.lock().expect("proxy lock");
+        inner.refuse = true;
+        for conn in inner.conns.drain(..) {
+            let _ = conn.down.shutdown(std::net::Shutdown::Both);
+            let _ = conn.up.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    fn restore(&self) {
+        self.state.inner.lock().expect("proxy lock").refuse = false;
+    }
+}
+
+impl ProxyState {
+    fn serve(state: &Arc<Self>, down: std::net::TcpStream) {
+        let mut inner = state.inner.lock().expect("proxy lock");
+        if inner.refuse {
+            let _ = down.shutdown(std::net::Shutdown::Both);
+            return;
+        }
+        let Ok(up) = std::net::TcpStream::connect(("127.0.0.1", state.upstream)) else {
+            let _ = down.shutdown(std::net::Shutdown::Both);
+            return;
+        };
+        let (Ok(down_reader), Ok(mut down_writer), Ok(mut up_reader), Ok(up_writer)) = (
+            down.try_clone(),
+            down.try_clone(),
+            up.try_clone(),
+            up.try_clone(),
+        ) else {
+            return;
+        };
+        inner.next_id += 1;
+        let id = inner.next_id;
+        inner.conns.push(ProxyConn { id, down, up });
+        drop(inner);
+        // Redis to the node: passed as it comes.
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut up_reader, &mut down_writer);
+            let _ = down_writer.shutdown(std::net::Shutdown::Both);
+        });
+        // The node to Redis.
+        let state = Arc::clone(state);
+        std::thread::spawn(move || {
+            let mut down_reader = down_reader;
+            let mut up_writer = up_writer;
+            let mut buf = vec![0; 64 * 1024];
+            loop {
+                let n = match std::io::Read::read(&mut down_reader, &mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                let inner = state.inner.lock().expect("proxy lock");
+                if !inner.conns.iter().any(|c| c.id == id) {
+                    break;
+                }
+                drop(inner);
+                if up_writer.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+            // The node closed (or died): Redis sees the end at once.
+            let _ = up_writer.shutdown(std::net::Shutdown::Write);
+        });
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.state.stop.store(true, Ordering::Relaxed);
+        let _ = std::net::TcpStream::connect(("127.0.0.1", self.port));
+        self.cut();
+        if let Some(accept) = self.accept.take() {
+            let _ = accept.join();
+        }
+    }
 }
 
 /// A running node and its stderr (the logs).
@@ -378,7 +527,7 @@ impl NodeOptions {
         Self::url(redis.url())
     }
 
-    /// A node that reaches Redis at `url`.
+    /// A node that reaches Redis at `url` (a [`Proxy`], say).
     fn url(url: String) -> Self {
         Self {
             url,
@@ -386,6 +535,11 @@ impl NodeOptions {
             request_timeout: REQUEST_TIMEOUT,
             extra: Vec::new(),
         }
+    }
+
+    fn ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = ttl;
+        self
     }
 
     fn args(mut self, args: &[&str]) -> Self {
@@ -1147,6 +1301,65 @@ async fn churn_while_redis_is_down_is_not_queued_and_presence_is_rebuilt_on_reco
     assert_eq!((status, answer.as_str()), (200, r#"{"recipients":1}"#));
     assert_eq!(next_text(&mut keeper).await, r#""topic""#);
     assert_eq!(a.metric("switchboard_redis_resync_pending").await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_id_whose_node_reconnected_then_lost_redis_again_is_unconfirmed_not_offline() {
+    let redis = Redis::start();
+    // The sender reads the heartbeats only every 10 s (TTL 30 s), so b's
+    // members below are all newer than its last read: it has to ask.
+    let a = Node::start_with("a", &NodeOptions::new(&redis).ttl(Duration::from_secs(30))).await;
+    let c = Node::start(&redis, "c").await;
+    let proxy = Proxy::start(&redis);
+    let b = Node::start_with("b", &NodeOptions::url(proxy.url())).await;
+    let mut x = b.connect("/ws?id=x").await;
+    let mut c1 = c.connect("/ws?id=c1").await;
+    wait_key(&redis, "sbtest:loc:x", true).await;
+    let first = redis.set("sbtest:loc:x");
+
+    // b loses Redis and reconnects: a new member, x registered again.
+    proxy.cut();
+    proxy.restore();
+    wait_for("x registered under b's new member", WAIT, || async {
+        redis
+            .set("sbtest:loc:x")
+            .iter()
+            .any(|m| !first.contains(m))
+            .then_some(())
+    })
+    .await;
+    // Then b loses Redis again, for good, within its presence TTL.
+    proxy.cut();
+    let cut = Instant::now();
+    let report = a.send(json!(["x", "c1"]), json!("now")).await;
+    assert_eq!(
+        report,
+        json!({"delivered": ["c1"], "offline": [], "dropped": [], "unconfirmed": ["x"]}),
+        "b's presence is within its TTL: whether x gets it is unknown, not offline"
+    );
+    assert_eq!(next_text(&mut c1).await, r#""now""#);
+    assert!(
+        cut.elapsed() < TTL / 2,
+        "the check came too late to mean anything"
+    );
+
+    // Once b's presence has expired, x is offline: that is known.
+    wait_for("x offline", TTL + Duration::from_millis(1500), || async {
+        let report = a.send(json!(["x"]), json!("later")).await;
+        (report["offline"] == json!(["x"])).then_some(())
+    })
+    .await;
+
+    // b comes back: x is reachable again, and never got what was not
+    // delivered.
+    proxy.restore();
+    b.wait_healthy().await;
+    wait_for("x reachable again", WAIT, || async {
+        let report = a.send(json!(["x"]), json!("back")).await;
+        (report["delivered"] == json!(["x"])).then_some(())
+    })
+    .await;
+    assert_eq!(next_text(&mut x).await, r#""back""#);
 }
 
 // ---------------------------------------------------------------------------

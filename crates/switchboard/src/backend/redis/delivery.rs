@@ -3,17 +3,19 @@
 //! and what this node does with such messages from other nodes.
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
+use ::redis::aio::MultiplexedConnection;
 use ::redis::{PushInfo, PushKind, Value};
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
-use super::replies::strings;
+use super::replies::{number, strings, time_ms};
 use super::stats::kind_index;
 use super::wire::{Header, Kind, Reply};
-use super::{Epoch, Link, Liveness, Shared};
+use super::{Epoch, Link, Shared, err};
 use crate::backend::SendReport;
 use crate::id::ClientId;
 use crate::protocol::close::{CloseCode, CloseFrame};
@@ -162,13 +164,60 @@ impl Shared {
         let mut by_member: BTreeMap<String, Vec<usize>> = BTreeMap::new();
         for (i, reply) in replies.into_iter().enumerate() {
             for member in strings(reply) {
-                if self.is_own(&member) || self.liveness(&member) == Liveness::Dead {
-                    continue;
+                if !self.is_own(&member) {
+                    by_member.entry(member).or_default().push(i);
                 }
-                by_member.entry(member).or_default().push(i);
             }
         }
+        // Members the last heartbeat read does not show alive (a node that
+        // joined or reconnected since, or one whose deadline had passed by
+        // then): ask Redis now rather than judge by an old read, so that a
+        // target is reported offline only when its presence has expired.
+        let unsure: Vec<String> = by_member
+            .keys()
+            .filter(|member| !self.is_live(member))
+            .cloned()
+            .collect();
+        if !unsure.is_empty() {
+            let alive = self.check_alive(&mut conn, &unsure).await?;
+            by_member.retain(|member, _| !unsure.contains(member) || alive.contains(member));
+        }
         Ok(by_member.into_iter().collect())
+    }
+
+    /// Which of `members` are alive now, by their deadlines in `P:nodes`
+    /// (a member not there, or marked by a cleanup, is not); remembers the
+    /// live ones' deadlines until the next heartbeat read.
+    async fn check_alive(
+        &self,
+        conn: &mut MultiplexedConnection,
+        members: &[String],
+    ) -> Result<HashSet<String>, ::redis::RedisError> {
+        let (time, scores): (Value, Value) = ::redis::pipe()
+            .cmd("TIME")
+            .cmd("ZMSCORE")
+            .arg(self.keys.nodes())
+            .arg(members)
+            .query_async(conn)
+            .await?;
+        let read_at = Instant::now();
+        let now = time_ms(&time).ok_or_else(|| err("unexpected TIME reply"))?;
+        let Value::Array(scores) = scores else {
+            return Err(err("unexpected ZMSCORE reply"));
+        };
+        let mut alive = HashSet::new();
+        let mut live = self.live.lock();
+        for (member, score) in members.iter().zip(&scores) {
+            match number(score) {
+                Some(until) if until > now as f64 => {
+                    let left = Duration::from_millis((until as u64).saturating_sub(now));
+                    live.insert(member.clone(), read_at + left);
+                    alive.insert(member.clone());
+                }
+                _ => {}
+            }
+        }
+        Ok(alive)
     }
 
     /// Publishes one message per member; returns each one's receiver count
@@ -268,11 +317,10 @@ impl Shared {
                         expected += *c as usize;
                         waiting.insert(member, indexes);
                     }
-                    // Nobody listens on that member's channel: a node that
-                    // left without cleaning up (its entry was not in the
-                    // last heartbeat read) is offline; a node still within
-                    // its presence TTL may have only lost Redis.
-                    Some(_) if self.liveness(member) == Liveness::Unknown => {}
+                    // Nobody listens on that member's channel although its
+                    // presence has not expired (checked by `locate`): a node
+                    // just killed, or one that lost Redis. Unknown, not
+                    // offline. (Or publishing failed.)
                     _ => indexes.iter().for_each(|&i| unknown[i] = true),
                 }
             }

@@ -170,7 +170,8 @@ struct Shared {
     local: MemoryBackend,
     link: RwLock<Option<Link>>,
     last_error: Mutex<Option<String>>,
-    /// Member → until when it is alive (from the last heartbeat read).
+    /// Member → until when it is alive (from the last heartbeat read, and
+    /// from the checks of members it did not have).
     live: Mutex<HashMap<String, Instant>>,
     pending: Mutex<HashMap<u64, mpsc::UnboundedSender<Reply>>>,
     next_request: AtomicU64,
@@ -194,14 +195,6 @@ impl Drop for PendingGuard<'_> {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Liveness {
-    Live,
-    Dead,
-    /// Not in the last heartbeat read (a node that joined since): tried.
-    Unknown,
-}
-
 impl Shared {
     fn link(&self) -> Option<Link> {
         self.link.read().clone()
@@ -216,12 +209,14 @@ impl Shared {
         member.starts_with(&self.node_prefix) && !self.is_own(member)
     }
 
-    fn liveness(&self, member: &str) -> Liveness {
-        match self.live.lock().get(member) {
-            Some(until) if *until > Instant::now() => Liveness::Live,
-            Some(_) => Liveness::Dead,
-            None => Liveness::Unknown,
-        }
+    /// Whether `member` was alive in the last heartbeat read (or the last
+    /// check) and its deadline has not passed since. `false` says nothing
+    /// for sure: a member that joined since is not known yet.
+    fn is_live(&self, member: &str) -> bool {
+        self.live
+            .lock()
+            .get(member)
+            .is_some_and(|until| *until > Instant::now())
     }
 
     fn mark_id(&self, id: &ClientId) {
