@@ -189,6 +189,30 @@ impl Redis {
             other => panic!("ZRANGE: {other:?}"),
         }
     }
+
+    /// Every trace of the members of node `name` in Redis: its entries in
+    /// `sbtest:nodes`, its hashes, the location sets naming it, cleanup
+    /// keys; empty once the node is gone and cleaned up.
+    fn traces_of(&self, name: &str) -> Vec<String> {
+        let prefix = format!("{name}#");
+        let mut traces: Vec<String> = self
+            .members()
+            .into_iter()
+            .filter(|m| m.starts_with(&prefix))
+            .map(|m| format!("sbtest:nodes {m}"))
+            .collect();
+        traces.extend(self.keys(&format!("sbtest:ids:{prefix}*")));
+        traces.extend(self.keys(&format!("*sbtest:ids:{prefix}*}}*")));
+        traces.extend(self.keys(&format!("sbtest:gc:{prefix}*")));
+        for key in self.keys("sbtest:loc:*") {
+            for member in self.set(&key) {
+                if member.starts_with(&prefix) {
+                    traces.push(format!("{key} {member}"));
+                }
+            }
+        }
+        traces
+    }
 }
 
 /// A RESP2 reply, enough for these tests.
@@ -252,7 +276,9 @@ fn read_resp(reader: &mut impl BufRead) -> std::io::Result<Resp> {
 
 /// A TCP proxy between nodes and Redis that a test can cut (every
 /// connection closed, new ones refused: the node is cut off from Redis
-/// while Redis and the other nodes go on).
+/// while Redis and the other nodes go on) or stall (what the node sends is
+/// held back, from the first chunk containing a given text on, and
+/// forwarded later: a slow link, commands that reach Redis late).
 struct Proxy {
     port: u16,
     state: Arc<ProxyState>,
@@ -269,6 +295,11 @@ struct ProxyState {
 struct ProxyInner {
     /// New connections are closed at once.
     refuse: bool,
+    /// Armed: hold every connection's traffic to Redis from the first
+    /// chunk containing this.
+    hold_from: Option<Vec<u8>>,
+    /// Holding: traffic to Redis is held back, new connections refused.
+    holding: bool,
     next_id: u64,
     conns: Vec<ProxyConn>,
 }
@@ -277,6 +308,8 @@ struct ProxyConn {
     id: u64,
     down: std::net::TcpStream,
     up: std::net::TcpStream,
+    /// What the node sent while the proxy held its traffic back.
+    held: Vec<u8>,
 }
 
 impl Proxy {
@@ -324,12 +357,38 @@ impl Proxy {
     fn restore(&self) {
         self.state.inner.lock().expect("proxy lock").refuse = false;
     }
+
+    /// From the next chunk a node sends that contains `text` on, holds
+    /// back everything nodes send to Redis, and refuses new connections.
+    fn hold_from(&self, text: &str) {
+        self.state.inner.lock().expect("proxy lock").hold_from = Some(text.as_bytes().to_vec());
+    }
+
+    /// Everything held back so far.
+    fn held(&self) -> Vec<u8> {
+        let inner = self.state.inner.lock().expect("proxy lock");
+        inner.conns.iter().flat_map(|c| c.held.clone()).collect()
+    }
+
+    /// Forwards what was held back, closes those connections (Redis runs
+    /// every complete command it got before it sees the end), and passes
+    /// traffic again.
+    fn release(&self) {
+        let mut inner = self.state.inner.lock().expect("proxy lock");
+        inner.holding = false;
+        inner.hold_from = None;
+        for mut conn in inner.conns.drain(..) {
+            let _ = conn.up.write_all(&conn.held);
+            let _ = conn.up.shutdown(std::net::Shutdown::Write);
+            let _ = conn.down.shutdown(std::net::Shutdown::Both);
+        }
+    }
 }
 
 impl ProxyState {
     fn serve(state: &Arc<Self>, down: std::net::TcpStream) {
         let mut inner = state.inner.lock().expect("proxy lock");
-        if inner.refuse {
+        if inner.refuse || inner.holding {
             let _ = down.shutdown(std::net::Shutdown::Both);
             return;
         }
@@ -347,14 +406,19 @@ impl ProxyState {
         };
         inner.next_id += 1;
         let id = inner.next_id;
-        inner.conns.push(ProxyConn { id, down, up });
+        inner.conns.push(ProxyConn {
+            id,
+            down,
+            up,
+            held: Vec::new(),
+        });
         drop(inner);
         // Redis to the node: passed as it comes.
         std::thread::spawn(move || {
             let _ = std::io::copy(&mut up_reader, &mut down_writer);
             let _ = down_writer.shutdown(std::net::Shutdown::Both);
         });
-        // The node to Redis.
+        // The node to Redis: passed, or held back.
         let state = Arc::clone(state);
         std::thread::spawn(move || {
             let mut down_reader = down_reader;
@@ -365,17 +429,32 @@ impl ProxyState {
                     Ok(0) | Err(_) => break,
                     Ok(n) => n,
                 };
-                let inner = state.inner.lock().expect("proxy lock");
-                if !inner.conns.iter().any(|c| c.id == id) {
+                let chunk = &buf[..n];
+                let mut inner = state.inner.lock().expect("proxy lock");
+                if let Some(text) = &inner.hold_from
+                    && chunk.windows(text.len()).any(|w| w == text.as_slice())
+                {
+                    inner.holding = true;
+                }
+                let holding = inner.holding;
+                let Some(conn) = inner.conns.iter_mut().find(|c| c.id == id) else {
                     break;
+                };
+                if holding {
+                    conn.held.extend_from_slice(chunk);
+                    continue;
                 }
                 drop(inner);
-                if up_writer.write_all(&buf[..n]).is_err() {
+                if up_writer.write_all(chunk).is_err() {
                     break;
                 }
             }
-            // The node closed (or died): Redis sees the end at once.
-            let _ = up_writer.shutdown(std::net::Shutdown::Write);
+            // The node closed (or died): unless its traffic is held, Redis
+            // sees the end at once.
+            let inner = state.inner.lock().expect("proxy lock");
+            if !inner.holding {
+                let _ = up_writer.shutdown(std::net::Shutdown::Write);
+            }
         });
     }
 }
@@ -1360,6 +1439,76 @@ async fn an_id_whose_node_reconnected_then_lost_redis_again_is_unconfirmed_not_o
     })
     .await;
     assert_eq!(next_text(&mut x).await, r#""back""#);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_killed_while_registering_leaves_no_presence_even_when_its_writes_land_late() {
+    const IDS: usize = 200;
+    let redis = Redis::start();
+    let a = Node::start(&redis, "a").await;
+    let b = Node::start(&redis, "b").await;
+    let proxy = Proxy::start(&redis);
+    let mut c = Node::start_with("c", &NodeOptions::url(proxy.url())).await;
+    let _early = c.connect("/ws?id=early").await;
+    let mut b1 = b.connect("/ws?id=b1").await;
+    wait_key(&redis, "sbtest:loc:early", true).await;
+    let member = redis
+        .members()
+        .into_iter()
+        .find(|m| m.starts_with("c#"))
+        .expect("c's member");
+
+    // c registers many IDs and its link to Redis stalls in the middle:
+    // its location writes wait in the network.
+    proxy.hold_from("SADD");
+    let mut clients = Vec::new();
+    for batch in 0..IDS / 20 {
+        clients.extend(
+            futures_util::future::join_all(
+                (0..20).map(|j| c.connect_owned(format!("/ws?id=late-{}", batch * 20 + j))),
+            )
+            .await,
+        );
+    }
+    wait_for("c's presence writes held back", WAIT, || async {
+        let held = proxy.held();
+        held.windows(16)
+            .any(|w| w == b"sbtest:loc:late-")
+            .then_some(())
+    })
+    .await;
+    // c is killed with its writes in flight; its presence expires and a
+    // survivor removes it.
+    c.proc.signal("-KILL");
+    c.exit_within(WAIT);
+    drop(clients);
+    wait_for("c's member removed by a survivor", TTL * 4, || async {
+        (!redis.members().contains(&member)).then_some(())
+    })
+    .await;
+    // Only then do its writes reach Redis.
+    proxy.release();
+    let report = a.send(json!(["b1", "late-0"]), json!("meanwhile")).await;
+    assert_eq!(report["delivered"], json!(["b1"]), "{report}");
+    assert_eq!(next_text(&mut b1).await, r#""meanwhile""#);
+
+    // After the TTL and a cleanup, nothing of c is left in Redis.
+    let deadline = Instant::now() + TTL * 4;
+    loop {
+        let traces = redis.traces_of("c");
+        if traces.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} traces of the dead node c left in Redis, e.g. {:?}",
+            traces.len(),
+            &traces[..traces.len().min(5)]
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let report = b.send(json!(["late-1", "early"]), json!("gone")).await;
+    assert_eq!(report["offline"], json!(["late-1", "early"]), "{report}");
 }
 
 // ---------------------------------------------------------------------------

@@ -7,6 +7,7 @@ use std::collections::HashSet;
 use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
+use std::time::Instant;
 
 use ::redis::aio::MultiplexedConnection;
 use ::redis::{AsyncConnectionConfig, PushInfo, Value};
@@ -149,6 +150,8 @@ pub(super) async fn connect(
         subscribed: HashSet::new(),
         ended_tx,
         clock_offset_ms: 0,
+        deadline_ms: 0,
+        last_beat: Instant::now(),
     };
     let setup = async {
         ::redis::cmd("CLIENT")
@@ -190,7 +193,7 @@ pub(super) async fn connect(
             .into_iter()
             .map(|c| c.id)
             .collect();
-        write_presence(shared, &session, ids).await?;
+        write_presence(shared, &mut session, ids).await?;
         // Our earlier lives, now that this one is registered (so an ID here
         // never looks offline in between): mark them dead, so that the next
         // cleanup removes their presence (`XX`: not if a cleanup already did).

@@ -300,6 +300,10 @@ struct Session {
     ended_tx: watch::Sender<bool>,
     /// Redis time minus local time, in ms, from the last `TIME`.
     clock_offset_ms: i64,
+    /// The deadline (Redis time, ms) the last heartbeat wrote.
+    deadline_ms: i64,
+    /// When the last heartbeat was sent.
+    last_beat: Instant,
 }
 
 fn err(message: impl Into<String>) -> ::redis::RedisError {
