@@ -86,6 +86,15 @@ impl Shared {
             // unconfirmed: delivering here could deliver twice.
             return;
         }
+        if self.since_start_ms(Instant::now()) > epoch.alive_until_ms.load(Ordering::Acquire) {
+            // This member's presence has expired as far as the other nodes
+            // can tell (this node was frozen or starved for longer than its
+            // TTL): a sender may have reported these targets offline
+            // already. Neither deliver nor answer; a sender still waiting
+            // reports them unconfirmed.
+            self.stats.expired_drops.add(1);
+            return;
+        }
         let mut ack = Header::new(Kind::Ack, header.r, &epoch.member);
         match header.k {
             Kind::Send => {
@@ -143,6 +152,13 @@ impl Shared {
     }
 
     pub(super) fn route_reply(&self, request: u64, reply: Reply) {
+        {
+            // Whoever answers, even too late, is no longer suspect.
+            let mut suspects = self.suspects.lock();
+            if !suspects.is_empty() {
+                suspects.remove(&reply.from);
+            }
+        }
         if let Some(tx) = self.pending.lock().get(&request) {
             let _ = tx.send(reply);
         }
@@ -262,6 +278,50 @@ impl Shared {
         replies
     }
 
+    /// Collects the answers `waiting` is owed until `deadline`, removing
+    /// each member once it has answered; what is left in `waiting` did not
+    /// answer in time. Members that let an earlier request time out and
+    /// have not answered anything since (suspects: a frozen or overloaded
+    /// node) are waited for only [`Shared::suspect_wait`]: a node that hangs
+    /// costs each sender one request timeout, not one per message.
+    async fn collect_from(
+        &self,
+        rx: &mut mpsc::UnboundedReceiver<Reply>,
+        waiting: &mut HashMap<&str, (usize, &[usize])>,
+        deadline: tokio::time::Instant,
+    ) -> Vec<Reply> {
+        let short = tokio::time::Instant::now() + self.suspect_wait();
+        let mut replies = Vec::with_capacity(waiting.len());
+        while !waiting.is_empty() {
+            let only_suspects = {
+                let suspects = self.suspects.lock();
+                waiting.keys().all(|member| suspects.contains(*member))
+            };
+            let until = if only_suspects {
+                deadline.min(short)
+            } else {
+                deadline
+            };
+            match tokio::time::timeout_at(until, rx.recv()).await {
+                Ok(Some(reply)) => {
+                    if let Some((owed, _)) = waiting.get_mut(reply.from.as_str()) {
+                        *owed = owed.saturating_sub(1);
+                        if *owed == 0 {
+                            waiting.remove(reply.from.as_str());
+                        }
+                    }
+                    replies.push(reply);
+                }
+                Ok(None) => break,
+                Err(_) => {
+                    self.stats.ack_timeouts.add(1);
+                    break;
+                }
+            }
+        }
+        replies
+    }
+
     pub(super) async fn send_remote(
         &self,
         targets: &[ClientId],
@@ -309,13 +369,12 @@ impl Shared {
             let counts = tokio::time::timeout_at(deadline, self.publish_each(&link, messages))
                 .await
                 .unwrap_or_else(|_| vec![None; located.len()]);
-            let mut expected = 0;
-            let mut waiting: HashMap<&str, &[usize]> = HashMap::new();
+            // Member → (answers it owes, its targets).
+            let mut waiting: HashMap<&str, (usize, &[usize])> = HashMap::new();
             for ((member, indexes), count) in located.iter().zip(&counts) {
                 match count {
                     Some(c) if *c > 0 => {
-                        expected += *c as usize;
-                        waiting.insert(member, indexes);
+                        waiting.insert(member, (*c as usize, indexes));
                     }
                     // Nobody listens on that member's channel although its
                     // presence has not expired (checked by `locate`): a node
@@ -324,8 +383,8 @@ impl Shared {
                     _ => indexes.iter().for_each(|&i| unknown[i] = true),
                 }
             }
-            for reply in self.collect(&mut rx, expected, deadline).await {
-                waiting.remove(reply.from.as_str());
+            let replies = self.collect_from(&mut rx, &mut waiting, deadline).await;
+            for reply in replies {
                 report.connections += reply.count;
                 for i in reply.delivered.into_iter().filter(|&i| i < n) {
                     delivered[i] = true;
@@ -334,8 +393,12 @@ impl Shared {
                     dropped[i] = true;
                 }
             }
-            for indexes in waiting.values() {
-                indexes.iter().for_each(|&i| unknown[i] = true);
+            if !waiting.is_empty() {
+                let mut suspects = self.suspects.lock();
+                for (member, (_, indexes)) in waiting {
+                    indexes.iter().for_each(|&i| unknown[i] = true);
+                    suspects.insert(member.to_owned());
+                }
             }
             Ok(())
         }

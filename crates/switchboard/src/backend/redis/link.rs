@@ -121,6 +121,7 @@ pub(super) async fn connect(
         ended: AtomicBool::new(false),
         lost: Notify::new(),
         acks: acks_tx,
+        alive_until_ms: AtomicU64::new(0),
     });
     let weak: Weak<Shared> = Arc::downgrade(shared);
     let on_push = {

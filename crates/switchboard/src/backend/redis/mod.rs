@@ -90,6 +90,11 @@ const BATCH: usize = 500;
 /// Answers waiting to be published; past it an answer is dropped and the
 /// sender reports its targets unconfirmed.
 const ACK_QUEUE: usize = 16_384;
+/// How long a send waits for a node that let an earlier request time out
+/// and has not answered anything since, as a fraction of the request
+/// timeout (at least [`MIN_SUSPECT_WAIT`]).
+const SUSPECT_WAIT_DIVISOR: u32 = 10;
+const MIN_SUSPECT_WAIT: Duration = Duration::from_millis(10);
 
 /// Why the Redis backend stopped for good (it does not reconnect).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -127,6 +132,13 @@ struct Epoch {
     ended: AtomicBool,
     lost: Notify,
     acks: mpsc::Sender<(String, Vec<u8>)>,
+    /// Until when (ms since [`Shared::started`]) this member surely counts
+    /// as alive for the other nodes: a little before the deadline its last
+    /// heartbeat wrote. Past it, other nodes may report its IDs offline,
+    /// so it delivers nothing more from them (a node frozen for longer than
+    /// its TTL does not deliver, when it resumes, what was reported to the
+    /// senders as not delivered).
+    alive_until_ms: AtomicU64,
 }
 
 /// What changed locally since the last flush, while connected. A set (each
@@ -173,6 +185,9 @@ struct Shared {
     /// Member → until when it is alive (from the last heartbeat read, and
     /// from the checks of members it did not have).
     live: Mutex<HashMap<String, Instant>>,
+    /// Members that let a request time out and have not answered anything
+    /// since: a send waits for them only briefly.
+    suspects: Mutex<HashSet<String>>,
     pending: Mutex<HashMap<u64, mpsc::UnboundedSender<Reply>>>,
     next_request: AtomicU64,
     resync: Mutex<Resync>,
@@ -180,6 +195,7 @@ struct Shared {
     stop: watch::Sender<bool>,
     /// Set once when the backend stops for good.
     failure: watch::Sender<Option<RedisFailure>>,
+    started: Instant,
     stats: Stats,
 }
 
@@ -217,6 +233,11 @@ impl Shared {
             .lock()
             .get(member)
             .is_some_and(|until| *until > Instant::now())
+    }
+
+    /// Milliseconds since this backend started (for [`Epoch::alive_until_ms`]).
+    fn since_start_ms(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.started).as_millis() as u64
     }
 
     fn mark_id(&self, id: &ClientId) {
@@ -266,6 +287,12 @@ impl Shared {
         tracing::error!(node = %self.config.node_id, "{failure}");
         *self.last_error.lock() = Some(failure.to_string());
         self.failure.send_replace(Some(failure));
+    }
+
+    /// How long a send waits for the answer of a member that let an
+    /// earlier request time out.
+    fn suspect_wait(&self) -> Duration {
+        (self.config.request_timeout / SUSPECT_WAIT_DIVISOR).max(MIN_SUSPECT_WAIT)
     }
 
     fn set_error(&self, message: String) {
@@ -353,12 +380,14 @@ impl RedisBackend {
             link: RwLock::new(None),
             last_error: Mutex::new(Some("connecting to redis".to_owned())),
             live: Mutex::new(HashMap::new()),
+            suspects: Mutex::new(HashSet::new()),
             pending: Mutex::new(HashMap::new()),
             next_request: AtomicU64::new(1),
             resync: Mutex::new(Resync::default()),
             wake: Notify::new(),
             stop,
             failure,
+            started: Instant::now(),
             stats: Stats::default(),
         });
         let supervisor = tokio::spawn(supervise(Arc::clone(&shared)));

@@ -24,6 +24,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use ::redis::Value;
@@ -105,7 +106,8 @@ pub(super) async fn heartbeat(
     session: &mut Session,
     first: bool,
 ) -> Result<(u64, Vec<(String, u64)>), ::redis::RedisError> {
-    let ttl_ms = shared.config.presence_ttl.as_millis() as i64;
+    let ttl = shared.config.presence_ttl;
+    let ttl_ms = ttl.as_millis() as i64;
     let mut conn = session.link.conn.clone();
     if first {
         let time: Value = ::redis::cmd("TIME").query_async(&mut conn).await?;
@@ -142,12 +144,23 @@ pub(super) async fn heartbeat(
         // written is removed with the rest: the member is marked stale.)
         return Err(err("this node's presence expired; re-registering"));
     }
+    // Other nodes count this member alive until `deadline` (Redis time);
+    // a little margin for the clock offset's error.
+    let alive_until = sent_at + ttl.saturating_sub(ttl / 20);
+    session
+        .epoch
+        .alive_until_ms
+        .store(shared.since_start_ms(alive_until), Ordering::Release);
     let members = scored(nodes);
     let mut live = HashMap::with_capacity(members.len());
     for (member, until) in &members {
         let left = Duration::from_millis(until.saturating_sub(now));
         live.insert(member.clone(), read_at + left);
     }
+    shared
+        .suspects
+        .lock()
+        .retain(|member| live.get(member).is_some_and(|until| *until > read_at));
     *shared.live.lock() = live;
     Ok((now, members))
 }
