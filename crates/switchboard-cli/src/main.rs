@@ -140,11 +140,39 @@ async fn run(config: Config) -> anyhow::Result<()> {
         shutdown_timeout: config.shutdown_timeout,
         tls: config.tls.clone(),
     };
+    // A Redis backend that stops for good (another running node has this
+    // node ID) shuts the server down like a signal, and the exit code is 2.
+    let backend_failed = {
+        let redis = redis.clone();
+        async move {
+            match redis {
+                Some(backend) => drop(backend.failed().await),
+                None => std::future::pending().await,
+            }
+        }
+    };
+    let signal = shutdown;
+    let shutdown = async {
+        tokio::select! {
+            () = signal => {}
+            () = backend_failed => tracing::info!("shutting down: the redis backend stopped"),
+        }
+    };
     let served = switchboard::serve_with_options(listener, app, hub, shutdown, options).await;
     // Leave the cluster whatever happened: the other nodes then report this
     // node's IDs offline at once instead of after the presence TTL.
     if let Some(backend) = redis {
         backend.shutdown().await;
+        if let Some(failure) = backend.failure() {
+            return Err(ConfigError::Invalid {
+                key: "node_id",
+                message: format!(
+                    "{failure}; set a unique --node-id (node_id in the config file, \
+                     SWITCHBOARD_NODE_ID), or leave it unset: the default is unique"
+                ),
+            }
+            .into());
+        }
     }
     served.context("server failed")?;
     tracing::info!("shut down cleanly");

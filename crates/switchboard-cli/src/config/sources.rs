@@ -56,7 +56,7 @@ pub(crate) struct Cli {
     )]
     pub(crate) backend: Option<BackendKind>,
     /// This node's name in the cluster, unique per node: ASCII letters,
-    /// digits, - _ . : [default: <host name>-<pid>].
+    /// digits, - _ . : [default: HOST-PID-RANDOM, e.g. web1-4242-9f3a1c].
     #[arg(
         long,
         env = "SWITCHBOARD_NODE_ID",

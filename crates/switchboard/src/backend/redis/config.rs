@@ -16,7 +16,10 @@ pub struct RedisConfig {
     /// Redis. Default `switchboard`.
     pub key_prefix: String,
     /// This node's name, unique in the cluster: 1 to 64 ASCII letters,
-    /// digits or `- _ . :`. Default: the host name and the process ID.
+    /// digits or `- _ . :`. Default: the host name, the process ID and a
+    /// random suffix ([`default_node_id`]). A node that finds another
+    /// running process with its node ID on the same Redis and key prefix
+    /// stops ([`RedisBackend::failed`](super::RedisBackend::failed)).
     pub node_id: String,
     /// How long a node that stops refreshing its presence (it was killed, or
     /// lost Redis) is still reported as having its IDs. It refreshes every
@@ -67,7 +70,9 @@ impl RedisConfig {
     }
 }
 
-/// `<host name>-<process ID>`, the default node ID.
+/// `<host name>-<process ID>-<6 random hex digits>`, the default node ID.
+/// The random part keeps it unique where host names and process IDs
+/// repeat: containers, where every server is PID 1.
 pub fn default_node_id() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
@@ -84,7 +89,8 @@ pub fn default_node_id() -> String {
     } else {
         host
     };
-    format!("{host}-{}", std::process::id())
+    let random = super::link::random_u32() & 0x00ff_ffff;
+    format!("{host}-{}-{random:06x}", std::process::id())
 }
 
 /// A [`RedisConfig`] field that cannot be used.
@@ -137,6 +143,11 @@ mod tests {
             bad.validate(),
             Err(RedisConfigError::PresenceTtl(_))
         ));
-        assert!(default_node_id().ends_with(&std::process::id().to_string()));
+        let id = default_node_id();
+        assert!(id.contains(&format!("-{}-", std::process::id())), "{id}");
+        assert_ne!(id, default_node_id(), "the default is unique per call");
+        let mut ok = RedisConfig::new("redis://127.0.0.1:6379/");
+        ok.node_id = id;
+        assert_eq!(ok.validate(), Ok(()));
     }
 }

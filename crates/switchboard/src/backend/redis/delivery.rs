@@ -3,18 +3,20 @@
 //! and what this node does with such messages from other nodes.
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
+use ::redis::aio::MultiplexedConnection;
 use ::redis::{PushInfo, PushKind, Value};
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
-use super::replies::strings;
+use super::replies::{number, strings, time_ms};
 use super::stats::kind_index;
 use super::wire::{Header, Kind, Reply, envelope_of};
-use super::{Epoch, Link, Liveness, Shared};
+use super::{Epoch, Link, Shared, err};
 use crate::backend::SendReport;
 use crate::id::ClientId;
 use crate::protocol::close::{CloseCode, CloseFrame};
@@ -87,6 +89,15 @@ impl Shared {
             // unconfirmed: delivering here could deliver twice.
             return;
         }
+        if self.since_start_ms(Instant::now()) > epoch.alive_until_ms.load(Ordering::Acquire) {
+            // This member's presence has expired as far as the other nodes
+            // can tell (this node was frozen or starved for longer than its
+            // TTL): a sender may have reported these targets offline
+            // already. Neither deliver nor answer; a sender still waiting
+            // reports them unconfirmed.
+            self.stats.expired_drops.add(1);
+            return;
+        }
         let mut ack = Header::new(Kind::Ack, header.r, &epoch.member);
         match header.k {
             Kind::Send => {
@@ -146,6 +157,13 @@ impl Shared {
     }
 
     pub(super) fn route_reply(&self, request: u64, reply: Reply) {
+        {
+            // Whoever answers, even too late, is no longer suspect.
+            let mut suspects = self.suspects.lock();
+            if !suspects.is_empty() {
+                suspects.remove(&reply.from);
+            }
+        }
         if let Some(tx) = self.pending.lock().get(&request) {
             let _ = tx.send(reply);
         }
@@ -167,13 +185,60 @@ impl Shared {
         let mut by_member: BTreeMap<String, Vec<usize>> = BTreeMap::new();
         for (i, reply) in replies.into_iter().enumerate() {
             for member in strings(reply) {
-                if self.is_own(&member) || self.liveness(&member) == Liveness::Dead {
-                    continue;
+                if !self.is_own(&member) {
+                    by_member.entry(member).or_default().push(i);
                 }
-                by_member.entry(member).or_default().push(i);
             }
         }
+        // Members the last heartbeat read does not show alive (a node that
+        // joined or reconnected since, or one whose deadline had passed by
+        // then): ask Redis now rather than judge by an old read, so that a
+        // target is reported offline only when its presence has expired.
+        let unsure: Vec<String> = by_member
+            .keys()
+            .filter(|member| !self.is_live(member))
+            .cloned()
+            .collect();
+        if !unsure.is_empty() {
+            let alive = self.check_alive(&mut conn, &unsure).await?;
+            by_member.retain(|member, _| !unsure.contains(member) || alive.contains(member));
+        }
         Ok(by_member.into_iter().collect())
+    }
+
+    /// Which of `members` are alive now, by their deadlines in `P:nodes`
+    /// (a member not there, or marked by a cleanup, is not); remembers the
+    /// live ones' deadlines until the next heartbeat read.
+    async fn check_alive(
+        &self,
+        conn: &mut MultiplexedConnection,
+        members: &[String],
+    ) -> Result<HashSet<String>, ::redis::RedisError> {
+        let (time, scores): (Value, Value) = ::redis::pipe()
+            .cmd("TIME")
+            .cmd("ZMSCORE")
+            .arg(self.keys.nodes())
+            .arg(members)
+            .query_async(conn)
+            .await?;
+        let read_at = Instant::now();
+        let now = time_ms(&time).ok_or_else(|| err("unexpected TIME reply"))?;
+        let Value::Array(scores) = scores else {
+            return Err(err("unexpected ZMSCORE reply"));
+        };
+        let mut alive = HashSet::new();
+        let mut live = self.live.lock();
+        for (member, score) in members.iter().zip(&scores) {
+            match number(score) {
+                Some(until) if until > now as f64 => {
+                    let left = Duration::from_millis((until as u64).saturating_sub(now));
+                    live.insert(member.clone(), read_at + left);
+                    alive.insert(member.clone());
+                }
+                _ => {}
+            }
+        }
+        Ok(alive)
     }
 
     /// Publishes one message per member; returns each one's receiver count
@@ -208,6 +273,50 @@ impl Shared {
         while replies.len() < expected {
             match tokio::time::timeout_at(deadline, rx.recv()).await {
                 Ok(Some(reply)) => replies.push(reply),
+                Ok(None) => break,
+                Err(_) => {
+                    self.stats.ack_timeouts.add(1);
+                    break;
+                }
+            }
+        }
+        replies
+    }
+
+    /// Collects the answers `waiting` is owed until `deadline`, removing
+    /// each member once it has answered; what is left in `waiting` did not
+    /// answer in time. Members that let an earlier request time out and
+    /// have not answered anything since (suspects: a frozen or overloaded
+    /// node) are waited for only [`Shared::suspect_wait`]: a node that hangs
+    /// costs each sender one request timeout, not one per message.
+    async fn collect_from(
+        &self,
+        rx: &mut mpsc::UnboundedReceiver<Reply>,
+        waiting: &mut HashMap<&str, (usize, &[usize])>,
+        deadline: tokio::time::Instant,
+    ) -> Vec<Reply> {
+        let short = tokio::time::Instant::now() + self.suspect_wait();
+        let mut replies = Vec::with_capacity(waiting.len());
+        while !waiting.is_empty() {
+            let only_suspects = {
+                let suspects = self.suspects.lock();
+                waiting.keys().all(|member| suspects.contains(*member))
+            };
+            let until = if only_suspects {
+                deadline.min(short)
+            } else {
+                deadline
+            };
+            match tokio::time::timeout_at(until, rx.recv()).await {
+                Ok(Some(reply)) => {
+                    if let Some((owed, _)) = waiting.get_mut(reply.from.as_str()) {
+                        *owed = owed.saturating_sub(1);
+                        if *owed == 0 {
+                            waiting.remove(reply.from.as_str());
+                        }
+                    }
+                    replies.push(reply);
+                }
                 Ok(None) => break,
                 Err(_) => {
                     self.stats.ack_timeouts.add(1);
@@ -271,24 +380,22 @@ impl Shared {
             let counts = tokio::time::timeout_at(deadline, self.publish_each(&link, messages))
                 .await
                 .unwrap_or_else(|_| vec![None; located.len()]);
-            let mut expected = 0;
-            let mut waiting: HashMap<&str, &[usize]> = HashMap::new();
+            // Member → (answers it owes, its targets).
+            let mut waiting: HashMap<&str, (usize, &[usize])> = HashMap::new();
             for ((member, indexes), count) in located.iter().zip(&counts) {
                 match count {
                     Some(c) if *c > 0 => {
-                        expected += *c as usize;
-                        waiting.insert(member, indexes);
+                        waiting.insert(member, (*c as usize, indexes));
                     }
-                    // Nobody listens on that member's channel: a node that
-                    // left without cleaning up (its entry was not in the
-                    // last heartbeat read) is offline; a node still within
-                    // its presence TTL may have only lost Redis.
-                    Some(_) if self.liveness(member) == Liveness::Unknown => {}
+                    // Nobody listens on that member's channel although its
+                    // presence has not expired (checked by `locate`): a node
+                    // just killed, or one that lost Redis. Unknown, not
+                    // offline. (Or publishing failed.)
                     _ => indexes.iter().for_each(|&i| unknown[i] = true),
                 }
             }
-            for reply in self.collect(&mut rx, expected, deadline).await {
-                waiting.remove(reply.from.as_str());
+            let replies = self.collect_from(&mut rx, &mut waiting, deadline).await;
+            for reply in replies {
                 report.connections += reply.count;
                 for i in reply.delivered.into_iter().filter(|&i| i < n) {
                     delivered[i] = true;
@@ -300,8 +407,12 @@ impl Shared {
                     retained[i] = true;
                 }
             }
-            for indexes in waiting.values() {
-                indexes.iter().for_each(|&i| unknown[i] = true);
+            if !waiting.is_empty() {
+                let mut suspects = self.suspects.lock();
+                for (member, (_, indexes)) in waiting {
+                    indexes.iter().for_each(|&i| unknown[i] = true);
+                    suspects.insert(member.to_owned());
+                }
             }
             Ok(())
         }

@@ -26,6 +26,13 @@ impl Keys {
     pub(super) fn gc(&self, member: &str) -> String {
         format!("{}:gc:{member}", self.prefix)
     }
+    /// Where a cleanup moves a dead member's hash (`RENAME`) before
+    /// reading it: `{P:ids:<member>}:gc`, in the hash's slot on a cluster
+    /// (the hash tag is the hash's own name, as long as the prefix has no
+    /// braces).
+    pub(super) fn gc_ids(&self, member: &str) -> String {
+        format!("{{{}}}:gc", self.ids(member))
+    }
     pub(super) fn node_channel(&self, member: &str) -> String {
         format!("{}:n:{member}", self.prefix)
     }

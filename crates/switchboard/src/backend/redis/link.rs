@@ -7,18 +7,34 @@ use std::collections::HashSet;
 use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
+use std::time::Instant;
 
 use ::redis::aio::MultiplexedConnection;
-use ::redis::{AsyncConnectionConfig, PushInfo};
+use ::redis::{AsyncConnectionConfig, PushInfo, Value};
 use tokio::sync::{Notify, mpsc, watch};
 
 use super::presence::{collect_garbage, heartbeat, leave, write_presence};
+use super::replies::number;
 use super::topics::subscribe_topics;
 use super::wire::Kind;
 use super::{
-    ACK_QUEUE, Epoch, Link, MAX_BACKOFF, MIN_BACKOFF, Session, Shared, TaskGuard, local_ms,
+    ACK_QUEUE, Epoch, Link, MAX_BACKOFF, MIN_BACKOFF, RedisFailure, Session, Shared, TaskGuard,
+    local_ms,
 };
 use crate::id::{ClientId, Topic};
+
+/// Why a connection attempt failed.
+pub(super) enum ConnectError {
+    Redis(::redis::RedisError),
+    /// Another running process has this node ID: stop for good.
+    Twin(RedisFailure),
+}
+
+impl From<::redis::RedisError> for ConnectError {
+    fn from(error: ::redis::RedisError) -> Self {
+        Self::Redis(error)
+    }
+}
 
 /// Why a connected session ended.
 pub(super) enum Ended {
@@ -37,7 +53,8 @@ pub(super) async fn supervise(shared: Arc<Shared>) {
         if *stop.borrow() {
             return;
         }
-        let member: Arc<str> = Arc::from(format!("{}#{}", shared.config.node_id, random_epoch()));
+        let epoch = shared.epochs.fetch_add(1, Ordering::Relaxed) + 1;
+        let member: Arc<str> = Arc::from(format!("{}{epoch}", shared.own_prefix));
         let connect = connect(&shared, Arc::clone(&member), &stale);
         let attempt = tokio::select! {
             attempt = connect => attempt,
@@ -53,6 +70,7 @@ pub(super) async fn supervise(shared: Arc<Shared>) {
                 tracing::info!(node = %shared.config.node_id, member = %session.link.member, "connected to redis");
                 let ended = run(&shared, &mut session, &mut stop).await;
                 *shared.link.write() = None;
+                shared.stop_recording();
                 session.epoch.ended.store(true, Ordering::Release);
                 let _ = session.ended_tx.send(true);
                 stale.push(member);
@@ -64,7 +82,13 @@ pub(super) async fn supervise(shared: Arc<Shared>) {
                     }
                 }
             }
-            Err(error) => {
+            Err(ConnectError::Twin(failure)) => {
+                shared.stop_recording();
+                shared.fail(failure);
+                return;
+            }
+            Err(ConnectError::Redis(error)) => {
+                shared.stop_recording();
                 // It may have registered part of its presence. (Bounded: the
                 // presence of a member not marked expires with its TTL anyway.)
                 if stale.len() < 16 {
@@ -89,7 +113,7 @@ pub(super) async fn connect(
     shared: &Arc<Shared>,
     member: Arc<str>,
     stale: &[Arc<str>],
-) -> Result<Session, ::redis::RedisError> {
+) -> Result<Session, ConnectError> {
     let timeout = shared.config.request_timeout;
     let (acks_tx, acks_rx) = mpsc::channel(ACK_QUEUE);
     let epoch = Arc::new(Epoch {
@@ -97,6 +121,7 @@ pub(super) async fn connect(
         ended: AtomicBool::new(false),
         lost: Notify::new(),
         acks: acks_tx,
+        alive_until_ms: AtomicU64::new(0),
     });
     let weak: Weak<Shared> = Arc::downgrade(shared);
     let on_push = {
@@ -126,6 +151,8 @@ pub(super) async fn connect(
         subscribed: HashSet::new(),
         ended_tx,
         clock_offset_ms: 0,
+        deadline_ms: 0,
+        last_beat: Instant::now(),
     };
     let setup = async {
         ::redis::cmd("CLIENT")
@@ -133,24 +160,41 @@ pub(super) async fn connect(
             .arg(format!("switchboard:{member}"))
             .exec_async(&mut conn)
             .await?;
-        heartbeat(shared, &mut session, true).await?;
+        // The inbox before the heartbeat: a member other nodes can see
+        // always has a listener while its connection lives (which is how a
+        // twin tells a running process from a dead one, below).
         ::redis::cmd("SSUBSCRIBE")
             .arg(shared.keys.node_channel(&member))
             .exec_async(&mut conn)
             .await?;
+        let (_, members) = heartbeat(shared, &mut session, true).await?;
+        if let Some(other) = find_twin(shared, &mut conn, &members).await? {
+            // Leave no trace: nothing but the heartbeat was written.
+            let _ = ::redis::cmd("ZREM")
+                .arg(shared.keys.nodes())
+                .arg(member.as_ref())
+                .exec_async(&mut conn)
+                .await;
+            return Err(ConnectError::Twin(RedisFailure::NodeIdInUse {
+                node_id: shared.config.node_id.clone(),
+                other,
+                key_prefix: shared.config.key_prefix.clone(),
+            }));
+        }
+        // Changes from here on are recorded; everything before is in what
+        // is read below.
+        shared.start_recording();
         // Subscriptions first, then presence: from the moment other nodes
         // can find an ID here, its messages have a listener.
-        shared.dirty_topics.lock().clear();
         let topics = shared.local.topic_names();
         subscribe_topics(shared, &mut session, topics).await?;
-        shared.dirty_ids.lock().clear();
         let ids: Vec<ClientId> = shared
             .local
             .clients_now()
             .into_iter()
             .map(|c| c.id)
             .collect();
-        write_presence(shared, &session, ids).await?;
+        write_presence(shared, &mut session, ids).await?;
         // Our earlier lives, now that this one is registered (so an ID here
         // never looks offline in between): mark them dead, so that the next
         // cleanup removes their presence (`XX`: not if a cleanup already did).
@@ -163,12 +207,57 @@ pub(super) async fn connect(
                 .exec_async(&mut conn)
                 .await?;
         }
-        Ok::<_, ::redis::RedisError>(())
+        Ok::<_, ConnectError>(())
     };
     setup.await?;
     let acker_shared = Arc::clone(shared);
     tokio::spawn(acker(acker_shared, conn, acks_rx, ended_rx));
     Ok(session)
+}
+
+/// Another running process with this node ID, among the members of
+/// `P:nodes`: a member named like this node but not of this process, whose
+/// inbox has a listener (a live connection, even of a process frozen past
+/// its deadline). A member whose inbox has none belongs to a process that
+/// is gone (a node restarted after a crash, within its predecessor's TTL)
+/// or to an earlier connection of one that is reconnecting (which then
+/// finds this node, and refuses): not a reason to refuse.
+///
+/// Each process subscribes to its inbox, then adds its member, then reads
+/// the members: of two starting at once, at least the second to add its
+/// member sees the first.
+async fn find_twin(
+    shared: &Shared,
+    conn: &mut MultiplexedConnection,
+    members: &[(String, u64)],
+) -> Result<Option<String>, ::redis::RedisError> {
+    let candidates: Vec<&String> = members
+        .iter()
+        .filter(|(member, _)| shared.is_twin(member))
+        .map(|(member, _)| member)
+        .collect();
+    if candidates.is_empty() {
+        return Ok(None);
+    }
+    let mut pipe = ::redis::pipe();
+    for member in &candidates {
+        pipe.cmd("PUBSUB")
+            .arg("SHARDNUMSUB")
+            .arg(shared.keys.node_channel(member));
+    }
+    let replies: Vec<Value> = pipe.query_async(conn).await?;
+    for (member, reply) in candidates.into_iter().zip(replies) {
+        // [channel, count]
+        let listeners = match &reply {
+            Value::Array(items) => items.get(1).and_then(number).unwrap_or(0.0),
+            Value::Map(pairs) => pairs.first().and_then(|(_, n)| number(n)).unwrap_or(0.0),
+            _ => 0.0,
+        };
+        if listeners > 0.0 {
+            return Ok(Some(member.clone()));
+        }
+    }
+    Ok(None)
 }
 
 /// Publishes the answers queued by the reader, in batches; ends with its
@@ -242,18 +331,28 @@ pub(super) async fn flush(
     shared: &Shared,
     session: &mut Session,
 ) -> Result<(), ::redis::RedisError> {
-    let topics: Vec<Topic> = shared.dirty_topics.lock().drain().collect();
+    // Taken whole, so that a burst of changes leaves no capacity behind.
+    let topics: Vec<Topic> = std::mem::take(&mut shared.resync.lock().topics)
+        .into_iter()
+        .collect();
     if !topics.is_empty() {
         subscribe_topics(shared, session, topics).await?;
     }
-    let ids: Vec<ClientId> = shared.dirty_ids.lock().drain().collect();
+    let ids: Vec<ClientId> = std::mem::take(&mut shared.resync.lock().ids)
+        .into_iter()
+        .collect();
     if !ids.is_empty() {
         write_presence(shared, session, ids).await?;
     }
     Ok(())
 }
 
-pub(super) fn random_epoch() -> String {
+/// A random token of 8 hex digits: this process's part of its members.
+pub(super) fn random_token() -> String {
+    format!("{:08x}", random_u32())
+}
+
+pub(super) fn random_u32() -> u32 {
     static N: AtomicU64 = AtomicU64::new(0);
     let seed = (
         std::time::SystemTime::now()
@@ -263,5 +362,5 @@ pub(super) fn random_epoch() -> String {
         N.fetch_add(1, Ordering::Relaxed),
         std::process::id(),
     );
-    format!("{:08x}", RandomState::new().hash_one(seed) as u32)
+    RandomState::new().hash_one(seed) as u32
 }

@@ -33,10 +33,13 @@
 //! | node inbox | shard channel `P:n:<member>` (`SSUBSCRIBE` / `SPUBLISH`) | sends, closes, answers |
 //! | topic | shard channel `P:t:<topic>` | subscribed while the node has a subscriber |
 //!
-//! A *member* is the node ID plus a random epoch that changes on every
+//! A *member* is `node_id#instance.epoch`: the node ID, a random token
+//! drawn once per process, and a number that changes on every
 //! (re)connection to Redis; after a reconnection the node writes its
 //! presence again under its new member and the old one is removed, so a
-//! cleanup of a dead member can never erase a live one.
+//! cleanup of a dead member can never erase a live one. A second process
+//! with the same node ID is told apart by its token, and refuses to run
+//! (see [`RedisBackend::failed`]).
 //!
 //! A send looks up each target's members (`SMEMBERS`, pipelined), publishes
 //! one message per member node (`SPUBLISH`), and waits for each node's
@@ -46,7 +49,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use ::redis::aio::MultiplexedConnection;
@@ -90,6 +93,33 @@ const BATCH: usize = 500;
 /// Answers waiting to be published; past it an answer is dropped and the
 /// sender reports its targets unconfirmed.
 const ACK_QUEUE: usize = 16_384;
+/// How long a send waits for a node that let an earlier request time out
+/// and has not answered anything since, as a fraction of the request
+/// timeout (at least [`MIN_SUSPECT_WAIT`]).
+const SUSPECT_WAIT_DIVISOR: u32 = 10;
+const MIN_SUSPECT_WAIT: Duration = Duration::from_millis(10);
+
+/// Why the Redis backend stopped for good (it does not reconnect).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RedisFailure {
+    /// Another running process registered the same node ID on the same
+    /// Redis and key prefix. Two processes with one node ID would each
+    /// take the other's messages for their own; the one that finds the
+    /// other refuses to run.
+    #[error(
+        "node id {node_id:?} is already used by another running node on this redis \
+         (its member {other:?}, key prefix {key_prefix:?}): every node needs its own node id"
+    )]
+    NodeIdInUse {
+        /// This node's ID.
+        node_id: String,
+        /// The other process's member (`node_id#instance.epoch`).
+        other: String,
+        /// The key prefix both use.
+        key_prefix: String,
+    },
+}
 
 /// The current connection to Redis and the member name it registered.
 #[derive(Clone)]
@@ -105,6 +135,24 @@ struct Epoch {
     ended: AtomicBool,
     lost: Notify,
     acks: mpsc::Sender<(String, Vec<u8>)>,
+    /// Until when (ms since [`Shared::started`]) this member surely counts
+    /// as alive for the other nodes: a little before the deadline its last
+    /// heartbeat wrote. Past it, other nodes may report its IDs offline,
+    /// so it delivers nothing more from them (a node frozen for longer than
+    /// its TTL does not deliver, when it resumes, what was reported to the
+    /// senders as not delivered).
+    alive_until_ms: AtomicU64,
+}
+
+/// What changed locally since the last flush, while connected. A set (each
+/// ID or topic once, whatever its number of changes), and nothing is
+/// recorded while disconnected: a (re)connection writes the whole local
+/// state under its new member anyway.
+#[derive(Default)]
+struct Resync {
+    recording: bool,
+    ids: HashSet<ClientId>,
+    topics: HashSet<Topic>,
 }
 
 /// Counts a background task for as long as it lives.
@@ -127,19 +175,30 @@ struct Shared {
     config: RedisConfig,
     client: ::redis::Client,
     keys: Keys,
-    /// `node_id#`: members of this node, whatever their epoch.
+    /// `node_id#`: members named like this node (this process's, or a
+    /// twin's).
+    node_prefix: String,
+    /// `node_id#instance.`: this process's members, whatever their epoch.
     own_prefix: String,
+    /// The last epoch number used.
+    epochs: AtomicU32,
     local: MemoryBackend,
     link: RwLock<Option<Link>>,
     last_error: Mutex<Option<String>>,
-    /// Member → until when it is alive (from the last heartbeat read).
+    /// Member → until when it is alive (from the last heartbeat read, and
+    /// from the checks of members it did not have).
     live: Mutex<HashMap<String, Instant>>,
+    /// Members that let a request time out and have not answered anything
+    /// since: a send waits for them only briefly.
+    suspects: Mutex<HashSet<String>>,
     pending: Mutex<HashMap<u64, mpsc::UnboundedSender<Reply>>>,
     next_request: AtomicU64,
-    dirty_ids: Mutex<HashSet<ClientId>>,
-    dirty_topics: Mutex<HashSet<Topic>>,
+    resync: Mutex<Resync>,
     wake: Notify,
     stop: watch::Sender<bool>,
+    /// Set once when the backend stops for good.
+    failure: watch::Sender<Option<RedisFailure>>,
+    started: Instant,
     stats: Stats,
 }
 
@@ -155,14 +214,6 @@ impl Drop for PendingGuard<'_> {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Liveness {
-    Live,
-    Dead,
-    /// Not in the last heartbeat read (a node that joined since): tried.
-    Unknown,
-}
-
 impl Shared {
     fn link(&self) -> Option<Link> {
         self.link.read().clone()
@@ -172,22 +223,79 @@ impl Shared {
         member.starts_with(&self.own_prefix)
     }
 
-    fn liveness(&self, member: &str) -> Liveness {
-        match self.live.lock().get(member) {
-            Some(until) if *until > Instant::now() => Liveness::Live,
-            Some(_) => Liveness::Dead,
-            None => Liveness::Unknown,
-        }
+    /// A member of another process with this node's ID.
+    fn is_twin(&self, member: &str) -> bool {
+        member.starts_with(&self.node_prefix) && !self.is_own(member)
+    }
+
+    /// Whether `member` was alive in the last heartbeat read (or the last
+    /// check) and its deadline has not passed since. `false` says nothing
+    /// for sure: a member that joined since is not known yet.
+    fn is_live(&self, member: &str) -> bool {
+        self.live
+            .lock()
+            .get(member)
+            .is_some_and(|until| *until > Instant::now())
+    }
+
+    /// Milliseconds since this backend started (for [`Epoch::alive_until_ms`]).
+    fn since_start_ms(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.started).as_millis() as u64
     }
 
     fn mark_id(&self, id: &ClientId) {
-        self.dirty_ids.lock().insert(id.clone());
-        self.wake.notify_one();
+        let mut resync = self.resync.lock();
+        if resync.recording {
+            resync.ids.insert(id.clone());
+            drop(resync);
+            self.wake.notify_one();
+        }
     }
 
     fn mark_topic(&self, topic: &Topic) {
-        self.dirty_topics.lock().insert(topic.clone());
-        self.wake.notify_one();
+        let mut resync = self.resync.lock();
+        if resync.recording {
+            resync.topics.insert(topic.clone());
+            drop(resync);
+            self.wake.notify_one();
+        }
+    }
+
+    /// From now on, record changes (a connection is about to read the whole
+    /// local state: what changes after this is recorded, what changed
+    /// before is in what it reads).
+    fn start_recording(&self) {
+        let mut resync = self.resync.lock();
+        resync.recording = true;
+        resync.ids.clear();
+        resync.topics.clear();
+    }
+
+    /// The connection is gone: the next one writes the whole state.
+    fn stop_recording(&self) {
+        let mut resync = self.resync.lock();
+        resync.recording = false;
+        resync.ids = HashSet::new();
+        resync.topics = HashSet::new();
+    }
+
+    /// IDs and topics whose state is still to be written to Redis.
+    fn resync_pending(&self) -> usize {
+        let resync = self.resync.lock();
+        resync.ids.len() + resync.topics.len()
+    }
+
+    /// Stops the backend for good with `failure`.
+    fn fail(&self, failure: RedisFailure) {
+        tracing::error!(node = %self.config.node_id, "{failure}");
+        *self.last_error.lock() = Some(failure.to_string());
+        self.failure.send_replace(Some(failure));
+    }
+
+    /// How long a send waits for the answer of a member that let an
+    /// earlier request time out.
+    fn suspect_wait(&self) -> Duration {
+        (self.config.request_timeout / SUSPECT_WAIT_DIVISOR).max(MIN_SUSPECT_WAIT)
     }
 
     fn set_error(&self, message: String) {
@@ -222,6 +330,10 @@ struct Session {
     ended_tx: watch::Sender<bool>,
     /// Redis time minus local time, in ms, from the last `TIME`.
     clock_offset_ms: i64,
+    /// The deadline (Redis time, ms) the last heartbeat wrote.
+    deadline_ms: i64,
+    /// When the last heartbeat was sent.
+    last_beat: Instant,
 }
 
 fn err(message: impl Into<String>) -> ::redis::RedisError {
@@ -272,21 +384,26 @@ impl RedisBackend {
             message: err.to_string(),
         })?;
         let (stop, _) = watch::channel(false);
+        let (failure, _) = watch::channel(None);
         let shared = Arc::new(Shared {
             keys: Keys::new(&config.key_prefix),
-            own_prefix: format!("{}#", config.node_id),
+            node_prefix: format!("{}#", config.node_id),
+            own_prefix: format!("{}#{}.", config.node_id, link::random_token()),
+            epochs: AtomicU32::new(0),
             config,
             client,
             local: MemoryBackend::with_v1(limits.duplicate_ids, &limits.v1),
             link: RwLock::new(None),
             last_error: Mutex::new(Some("connecting to redis".to_owned())),
             live: Mutex::new(HashMap::new()),
+            suspects: Mutex::new(HashSet::new()),
             pending: Mutex::new(HashMap::new()),
             next_request: AtomicU64::new(1),
-            dirty_ids: Mutex::new(HashSet::new()),
-            dirty_topics: Mutex::new(HashSet::new()),
+            resync: Mutex::new(Resync::default()),
             wake: Notify::new(),
             stop,
+            failure,
+            started: Instant::now(),
             stats: Stats::default(),
         });
         let supervisor = tokio::spawn(supervise(Arc::clone(&shared)));
@@ -304,6 +421,30 @@ impl RedisBackend {
     /// Whether the node is connected to Redis and registered.
     pub fn is_connected(&self) -> bool {
         self.shared.link.read().is_some()
+    }
+
+    /// Why the backend stopped for good, if it did.
+    pub fn failure(&self) -> Option<RedisFailure> {
+        self.shared.failure.borrow().clone()
+    }
+
+    /// Resolves once the backend has stopped for good, which it does only
+    /// when another running process uses this node ID on the same Redis
+    /// and key prefix ([`RedisFailure::NodeIdInUse`], found when this node
+    /// connects or reconnects, before it registers anything). The node then
+    /// serves its own clients only, reported degraded; a server should
+    /// shut down (the `switchboard` binary exits with code 2). Pending
+    /// forever otherwise.
+    pub async fn failed(&self) -> RedisFailure {
+        let mut failure = self.shared.failure.subscribe();
+        loop {
+            if let Some(failure) = failure.borrow_and_update().clone() {
+                return failure;
+            }
+            if failure.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
     }
 
     /// Leaves the cluster: removes this node's presence (its IDs are

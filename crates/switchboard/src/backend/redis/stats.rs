@@ -19,6 +19,7 @@ pub(super) struct Stats {
     pub(super) invalid: Counter,
     pub(super) remote_deliveries: Counter,
     pub(super) unconfirmed_publishes: Counter,
+    pub(super) expired_drops: Counter,
     pub(super) tasks: AtomicI64,
 }
 
@@ -83,6 +84,12 @@ impl Stats {
             shared.pending.lock().len().to_string(),
         );
         line(
+            "switchboard_redis_resync_pending",
+            "gauge",
+            "IDs and topics changed locally whose state is still to be written to Redis.",
+            shared.resync_pending().to_string(),
+        );
+        line(
             "switchboard_redis_tasks",
             "gauge",
             "Background tasks of the redis backend (2 while connected).",
@@ -111,6 +118,18 @@ impl Stats {
             "counter",
             "Topic publishes that could not reach or hear from every node.",
             s.unconfirmed_publishes.get().to_string(),
+        );
+        line(
+            "switchboard_redis_unresponsive_nodes",
+            "gauge",
+            "Nodes that let a request time out and have not answered since (sends wait for them only briefly).",
+            shared.suspects.lock().len().to_string(),
+        );
+        line(
+            "switchboard_redis_expired_messages_total",
+            "counter",
+            "Messages from other nodes neither delivered nor answered because this node's presence had expired (it was frozen or starved for longer than its TTL).",
+            s.expired_drops.get().to_string(),
         );
         line(
             "switchboard_redis_invalid_messages_total",
