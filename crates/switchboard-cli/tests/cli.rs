@@ -886,22 +886,25 @@ fn unknown_v1_key_exits_2_naming_it() {
     assert_config_error("[v1]\ninbox_ttl = \"soon\"\n", &["inbox_ttl"]);
 }
 
-#[tokio::test]
-async fn the_v1_table_sets_the_hello_deadline() {
+/// A `switchboard.v1` connection to `path` (no hello sent yet).
+async fn connect_v1(server: &Server, path: &str) -> support::Client {
     use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
-    let file = TempFile::config("[v1]\nhello_timeout = \"300ms\"\ninbox_size = 7\n");
-    let server = Server::start(&["--config", file.path()]);
-    let mut request = server
-        .ws_url("/ws?id=late")
-        .into_client_request()
-        .expect("request");
+    let mut request = server.ws_url(path).into_client_request().expect("request");
     request.headers_mut().insert(
         "sec-websocket-protocol",
         "switchboard.v1".parse().expect("header value"),
     );
-    let (mut client, _) = tokio_tungstenite::connect_async(request)
+    tokio_tungstenite::connect_async(request)
         .await
-        .expect("connect");
+        .expect("connect")
+        .0
+}
+
+#[tokio::test]
+async fn the_v1_table_sets_the_hello_deadline() {
+    let file = TempFile::config("[v1]\nhello_timeout = \"300ms\"\ninbox_size = 7\n");
+    let server = Server::start(&["--config", file.path()]);
+    let mut client = connect_v1(&server, "/ws?id=late").await;
     let started = Instant::now();
     let closed = loop {
         match tokio::time::timeout(WAIT, client.next()).await {
@@ -918,17 +921,7 @@ async fn the_v1_table_sets_the_hello_deadline() {
     );
 
     // And the inbox size reaches the welcome.
-    let mut request = server
-        .ws_url("/ws?id=on-time")
-        .into_client_request()
-        .expect("request");
-    request.headers_mut().insert(
-        "sec-websocket-protocol",
-        "switchboard.v1".parse().expect("header value"),
-    );
-    let (mut client, _) = tokio_tungstenite::connect_async(request)
-        .await
-        .expect("connect");
+    let mut client = connect_v1(&server, "/ws?id=on-time").await;
     client
         .send(WsMessage::text(r#"{"type":"hello"}"#))
         .await

@@ -111,6 +111,21 @@ pub struct Replay {
     pub lost: Vec<(u64, u64)>,
 }
 
+impl Replay {
+    /// A replay of `from..=to` from an ID without an inbox: all of it lost.
+    pub fn nothing_retained(from: u64, to: u64) -> Self {
+        let from = from.max(1);
+        Self {
+            messages: Vec::new(),
+            lost: if from <= to {
+                vec![(from, to)]
+            } else {
+                Vec::new()
+            },
+        }
+    }
+}
+
 /// One ID's inbox.
 #[derive(Debug)]
 pub(crate) struct IdInbox {

@@ -183,14 +183,7 @@ impl MemoryBackend {
         let shard = self.shard(id).lock();
         match shard.get(id).and_then(|entry| entry.inbox.as_ref()) {
             Some(inbox) => inbox.range(from, to),
-            None => Replay {
-                messages: Vec::new(),
-                lost: if from <= to {
-                    vec![(from.max(1), to)]
-                } else {
-                    Vec::new()
-                },
-            },
+            None => Replay::nothing_retained(from, to),
         }
     }
 

@@ -202,15 +202,7 @@ pub trait Backend: Send + Sync + 'static {
     /// default has none.
     fn replay<'a>(&'a self, id: &'a ClientId, from: u64, to: u64) -> BoxFuture<'a, Replay> {
         let _ = id;
-        let lost = if from <= to {
-            vec![(from, to)]
-        } else {
-            Vec::new()
-        };
-        Box::pin(std::future::ready(Replay {
-            messages: Vec::new(),
-            lost,
-        }))
+        Box::pin(std::future::ready(Replay::nothing_retained(from, to)))
     }
 
     /// Looks up `sender`'s message id `mid` (see [`Dedup`]) and marks it in
