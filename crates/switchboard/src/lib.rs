@@ -93,7 +93,7 @@ pub use backend::redis::{self, RedisBackend, RedisConfig};
 pub use backend::{
     Backend, BackendHealth, ClientInfo, RegisterError, SendReport, memory::MemoryBackend,
 };
-pub use handler::{Closed, Conn, Handler, Outcome};
+pub use handler::{Closed, Conn, Handler, Outcome, TooManyTopics};
 #[cfg(feature = "tls")]
 pub use http::tls;
 pub use http::{
