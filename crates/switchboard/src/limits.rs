@@ -55,7 +55,9 @@ pub struct Limits {
     #[serde(with = "duration")]
     pub pong_timeout: Duration,
     /// After sending a close frame, wait this long for the client's before
-    /// dropping the TCP connection. Default 5 s.
+    /// dropping the TCP connection. Default 5 s. Checked on every event
+    /// while closing, so a client that keeps sending (pings, data) cannot
+    /// stretch it; once it passes, the connection is dropped within 250 ms.
     #[serde(with = "duration")]
     pub close_timeout: Duration,
     /// Drop an HTTP client that has not sent its request headers after this

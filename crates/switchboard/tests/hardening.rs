@@ -7,7 +7,10 @@
 mod common;
 mod raw;
 
+use std::time::Duration;
+
 use common::*;
+use raw::{RawWs, masked};
 use switchboard::{ErrorKind, Limits};
 
 /// `/echo` on another connection still answers, promptly.
@@ -78,4 +81,117 @@ async fn subscribing_past_the_topic_limit_gets_too_many_topics() {
     send_text(&mut client, &subscribe(LIMIT)).await;
     assert_eq!(recv_json(&mut client).await["subscribed"], "room/50");
     echo_answers(&mut echo, "after").await;
+}
+
+// ---------------------------------------------------------------------------
+// 3. A closing connection cannot be held open
+// ---------------------------------------------------------------------------
+
+/// How long a raw client keeps streaming at most.
+const STREAM_FOR: Duration = Duration::from_secs(10);
+
+/// Streams pings as fast as the socket takes them, until the server stops
+/// taking them or `STREAM_FOR` passes. A thread of its own with blocking
+/// writes, so that the server's tasks cannot slow it down.
+fn stream_pings(mut socket: std::net::TcpStream) {
+    use std::io::Write as _;
+    let pings: Vec<u8> = (0..10_000).flat_map(|_| masked(0x89, b"")).collect();
+    let until = std::time::Instant::now() + STREAM_FOR;
+    socket
+        .set_write_timeout(Some(STREAM_FOR))
+        .expect("write timeout");
+    while std::time::Instant::now() < until {
+        if socket.write_all(&pings).is_err() {
+            return;
+        }
+    }
+}
+
+/// Reads and parses what the server sends until the connection ends (EOF
+/// or reset) or `STREAM_FOR` passes; returns the close frame's code, if one
+/// came, and when the connection ended.
+fn read_until_end(mut socket: std::net::TcpStream) -> (Option<u16>, Option<std::time::Instant>) {
+    use std::io::Read as _;
+    let until = std::time::Instant::now() + STREAM_FOR;
+    socket
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .expect("read timeout");
+    let mut buf = Vec::new();
+    let mut close = None;
+    let mut chunk = vec![0u8; 64 * 1024];
+    while std::time::Instant::now() < until {
+        match socket.read(&mut chunk) {
+            Ok(0) => return (close, Some(std::time::Instant::now())),
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(err) if err.kind() == std::io::ErrorKind::TimedOut => continue,
+            Err(_) => return (close, Some(std::time::Instant::now())),
+        }
+        let mut used = 0;
+        while let Some((frame, len)) = raw::parse_server_frame(&buf[used..]) {
+            if frame.opcode == 0x8 && close.is_none() {
+                close = Some(frame.close().0);
+            }
+            used += len;
+        }
+        buf.drain(..used);
+    }
+    (close, None)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_streaming_pings_after_our_close_is_cut_off_at_the_close_timeout() {
+    const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+    let server = TestServer::with_limits(Limits {
+        close_timeout: CLOSE_TIMEOUT,
+        ..Limits::default()
+    })
+    .await;
+    let mut echo = server.connect("/echo").await;
+    let client = RawWs::connect(server.addr, "/ws?id=pinger").await;
+    let socket = client.stream.into_std().expect("std socket");
+    socket.set_nonblocking(false).expect("blocking socket");
+    let write = socket.try_clone().expect("clone socket");
+    let reader = std::thread::spawn(move || read_until_end(socket));
+    let pinger = std::thread::spawn(move || stream_pings(write));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    echo_answers(&mut echo, "while pinging").await;
+
+    // The server closes it (4000); the client never answers and keeps the
+    // server's read side busy with pings.
+    let asked = std::time::Instant::now();
+    let deleted = http_delete(server.addr, "/api/connections/pinger").await;
+    assert_eq!(deleted.json()["closed"], 1);
+    echo_answers(&mut echo, "after the close").await;
+
+    let (close, ended) = tokio::task::spawn_blocking(move || reader.join())
+        .await
+        .expect("join the reader")
+        .expect("reader thread");
+    assert_eq!(close, Some(4000), "the server's close frame arrives first");
+    let ended = ended.expect("the server ends the connection within 10 s");
+    let took = ended - asked;
+    assert!(
+        took < CLOSE_TIMEOUT + Duration::from_millis(1500),
+        "the connection ended {took:?} after the close, close_timeout is {CLOSE_TIMEOUT:?}"
+    );
+    // Its registration and its place under the limits are given back soon
+    // after: the server lingers for a quiet moment (250 ms) at most, not
+    // another close_timeout, for a client that let the deadline pass.
+    let gone_by = asked + CLOSE_TIMEOUT + Duration::from_millis(900);
+    while server.hub.live_connections() != 1 {
+        assert!(
+            std::time::Instant::now() < gone_by,
+            "the connection still counts {:?} after the close",
+            asked.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let listed = http_get(server.addr, "/api/connections").await;
+    assert_eq!(listed.json()["clients"], serde_json::json!([]));
+    echo_answers(&mut echo, "after it ended").await;
+    tokio::task::spawn_blocking(move || pinger.join())
+        .await
+        .expect("join the pinger")
+        .expect("pinger thread");
 }

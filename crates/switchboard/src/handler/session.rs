@@ -130,6 +130,10 @@ struct Driver<S, H: Handler> {
     conn: Conn<H::Info>,
     /// A callback panicked: its state may be broken, so `on_close` is skipped.
     panicked: bool,
+    /// A close deadline passed (`close_timeout` after our close frame, or
+    /// after we started flushing): the client had its time, so `finish`
+    /// lingers for a quiet moment at most, not another `close_timeout`.
+    timed_out: bool,
     /// `process_frames` stopped at `WRITE_HIGH_WATER` with frames still
     /// buffered: handle them once the writer drains, even if the client
     /// sends nothing more.
@@ -173,6 +177,7 @@ where
             state: Some(state),
             conn,
             panicked: false,
+            timed_out: false,
             frames_paused: false,
             _admission: admission,
             rate,
@@ -283,6 +288,21 @@ where
         cx: &mut Context<'_>,
         mut sleep: Pin<&mut Sleep>,
     ) -> Poll<Event<H::Info>> {
+        // Once closing, the deadline is checked on every event, against the
+        // clock. The timer below is polled only when nothing else is ready,
+        // which a client keeping the socket readable (a ping stream that
+        // fills every read) prevents, and a task that never waits sees its
+        // timer fire late anyway: tokio fires timers when its driver runs
+        // (measured: 1.3 s late for a 200 ms close timeout under such a
+        // stream). Left to the timer, that client would keep its
+        // registration and its permits, and hold up graceful shutdown.
+        // Open connections skip this (one clock read per event): their
+        // timer is only the keepalive.
+        if let Some(deadline) = self.closing_deadline()
+            && Instant::now() >= deadline
+        {
+            return Poll::Ready(Event::Timer);
+        }
         let metrics = self.conn.hub().metrics();
         if !self.writer.is_empty() {
             match self.writer.poll_write(&mut self.io, cx, metrics) {
@@ -327,6 +347,15 @@ where
             return Poll::Ready(Event::Timer);
         }
         Poll::Pending
+    }
+
+    /// When the closing phases end the connection; `None` while open.
+    fn closing_deadline(&self) -> Option<Instant> {
+        match &self.phase {
+            Phase::Open => None,
+            Phase::Closing(closing) => Some(closing.deadline),
+            Phase::Finishing(finishing) => Some(finishing.deadline),
+        }
     }
 
     /// Parses and dispatches buffered frames; returns `Some` when the
@@ -498,6 +527,7 @@ where
         match &self.phase {
             Phase::Closing(closing) => {
                 if now >= closing.deadline {
+                    self.timed_out = true;
                     return Some(Closed::ByServer(closing.sent.clone()));
                 }
                 sleep.as_mut().reset(closing.deadline);
@@ -505,6 +535,7 @@ where
             Phase::Finishing(finishing) => {
                 let deadline = finishing.deadline;
                 if now >= deadline {
+                    self.timed_out = true;
                     return Some(self.take_finishing());
                 }
                 sleep.as_mut().reset(deadline);
@@ -652,8 +683,13 @@ where
         // reset, which discards what we queued but the client has not read
         // yet — the end of an echo, or our close frame itself. A client that
         // neither sends nor closes is let go after the quiet moment rather
-        // than held for the whole timeout.
-        let close_timeout = self.limits().close_timeout;
+        // than held for the whole timeout, and one that let a close deadline
+        // pass gets no more than that moment in all (it may be streaming).
+        let bound = if self.timed_out {
+            LINGER_QUIET
+        } else {
+            self.limits().close_timeout
+        };
         let linger = async {
             self.io.shutdown().await?;
             let mut sink = [0u8; 1024];
@@ -665,7 +701,7 @@ where
                 }
             }
         };
-        let _ = tokio::time::timeout(close_timeout, linger).await;
+        let _ = tokio::time::timeout(bound, linger).await;
         if let Some(state) = self.state.take()
             && !self.panicked
         {
@@ -693,6 +729,101 @@ fn dropped_notice(count: u64) -> WireFrame {
 
 fn close_frame(frame: &CloseFrame) -> WireFrame {
     WireFrame::new(OpCode::Close, frame.payload())
+}
+
+/// The connection task against sockets no real client can be made to
+/// produce on demand.
+#[cfg(test)]
+mod driver_tests {
+    use std::task::ready;
+
+    use tokio::io::ReadBuf;
+
+    use super::*;
+    use crate::handlers::Echo;
+    use crate::{Hub, Limits};
+
+    /// A client that streams empty pings faster than they are read: every
+    /// read is filled, and like a real socket each read spends the task's
+    /// budget, so the task yields with everything else `Pending` too. What
+    /// it is sent is dropped.
+    struct PingStream {
+        /// The next byte of the endless run of 6-byte frames.
+        at: usize,
+    }
+
+    /// A masked ping with no payload.
+    const PING: [u8; 6] = [0x89, 0x80, 1, 2, 3, 4];
+
+    impl AsyncRead for PingStream {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            let coop = ready!(tokio::task::coop::poll_proceed(cx));
+            while buf.remaining() > 0 {
+                let at = self.at % PING.len();
+                let n = buf.remaining().min(PING.len() - at);
+                buf.put_slice(&PING[at..at + n]);
+                self.at += n;
+            }
+            coop.made_progress();
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    impl AsyncWrite for PingStream {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// Issue 12, item 3: after our close frame the close timeout ends the
+    /// connection even while the client keeps every read full. Before the
+    /// deadline was checked first in the closing phases this never ended.
+    #[tokio::test]
+    async fn a_ping_stream_cannot_hold_a_closing_connection_open() {
+        let close_timeout = Duration::from_millis(200);
+        let hub = Hub::new(Limits {
+            close_timeout,
+            ..Limits::default()
+        });
+        let conn = Conn::new(hub.clone());
+        conn.handle().close(CloseFrame::new(
+            CloseCode::DISCONNECTED,
+            "closed by the test",
+        ));
+        let driver = Driver::new(
+            PingStream { at: 0 },
+            Bytes::new(),
+            Arc::new(Echo),
+            (),
+            conn,
+            Admission::default(),
+            None,
+        );
+        let started = Instant::now();
+        tokio::time::timeout(Duration::from_secs(5), driver.run())
+            .await
+            .expect("the connection ends although the client never stops sending");
+        let took = started.elapsed();
+        assert!(
+            took < close_timeout + LINGER_QUIET + Duration::from_millis(500),
+            "ended after {took:?}"
+        );
+        assert_eq!(hub.live_connections(), 0);
+    }
 }
 
 #[cfg(test)]
