@@ -7,11 +7,14 @@
 mod common;
 mod raw;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
+use http::StatusCode;
+use http::request::Parts;
 use raw::{RawWs, masked};
-use switchboard::{ErrorKind, Limits};
+use switchboard::{Closed, Conn, ErrorKind, Handler, HttpError, Hub, Limits, Message, Outcome};
 
 /// `/echo` on another connection still answers, promptly.
 async fn echo_answers(echo: &mut Client, text: &str) {
@@ -194,4 +197,105 @@ async fn a_client_streaming_pings_after_our_close_is_cut_off_at_the_close_timeou
         .await
         .expect("join the pinger")
         .expect("pinger thread");
+}
+
+// ---------------------------------------------------------------------------
+// 4. A connection whose TCP connection ended takes no more messages
+// ---------------------------------------------------------------------------
+
+/// Registers `?id=`, and takes its time in `on_close`: it reports the ID on
+/// `closing`, then waits for a permit of `release` (5 s at most).
+struct SlowClose {
+    closing: tokio::sync::mpsc::UnboundedSender<String>,
+    release: Arc<tokio::sync::Semaphore>,
+}
+
+impl Handler for SlowClose {
+    type State = ();
+    type Info = ();
+
+    async fn connect(&self, request: &Parts, conn: &mut Conn<()>) -> Result<(), HttpError> {
+        let id = switchboard::handlers::client_id_from_query(request)?;
+        conn.register(id)
+            .map_err(|err| HttpError::new(StatusCode::CONFLICT, "id_in_use", err.to_string()))
+    }
+
+    async fn on_message(&self, _: &mut (), _: Message, _: &mut Conn<()>) -> Outcome {
+        Outcome::Continue
+    }
+
+    async fn on_close(&self, _: (), _: &Closed, conn: &mut Conn<()>) {
+        let id = conn
+            .client_id()
+            .map(ToString::to_string)
+            .unwrap_or_default();
+        let _ = self.closing.send(id);
+        let _ = tokio::time::timeout(WAIT, self.release.acquire()).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_eof_or_reset_sends_are_reported_dropped_not_delivered() {
+    let hub = Hub::new(Limits::default());
+    let (closing, mut closed_ids) = tokio::sync::mpsc::unbounded_channel();
+    let release = Arc::new(tokio::sync::Semaphore::new(0));
+    let handler = SlowClose {
+        closing,
+        release: release.clone(),
+    };
+    let router =
+        switchboard::app(hub.clone()).route("/slow", switchboard::ws(hub.clone(), handler));
+    let server = TestServer::with_router(hub, router).await;
+    let mut echo = server.connect("/echo").await;
+
+    // One client ends with a FIN (EOF), the other with a reset.
+    let fin = RawWs::connect(server.addr, "/slow?id=gone-fin").await;
+    let rst = RawWs::connect(server.addr, "/slow?id=gone-rst").await;
+    let addr = server.addr;
+    let send = |target: &str| {
+        let body = format!(r#"{{"targets":["{target}"],"payload":"anyone there?"}}"#);
+        async move { http_post_json(addr, "/api/send", &body).await.json() }
+    };
+    let report = send("gone-fin").await;
+    assert_eq!(
+        report["delivered"],
+        serde_json::json!(["gone-fin"]),
+        "{report}"
+    );
+
+    drop(fin);
+    rst.stream.set_zero_linger().expect("SO_LINGER 0");
+    drop(rst);
+    let mut ended = Vec::new();
+    for _ in 0..2 {
+        let id = tokio::time::timeout(WAIT, closed_ids.recv())
+            .await
+            .expect("on_close starts within the timeout")
+            .expect("the handler is alive");
+        ended.push(id);
+    }
+    ended.sort();
+    assert_eq!(ended, ["gone-fin", "gone-rst"]);
+
+    // on_close is still running: the IDs are registered, but their
+    // connections are over, so nothing is reported delivered to them.
+    for id in ["gone-fin", "gone-rst"] {
+        let report = send(id).await;
+        assert_eq!(report["delivered"], serde_json::json!([]), "{id}: {report}");
+        assert_eq!(report["dropped"], serde_json::json!([id]), "{id}: {report}");
+    }
+    echo_answers(&mut echo, "meanwhile").await;
+
+    release.add_permits(2);
+    wait_until("both connections ended", WAIT, || {
+        server.hub.live_connections() == 1
+    })
+    .await;
+    let report = send("gone-fin").await;
+    assert_eq!(
+        report["offline"],
+        serde_json::json!(["gone-fin"]),
+        "{report}"
+    );
+    echo_answers(&mut echo, "after").await;
 }

@@ -198,6 +198,12 @@ where
             tokio::pin!(sleep);
             self.arm_keepalive(sleep.as_mut(), now);
             let closed = self.drive(sleep).await;
+            // Whatever ended it (EOF, a socket error, a deadline), nothing
+            // queued from now on will be written: refuse pushes at once, so
+            // senders see `dropped` rather than `delivered` while `finish`
+            // lingers and `on_close` runs (the ID stays registered until
+            // then). Closes we started marked it already.
+            self.conn.mailbox.mark_closing();
             // Boxed, like every handler call: a future awaited inline is
             // part of the connection's future for its whole life, idle or
             // not, so only the small event loop stays inline (see

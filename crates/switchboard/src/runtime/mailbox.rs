@@ -243,7 +243,8 @@ impl<I: Send + 'static> Mailbox<I> {
     }
 
     /// The connection started closing on its own (a handler `Stop`, a
-    /// protocol error, the client's close): refuse further pushes.
+    /// protocol error, the client's close) or its socket is done (EOF, an
+    /// error, a deadline): refuse further pushes.
     pub(crate) fn mark_closing(&self) {
         self.inbox.lock().closing = true;
     }
