@@ -15,6 +15,7 @@ use http::StatusCode;
 use http::request::Parts;
 use raw::{RawWs, masked};
 use switchboard::{Closed, Conn, ErrorKind, Handler, HttpError, Hub, Limits, Message, Outcome};
+use tokio::io::AsyncWriteExt as _;
 
 /// `/echo` on another connection still answers, promptly.
 async fn echo_answers(echo: &mut Client, text: &str) {
@@ -298,4 +299,145 @@ async fn after_eof_or_reset_sends_are_reported_dropped_not_delivered() {
         "{report}"
     );
     echo_answers(&mut echo, "after").await;
+}
+
+// ---------------------------------------------------------------------------
+// 5. An upgrade that completes after shutdown began is closed with 1001
+// ---------------------------------------------------------------------------
+
+/// Holds requests until released: reports each on `entered`, then waits for
+/// a permit of `release` (5 s at most).
+#[derive(Clone)]
+struct Gate {
+    entered: tokio::sync::mpsc::UnboundedSender<()>,
+    release: Arc<tokio::sync::Semaphore>,
+}
+
+impl Gate {
+    async fn pass(&self) {
+        let _ = self.entered.send(());
+        let _ = tokio::time::timeout(WAIT, self.release.acquire()).await;
+    }
+}
+
+/// Middleware: the request waits at the gate before it reaches the route.
+async fn held(
+    axum::extract::State(gate): axum::extract::State<Gate>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    gate.pass().await;
+    next.run(request).await
+}
+
+/// Echo whose `connect` waits at the gate.
+struct SlowConnect(Gate);
+
+impl Handler for SlowConnect {
+    type State = ();
+    type Info = ();
+
+    async fn connect(&self, _: &Parts, _: &mut Conn<()>) -> Result<(), HttpError> {
+        self.0.pass().await;
+        Ok(())
+    }
+
+    async fn on_message(&self, _: &mut (), message: Message, _: &mut Conn<()>) -> Outcome {
+        Outcome::Reply(message)
+    }
+}
+
+/// Starts an upgrade of `path`, lets it reach the gate, begins shutdown,
+/// then lets it through: the client gets its 101 and then 1001, and `serve`
+/// returns long before its shutdown timeout.
+async fn upgrade_held_across_shutdown(path: &str) {
+    const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
+    let hub = Hub::new(Limits::default());
+    let (entered, mut arrivals) = tokio::sync::mpsc::unbounded_channel();
+    let gate = Gate {
+        entered,
+        release: Arc::new(tokio::sync::Semaphore::new(0)),
+    };
+    let router = switchboard::app(hub.clone())
+        .route(
+            "/slow-connect",
+            switchboard::ws(hub.clone(), SlowConnect(gate.clone())),
+        )
+        .merge(
+            switchboard::Router::new()
+                .route(
+                    "/held",
+                    switchboard::ws(hub.clone(), switchboard::handlers::Echo),
+                )
+                .layer(axum::middleware::from_fn_with_state(gate.clone(), held)),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind loopback");
+    let addr = listener.local_addr().expect("local addr");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let serve = tokio::spawn(switchboard::serve_with(
+        listener,
+        router,
+        hub.clone(),
+        async {
+            let _ = stopped.await;
+        },
+        SHUTDOWN_TIMEOUT,
+    ));
+    let (mut echo, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/echo"))
+        .await
+        .expect("connect /echo");
+    echo_answers(&mut echo, "before").await;
+
+    let mut upgrading = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    upgrading
+        .write_all(raw::upgrade_request(addr, path, &[]).as_bytes())
+        .await
+        .expect("write the upgrade request");
+    tokio::time::timeout(WAIT, arrivals.recv())
+        .await
+        .expect("the upgrade reaches the gate")
+        .expect("gate open");
+
+    let began = std::time::Instant::now();
+    stop.send(()).expect("serve is running");
+    assert_eq!(
+        close_code(recv_close(&mut echo).await),
+        1001,
+        "the open connection"
+    );
+    drain_until_closed(&mut echo).await;
+    gate.release.add_permits(1);
+
+    let (status, _, rest) = raw::read_head(&mut upgrading).await;
+    assert_eq!(
+        status, 101,
+        "the request accepted before shutdown is answered"
+    );
+    let mut ws = raw::RawWs::from_upgraded(upgrading, rest);
+    let (code, reason) = ws.read_until_close().await.1;
+    assert_eq!((code, reason.as_str()), (1001, "server shutting down"));
+    ws.send(&masked(0x88, &raw::close_payload(1001, ""))).await;
+    tokio::time::timeout(WAIT, serve)
+        .await
+        .expect("serve returns")
+        .expect("serve task")
+        .expect("serve result");
+    let took = began.elapsed();
+    assert!(
+        took < Duration::from_secs(3),
+        "serve took {took:?} to shut down (timeout {SHUTDOWN_TIMEOUT:?})"
+    );
+    assert_eq!(hub.live_connections(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_held_before_the_handler_when_shutdown_begins_gets_1001() {
+    upgrade_held_across_shutdown("/held").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_held_in_connect_when_shutdown_begins_gets_1001() {
+    upgrade_held_across_shutdown("/slow-connect").await;
 }
