@@ -441,3 +441,95 @@ async fn an_upgrade_held_before_the_handler_when_shutdown_begins_gets_1001() {
 async fn an_upgrade_held_in_connect_when_shutdown_begins_gets_1001() {
     upgrade_held_across_shutdown("/slow-connect").await;
 }
+
+// ---------------------------------------------------------------------------
+// 6. A busy handler callback does not stop the connection's delivery
+// ---------------------------------------------------------------------------
+
+/// Registers `?id=`; on the text `wait` its `on_message` waits at the gate
+/// (as `Relay::on_message` waits for a frozen node) and then replies `done`.
+struct Busy(Gate);
+
+impl Handler for Busy {
+    type State = ();
+    type Info = ();
+
+    async fn connect(&self, request: &Parts, conn: &mut Conn<()>) -> Result<(), HttpError> {
+        let id = switchboard::handlers::client_id_from_query(request)?;
+        conn.register(id)
+            .map_err(|err| HttpError::new(StatusCode::CONFLICT, "id_in_use", err.to_string()))
+    }
+
+    async fn on_message(&self, _: &mut (), message: Message, _: &mut Conn<()>) -> Outcome {
+        if message.as_bytes() == b"wait" {
+            self.0.pass().await;
+            return Outcome::reply_text("done");
+        }
+        Outcome::Continue
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pending_callback_does_not_stop_frames_queued_to_its_connection() {
+    const QUEUE: usize = 32;
+    const SENT: usize = QUEUE * 6;
+    let hub = Hub::new(Limits {
+        max_queued_messages: QUEUE,
+        ..Limits::default()
+    });
+    let (entered, mut arrivals) = tokio::sync::mpsc::unbounded_channel();
+    let gate = Gate {
+        entered,
+        release: Arc::new(tokio::sync::Semaphore::new(0)),
+    };
+    let router = switchboard::app(hub.clone())
+        .route("/busy", switchboard::ws(hub.clone(), Busy(gate.clone())));
+    let server = TestServer::with_router(hub, router).await;
+    let mut echo = server.connect("/echo").await;
+    let mut busy = server.connect("/busy?id=busy").await;
+    let mut sender = server.connect("/ws?id=sender").await;
+
+    send_text(&mut busy, "wait").await;
+    tokio::time::timeout(WAIT, arrivals.recv())
+        .await
+        .expect("on_message starts")
+        .expect("gate open");
+
+    // While on_message waits, other clients send it six times its queue,
+    // a few at a time; it reads them all before its callback returns.
+    let reader = tokio::spawn(async move {
+        let mut got = Vec::new();
+        while got.len() < SENT {
+            got.push(recv_json(&mut busy).await["n"].as_u64().unwrap_or(u64::MAX));
+        }
+        (busy, got)
+    });
+    for n in 0..SENT {
+        send_text(
+            &mut sender,
+            &format!(r#"{{"targets":["busy"],"payload":{{"n":{n}}}}}"#),
+        )
+        .await;
+        if n % 8 == 7 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    echo_answers(&mut echo, "meanwhile").await;
+    let (mut busy, got) = tokio::time::timeout(WAIT, reader)
+        .await
+        .expect("every frame arrives while the callback waits")
+        .expect("reader task");
+    assert_eq!(
+        got,
+        (0..SENT as u64).collect::<Vec<_>>(),
+        "all of them, in order"
+    );
+    assert_eq!(server.hub.metrics().errors(ErrorKind::QueueOverflow), 0);
+
+    // The callback ends: its reply comes, and the connection is still fine.
+    gate.release.add_permits(1);
+    assert_eq!(recv_text(&mut busy).await, "done");
+    send_text(&mut sender, r#"{"targets":["busy"],"payload":"later"}"#).await;
+    assert_eq!(recv_text(&mut busy).await, r#""later""#);
+    echo_answers(&mut echo, "after").await;
+}

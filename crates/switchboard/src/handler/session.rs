@@ -32,10 +32,10 @@ use crate::protocol::close::{CloseCode, CloseFrame};
 use crate::protocol::deflate::Agreed;
 use crate::protocol::frame::{OpCode, WireFrame};
 use crate::protocol::message::Message;
-use crate::runtime::mailbox::{Item, Taken};
+use crate::runtime::mailbox::{Item, Mailbox, Taken};
 use crate::runtime::rate::{Rate, TokenBucket};
 use crate::runtime::reader::{Incoming, Reader};
-use crate::runtime::writer::Writer;
+use crate::runtime::writer::{Writer, Written};
 
 /// Stop handling frames, reading and taking from the mailbox while this many
 /// bytes are written but not yet accepted by the socket. A client that sends
@@ -128,6 +128,10 @@ struct Driver<S, H: Handler> {
     /// Taken by `on_close`.
     state: Option<H::State>,
     conn: Conn<H::Info>,
+    /// The task's own handle on `conn`'s mailbox: a handler callback holds
+    /// `&mut conn`, and meanwhile the task keeps taking frames from the
+    /// mailbox (see `pumped`).
+    mailbox: Arc<Mailbox<H::Info>>,
     /// A callback panicked: its state may be broken, so `on_close` is skipped.
     panicked: bool,
     /// A close deadline passed (`close_timeout` after our close frame, or
@@ -175,6 +179,7 @@ where
             ping_sent: None,
             handler,
             state: Some(state),
+            mailbox: Arc::clone(&conn.mailbox),
             conn,
             panicked: false,
             timed_out: false,
@@ -203,7 +208,7 @@ where
             // senders see `dropped` rather than `delivered` while `finish`
             // lingers and `on_close` runs (the ID stays registered until
             // then). Closes we started marked it already.
-            self.conn.mailbox.mark_closing();
+            self.mailbox.mark_closing();
             // Boxed, like every handler call: a future awaited inline is
             // part of the connection's future for its whole life, idle or
             // not, so only the small event loop stays inline (see
@@ -311,7 +316,10 @@ where
         }
         let metrics = self.conn.hub().metrics();
         if !self.writer.is_empty() {
-            match self.writer.poll_write(&mut self.io, cx, metrics) {
+            let mut written = Written::default();
+            let done = self.writer.poll_write(&mut self.io, cx, &mut written);
+            written.count(metrics);
+            match done {
                 Poll::Ready(Ok(())) => {
                     if let Phase::Finishing(_) = self.phase {
                         return Poll::Ready(Event::Flushed);
@@ -327,10 +335,10 @@ where
         }
         if matches!(self.phase, Phase::Open) {
             if !backed_up {
-                if let Poll::Ready(taken) = self.conn.mailbox.poll_take(cx) {
+                if let Poll::Ready(taken) = self.mailbox.poll_take(cx) {
                     return Poll::Ready(Event::Mailbox(taken));
                 }
-            } else if let Poll::Ready(close) = self.conn.mailbox.poll_close(cx) {
+            } else if let Poll::Ready(close) = self.mailbox.poll_close(cx) {
                 return Poll::Ready(Event::Mailbox(Taken {
                     items: VecDeque::new(),
                     close: Some(close),
@@ -492,7 +500,7 @@ where
 
     /// Takes a batch from the mailbox without awaiting: tells the client
     /// about dropped frames, then queues the frames and takes the close.
-    /// A batch holding `Info` messages is handed back for `take_mailbox`,
+    /// A batch ending with an `Info` is handed back for `take_mailbox`,
     /// which calls the handler.
     fn take_frames(
         &mut self,
@@ -504,14 +512,10 @@ where
             self.writer.push(dropped_notice(taken.dropped));
             taken.dropped = 0;
         }
-        if taken.items.iter().any(|item| matches!(item, Item::Info(_))) {
+        if let Some(Item::Info(_)) = taken.items.back() {
             return Some(taken);
         }
-        for item in taken.items {
-            if let Item::Frame(frame) = item {
-                self.writer.push(frame);
-            }
-        }
+        queue_frames(&mut self.writer, taken.items);
         self.take_close(taken.close, sleep);
         None
     }
@@ -608,7 +612,7 @@ where
         if !matches!(self.phase, Phase::Open) {
             return;
         }
-        self.conn.mailbox.mark_closing();
+        self.mailbox.mark_closing();
         self.writer.push(close_frame(&frame));
         let deadline = Instant::now() + self.limits().close_timeout;
         sleep.reset(deadline);
@@ -619,7 +623,7 @@ where
     }
 
     fn enter_finishing(&mut self, closed: Closed, sleep: Pin<&mut Sleep>) {
-        self.conn.mailbox.mark_closing();
+        self.mailbox.mark_closing();
         let deadline = Instant::now() + self.limits().close_timeout;
         sleep.reset(deadline);
         self.phase = Phase::Finishing(Box::new(Finishing { closed, deadline }));
@@ -633,36 +637,68 @@ where
         }
     }
 
+    // The three callbacks of an open connection run through `pumped`, which
+    // keeps writing and taking frames while they are pending. Each borrows
+    // the driver's fields apart: the handler gets the state and the `Conn`,
+    // the pump the socket, the writer and the mailbox.
+
     async fn call_open(&mut self) -> Option<Outcome> {
-        let state = self.state.as_mut()?;
-        let result = AssertUnwindSafe(self.handler.on_open(state, &mut self.conn))
-            .catch_unwind()
-            .await;
-        self.after_callback(result)
+        let Self {
+            io,
+            writer,
+            handler,
+            state,
+            conn,
+            mailbox,
+            ..
+        } = &mut *self;
+        let call = AssertUnwindSafe(handler.on_open(state.as_mut()?, conn)).catch_unwind();
+        let (result, delivered) = pumped(call, io, writer, mailbox).await;
+        self.after_callback(result, delivered)
     }
 
     async fn call_message(&mut self, message: Message) -> Option<Outcome> {
-        let state = self.state.as_mut()?;
-        let result = AssertUnwindSafe(self.handler.on_message(state, message, &mut self.conn))
-            .catch_unwind()
-            .await;
-        self.after_callback(result)
+        let Self {
+            io,
+            writer,
+            handler,
+            state,
+            conn,
+            mailbox,
+            ..
+        } = &mut *self;
+        let call =
+            AssertUnwindSafe(handler.on_message(state.as_mut()?, message, conn)).catch_unwind();
+        let (result, delivered) = pumped(call, io, writer, mailbox).await;
+        self.after_callback(result, delivered)
     }
 
     async fn call_info(&mut self, info: H::Info) -> Option<Outcome> {
-        let state = self.state.as_mut()?;
-        let result = AssertUnwindSafe(self.handler.on_info(state, info, &mut self.conn))
-            .catch_unwind()
-            .await;
-        self.after_callback(result)
+        let Self {
+            io,
+            writer,
+            handler,
+            state,
+            conn,
+            mailbox,
+            ..
+        } = &mut *self;
+        let call = AssertUnwindSafe(handler.on_info(state.as_mut()?, info, conn)).catch_unwind();
+        let (result, delivered) = pumped(call, io, writer, mailbox).await;
+        self.after_callback(result, delivered)
     }
 
-    /// A panicking callback becomes `Stop(1011)`; the panic message was
-    /// already printed by the panic hook.
+    /// Counts what was delivered while the callback ran. A panicking
+    /// callback becomes `Stop(1011)`; the panic message was already printed
+    /// by the panic hook.
     fn after_callback(
         &mut self,
         result: Result<Outcome, Box<dyn std::any::Any + Send>>,
+        mut delivered: Delivered,
     ) -> Option<Outcome> {
+        let metrics = self.conn.hub().metrics();
+        delivered.written.count(metrics);
+        metrics.dropped_messages.add(delivered.dropped);
         match result {
             Ok(outcome) => Some(outcome),
             Err(_) => {
@@ -720,6 +756,100 @@ where
         }
         tracing::debug!(conn = self.conn.id().0, ?closed, "connection ended");
         // Dropping `self.conn` unregisters the ID and topics.
+    }
+}
+
+/// What `pumped` delivered while a callback ran, for the metrics, which it
+/// cannot reach meanwhile (they are in the hub, in the borrowed `Conn`).
+#[derive(Default)]
+struct Delivered {
+    written: Written,
+    /// Frames the drop-oldest policy dropped.
+    dropped: u64,
+}
+
+/// Runs a handler callback and, while it is pending, keeps the connection's
+/// delivery going: writes what is queued and takes frames (not `Info`s,
+/// which need the handler) from the mailbox, up to `WRITE_HIGH_WATER`.
+/// Reading the client stays paused: its frames wait, in order, for the
+/// handler.
+///
+/// Why: a callback may wait long — `Relay::on_message` awaiting `hub.send`
+/// to a frozen node waits up to `redis.request_timeout` — and a connection
+/// that neither took from its mailbox nor wrote meanwhile saw it overflow
+/// and was closed 1008 "reads too slowly", however fast its client read.
+///
+/// An `async fn` polled in a box by its callers, so all of it lives in the
+/// callback's allocation, none of it in the connection's task (see
+/// `connection_future_sizes`).
+async fn pumped<F, S, I>(
+    call: F,
+    io: &mut S,
+    writer: &mut Writer,
+    mailbox: &Mailbox<I>,
+) -> (F::Output, Delivered)
+where
+    F: Future,
+    S: AsyncWrite + Unpin,
+    I: Send + 'static,
+{
+    let mut call = std::pin::pin!(call);
+    let mut delivered = Delivered::default();
+    let mut broken = false;
+    let output = poll_fn(|cx| {
+        if let Poll::Ready(output) = call.as_mut().poll(cx) {
+            return Poll::Ready(output);
+        }
+        keep_delivering(cx, io, writer, mailbox, &mut delivered, &mut broken);
+        Poll::Pending
+    })
+    .await;
+    (output, delivered)
+}
+
+/// One round of `pumped`'s work: write, take frames, write them, until the
+/// socket or the mailbox has nothing more for now (each has our waker then)
+/// or the writer is at its bound.
+fn keep_delivering<S, I>(
+    cx: &mut Context<'_>,
+    io: &mut S,
+    writer: &mut Writer,
+    mailbox: &Mailbox<I>,
+    delivered: &mut Delivered,
+    broken: &mut bool,
+) where
+    S: AsyncWrite + Unpin,
+    I: Send + 'static,
+{
+    loop {
+        if !*broken
+            && !writer.is_empty()
+            && let Poll::Ready(Err(_)) = writer.poll_write(io, cx, &mut delivered.written)
+        {
+            // The event loop's next write fails the same way once the
+            // callback is done, and ends the connection then.
+            *broken = true;
+        }
+        if *broken || writer.backlog >= WRITE_HIGH_WATER {
+            return;
+        }
+        let Poll::Ready(taken) = mailbox.poll_take_frames(cx) else {
+            return;
+        };
+        if taken.dropped > 0 {
+            delivered.dropped += taken.dropped;
+            writer.push(dropped_notice(taken.dropped));
+        }
+        queue_frames(writer, taken.items);
+    }
+}
+
+/// Queues the frames of a batch taken from the mailbox.
+fn queue_frames<I>(writer: &mut Writer, items: VecDeque<Item<I>>) {
+    for item in items {
+        if let Item::Frame(frame) = item {
+            writer.push(frame);
+        }
     }
 }
 

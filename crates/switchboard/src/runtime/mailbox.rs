@@ -59,6 +59,9 @@ pub(crate) struct Inbox<I> {
     /// delivered instead of queueing it where it would never be written.
     closing: bool,
     queued_bytes: usize,
+    /// How many of `items` are `Info`s: a take stops at the first one, and
+    /// without any (the common case) takes everything without a scan.
+    infos: usize,
     /// Frames dropped by the drop-oldest policy since the task last looked.
     dropped: u64,
     /// The pending close is an overflow: it must get through even while
@@ -71,6 +74,7 @@ pub(crate) struct Inbox<I> {
 
 /// What the connection task takes from its mailbox in one go.
 pub(crate) struct Taken<I> {
+    /// Frames, then at most one `Info`, the last item.
     pub(crate) items: VecDeque<Item<I>>,
     pub(crate) close: Option<CloseFrame>,
     /// Frames dropped (drop-oldest policy) since the last take: the client
@@ -131,6 +135,7 @@ impl<I: Send + 'static> Mailbox<I> {
                 close: None,
                 closing: false,
                 queued_bytes: 0,
+                infos: 0,
                 dropped: 0,
                 close_now: false,
                 closed: false,
@@ -165,6 +170,9 @@ impl<I: Send + 'static> Mailbox<I> {
                 return Err((PushError::Full, item));
             }
             inbox.queued_bytes += bytes;
+            if let Item::Info(_) = item {
+                inbox.infos += 1;
+            }
             inbox.items.push_back(item);
             inbox.waker.take()
         };
@@ -205,21 +213,70 @@ impl<I: Send + 'static> Mailbox<I> {
         }
     }
 
-    /// Called by the connection task: takes everything queued, or registers
-    /// the waker and returns `Pending`.
+    /// Called by the connection task: takes the frames queued up to and
+    /// including the first `Info` (everything when there is none, the
+    /// common case), the close request once nothing is queued ahead of it,
+    /// and the count of dropped frames; or registers the waker and returns
+    /// `Pending`.
+    ///
+    /// Why stop at an `Info`: the handler runs for it, and meanwhile the
+    /// task takes the frames queued after it (`poll_take_frames`); had it
+    /// taken them with the info, those would be written after frames that
+    /// were queued later.
     pub(crate) fn poll_take(&self, cx: &mut Context<'_>) -> Poll<Taken<I>> {
+        self.take(cx, true)
+    }
+
+    /// For a connection whose handler callback is running: takes the frames
+    /// queued before the first `Info` and the count of dropped frames,
+    /// leaving the infos (they need the handler) and the close request; or
+    /// registers the waker and returns `Pending`.
+    pub(crate) fn poll_take_frames(&self, cx: &mut Context<'_>) -> Poll<Taken<I>> {
+        self.take(cx, false)
+    }
+
+    fn take(&self, cx: &mut Context<'_>, with_info: bool) -> Poll<Taken<I>> {
         let mut inbox = self.inbox.lock();
-        if inbox.items.is_empty() && inbox.close.is_none() && inbox.dropped == 0 {
+        let count = if inbox.infos == 0 {
+            inbox.items.len()
+        } else {
+            let first = inbox
+                .items
+                .iter()
+                .position(|item| matches!(item, Item::Info(_)))
+                .unwrap_or(inbox.items.len());
+            first + usize::from(with_info)
+        };
+        let everything = count == inbox.items.len();
+        let close = with_info && everything && inbox.close.is_some();
+        if count == 0 && !close && inbox.dropped == 0 {
             match &inbox.waker {
                 Some(w) if w.will_wake(cx.waker()) => {}
                 _ => inbox.waker = Some(cx.waker().clone()),
             }
             return Poll::Pending;
         }
-        inbox.queued_bytes = 0;
+        let items: VecDeque<Item<I>> = if everything {
+            inbox.queued_bytes = 0;
+            std::mem::take(&mut inbox.items)
+        } else {
+            let items: VecDeque<Item<I>> = inbox.items.drain(..count).collect();
+            let bytes: usize = items
+                .iter()
+                .map(|item| match item {
+                    Item::Frame(frame) => frame.wire_len(),
+                    Item::Info(_) => 0,
+                })
+                .sum();
+            inbox.queued_bytes = inbox.queued_bytes.saturating_sub(bytes);
+            items
+        };
+        if let Some(Item::Info(_)) = items.back() {
+            inbox.infos -= 1;
+        }
         Poll::Ready(Taken {
-            items: std::mem::take(&mut inbox.items),
-            close: inbox.close.take(),
+            items,
+            close: if close { inbox.close.take() } else { None },
             dropped: std::mem::take(&mut inbox.dropped),
         })
     }
@@ -258,6 +315,7 @@ impl<I: Send + 'static> Mailbox<I> {
         inbox.waker = None;
         let dropped = inbox.items.len();
         inbox.items = VecDeque::new();
+        inbox.infos = 0;
         dropped
     }
 
@@ -374,5 +432,66 @@ impl<I: Send + 'static> ConnHandle<I> {
     /// Whether the connection has ended.
     pub fn is_closed(&self) -> bool {
         self.mailbox.is_closed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::task::Waker;
+
+    use super::*;
+
+    fn frame(text: &'static str) -> WireFrame {
+        WireFrame::from_text(text)
+    }
+
+    fn texts(taken: &Taken<&'static str>) -> Vec<String> {
+        taken
+            .items
+            .iter()
+            .map(|item| match item {
+                Item::Frame(frame) => String::from_utf8_lossy(&frame.body).into_owned(),
+                Item::Info(info) => format!("info {info}"),
+            })
+            .collect()
+    }
+
+    /// A take stops at the first info (inclusive); a frames-only take, for a
+    /// connection whose handler is busy, stops before it and never takes
+    /// the close; the close comes once nothing is queued ahead of it.
+    #[test]
+    fn takes_stop_at_infos_and_keep_the_order() {
+        let mailbox: Arc<Mailbox<&'static str>> = Mailbox::new(100, 1 << 20, false);
+        let mut cx = Context::from_waker(Waker::noop());
+        for push in ["a", "info 1", "b", "info 2", "c"] {
+            match push.strip_prefix("info ") {
+                Some(info) => mailbox.push_info(info).map_err(|(e, _)| e),
+                None => mailbox.push_frame(frame(push)),
+            }
+            .expect("queued");
+        }
+        mailbox.request_close(CloseFrame::new(CloseCode::GOING_AWAY, "bye"));
+        let take = |frames_only: bool| match if frames_only {
+            mailbox.poll_take_frames(&mut Context::from_waker(Waker::noop()))
+        } else {
+            mailbox.poll_take(&mut Context::from_waker(Waker::noop()))
+        } {
+            Poll::Ready(taken) => Some((texts(&taken), taken.close.is_some())),
+            Poll::Pending => None,
+        };
+        assert_eq!(take(true), Some((vec!["a".to_owned()], false)));
+        assert_eq!(take(true), None, "an info is next: it needs the handler");
+        assert_eq!(take(false), Some((vec!["info 1".to_owned()], false)));
+        assert_eq!(take(true), Some((vec!["b".to_owned()], false)));
+        assert_eq!(take(false), Some((vec!["info 2".to_owned()], false)));
+        assert_eq!(
+            take(true),
+            Some((vec!["c".to_owned()], false)),
+            "a frames-only take leaves the close"
+        );
+        assert_eq!(take(false), Some((vec![], true)));
+        assert!(mailbox.poll_take(&mut cx).is_pending());
+        let inbox = mailbox.inbox.lock();
+        assert_eq!((inbox.queued_bytes, inbox.infos), (0, 0));
     }
 }
