@@ -1585,7 +1585,6 @@ async fn a_hung_node_costs_a_sender_one_timeout_and_delivers_nothing_reported_of
 /// only on that: with a mailbox large enough to hold the whole stall
 /// (`--max-queued-messages 100000`) it passes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "needs the session change from branch harden-a"]
 async fn a_frozen_peer_node_does_not_stall_a_busy_senders_own_delivery() {
     const QUEUE: usize = 64;
     const STALL: Duration = Duration::from_millis(1500);

@@ -33,7 +33,15 @@ impl Handler for Chat {
         _req: &http::request::Parts,
         conn: &mut Conn<()>,
     ) -> Result<(), HttpError> {
-        conn.join(self.topic.clone());
+        // Refused only past `limits.max_topics_per_connection`, which a new
+        // connection cannot be.
+        conn.join(self.topic.clone()).map_err(|err| {
+            HttpError::new(
+                http::StatusCode::SERVICE_UNAVAILABLE,
+                "too_many_topics",
+                err.to_string(),
+            )
+        })?;
         Ok(())
     }
 

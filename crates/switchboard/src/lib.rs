@@ -95,7 +95,7 @@ pub use backend::{
     Attached, Backend, BackendHealth, ClientInfo, Dedup, RegisterError, Replay, ResumePoint,
     ResumeStatus, Retained, SendReport, memory::MemoryBackend,
 };
-pub use handler::{Closed, Conn, Handler, Outcome, Subprotocol};
+pub use handler::{Closed, Conn, Handler, Outcome, Subprotocol, TooManyTopics};
 #[cfg(feature = "tls")]
 pub use http::tls;
 pub use http::{

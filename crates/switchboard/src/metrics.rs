@@ -61,10 +61,12 @@ pub enum ErrorKind {
     Forbidden,
     /// An upgrade refused by the per-IP limits (429).
     IpLimited,
+    /// A subscribe refused by `limits.max_topics_per_connection`.
+    TooManyTopics,
 }
 
 impl ErrorKind {
-    const ALL: [ErrorKind; 13] = [
+    const ALL: [ErrorKind; 14] = [
         Self::Protocol,
         Self::InvalidUtf8,
         Self::MessageTooBig,
@@ -78,6 +80,7 @@ impl ErrorKind {
         Self::Unauthorized,
         Self::Forbidden,
         Self::IpLimited,
+        Self::TooManyTopics,
     ];
 
     /// The `kind` label.
@@ -96,6 +99,7 @@ impl ErrorKind {
             Self::Unauthorized => "unauthorized",
             Self::Forbidden => "forbidden",
             Self::IpLimited => "ip_limited",
+            Self::TooManyTopics => "too_many_topics",
         }
     }
 }

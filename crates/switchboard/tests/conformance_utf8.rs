@@ -322,9 +322,8 @@ async fn a_character_unfinished_at_the_end_of_the_message_is_closed_with_1007() 
 }
 
 /// Autobahn 6.4.3 and 6.4.4: one frame whose bytes arrive in three chunks,
-/// the second holding the invalid sequence. The server checks whole frames:
-/// 1007 comes at the latest once the frame is complete (closing after the
-/// second chunk would be the "strict" result; see docs/conformance.md).
+/// the second holding the invalid sequence: 1007 comes after the second
+/// chunk, before the third is sent (Autobahn's "strict" result).
 #[tokio::test]
 async fn invalid_utf8_in_a_frame_arriving_in_chunks_is_closed_with_1007() {
     let server = TestServer::start().await;
@@ -339,12 +338,127 @@ async fn invalid_utf8_in_a_frame_arriving_in_chunks_is_closed_with_1007() {
         let mut ws = echo(&server).await;
         ws.no_delay();
         ws.send(&wire[..header + first]).await;
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        ws.expect_silence(Duration::from_millis(50)).await;
         ws.send(&wire[header + first..header + second]).await;
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        // The connection may already be closed: the last write may fail.
-        let _ = tokio::io::AsyncWriteExt::write_all(&mut ws.stream, &wire[header + second..]).await;
         let (code, reason) = ws.expect_close_frame().await;
-        assert_eq!(code, 1007, "{reason}");
+        assert_eq!(code, 1007, "{bad:?}: {reason}");
     }
+}
+
+/// A case of a frame cut short: its name, the fragments sent whole before
+/// it, the frame's first header byte, and the part of its payload sent.
+type Cut = (&'static str, &'static [&'static [u8]], u8, &'static [u8]);
+
+/// Fail fast inside a frame: a frame header announces more bytes than are
+/// sent, and the bytes sent hold invalid UTF-8. The server closes with 1007
+/// from what it has; the rest of the frame is never sent.
+#[tokio::test]
+async fn invalid_utf8_is_closed_with_1007_before_the_rest_of_its_frame_arrives() {
+    let server = TestServer::start().await;
+    // The tail that would follow; never sent.
+    let tail = vec![b'x'; 2000];
+    let cases: &[Cut] = &[
+        (
+            "6.4.3: U+110000 in one frame",
+            &[],
+            FIN | TEXT,
+            b"\xce\xba\xe1\xbd\xb9\xcf\x83\xce\xbc\xce\xb5\xf4\x90\x80\x80",
+        ),
+        (
+            "6.4.4: F4 90 at the end of what came",
+            &[],
+            FIN | TEXT,
+            b"\xce\xba\xe1\xbd\xb9\xcf\x83\xce\xbc\xce\xb5\xf4\x90",
+        ),
+        ("a stray byte", &[], FIN | TEXT, b"ab\xffcd"),
+        (
+            "a surrogate cut after two bytes",
+            &[],
+            FIN | TEXT,
+            b"ab\xed\xa0",
+        ),
+        ("a non-final first fragment", &[], TEXT, b"ab\xc0\x80"),
+        ("a continuation", &[b"valid "], CONT, b"then \xff"),
+        (
+            "a continuation finishing a split character badly",
+            &[b"a\xe2\x82"],
+            CONT | FIN,
+            b"\x41",
+        ),
+        (
+            "a bad byte after a character split across fragments",
+            &[b"a\xe2\x82"],
+            CONT | FIN,
+            b"\xac\xff",
+        ),
+        // Past the first 4 KiB the server checks, with a character split there.
+        (
+            "invalid after 5,000 valid bytes",
+            &[],
+            FIN | TEXT,
+            &LONG_THEN_INVALID,
+        ),
+    ];
+    for (name, before, first, sent) in cases {
+        let mut ws = echo(&server).await;
+        ws.no_delay();
+        for (i, fragment) in before.iter().enumerate() {
+            let op = if i == 0 { TEXT } else { CONT };
+            ws.send(&masked(op, fragment)).await;
+        }
+        let mut payload = sent.to_vec();
+        payload.extend_from_slice(&tail);
+        let wire = masked(*first, &payload);
+        let header = wire.len() - payload.len();
+        ws.send(&wire[..header + sent.len()]).await;
+        let (code, reason) = ws.expect_close_frame().await;
+        assert_eq!(code, 1007, "{name}: {reason}");
+    }
+}
+
+/// 2,000 three-byte characters, then a stray byte.
+const LONG_THEN_INVALID: [u8; 6_001] = {
+    let mut bytes = [0u8; 6_001];
+    let mut i = 0;
+    while i < 6_000 {
+        bytes[i] = 0xE2;
+        bytes[i + 1] = 0x82;
+        bytes[i + 2] = 0xAC;
+        i += 3;
+    }
+    bytes[6_000] = 0xFF;
+    bytes
+};
+
+/// The same with valid text, cut anywhere — inside a character too — and
+/// the rest sent after a pause: nothing is refused early, and the message
+/// is echoed whole.
+#[tokio::test]
+async fn a_valid_frame_arriving_in_pieces_is_not_refused_early() {
+    let server = TestServer::start().await;
+    let mut message = Vec::new();
+    for _ in 0..1500 {
+        message.extend_from_slice(KOSME);
+        message.extend_from_slice("\u{10348}".as_bytes());
+    }
+    let mut ws = echo(&server).await;
+    ws.no_delay();
+    for cut in [1, 2, 4_095, 4_097, 13_001] {
+        for (first, fragments) in [(TEXT, 1), (TEXT, 2)] {
+            let wire = if fragments == 1 {
+                masked(FIN | first, &message)
+            } else {
+                let (a, b) = message.split_at(cut);
+                let mut wire = masked(first, a);
+                wire.extend(masked(FIN | CONT, b));
+                wire
+            };
+            let at = cut.min(wire.len() - 1);
+            ws.send(&wire[..at]).await;
+            ws.expect_silence(Duration::from_millis(30)).await;
+            ws.send(&wire[at..]).await;
+            ws.expect_frame(TEXT, &message).await;
+        }
+    }
+    ws.close_normally().await;
 }

@@ -579,3 +579,22 @@ async fn v1_is_offered_only_where_it_is_spoken() {
         Some("switchboard.plain")
     );
 }
+
+#[tokio::test]
+async fn subscribing_past_the_topic_limit_is_an_error_tied_to_the_request() {
+    let limits = Limits {
+        max_topics_per_connection: 2,
+        ..Limits::default()
+    };
+    let server = TestServer::with_limits(limits).await;
+    let (mut bob, _) = hello(&server, "bob", None).await;
+    for (id, topic) in [(1, "a"), (2, "b")] {
+        let frame = json!({"type": "subscribe", "id": id, "topic": topic});
+        send_text(&mut bob, &frame.to_string()).await;
+        assert!(next_of(&mut bob, "ack").await.get("error").is_none());
+    }
+    send_text(&mut bob, r#"{"type":"subscribe","id":3,"topic":"c"}"#).await;
+    let ack = next_of(&mut bob, "ack").await;
+    assert_eq!(ack["id"], 3);
+    assert_eq!(ack["error"]["code"], "too_many_topics");
+}

@@ -155,6 +155,15 @@ pub(crate) struct Cli {
         help_heading = "Limits"
     )]
     pub(crate) max_targets: Option<usize>,
+    /// Topics one connection may have joined; beyond → error frame
+    /// too_many_topics; 0 = no limit [default: 1000].
+    #[arg(
+        long,
+        env = "SWITCHBOARD_MAX_TOPICS_PER_CONNECTION",
+        value_name = "N",
+        help_heading = "Limits"
+    )]
+    pub(crate) max_topics_per_connection: Option<usize>,
     /// A second connection with the same client ID [default: allow].
     #[arg(
         long,
@@ -580,6 +589,7 @@ impl Cli {
             body_timeout,
             max_connections,
             max_targets,
+            max_topics_per_connection,
             duplicate_ids,
             max_message_rate,
             message_burst,

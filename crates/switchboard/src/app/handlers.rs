@@ -102,7 +102,17 @@ impl Handler for Chat {
             ));
         }
         conn.set_format(Format::Text);
-        conn.join(self.topic.clone());
+        // A new connection has joined nothing, so the topic limit cannot
+        // refuse this; were it to, the upgrade is refused rather than the
+        // client left outside the chat.
+        conn.join(self.topic.clone()).map_err(|err| {
+            conn.hub().metrics().error(ErrorKind::TooManyTopics);
+            HttpError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too_many_topics",
+                err.to_string(),
+            )
+        })?;
         Ok(permissions.is_none_or(|p| p.may_publish(&self.topic)))
     }
 
@@ -285,11 +295,17 @@ impl Handler for Relay {
                 conn.hub().publish(&topic, &frame).await;
                 Outcome::Continue
             }
-            Request::Subscribe(topic) => {
-                let ack = serde_json::json!({ "subscribed": topic.as_str() }).to_string();
-                conn.join(topic);
-                Outcome::reply_text(ack)
-            }
+            Request::Subscribe(topic) => match conn.join(topic.clone()) {
+                Ok(_) => Outcome::reply_text(
+                    serde_json::json!({ "subscribed": topic.as_str() }).to_string(),
+                ),
+                Err(err) => {
+                    conn.hub().metrics().error(ErrorKind::TooManyTopics);
+                    Outcome::reply_text(
+                        RequestError::new("too_many_topics", err.to_string()).to_json(),
+                    )
+                }
+            },
             Request::Unsubscribe(topic) => {
                 conn.leave(&topic);
                 let ack = serde_json::json!({ "unsubscribed": topic.as_str() }).to_string();

@@ -51,7 +51,7 @@ mod conn;
 mod outcome;
 pub(crate) mod session;
 
-pub use conn::Conn;
+pub use conn::{Conn, TooManyTopics};
 pub use outcome::Outcome;
 
 /// How a connection ended, as told to [`Handler::on_close`].

@@ -32,16 +32,22 @@ use crate::protocol::close::{CloseCode, CloseFrame};
 use crate::protocol::deflate::Agreed;
 use crate::protocol::frame::{OpCode, WireFrame};
 use crate::protocol::message::Message;
-use crate::runtime::delivery::{Format, v1_error, v1_request_id};
-use crate::runtime::mailbox::{Item, Taken};
+use crate::runtime::delivery::{Format, Gap, v1_error, v1_request_id};
+use crate::runtime::mailbox::{Item, Mailbox, Taken};
 use crate::runtime::rate::{Rate, TokenBucket};
 use crate::runtime::reader::{Incoming, Reader};
-use crate::runtime::writer::Writer;
+use crate::runtime::writer::{Writer, Written};
 
-/// Stop reading and stop taking from the mailbox while this many bytes are
-/// written but not yet accepted by the socket. A client that sends but does
-/// not read therefore cannot make the server buffer without bound: its own
-/// requests wait in the kernel's receive buffer.
+/// Stop handling frames, reading and taking from the mailbox while this many
+/// bytes are written but not yet accepted by the socket. A client that sends
+/// but does not read therefore cannot make the server buffer without bound:
+/// its own requests wait in the connection's read buffer (one read, 64 KiB
+/// at most) and then in the kernel's receive buffer.
+///
+/// Checked before every frame, not only between reads: one 64 KiB read of
+/// 6-byte frames that each provoke an error frame queued ~10,900 replies,
+/// ~1.8 MB of heap, before the check between events ran (measured: 2.5 MB
+/// of RSS per connection, `tests/backpressure.rs`).
 const WRITE_HIGH_WATER: usize = 256 * 1024;
 
 /// After our close, how long the client may be silent before we drop the
@@ -80,6 +86,9 @@ enum Event<I> {
     Mailbox(Taken<I>),
     Timer,
     Flushed,
+    /// The writer fell below `WRITE_HIGH_WATER` while frames that
+    /// `process_frames` left for it are buffered.
+    Resume,
 }
 
 /// Spawns the task that drives one upgraded connection until it ends.
@@ -120,8 +129,20 @@ struct Driver<S, H: Handler> {
     /// Taken by `on_close`.
     state: Option<H::State>,
     conn: Conn<H::Info>,
+    /// The task's own handle on `conn`'s mailbox: a handler callback holds
+    /// `&mut conn`, and meanwhile the task keeps taking frames from the
+    /// mailbox (see `pumped`).
+    mailbox: Arc<Mailbox<H::Info>>,
     /// A callback panicked: its state may be broken, so `on_close` is skipped.
     panicked: bool,
+    /// A close deadline passed (`close_timeout` after our close frame, or
+    /// after we started flushing): the client had its time, so `finish`
+    /// lingers for a quiet moment at most, not another `close_timeout`.
+    timed_out: bool,
+    /// `process_frames` stopped at `WRITE_HIGH_WATER` with frames still
+    /// buffered: handle them once the writer drains, even if the client
+    /// sends nothing more.
+    frames_paused: bool,
     /// This connection's place under `limits.max_connections` and its
     /// IP's `limits.max_connections_per_ip`.
     _admission: Admission,
@@ -159,8 +180,11 @@ where
             ping_sent: None,
             handler,
             state: Some(state),
+            mailbox: Arc::clone(&conn.mailbox),
             conn,
             panicked: false,
+            timed_out: false,
+            frames_paused: false,
             _admission: admission,
             rate,
         }
@@ -180,6 +204,12 @@ where
             tokio::pin!(sleep);
             self.arm_keepalive(sleep.as_mut(), now);
             let closed = self.drive(sleep).await;
+            // Whatever ended it (EOF, a socket error, a deadline), nothing
+            // queued from now on will be written: refuse pushes at once, so
+            // senders see `dropped` rather than `delivered` while `finish`
+            // lingers and `on_close` runs (the ID stays registered until
+            // then). Closes we started marked it already.
+            self.mailbox.mark_closing();
             // Boxed, like every handler call: a future awaited inline is
             // part of the connection's future for its whole life, idle or
             // not, so only the small event loop stays inline (see
@@ -241,7 +271,7 @@ where
                         }
                         return Closed::Abnormal(format!("socket error: {err}"));
                     }
-                    Event::Flushed => continue,
+                    Event::Flushed | Event::Resume => continue,
                     // Frames from other connections are the common case and need
                     // no await; only `Info` messages call the handler.
                     Event::Mailbox(taken) => match self.take_frames(taken, sleep.as_mut()) {
@@ -270,9 +300,27 @@ where
         cx: &mut Context<'_>,
         mut sleep: Pin<&mut Sleep>,
     ) -> Poll<Event<H::Info>> {
+        // Once closing, the deadline is checked on every event, against the
+        // clock. The timer below is polled only when nothing else is ready,
+        // which a client keeping the socket readable (a ping stream that
+        // fills every read) prevents, and a task that never waits sees its
+        // timer fire late anyway: tokio fires timers when its driver runs
+        // (measured: 1.3 s late for a 200 ms close timeout under such a
+        // stream). Left to the timer, that client would keep its
+        // registration and its permits, and hold up graceful shutdown.
+        // Open connections skip this (one clock read per event): their
+        // timer is only the keepalive.
+        if let Some(deadline) = self.closing_deadline()
+            && Instant::now() >= deadline
+        {
+            return Poll::Ready(Event::Timer);
+        }
         let metrics = self.conn.hub().metrics();
         if !self.writer.is_empty() {
-            match self.writer.poll_write(&mut self.io, cx, metrics) {
+            let mut written = Written::default();
+            let done = self.writer.poll_write(&mut self.io, cx, &mut written);
+            written.count(metrics);
+            match done {
                 Poll::Ready(Ok(())) => {
                     if let Phase::Finishing(_) = self.phase {
                         return Poll::Ready(Event::Flushed);
@@ -283,12 +331,15 @@ where
             }
         }
         let backed_up = self.writer.backlog >= WRITE_HIGH_WATER;
+        if self.frames_paused && !backed_up {
+            return Poll::Ready(Event::Resume);
+        }
         if matches!(self.phase, Phase::Open) {
             if !backed_up {
-                if let Poll::Ready(taken) = self.conn.mailbox.poll_take(cx) {
+                if let Poll::Ready(taken) = self.mailbox.poll_take(cx) {
                     return Poll::Ready(Event::Mailbox(taken));
                 }
-            } else if let Poll::Ready(close) = self.conn.mailbox.poll_close(cx) {
+            } else if let Poll::Ready(close) = self.mailbox.poll_close(cx) {
                 return Poll::Ready(Event::Mailbox(Taken {
                     items: VecDeque::new(),
                     close: Some(close),
@@ -314,6 +365,15 @@ where
         Poll::Pending
     }
 
+    /// When the closing phases end the connection; `None` while open.
+    fn closing_deadline(&self) -> Option<Instant> {
+        match &self.phase {
+            Phase::Open => None,
+            Phase::Closing(closing) => Some(closing.deadline),
+            Phase::Finishing(finishing) => Some(finishing.deadline),
+        }
+    }
+
     /// Parses and dispatches buffered frames; returns `Some` when the
     /// connection must stop reading (close received or protocol error).
     ///
@@ -326,10 +386,18 @@ where
         mut sleep: Pin<&'a mut Sleep>,
     ) -> impl Future<Output = Option<Closed>> + Send + 'a {
         async move {
+            self.frames_paused = false;
             if let Phase::Finishing(_) = self.phase {
                 return None;
             }
             loop {
+                // Backpressure within one read: every frame may queue a reply
+                // (a pong, an error frame, a handler's answer), so the bound
+                // is checked before each one (see `WRITE_HIGH_WATER`).
+                if self.writer.backlog >= WRITE_HIGH_WATER {
+                    self.frames_paused = true;
+                    return None;
+                }
                 let message = {
                     let incoming = match self.reader.next() {
                         Ok(Some(incoming)) => incoming,
@@ -437,7 +505,7 @@ where
 
     /// Takes a batch from the mailbox without awaiting: tells the client
     /// about dropped frames, then queues the frames and takes the close.
-    /// A batch holding `Info` messages is handed back for `take_mailbox`,
+    /// A batch ending with an `Info` is handed back for `take_mailbox`,
     /// which calls the handler.
     fn take_frames(
         &mut self,
@@ -446,23 +514,14 @@ where
     ) -> Option<Taken<H::Info>> {
         if taken.dropped > 0 {
             self.metrics().dropped_messages.add(taken.dropped);
-            // A v1 connection learns exactly what it lost; a plain one how
-            // many.
-            let notice = match taken.gap.take() {
-                Some(gap) => gap.frame(),
-                None => dropped_notice(taken.dropped),
-            };
-            self.writer.push(notice);
+            self.writer
+                .push(drop_notice(taken.dropped, taken.gap.take()));
             taken.dropped = 0;
         }
-        if taken.items.iter().any(|item| matches!(item, Item::Info(_))) {
+        if let Some(Item::Info(_)) = taken.items.back() {
             return Some(taken);
         }
-        for item in taken.items {
-            if let Item::Frame(frame) | Item::Tagged(frame, _) = item {
-                self.writer.push(frame);
-            }
-        }
+        queue_frames(&mut self.writer, taken.items);
         self.take_close(taken.close, sleep);
         None
     }
@@ -484,6 +543,7 @@ where
         match &self.phase {
             Phase::Closing(closing) => {
                 if now >= closing.deadline {
+                    self.timed_out = true;
                     return Some(Closed::ByServer(closing.sent.clone()));
                 }
                 sleep.as_mut().reset(closing.deadline);
@@ -491,6 +551,7 @@ where
             Phase::Finishing(finishing) => {
                 let deadline = finishing.deadline;
                 if now >= deadline {
+                    self.timed_out = true;
                     return Some(self.take_finishing());
                 }
                 sleep.as_mut().reset(deadline);
@@ -562,7 +623,7 @@ where
         if !matches!(self.phase, Phase::Open) {
             return;
         }
-        self.conn.mailbox.mark_closing();
+        self.mailbox.mark_closing();
         self.writer.push(close_frame(&frame));
         let deadline = Instant::now() + self.limits().close_timeout;
         sleep.reset(deadline);
@@ -573,7 +634,7 @@ where
     }
 
     fn enter_finishing(&mut self, closed: Closed, sleep: Pin<&mut Sleep>) {
-        self.conn.mailbox.mark_closing();
+        self.mailbox.mark_closing();
         let deadline = Instant::now() + self.limits().close_timeout;
         sleep.reset(deadline);
         self.phase = Phase::Finishing(Box::new(Finishing { closed, deadline }));
@@ -587,36 +648,68 @@ where
         }
     }
 
+    // The three callbacks of an open connection run through `pumped`, which
+    // keeps writing and taking frames while they are pending. Each borrows
+    // the driver's fields apart: the handler gets the state and the `Conn`,
+    // the pump the socket, the writer and the mailbox.
+
     async fn call_open(&mut self) -> Option<Outcome> {
-        let state = self.state.as_mut()?;
-        let result = AssertUnwindSafe(self.handler.on_open(state, &mut self.conn))
-            .catch_unwind()
-            .await;
-        self.after_callback(result)
+        let Self {
+            io,
+            writer,
+            handler,
+            state,
+            conn,
+            mailbox,
+            ..
+        } = &mut *self;
+        let call = AssertUnwindSafe(handler.on_open(state.as_mut()?, conn)).catch_unwind();
+        let (result, delivered) = pumped(call, io, writer, mailbox).await;
+        self.after_callback(result, delivered)
     }
 
     async fn call_message(&mut self, message: Message) -> Option<Outcome> {
-        let state = self.state.as_mut()?;
-        let result = AssertUnwindSafe(self.handler.on_message(state, message, &mut self.conn))
-            .catch_unwind()
-            .await;
-        self.after_callback(result)
+        let Self {
+            io,
+            writer,
+            handler,
+            state,
+            conn,
+            mailbox,
+            ..
+        } = &mut *self;
+        let call =
+            AssertUnwindSafe(handler.on_message(state.as_mut()?, message, conn)).catch_unwind();
+        let (result, delivered) = pumped(call, io, writer, mailbox).await;
+        self.after_callback(result, delivered)
     }
 
     async fn call_info(&mut self, info: H::Info) -> Option<Outcome> {
-        let state = self.state.as_mut()?;
-        let result = AssertUnwindSafe(self.handler.on_info(state, info, &mut self.conn))
-            .catch_unwind()
-            .await;
-        self.after_callback(result)
+        let Self {
+            io,
+            writer,
+            handler,
+            state,
+            conn,
+            mailbox,
+            ..
+        } = &mut *self;
+        let call = AssertUnwindSafe(handler.on_info(state.as_mut()?, info, conn)).catch_unwind();
+        let (result, delivered) = pumped(call, io, writer, mailbox).await;
+        self.after_callback(result, delivered)
     }
 
-    /// A panicking callback becomes `Stop(1011)`; the panic message was
-    /// already printed by the panic hook.
+    /// Counts what was delivered while the callback ran. A panicking
+    /// callback becomes `Stop(1011)`; the panic message was already printed
+    /// by the panic hook.
     fn after_callback(
         &mut self,
         result: Result<Outcome, Box<dyn std::any::Any + Send>>,
+        mut delivered: Delivered,
     ) -> Option<Outcome> {
+        let metrics = self.conn.hub().metrics();
+        delivered.written.count(metrics);
+        metrics.dropped_messages.add(delivered.dropped);
         match result {
             Ok(outcome) => Some(outcome),
             Err(_) => {
@@ -643,8 +736,13 @@ where
         // reset, which discards what we queued but the client has not read
         // yet — the end of an echo, or our close frame itself. A client that
         // neither sends nor closes is let go after the quiet moment rather
-        // than held for the whole timeout.
-        let close_timeout = self.limits().close_timeout;
+        // than held for the whole timeout, and one that let a close deadline
+        // pass gets no more than that moment in all (it may be streaming).
+        let bound = if self.timed_out {
+            LINGER_QUIET
+        } else {
+            self.limits().close_timeout
+        };
         let linger = async {
             self.io.shutdown().await?;
             let mut sink = [0u8; 1024];
@@ -656,7 +754,7 @@ where
                 }
             }
         };
-        let _ = tokio::time::timeout(close_timeout, linger).await;
+        let _ = tokio::time::timeout(bound, linger).await;
         if let Some(state) = self.state.take()
             && !self.panicked
         {
@@ -686,7 +784,111 @@ fn rate_limited(format: Format, message: &[u8]) -> WireFrame {
     ))
 }
 
-/// The notice sent before the frames that follow a drop (drop-oldest policy).
+/// What `pumped` delivered while a callback ran, for the metrics, which it
+/// cannot reach meanwhile (they are in the hub, in the borrowed `Conn`).
+#[derive(Default)]
+struct Delivered {
+    written: Written,
+    /// Frames the drop-oldest policy dropped.
+    dropped: u64,
+}
+
+/// Runs a handler callback and, while it is pending, keeps the connection's
+/// delivery going: writes what is queued and takes frames (not `Info`s,
+/// which need the handler) from the mailbox, up to `WRITE_HIGH_WATER`.
+/// Reading the client stays paused: its frames wait, in order, for the
+/// handler.
+///
+/// Why: a callback may wait long — `Relay::on_message` awaiting `hub.send`
+/// to a frozen node waits up to `redis.request_timeout` — and a connection
+/// that neither took from its mailbox nor wrote meanwhile saw it overflow
+/// and was closed 1008 "reads too slowly", however fast its client read.
+///
+/// An `async fn` polled in a box by its callers, so all of it lives in the
+/// callback's allocation, none of it in the connection's task (see
+/// `connection_future_sizes`).
+async fn pumped<F, S, I>(
+    call: F,
+    io: &mut S,
+    writer: &mut Writer,
+    mailbox: &Mailbox<I>,
+) -> (F::Output, Delivered)
+where
+    F: Future,
+    S: AsyncWrite + Unpin,
+    I: Send + 'static,
+{
+    let mut call = std::pin::pin!(call);
+    let mut delivered = Delivered::default();
+    let mut broken = false;
+    let output = poll_fn(|cx| {
+        if let Poll::Ready(output) = call.as_mut().poll(cx) {
+            return Poll::Ready(output);
+        }
+        keep_delivering(cx, io, writer, mailbox, &mut delivered, &mut broken);
+        Poll::Pending
+    })
+    .await;
+    (output, delivered)
+}
+
+/// One round of `pumped`'s work: write, take frames, write them, until the
+/// socket or the mailbox has nothing more for now (each has our waker then)
+/// or the writer is at its bound.
+fn keep_delivering<S, I>(
+    cx: &mut Context<'_>,
+    io: &mut S,
+    writer: &mut Writer,
+    mailbox: &Mailbox<I>,
+    delivered: &mut Delivered,
+    broken: &mut bool,
+) where
+    S: AsyncWrite + Unpin,
+    I: Send + 'static,
+{
+    loop {
+        if !*broken
+            && !writer.is_empty()
+            && let Poll::Ready(Err(_)) = writer.poll_write(io, cx, &mut delivered.written)
+        {
+            // The event loop's next write fails the same way once the
+            // callback is done, and ends the connection then.
+            *broken = true;
+        }
+        if *broken || writer.backlog >= WRITE_HIGH_WATER {
+            return;
+        }
+        let Poll::Ready(taken) = mailbox.poll_take_frames(cx) else {
+            return;
+        };
+        if taken.dropped > 0 {
+            delivered.dropped += taken.dropped;
+            writer.push(drop_notice(taken.dropped, taken.gap));
+        }
+        queue_frames(writer, taken.items);
+    }
+}
+
+/// Queues the frames of a batch taken from the mailbox.
+fn queue_frames<I>(writer: &mut Writer, items: VecDeque<Item<I>>) {
+    for item in items {
+        if let Item::Frame(frame) | Item::Tagged(frame, _) = item {
+            writer.push(frame);
+        }
+    }
+}
+
+/// What a client is told before the frames that follow a drop
+/// (drop-oldest policy): a v1 connection exactly what it lost, a plain one
+/// how many.
+fn drop_notice(count: u64, gap: Option<Box<Gap>>) -> WireFrame {
+    match gap {
+        Some(gap) => gap.frame(),
+        None => dropped_notice(count),
+    }
+}
+
+/// The plain relay's notice of `count` dropped frames.
 fn dropped_notice(count: u64) -> WireFrame {
     WireFrame::from_text(format!(
         r#"{{"warning":{{"code":"messages_dropped","count":{count},"message":"you read too slowly: the oldest messages queued to you were dropped"}}}}"#
@@ -695,6 +897,101 @@ fn dropped_notice(count: u64) -> WireFrame {
 
 fn close_frame(frame: &CloseFrame) -> WireFrame {
     WireFrame::new(OpCode::Close, frame.payload())
+}
+
+/// The connection task against sockets no real client can be made to
+/// produce on demand.
+#[cfg(test)]
+mod driver_tests {
+    use std::task::ready;
+
+    use tokio::io::ReadBuf;
+
+    use super::*;
+    use crate::handlers::Echo;
+    use crate::{Hub, Limits};
+
+    /// A client that streams empty pings faster than they are read: every
+    /// read is filled, and like a real socket each read spends the task's
+    /// budget, so the task yields with everything else `Pending` too. What
+    /// it is sent is dropped.
+    struct PingStream {
+        /// The next byte of the endless run of 6-byte frames.
+        at: usize,
+    }
+
+    /// A masked ping with no payload.
+    const PING: [u8; 6] = [0x89, 0x80, 1, 2, 3, 4];
+
+    impl AsyncRead for PingStream {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            let coop = ready!(tokio::task::coop::poll_proceed(cx));
+            while buf.remaining() > 0 {
+                let at = self.at % PING.len();
+                let n = buf.remaining().min(PING.len() - at);
+                buf.put_slice(&PING[at..at + n]);
+                self.at += n;
+            }
+            coop.made_progress();
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    impl AsyncWrite for PingStream {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// Issue 12, item 3: after our close frame the close timeout ends the
+    /// connection even while the client keeps every read full. Before the
+    /// deadline was checked first in the closing phases this never ended.
+    #[tokio::test]
+    async fn a_ping_stream_cannot_hold_a_closing_connection_open() {
+        let close_timeout = Duration::from_millis(200);
+        let hub = Hub::new(Limits {
+            close_timeout,
+            ..Limits::default()
+        });
+        let conn = Conn::new(hub.clone());
+        conn.handle().close(CloseFrame::new(
+            CloseCode::DISCONNECTED,
+            "closed by the test",
+        ));
+        let driver = Driver::new(
+            PingStream { at: 0 },
+            Bytes::new(),
+            Arc::new(Echo),
+            (),
+            conn,
+            Admission::default(),
+            None,
+        );
+        let started = Instant::now();
+        tokio::time::timeout(Duration::from_secs(5), driver.run())
+            .await
+            .expect("the connection ends although the client never stops sending");
+        let took = started.elapsed();
+        assert!(
+            took < close_timeout + LINGER_QUIET + Duration::from_millis(500),
+            "ended after {took:?}"
+        );
+        assert_eq!(hub.live_connections(), 0);
+    }
 }
 
 #[cfg(test)]

@@ -52,7 +52,9 @@ pub async fn serve(
 ///
 /// Then: stop accepting; ask in-flight HTTP requests to finish; close every
 /// WebSocket with 1001 "server shutting down" after the frames already
-/// queued to it; wait up to `shutdown_timeout` for all of that; return.
+/// queued to it, including those whose upgrade completes from now on
+/// ([`Hub::begin_shutdown`]); wait up to `shutdown_timeout` for all of
+/// that; return.
 pub async fn serve_with(
     listener: TcpListener,
     router: Router,
@@ -246,7 +248,8 @@ pub async fn serve_with_options(
         "shutting down: closing connections with 1001"
     );
     let _ = stop_http.send(true);
-    hub.close_all(CloseFrame::new(
+    // Also closes the upgrades still under way (see `Hub::begin_shutdown`).
+    hub.begin_shutdown(CloseFrame::new(
         CloseCode::GOING_AWAY,
         "server shutting down",
     ));

@@ -209,7 +209,8 @@ impl Hub {
     }
 
     /// Asks every live connection to close with `frame` after flushing what
-    /// is queued to it.
+    /// is queued to it. Connections opened afterwards are not affected: to
+    /// shut down, use [`begin_shutdown`](Self::begin_shutdown).
     pub fn close_all(&self, frame: CloseFrame) {
         let all: Vec<ConnRef> = self
             .inner
@@ -221,6 +222,19 @@ impl Hub {
         for conn in all {
             conn.close(frame.clone());
         }
+    }
+
+    /// Begins shutdown: like [`close_all`](Self::close_all), and every
+    /// connection opened from now on is asked to close with `frame` as soon
+    /// as it exists — an upgrade that was under way completes and is closed
+    /// at once. [`serve`](crate::serve) calls it when its shutdown future
+    /// resolves; then wait with [`drained`](Self::drained). The first
+    /// frame given stays.
+    pub fn begin_shutdown(&self, frame: CloseFrame) {
+        // Set before `close_all` takes the shard locks, which `track` reads
+        // it under: no connection misses both.
+        let _ = self.inner.live.closing.set(frame.clone());
+        self.close_all(frame);
     }
 
     /// Waits until no WebSocket connection is left on this node.
@@ -238,7 +252,14 @@ impl Hub {
         let live = &self.inner.live;
         live.count.fetch_add(1, Ordering::Relaxed);
         self.metrics().connections_total.add(1);
-        live.shard(conn.id()).lock().insert(conn.id(), conn);
+        let mut shard = live.shard(conn.id()).lock();
+        // Read under the shard's lock: `begin_shutdown` sets the frame
+        // before `close_all` takes the shard locks, so either that sees
+        // this connection or this sees the frame.
+        if let Some(frame) = live.closing.get() {
+            conn.close(frame.clone());
+        }
+        shard.insert(conn.id(), conn);
     }
 
     pub(crate) fn untrack(&self, id: ConnId) {

@@ -2,11 +2,13 @@
 //! connection count.
 
 use std::collections::HashMap;
+use std::sync::OnceLock;
 use std::sync::atomic::AtomicUsize;
 
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
+use crate::protocol::close::CloseFrame;
 use crate::runtime::mailbox::{ConnId, ConnRef};
 
 /// Every live connection of this node, whether or not it registered an ID,
@@ -16,6 +18,12 @@ pub(crate) struct Tracker {
     pub(crate) shards: Box<[Mutex<HashMap<ConnId, ConnRef>>]>,
     pub(crate) count: AtomicUsize,
     pub(crate) empty: Notify,
+    /// Set when shutdown begins: the close frame every connection tracked
+    /// from then on is asked to close with at once. An upgrade under way
+    /// when shutdown began (its request past the accept loop, its `Conn`
+    /// not created yet) still completes; without this it would open after
+    /// the last close was sent and hold the drain for its whole timeout.
+    pub(crate) closing: OnceLock<CloseFrame>,
 }
 
 impl Default for Tracker {
@@ -24,6 +32,7 @@ impl Default for Tracker {
             shards: (0..16).map(|_| Mutex::new(HashMap::new())).collect(),
             count: AtomicUsize::new(0),
             empty: Notify::new(),
+            closing: OnceLock::new(),
         }
     }
 }

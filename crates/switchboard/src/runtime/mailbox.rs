@@ -73,6 +73,9 @@ pub(crate) struct Queue<I> {
     /// delivered instead of queueing it where it would never be written.
     closing: bool,
     queued_bytes: usize,
+    /// How many of `items` are `Info`s: a take stops at the first one, and
+    /// without any (the common case) takes everything without a scan.
+    infos: usize,
     /// Frames dropped by the drop-oldest policy since the task last looked.
     dropped: u64,
     /// For a v1 connection: what those dropped frames were, for the gap
@@ -92,6 +95,7 @@ pub(crate) struct Queue<I> {
 
 /// What the connection task takes from its mailbox in one go.
 pub(crate) struct Taken<I> {
+    /// Frames, then at most one `Info`, the last item.
     pub(crate) items: VecDeque<Item<I>>,
     pub(crate) close: Option<CloseFrame>,
     /// Frames dropped (drop-oldest policy) since the last take: the client
@@ -174,6 +178,7 @@ impl<I: Send + 'static> Mailbox<I> {
                 close: None,
                 closing: false,
                 queued_bytes: 0,
+                infos: 0,
                 dropped: 0,
                 gap: None,
                 held: false,
@@ -224,6 +229,9 @@ impl<I: Send + 'static> Mailbox<I> {
                 return Err((PushError::Full, item));
             }
             queue.queued_bytes += bytes;
+            if let Item::Info(_) = item {
+                queue.infos += 1;
+            }
             queue.items.push_back(item);
             queue.waker.take()
         };
@@ -308,22 +316,74 @@ impl<I: Send + 'static> Mailbox<I> {
         }
     }
 
-    /// Called by the connection task: takes everything queued, or registers
-    /// the waker and returns `Pending`.
+    /// Called by the connection task: takes the frames queued up to and
+    /// including the first `Info` (everything when there is none, the
+    /// common case), the close request once nothing is queued ahead of it,
+    /// and the count of dropped frames; or registers the waker and returns
+    /// `Pending`.
+    ///
+    /// Why stop at an `Info`: the handler runs for it, and meanwhile the
+    /// task takes the frames queued after it (`poll_take_frames`); had it
+    /// taken them with the info, those would be written after frames that
+    /// were queued later.
     pub(crate) fn poll_take(&self, cx: &mut Context<'_>) -> Poll<Taken<I>> {
+        self.take(cx, true)
+    }
+
+    /// For a connection whose handler callback is running: takes the frames
+    /// queued before the first `Info` and the count of dropped frames,
+    /// leaving the infos (they need the handler) and the close request; or
+    /// registers the waker and returns `Pending`.
+    pub(crate) fn poll_take_frames(&self, cx: &mut Context<'_>) -> Poll<Taken<I>> {
+        self.take(cx, false)
+    }
+
+    fn take(&self, cx: &mut Context<'_>, with_info: bool) -> Poll<Taken<I>> {
         let mut queue = self.queue.lock();
-        let nothing = queue.held || (queue.items.is_empty() && queue.dropped == 0);
-        if nothing && queue.close.is_none() {
+        let count = if queue.infos == 0 {
+            queue.items.len()
+        } else {
+            let first = queue
+                .items
+                .iter()
+                .position(|item| matches!(item, Item::Info(_)))
+                .unwrap_or(queue.items.len());
+            first + usize::from(with_info)
+        };
+        // While held (a v1 connection resuming), deliveries wait behind the
+        // replay; a close request still gets through.
+        let count = if queue.held { 0 } else { count };
+        let everything = count == queue.items.len();
+        let close = with_info && everything && queue.close.is_some();
+        let dropped = if queue.held { 0 } else { queue.dropped };
+        if count == 0 && !close && dropped == 0 {
             match &queue.waker {
                 Some(w) if w.will_wake(cx.waker()) => {}
                 _ => queue.waker = Some(cx.waker().clone()),
             }
             return Poll::Pending;
         }
-        queue.queued_bytes = 0;
+        let items: VecDeque<Item<I>> = if everything {
+            queue.queued_bytes = 0;
+            std::mem::take(&mut queue.items)
+        } else {
+            let items: VecDeque<Item<I>> = queue.items.drain(..count).collect();
+            let bytes: usize = items
+                .iter()
+                .map(|item| match item {
+                    Item::Frame(frame) | Item::Tagged(frame, _) => frame.wire_len(),
+                    Item::Info(_) => 0,
+                })
+                .sum();
+            queue.queued_bytes = queue.queued_bytes.saturating_sub(bytes);
+            items
+        };
+        if let Some(Item::Info(_)) = items.back() {
+            queue.infos -= 1;
+        }
         Poll::Ready(Taken {
-            items: std::mem::take(&mut queue.items),
-            close: queue.close.take(),
+            items,
+            close: if close { queue.close.take() } else { None },
             dropped: std::mem::take(&mut queue.dropped),
             gap: queue.gap.take(),
         })
@@ -348,7 +408,8 @@ impl<I: Send + 'static> Mailbox<I> {
     }
 
     /// The connection started closing on its own (a handler `Stop`, a
-    /// protocol error, the client's close): refuse further pushes.
+    /// protocol error, the client's close) or its socket is done (EOF, an
+    /// error, a deadline): refuse further pushes.
     pub(crate) fn mark_closing(&self) {
         self.queue.lock().closing = true;
     }
@@ -362,6 +423,7 @@ impl<I: Send + 'static> Mailbox<I> {
         queue.waker = None;
         let dropped = queue.items.len();
         queue.items = VecDeque::new();
+        queue.infos = 0;
         dropped
     }
 
@@ -515,5 +577,68 @@ impl<I: Send + 'static> ConnHandle<I> {
     /// Whether the connection has ended.
     pub fn is_closed(&self) -> bool {
         self.mailbox.is_closed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::task::Waker;
+
+    use super::*;
+
+    fn frame(text: &'static str) -> WireFrame {
+        WireFrame::from_text(text)
+    }
+
+    fn texts(taken: &Taken<&'static str>) -> Vec<String> {
+        taken
+            .items
+            .iter()
+            .map(|item| match item {
+                Item::Frame(frame) | Item::Tagged(frame, _) => {
+                    String::from_utf8_lossy(&frame.body).into_owned()
+                }
+                Item::Info(info) => format!("info {info}"),
+            })
+            .collect()
+    }
+
+    /// A take stops at the first info (inclusive); a frames-only take, for a
+    /// connection whose handler is busy, stops before it and never takes
+    /// the close; the close comes once nothing is queued ahead of it.
+    #[test]
+    fn takes_stop_at_infos_and_keep_the_order() {
+        let mailbox: Arc<Mailbox<&'static str>> = Mailbox::new(100, 1 << 20, false);
+        let mut cx = Context::from_waker(Waker::noop());
+        for push in ["a", "info 1", "b", "info 2", "c"] {
+            match push.strip_prefix("info ") {
+                Some(info) => mailbox.push_info(info).map_err(|(e, _)| e),
+                None => mailbox.push_frame(frame(push)),
+            }
+            .expect("queued");
+        }
+        mailbox.request_close(CloseFrame::new(CloseCode::GOING_AWAY, "bye"));
+        let take = |frames_only: bool| match if frames_only {
+            mailbox.poll_take_frames(&mut Context::from_waker(Waker::noop()))
+        } else {
+            mailbox.poll_take(&mut Context::from_waker(Waker::noop()))
+        } {
+            Poll::Ready(taken) => Some((texts(&taken), taken.close.is_some())),
+            Poll::Pending => None,
+        };
+        assert_eq!(take(true), Some((vec!["a".to_owned()], false)));
+        assert_eq!(take(true), None, "an info is next: it needs the handler");
+        assert_eq!(take(false), Some((vec!["info 1".to_owned()], false)));
+        assert_eq!(take(true), Some((vec!["b".to_owned()], false)));
+        assert_eq!(take(false), Some((vec!["info 2".to_owned()], false)));
+        assert_eq!(
+            take(true),
+            Some((vec!["c".to_owned()], false)),
+            "a frames-only take leaves the close"
+        );
+        assert_eq!(take(false), Some((vec![], true)));
+        assert!(mailbox.poll_take(&mut cx).is_pending());
+        let queue = mailbox.queue.lock();
+        assert_eq!((queue.queued_bytes, queue.infos), (0, 0));
     }
 }

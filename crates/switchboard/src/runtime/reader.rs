@@ -44,6 +44,10 @@ pub(crate) struct Reader {
     /// Set when permessage-deflate was agreed; boxed so that connections
     /// without it pay one pointer.
     inflater: Option<Box<Inflater>>,
+    /// While the frame at the front of `buf` is unfinished and carries
+    /// text: how many of its payload bytes are known to be valid UTF-8, up
+    /// to a character boundary (`check_unfinished`). 0 otherwise.
+    frame_checked: usize,
 }
 
 struct Partial {
@@ -69,6 +73,7 @@ impl Reader {
             max_frame,
             max_message,
             inflater: deflate.map(|agreed| Box::new(Inflater::new(agreed))),
+            frame_checked: 0,
         }
     }
 
@@ -91,6 +96,7 @@ impl Reader {
     pub(crate) fn discard(&mut self) {
         self.buf = BytesMut::new();
         self.partial = None;
+        self.frame_checked = 0;
     }
 
     /// The next complete message or control frame, if buffered.
@@ -106,10 +112,12 @@ impl Reader {
             };
             let frame_len = head.header_len + head.payload_len;
             if self.buf.len() < frame_len {
+                self.check_unfinished(head.opcode, head.rsv1, head.header_len, head.mask)?;
                 // Reserve once for the whole frame instead of growing in steps.
                 self.buf.reserve(frame_len - self.buf.len());
                 return Ok(None);
             }
+            self.frame_checked = 0;
             self.buf.advance(head.header_len);
             let mut payload = self.buf.split_to(head.payload_len);
             if self.buf.is_empty() {
@@ -172,6 +180,36 @@ impl Reader {
         }
     }
 
+    /// Fail fast inside a frame (RFC 6455 §8.1, Autobahn 6.4.3 and 6.4.4):
+    /// checks the UTF-8 of the part of an unfinished text frame received so
+    /// far, from where the last check stopped, allowing a character cut at
+    /// the end. Without it, invalid text was found only once the whole frame
+    /// had arrived, however late its tail, or never if it never came.
+    ///
+    /// The frame is checked again whole once complete (cheap next to the
+    /// copy, and it keeps that path the single source of truth); compressed
+    /// text can only be checked once inflated.
+    fn check_unfinished(
+        &mut self,
+        opcode: OpCode,
+        compressed: bool,
+        header_len: usize,
+        mask: [u8; 4],
+    ) -> Result<(), CloseFrame> {
+        // A continuation goes on from the message's last character, which
+        // the previous fragment may have cut. A text frame inside a
+        // fragmented message is a protocol error, reported when complete.
+        let carry: &[u8] = match (opcode, self.partial.as_deref()) {
+            (OpCode::Text, None) if !compressed => &[],
+            (OpCode::Continuation, Some(partial)) if partial.text && !partial.compressed => {
+                &partial.data[partial.checked..]
+            }
+            _ => return Ok(()),
+        };
+        let received = &self.buf[header_len..];
+        check_prefix(received, mask, carry, &mut self.frame_checked)
+    }
+
     /// Inflates a complete message if it was sent compressed.
     fn inflate_if(&mut self, compressed: bool, data: BytesMut) -> Result<Bytes, CloseFrame> {
         match (compressed, self.inflater.as_mut()) {
@@ -197,6 +235,60 @@ impl Partial {
         }
         Ok(())
     }
+}
+
+/// Checks `received[*checked..]` — masked payload bytes of an unfinished
+/// frame — as the continuation of valid UTF-8, allowing a character cut at
+/// the end, and moves `*checked` to the last character boundary. While
+/// `*checked` is 0, `carry` (a character the previous fragment cut, at most
+/// 3 bytes) comes first. Unmasks a copy, 4 KiB at a time on the stack: the
+/// frame's bytes stay masked until it is complete.
+fn check_prefix(
+    received: &[u8],
+    mask: [u8; 4],
+    carry: &[u8],
+    checked: &mut usize,
+) -> Result<(), CloseFrame> {
+    const CHUNK: usize = 4096;
+    // Up to 3 bytes of a cut character, then a chunk.
+    let mut window = [0u8; CHUNK + 4];
+    let mut pending = 0;
+    if *checked == 0 {
+        let carry = carry.get(..3).unwrap_or(carry);
+        window[..carry.len()].copy_from_slice(carry);
+        pending = carry.len();
+    }
+    let mut at = *checked;
+    while at < received.len() {
+        let n = (received.len() - at).min(CHUNK);
+        let chunk = &mut window[pending..pending + n];
+        chunk.copy_from_slice(&received[at..at + n]);
+        let offset = at % 4;
+        apply_mask(
+            chunk,
+            [
+                mask[offset],
+                mask[(offset + 1) % 4],
+                mask[(offset + 2) % 4],
+                mask[(offset + 3) % 4],
+            ],
+        );
+        let len = pending + n;
+        match simdutf8::compat::from_utf8(&window[..len]) {
+            Ok(_) => pending = 0,
+            Err(e) if e.error_len().is_none() => {
+                let valid = e.valid_up_to();
+                window.copy_within(valid..len, 0);
+                pending = len - valid;
+            }
+            Err(_) => return Err(invalid_utf8()),
+        }
+        at += n;
+        // Bytes of the carry still pending leave the boundary before this
+        // frame: 0, and the carry is read again next time.
+        *checked = at.saturating_sub(pending);
+    }
+    Ok(())
 }
 
 fn invalid_utf8() -> CloseFrame {
@@ -343,6 +435,39 @@ mod reader_props {
             prop_assert!(results.iter().all(Result::is_ok), "{results:?}");
             prop_assert_eq!(messages.len(), 1);
             prop_assert_eq!(messages[0].as_bytes(), &payload[..]);
+        }
+    }
+
+    proptest! {
+        /// Text with bytes replaced anywhere, fragmented anywhere and fed
+        /// in chunks of any size (so most frames are checked unfinished
+        /// first, characters cut across chunks and fragments): refused with
+        /// 1007 exactly when the whole message is not UTF-8.
+        #[test]
+        fn text_is_refused_exactly_when_invalid_however_it_arrives(
+            text in ".{1,200}",
+            replace in proptest::collection::vec((0usize..1000, any::<u8>()), 0..3),
+            cut in 0usize..1000,
+            mask in any::<[u8; 4]>(),
+            chunk in 1usize..50,
+        ) {
+            let mut payload = text.into_bytes();
+            for (at, byte) in replace {
+                let at = at % payload.len();
+                payload[at] = byte;
+            }
+            let cut = cut % (payload.len() + 1);
+            let mut wire = Vec::new();
+            masked_frame(&mut wire, false, 0x1, &payload[..cut], mask);
+            masked_frame(&mut wire, true, 0x0, &payload[cut..], mask);
+            let valid = std::str::from_utf8(&payload).is_ok();
+            let results = read_all(&wire, chunk);
+            match results.last() {
+                Some(Ok(Incoming::Message(m))) if valid => prop_assert_eq!(m.as_bytes(), &payload[..]),
+                Some(Err(e)) if !valid => prop_assert_eq!(e.code, CloseCode::INVALID_PAYLOAD),
+                other => prop_assert!(false, "valid {}: {:?}", valid, other),
+            }
+            prop_assert_eq!(results.len(), 1);
         }
     }
 

@@ -26,6 +26,27 @@ const MAX_IOV: usize = 64;
 /// so it does not grow any connection's task.
 const COPY_WRITE_LIMIT: usize = 2048;
 
+/// Bytes and whole frames written, for the metrics (`bytes_out`,
+/// `frames_out`). Tallied by the caller, which cannot always reach the
+/// metrics while it writes: a connection keeps writing while a handler
+/// callback holds its `Conn`, and with it the hub.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Written {
+    pub(crate) bytes: u64,
+    pub(crate) frames: u64,
+}
+
+impl Written {
+    /// Adds the tally to `metrics` and starts again from zero.
+    pub(crate) fn count(&mut self, metrics: &Metrics) {
+        if self.bytes > 0 {
+            metrics.bytes_out.add(self.bytes);
+            metrics.frames_out.add(self.frames);
+            *self = Self::default();
+        }
+    }
+}
+
 /// Frames waiting to be written. A burst of frames costs one system call:
 /// copied into one buffer up to `COPY_WRITE_LIMIT`, vectored above it.
 pub(crate) struct Writer {
@@ -75,21 +96,21 @@ impl Writer {
         &mut self,
         io: &mut S,
         cx: &mut Context<'_>,
-        metrics: &Metrics,
+        written: &mut Written,
     ) -> Poll<io::Result<()>> {
         while !self.queue.is_empty() {
-            let written = if self.backlog <= COPY_WRITE_LIMIT {
+            let n = if self.backlog <= COPY_WRITE_LIMIT {
                 let mut flat = [0u8; COPY_WRITE_LIMIT];
                 let len = self.copy_backlog(&mut flat);
                 ready!(Pin::new(&mut *io).poll_write(cx, &flat[..len]))?
             } else {
                 ready!(self.poll_write_vectored(io, cx))?
             };
-            if written == 0 {
+            if n == 0 {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
-            metrics.bytes_out.add(written as u64);
-            metrics.frames_out.add(self.consume(written));
+            written.bytes += n as u64;
+            written.frames += self.consume(n);
         }
         // Frees the queue's buffer: an idle connection keeps none.
         self.queue = VecDeque::new();
@@ -256,7 +277,9 @@ mod writer_props {
             let mut io = ShortWrites { max, out: Vec::new(), plain_calls: 0, vectored_calls: 0 };
             let metrics = Metrics::default();
             let mut cx = Context::from_waker(Waker::noop());
-            let done = writer.poll_write(&mut io, &mut cx, &metrics);
+            let mut written = Written::default();
+            let done = writer.poll_write(&mut io, &mut cx, &mut written);
+            written.count(&metrics);
             prop_assert!(matches!(done, Poll::Ready(Ok(()))));
             prop_assert_eq!(&io.out, &expected);
             prop_assert_eq!(metrics.frames_out.get(), bodies.len() as u64);

@@ -349,6 +349,12 @@ impl RawWs {
         Self { stream, buf: rest }
     }
 
+    /// A client on a connection whose 101 was read already; `rest` holds
+    /// the bytes read past the response head.
+    pub fn from_upgraded(stream: TcpStream, rest: Vec<u8>) -> Self {
+        Self { stream, buf: rest }
+    }
+
     pub async fn send(&mut self, bytes: &[u8]) {
         self.stream.write_all(bytes).await.expect("write frame");
     }

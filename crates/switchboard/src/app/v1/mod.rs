@@ -220,7 +220,10 @@ impl V1 {
             hub.metrics().error(ErrorKind::Forbidden);
             return error(id, &forbidden_topic("sb_subscribe", &topic));
         }
-        conn.join(topic.clone());
+        if let Err(err) = conn.join(topic.clone()) {
+            conn.hub().metrics().error(ErrorKind::TooManyTopics);
+            return error(id, &RequestError::new("too_many_topics", err.to_string()));
+        }
         ack(id, |out| reply::subscribed(out, &topic))
     }
 
