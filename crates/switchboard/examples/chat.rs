@@ -1,4 +1,5 @@
-//! Run with: cargo run --example chat [-- ADDR]
+//! Run with: cargo run -p switchboard --example chat [-- ADDR]
+//! (from the repository root or any folder in it).
 //!
 //! A chat room: every connection joins the topic `lobby` when it connects,
 //! and every text message it sends is broadcast to the whole topic, the

@@ -1,4 +1,5 @@
-//! Run with: cargo run --example echo [-- ADDR]
+//! Run with: cargo run -p switchboard --example echo [-- ADDR]
+//! (from the repository root or any folder in it).
 //!
 //! Nova's echo tutorial: a [`Handler`] that replies `Echo: <msg>` to every
 //! text message it receives. Connect with any WebSocket client:
