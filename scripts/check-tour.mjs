@@ -9,7 +9,7 @@
 //
 // Needs a switchboard server at that address (`cargo run --release`),
 // Debian's chromium (CHROMIUM overrides /usr/bin/chromium) and the npm
-// package playwright-core, looked up in $SWITCHBOARD_TEST_DEPS/node
+// package playwright-core, looked up in $SB_TEST_DEPS/node
 // (default target/test-deps/node; `scripts/test --browser` installs both).
 // Connects only to loopback addresses. Ends with "N passed, M failed";
 // exit status 1 when anything failed.
@@ -22,7 +22,7 @@ import { fileURLToPath } from "node:url";
 
 const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "..");
 const base = process.argv[2] ?? "http://127.0.0.1:8080";
-const deps = process.env.SWITCHBOARD_TEST_DEPS ?? path.join(root, "target/test-deps");
+const deps = process.env.SB_TEST_DEPS ?? path.join(root, "target/test-deps");
 const require = createRequire(path.join(deps, "node", "package.json"));
 const { chromium } = require("playwright-core");
 
