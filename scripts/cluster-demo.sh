@@ -6,6 +6,7 @@
 #   scripts/cluster-demo.sh                    # ports 8081-8083, Redis on 6390
 #   REDIS_PORT=6400 BASE_PORT=9001 scripts/cluster-demo.sh
 #   PROFILE=debug scripts/cluster-demo.sh      # a debug build (faster to build)
+#   LOGS=/tmp/demo-logs scripts/cluster-demo.sh  # logs there (created if missing)
 #
 # Needs redis-server 7 or later (Debian/Ubuntu: apt-get install -y redis-server).
 set -euo pipefail
@@ -15,6 +16,7 @@ REDIS_PORT=${REDIS_PORT:-6390}
 BASE_PORT=${BASE_PORT:-8081}
 PROFILE=${PROFILE:-release}
 LOGS=${LOGS:-$(mktemp -d -t switchboard-cluster-XXXXXX)}
+mkdir -p "$LOGS"
 
 if ! command -v redis-server >/dev/null 2>&1; then
   echo "redis-server is not installed: apt-get install -y redis-server" >&2
@@ -91,8 +93,8 @@ Connect clients to different nodes, e.g. in browser consoles:
 
 or from a shell, with any node doing the work:
   curl -s localhost:$B/api/connections                   # the whole cluster ("scope":"cluster")
-  curl -s localhost:$B/api/send -d '{"targets":[1,2,3],"payload":"hi"}'
-  curl -s localhost:$A/api/publish -d '{"topic":"chat","payload":"to every /chat client"}'
+  curl -s localhost:$B/api/send -H 'Content-Type: application/json' -d '{"targets":[1,2,3],"payload":"hi"}'
+  curl -s localhost:$A/api/publish -H 'Content-Type: application/json' -d '{"topic":"chat","payload":"to every /chat client"}'
   curl -s -X DELETE localhost:$C/api/connections/1       # closes 1 on whichever node has it
   curl -s localhost:$A/heartbeat; curl -s localhost:$A/metrics | grep -E 'backend_up|cluster_nodes'
 

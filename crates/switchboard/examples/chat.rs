@@ -1,8 +1,11 @@
-//! Run with: cargo run --example chat [-- ADDR]
+//! Run with: cargo run -p switchboard --example chat [-- ADDR]
+//! (from the repository root or any folder in it).
 //!
 //! A chat room: every connection joins the topic `lobby` when it connects,
 //! and every text message it sends is broadcast to the whole topic, the
-//! sender included. Open two browser tabs and paste into each console:
+//! sender included. Open two browser tabs at <http://127.0.0.1:3000/> (a
+//! page from this server: Chromium blocks `ws://127.0.0.1` from other sites
+//! and from `about:blank`) and paste into each console:
 //!
 //! ```js
 //! const ws = new WebSocket("ws://127.0.0.1:3000/chat");

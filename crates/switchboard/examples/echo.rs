@@ -1,7 +1,10 @@
-//! Run with: cargo run --example echo [-- ADDR]
+//! Run with: cargo run -p switchboard --example echo [-- ADDR]
+//! (from the repository root or any folder in it).
 //!
 //! Nova's echo tutorial: a [`Handler`] that replies `Echo: <msg>` to every
-//! text message it receives. Connect with any WebSocket client:
+//! text message it receives. Connect with any WebSocket client, e.g. from the
+//! console of a browser tab at <http://127.0.0.1:3000/> (a page from this
+//! server: Chromium blocks `ws://127.0.0.1` from other sites):
 //!
 //! ```js
 //! const ws = new WebSocket("ws://127.0.0.1:3000/echo");

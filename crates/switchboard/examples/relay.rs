@@ -1,4 +1,5 @@
-//! Run with: cargo run --example relay [-- ADDR]
+//! Run with: cargo run -p switchboard --example relay [-- ADDR]
+//! (from the repository root or any folder in it).
 //!
 //! The ID relay in a few lines. A client connects to `/ws?id=N` and is
 //! registered under `N`; a text frame
