@@ -84,7 +84,8 @@ async fn upgrade(addr: SocketAddr) -> (u16, String, String) {
                 .lines()
                 .find_map(|l| l.strip_prefix("content-length:"))
                 .and_then(|v| v.trim().parse::<usize>().ok());
-            if n == 0 || head.starts_with("http/1.1 101") || length.is_some_and(|l| body.len() >= l) {
+            if n == 0 || head.starts_with("http/1.1 101") || length.is_some_and(|l| body.len() >= l)
+            {
                 break;
             }
         }
@@ -147,7 +148,10 @@ async fn sigterm_drains_then_exits_0() {
 
     let hint = parse(&next_event(&mut client, WAIT).await.expect("drain frame"));
     let hinted = signalled.elapsed();
-    assert!(hinted < Duration::from_secs(1), "drain frame {hinted:?} after SIGTERM");
+    assert!(
+        hinted < Duration::from_secs(1),
+        "drain frame {hinted:?} after SIGTERM"
+    );
     assert_eq!(hint["type"], "drain", "{hint}");
     let delay = Duration::from_millis(hint["reconnect_in_ms"].as_u64().expect("delay"));
     assert!(delay < Duration::from_secs(2), "{hint}");
@@ -200,7 +204,10 @@ async fn a_second_signal_during_a_drain_closes_everyone_at_once() {
             assert_eq!(next_event(plain, WAIT).await, Err(1001), "{second}");
         }
         let took = signalled.elapsed();
-        assert!(took < Duration::from_secs(2), "{second}: closes took {took:?}");
+        assert!(
+            took < Duration::from_secs(2),
+            "{second}: closes took {took:?}"
+        );
         support::drain(&mut v1).await;
         for plain in &mut plains {
             support::drain(plain).await;
@@ -280,7 +287,10 @@ fn a_drain_longer_than_the_shutdown_timeout_is_refused_naming_values_and_fix() {
     }
     // From the file's [drain] table.
     let stderr = refused(&[], Some("[drain]\nwindow = \"40s\"\n"));
-    assert!(stderr.contains("window (40s) + grace (5s) = 45s"), "{stderr}");
+    assert!(
+        stderr.contains("window (40s) + grace (5s) = 45s"),
+        "{stderr}"
+    );
     assert!(stderr.contains("shutdown_timeout (30s)"), "{stderr}");
     // A flag over the file.
     let stderr = refused(
@@ -299,7 +309,8 @@ fn a_drain_longer_than_the_shutdown_timeout_is_refused_naming_values_and_fix() {
 
 #[tokio::test]
 async fn the_drain_table_is_read_from_the_file() {
-    let file = TempFile::config("shutdown_timeout = \"5s\"\n[drain]\nwindow = \"1s\"\ngrace = \"0s\"\n");
+    let file =
+        TempFile::config("shutdown_timeout = \"5s\"\n[drain]\nwindow = \"1s\"\ngrace = \"0s\"\n");
     let mut command = switchboard();
     command.args(["--listen", "127.0.0.1:0", "--config", file.path()]);
     let mut server = Server::spawn(command);

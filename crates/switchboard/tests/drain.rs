@@ -264,7 +264,10 @@ async fn each_v1_client_gets_one_drain_frame_then_1012_after_its_delay_plus_grac
     let mut delays = Vec::new();
     for task in tasks {
         let (hinted, delay, closed) = task.await.expect("client task");
-        assert!(hinted < Duration::from_secs(1), "drain frame after {hinted:?}");
+        assert!(
+            hinted < Duration::from_secs(1),
+            "drain frame after {hinted:?}"
+        );
         assert!(
             closed >= delay + grace,
             "1012 after {closed:?}, before its delay {delay:?} + grace {grace:?}"
@@ -281,7 +284,11 @@ async fn each_v1_client_gets_one_drain_frame_then_1012_after_its_delay_plus_grac
         .map(|d| d.as_millis() * CLIENTS as u128 / window.as_millis())
         .collect();
     slots.sort_unstable();
-    assert_eq!(slots, (0..CLIENTS as u128).collect::<Vec<_>>(), "{delays:?}");
+    assert_eq!(
+        slots,
+        (0..CLIENTS as u128).collect::<Vec<_>>(),
+        "{delays:?}"
+    );
     assert_eq!(server.hub.drain_hints_total(), CLIENTS as u64);
     tokio::time::timeout(WAIT, server.hub.drain_finished())
         .await
@@ -337,10 +344,16 @@ async fn a_thousand_clients_are_spread_over_the_window() {
     );
     let share = CLIENTS / BUCKETS;
     for (second, n) in assigned.iter().enumerate() {
-        assert!(*n <= 2 * share, "second {second} was assigned {n}: {assigned:?}");
+        assert!(
+            *n <= 2 * share,
+            "second {second} was assigned {n}: {assigned:?}"
+        );
     }
     for (second, n) in closes.iter().enumerate() {
-        assert!(*n <= 2 * share, "second {second} got {n} closes: {closes:?}");
+        assert!(
+            *n <= 2 * share,
+            "second {second} got {n} closes: {closes:?}"
+        );
     }
     assert!(
         worst_late < Duration::from_secs(1),
@@ -381,8 +394,14 @@ async fn plain_clients_get_1001_spread_over_the_window() {
     }
     eprintln!("1001s per 200 ms: {buckets:?}, first {first:?}, last {last:?}");
     // No grace for plain clients: all within the window (and a little).
-    assert!(last < window + Duration::from_millis(300), "last 1001 at {last:?}");
-    assert!(first < Duration::from_millis(300), "first 1001 at {first:?}");
+    assert!(
+        last < window + Duration::from_millis(300),
+        "last 1001 at {last:?}"
+    );
+    assert!(
+        first < Duration::from_millis(300),
+        "first 1001 at {first:?}"
+    );
     assert!(last > window * 3 / 4, "closed too early: last at {last:?}");
     let share = CLIENTS / BUCKETS;
     for (i, n) in buckets.iter().enumerate() {
@@ -431,7 +450,12 @@ async fn a_client_that_leaves_after_the_drain_frame_causes_no_error() {
     server
         .eventually("the connection is gone", |hub| hub.live_connections() == 0)
         .await;
-    assert_eq!(errors(&server.hub), errors_before, "{}", server.hub.metrics().render(0));
+    assert_eq!(
+        errors(&server.hub),
+        errors_before,
+        "{}",
+        server.hub.metrics().render(0)
+    );
 }
 
 /// Two servers sharing one backend (as nodes share Redis): a client drained
@@ -447,7 +471,12 @@ async fn a_drained_client_resumes_on_another_server_with_what_was_sent_meanwhile
     let b = TestServer::with_router(hub_b.clone(), switchboard::app(hub_b.clone())).await;
 
     let (mut bob, welcome) = v1_client(&a, "bob", None).await;
-    let sent = http_post_json(b.addr, "/api/send", r#"{"targets":["bob"],"payload":"before"}"#).await;
+    let sent = http_post_json(
+        b.addr,
+        "/api/send",
+        r#"{"targets":["bob"],"payload":"before"}"#,
+    )
+    .await;
     assert_eq!(sent.json()["delivered"], json!(["bob"]), "{}", sent.text());
     let msg = parse(&next_event(&mut bob, WAIT).await.expect("msg"));
     assert_eq!(msg["payload"], "before", "{msg}");
@@ -466,7 +495,12 @@ async fn a_drained_client_resumes_on_another_server_with_what_was_sent_meanwhile
     .await;
 
     // Sent while bob is between nodes: offline, but retained.
-    let sent = http_post_json(b.addr, "/api/send", r#"{"targets":["bob"],"payload":"moving"}"#).await;
+    let sent = http_post_json(
+        b.addr,
+        "/api/send",
+        r#"{"targets":["bob"],"payload":"moving"}"#,
+    )
+    .await;
     let report = sent.json();
     assert_eq!(report["offline"], json!(["bob"]), "{report}");
     assert_eq!(report["retained"], json!(["bob"]), "{report}");

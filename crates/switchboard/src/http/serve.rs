@@ -275,10 +275,7 @@ pub async fn serve_with_options(
             .max(now + LAST_CLOSES.min(options.shutdown_timeout)),
         None => now + options.shutdown_timeout,
     };
-    if tokio::time::timeout_at(deadline, all_closed)
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout_at(deadline, all_closed).await.is_err() {
         tracing::warn!(
             connections = hub.live_connections(),
             "shutdown timeout reached; dropping the remaining connections"

@@ -320,10 +320,7 @@ mod tests {
         slots.sort_unstable();
         assert_eq!(slots, (0..1000).collect::<Vec<u128>>());
         assert!(spread(0, window, &mut rng).is_empty());
-        assert_eq!(
-            spread(3, Duration::ZERO, &mut rng),
-            vec![Duration::ZERO; 3]
-        );
+        assert_eq!(spread(3, Duration::ZERO, &mut rng), vec![Duration::ZERO; 3]);
     }
 
     #[test]
