@@ -540,3 +540,32 @@ async fn an_immediate_drain_closes_everyone_at_once() {
         .await
         .expect("finished");
 }
+
+/// A v1 connection that has not said hello when the drain starts gets its
+/// drain frame right after its welcome (its deliveries wait for the hello).
+#[tokio::test]
+async fn a_v1_client_still_before_its_hello_gets_the_drain_frame_after_its_welcome() {
+    let server = server(1_000, 200).await;
+    let mut request = server
+        .url("/ws?id=late")
+        .into_client_request()
+        .expect("request");
+    request.headers_mut().insert(
+        "sec-websocket-protocol",
+        HeaderValue::from_static("switchboard.v1"),
+    );
+    let (mut client, _) = tokio_tungstenite::connect_async(request)
+        .await
+        .expect("connect v1");
+    server
+        .eventually("connected", |hub| hub.live_connections() == 1)
+        .await;
+    let report = server.hub.drain();
+    assert_eq!(report.v1_connections, 1);
+    send_text(&mut client, r#"{"type":"hello","id":0}"#).await;
+    let welcome = parse(&next_event(&mut client, WAIT).await.expect("welcome"));
+    assert_eq!(welcome["type"], "welcome", "{welcome}");
+    let hint = parse(&next_event(&mut client, WAIT).await.expect("drain frame"));
+    hint_delay(&hint, Duration::from_secs(1), Duration::from_millis(200));
+    assert_eq!(next_event(&mut client, WAIT).await, Err(1012));
+}

@@ -208,9 +208,10 @@ impl Hub {
         let expiry = self.expiry();
         let mut hints = 0u64;
         for (conn, delay) in v1.iter().zip(spread(v1.len(), limits.window, &mut rng)) {
-            // Refused only by a connection already closing or whose queue
-            // is full (then closed 4100, which also says "resume").
-            if conn.push(hint(delay, &limits)).is_ok() {
+            // After the welcome for a connection that has not said hello
+            // yet. Refused only by a connection already closing or whose
+            // queue is full (then closed 4100, which also says "resume").
+            if conn.push_after_welcome(hint(delay, &limits)).is_ok() {
                 hints += 1;
             }
             expiry.schedule(
