@@ -198,10 +198,11 @@ impl Hub {
                 elapsed: now.saturating_duration_since(started.at),
             };
         }
-        // Set before the shard locks are taken below, which `track` reads
-        // it under: a connection tracked from now on is closed at once
-        // (its upgrade passed the 503 check before the drain began), and
-        // one tracked before is in this list.
+        // The state is set (above) before the shard locks are taken here,
+        // and `track` reads it under them: a connection tracked from now on
+        // is closed at once (its upgrade passed the 503 check before the
+        // drain began), one tracked before is in this list, and one that is
+        // both is closing already (its hint is refused, its close kept).
         let (v1, plain): (Vec<ConnRef>, Vec<ConnRef>) =
             self.live_list().into_iter().partition(ConnRef::is_v1);
         let mut rng = generator();
