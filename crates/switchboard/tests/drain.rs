@@ -545,7 +545,8 @@ async fn an_immediate_drain_closes_everyone_at_once() {
 /// drain frame right after its welcome (its deliveries wait for the hello).
 #[tokio::test]
 async fn a_v1_client_still_before_its_hello_gets_the_drain_frame_after_its_welcome() {
-    let server = server(1_000, 200).await;
+    // A grace longer than the wait for the hello: no 1012 before it.
+    let server = server(2_000, 1_000).await;
     let mut request = server
         .url("/ws?id=late")
         .into_client_request()
@@ -562,10 +563,30 @@ async fn a_v1_client_still_before_its_hello_gets_the_drain_frame_after_its_welco
         .await;
     let report = server.hub.drain();
     assert_eq!(report.v1_connections, 1);
+    // The hello comes 300 ms into the drain.
+    tokio::time::sleep(Duration::from_millis(300)).await;
     send_text(&mut client, r#"{"type":"hello","id":0}"#).await;
     let welcome = parse(&next_event(&mut client, WAIT).await.expect("welcome"));
     assert_eq!(welcome["type"], "welcome", "{welcome}");
     let hint = parse(&next_event(&mut client, WAIT).await.expect("drain frame"));
-    hint_delay(&hint, Duration::from_secs(1), Duration::from_millis(200));
+    let hinted = Instant::now();
+    assert_eq!(hint["type"], "drain", "{hint}");
+    // Counted from when it was sent, not from the drain's start: the
+    // delay left, and the close a grace later (or sooner, when the delay
+    // has run out while the client had not said hello).
+    let reconnect_in = hint["reconnect_in_ms"].as_u64().expect("reconnect_in_ms");
+    let close_in = Duration::from_millis(hint["close_in_ms"].as_u64().expect("close_in_ms"));
+    assert!(reconnect_in < 1_700, "{hint}");
+    assert!(close_in <= Duration::from_millis(2_700), "{hint}");
+    assert!(
+        reconnect_in == 0 || close_in == Duration::from_millis(reconnect_in + 1_000),
+        "{hint}"
+    );
     assert_eq!(next_event(&mut client, WAIT).await, Err(1012));
+    let closed_after = hinted.elapsed();
+    assert!(
+        closed_after + Duration::from_millis(50) >= close_in
+            && closed_after < close_in + Duration::from_millis(500),
+        "1012 {closed_after:?} after the drain frame that said {close_in:?}"
+    );
 }

@@ -119,13 +119,19 @@ pub(crate) fn refusal() -> HttpError {
     .with_header(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS))
 }
 
-/// The `drain` frame of a v1 connection given `delay`:
+/// The `drain` frame of a v1 connection to be closed at `close_at`,
+/// counted from now (when it is queued):
 /// `{"type":"drain","reconnect_in_ms":D,"close_in_ms":D+G,"window_ms":W}`.
-fn hint(delay: Duration, limits: &DrainLimits) -> WireFrame {
+/// Counted when queued rather than when the drain started, so a connection
+/// that gets it late (after its hello) is not told a delay already past:
+/// then `D` may be 0 and `close_in_ms` less than `D+G`.
+fn hint(close_at: Instant, limits: &DrainLimits) -> WireFrame {
+    let close_in = close_at.saturating_duration_since(Instant::now());
+    let reconnect_in = close_in.saturating_sub(limits.grace);
     WireFrame::from_text(format!(
         r#"{{"type":"drain","reconnect_in_ms":{},"close_in_ms":{},"window_ms":{}}}"#,
-        delay.as_millis(),
-        delay.saturating_add(limits.grace).as_millis(),
+        reconnect_in.as_millis(),
+        close_in.as_millis(),
         limits.window.as_millis()
     ))
 }
@@ -212,15 +218,12 @@ impl Hub {
             // After the welcome for a connection that has not said hello
             // yet. Refused only by a connection already closing or whose
             // queue is full (then closed 4100, which also says "resume").
-            if conn.push_after_welcome(hint(delay, &limits)).is_ok() {
+            let close_at = now + delay.saturating_add(limits.grace);
+            let make = Box::new(move || hint(close_at, &limits));
+            if conn.push_after_welcome(make).is_ok() {
                 hints += 1;
             }
-            expiry.schedule(
-                conn.clone(),
-                Deadline::Drain,
-                now + delay.saturating_add(limits.grace),
-                V1_CLOSE,
-            );
+            expiry.schedule(conn.clone(), Deadline::Drain, close_at, V1_CLOSE);
         }
         for (conn, delay) in plain
             .iter()
@@ -325,18 +328,23 @@ mod tests {
         assert_eq!(spread(3, Duration::ZERO, &mut rng), vec![Duration::ZERO; 3]);
     }
 
-    #[test]
-    fn the_hint_frame_names_delay_close_and_window() {
-        let frame = hint(
-            Duration::from_millis(7312),
-            &DrainLimits {
-                window: Duration::from_secs(20),
-                grace: Duration::from_secs(5),
-            },
-        );
+    #[tokio::test(start_paused = true)]
+    async fn the_hint_frame_names_delay_close_and_window() {
+        let limits = DrainLimits {
+            window: Duration::from_secs(20),
+            grace: Duration::from_secs(5),
+        };
+        let close_at = Instant::now() + Duration::from_millis(12_312);
+        let text = |frame: WireFrame| String::from_utf8_lossy(&frame.body).into_owned();
         assert_eq!(
-            String::from_utf8_lossy(&frame.body),
+            text(hint(close_at, &limits)),
             r#"{"type":"drain","reconnect_in_ms":7312,"close_in_ms":12312,"window_ms":20000}"#
+        );
+        // Queued 10 s later (a hello that came late): counted from then.
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert_eq!(
+            text(hint(close_at, &limits)),
+            r#"{"type":"drain","reconnect_in_ms":0,"close_in_ms":2312,"window_ms":20000}"#
         );
     }
 }

@@ -32,6 +32,9 @@ impl ConnId {
     }
 }
 
+/// Makes a frame when it is queued (`ConnRef::push_after_welcome`).
+pub(crate) type MakeFrame = Box<dyn FnOnce() -> WireFrame + Send>;
+
 /// Why a message could not be queued to a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -92,8 +95,9 @@ pub(crate) struct Queue<I> {
     /// A v1 connection's welcome has been queued (`release`).
     welcomed: bool,
     /// A frame to queue right after the welcome, for a v1 connection that
-    /// has not said hello yet (a drain's hint: see `push_after_welcome`).
-    after_welcome: Option<WireFrame>,
+    /// has not said hello yet (a drain's hint: see `push_after_welcome`),
+    /// made when the welcome is queued.
+    after_welcome: Option<MakeFrame>,
     closed: bool,
     waker: Option<Waker>,
 }
@@ -297,7 +301,8 @@ impl<I: Send + 'static> Mailbox<I> {
             let mut queue = self.queue.lock();
             queue.held = false;
             queue.welcomed = true;
-            if let Some(frame) = queue.after_welcome.take() {
+            if let Some(make) = queue.after_welcome.take() {
+                let frame = make();
                 queue.queued_bytes += frame.wire_len();
                 queue.items.push_front(Item::Frame(frame));
             }
@@ -312,23 +317,25 @@ impl<I: Send + 'static> Mailbox<I> {
         }
     }
 
-    /// Queues `frame` now if the connection is not `switchboard.v1` or has
-    /// had its welcome; else keeps it to follow the welcome (and its
-    /// replay), since a v1 client's first frame must be the welcome.
-    /// Decided under the queue's lock, so a hello answered at the same
-    /// moment neither loses the frame nor gets it first.
-    pub(crate) fn push_after_welcome(&self, frame: WireFrame) -> Result<(), PushError> {
+    /// Queues the frame `make` makes: now if the connection is not
+    /// `switchboard.v1` or has had its welcome; else right after the
+    /// welcome (and its replay), made then — a v1 client's first frame must
+    /// be the welcome, and a frame that counts time (a drain's delay) must
+    /// count it from when it is sent. Decided under the queue's lock, so a
+    /// hello answered at the same moment neither loses the frame nor gets
+    /// it first.
+    pub(crate) fn push_after_welcome(&self, make: MakeFrame) -> Result<(), PushError> {
         {
             let mut queue = self.queue.lock();
             if queue.closing {
                 return Err(PushError::Closed);
             }
             if self.format() == Format::V1 && !queue.welcomed {
-                queue.after_welcome = Some(frame);
+                queue.after_welcome = Some(make);
                 return Ok(());
             }
         }
-        self.push_frame(frame)
+        self.push_frame(make())
     }
 
     /// Asks the connection to close after the frames already queued.
@@ -471,7 +478,7 @@ trait Outlet: Send + Sync {
     fn format(&self) -> Format;
     fn push_frame(&self, frame: WireFrame) -> Result<(), PushError>;
     fn push_tagged(&self, frame: WireFrame, tag: Tag) -> Result<(), PushError>;
-    fn push_after_welcome(&self, frame: WireFrame) -> Result<(), PushError>;
+    fn push_after_welcome(&self, make: MakeFrame) -> Result<(), PushError>;
     fn request_close(&self, frame: CloseFrame);
 }
 
@@ -491,8 +498,8 @@ impl<I: Send + 'static> Outlet for Mailbox<I> {
     fn push_tagged(&self, frame: WireFrame, tag: Tag) -> Result<(), PushError> {
         Mailbox::push_tagged(self, frame, tag)
     }
-    fn push_after_welcome(&self, frame: WireFrame) -> Result<(), PushError> {
-        Mailbox::push_after_welcome(self, frame)
+    fn push_after_welcome(&self, make: MakeFrame) -> Result<(), PushError> {
+        Mailbox::push_after_welcome(self, make)
     }
     fn request_close(&self, frame: CloseFrame) {
         Mailbox::request_close(self, frame);
@@ -556,10 +563,11 @@ impl ConnRef {
         }
     }
 
-    /// Queues `frame`, after the welcome for a `switchboard.v1` connection
-    /// that has not said hello yet (see `Mailbox::push_after_welcome`).
-    pub(crate) fn push_after_welcome(&self, frame: WireFrame) -> Result<(), PushError> {
-        self.0.push_after_welcome(frame)
+    /// Queues the frame `make` makes, after the welcome for a
+    /// `switchboard.v1` connection that has not said hello yet (see
+    /// `Mailbox::push_after_welcome`).
+    pub(crate) fn push_after_welcome(&self, make: MakeFrame) -> Result<(), PushError> {
+        self.0.push_after_welcome(make)
     }
 
     /// Whether this is a `switchboard.v1` connection.
