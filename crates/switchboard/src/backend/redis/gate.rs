@@ -1,0 +1,405 @@
+//! The receiving side's sequence gate: one per `switchboard.v1`
+//! connection on this node, so that the messages numbered for its ID by
+//! any node reach it gap-free, in seq order, each once.
+//!
+//! Messages of one ID are numbered by Redis (`inbox.rs`) but reach this
+//! node over pub/sub from whichever node sent them, so seq 8 from one
+//! sender can arrive before seq 7 from another. The gate queues a message
+//! when it is the next one; holds a later one (a hole) for [`HOLD`]; then
+//! reads the missing seqs from the stream (`XRANGE`) and fills the hole
+//! with them. A seq neither delivered nor retained by then (its sender died
+//! between numbering and publishing, and it was not kept) is skipped: the
+//! client's resume or `replay` reports it lost.
+//!
+//! A gate starts when its connection's hello has read the inbox (`start`):
+//! every message numbered after the welcome's `inbox.seq` goes through it.
+//! Messages that arrive before are held, and those at or below that seq
+//! (in the replay) dropped.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+
+use super::Shared;
+use super::inbox::Numbering;
+use crate::id::ClientId;
+use crate::protocol::close::{CloseCode, CloseFrame};
+use crate::runtime::delivery::Envelope;
+use crate::runtime::mailbox::{ConnId, ConnRef, PushError};
+
+/// How long a hole is waited for before it is read from the stream. Pub/sub
+/// messages of different senders reach a node a fraction of a millisecond
+/// apart on one Redis; 50 ms covers a sender's scheduling delay on a busy
+/// machine while adding little to the one message held behind a real loss.
+pub(super) const HOLD: Duration = Duration::from_millis(50);
+
+/// Messages held behind a hole before it is read at once rather than after
+/// [`HOLD`]: bounds a gate's memory under a flood.
+const MAX_HELD: usize = 1024;
+
+/// How many times a fill retries a failed read before it skips the hole.
+const FILL_ATTEMPTS: u32 = 20;
+
+/// Skipped ranges remembered, to report a late arrival of one as dropped.
+const SKIPPED_KEPT: usize = 16;
+
+/// One v1 connection's gate.
+pub(super) struct Gate {
+    pub(super) id: ClientId,
+    conn: ConnRef,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    /// The inbox epoch and the next seq to deliver, once started.
+    start: Option<(Arc<str>, u64)>,
+    /// Numbered messages that arrived before the start.
+    early: Vec<(Arc<str>, u64, Arc<Envelope>)>,
+    /// Messages after a hole, by seq.
+    held: BTreeMap<u64, Arc<Envelope>>,
+    /// Seqs given up on (neither delivered nor retained in time).
+    skipped: VecDeque<(u64, u64)>,
+    /// A fill task is running for this gate.
+    filling: bool,
+    /// The inbox was lost under the connection: it is being closed.
+    reset: bool,
+}
+
+/// What an offer did: `Err` counts the connection as not reached, `fill`
+/// asks the caller to start a fill task.
+pub(super) struct Offered {
+    pub(super) result: Result<(), PushError>,
+    pub(super) fill: bool,
+}
+
+impl Gate {
+    pub(super) fn new(id: ClientId, conn: ConnRef) -> Self {
+        Self {
+            id,
+            conn,
+            state: Mutex::new(State::default()),
+        }
+    }
+
+    /// A message for this connection's ID.
+    pub(super) fn offer(&self, numbering: &Numbering, message: &Arc<Envelope>) -> Offered {
+        let mut st = self.state.lock();
+        let done = |result| Offered {
+            result,
+            fill: false,
+        };
+        if st.reset {
+            return done(Err(PushError::Closed));
+        }
+        match numbering {
+            // Redis could not number it (the sender lost Redis): no seq to
+            // order by; delivered as it is, `"seq":null`.
+            Numbering::Unavailable => done(self.conn.deliver(message, None, &mut None)),
+            // Sent before this connection's inbox existed: not for it.
+            Numbering::NoInbox if st.start.is_none() => done(Err(PushError::Closed)),
+            // The ID retains nothing, yet this connection is attached: its
+            // inbox was lost (flushed, restarted).
+            Numbering::NoInbox => {
+                self.reset(&mut st);
+                done(Err(PushError::Closed))
+            }
+            Numbering::Seq { epoch, seq, .. } => {
+                let Some((current, next)) = st.start.clone() else {
+                    st.early
+                        .push((Arc::clone(epoch), *seq, Arc::clone(message)));
+                    return done(Ok(()));
+                };
+                if **epoch != *current {
+                    self.reset(&mut st);
+                    return done(Err(PushError::Closed));
+                }
+                if *seq < next {
+                    // Delivered already (filled from the stream), unless it
+                    // was given up on.
+                    let skipped = st.skipped.iter().any(|(a, b)| (*a..=*b).contains(seq));
+                    return done(if skipped {
+                        Err(PushError::Full)
+                    } else {
+                        Ok(())
+                    });
+                }
+                if *seq == next {
+                    let result = self.conn.deliver(message, Some(*seq), &mut None);
+                    st.start = Some((current, next + 1));
+                    self.drain(&mut st);
+                    return done(result);
+                }
+                st.held.insert(*seq, Arc::clone(message));
+                Offered {
+                    result: Ok(()),
+                    fill: self.want_fill(&mut st),
+                }
+            }
+        }
+    }
+
+    /// The connection's hello read the inbox: epoch `epoch`, newest seq
+    /// `top` (the replay covers up to it). Returns whether a fill is needed.
+    pub(super) fn start(&self, epoch: &str, top: u64) -> bool {
+        let mut st = self.state.lock();
+        let epoch: Arc<str> = Arc::from(epoch);
+        for (e, seq, message) in std::mem::take(&mut st.early) {
+            if e == epoch && seq > top {
+                st.held.insert(seq, message);
+            }
+        }
+        st.start = Some((epoch, top + 1));
+        self.drain(&mut st);
+        self.want_fill(&mut st)
+    }
+
+    /// Whether a fill task should start now (and marks one started).
+    fn want_fill(&self, st: &mut State) -> bool {
+        if st.held.is_empty() || st.filling || st.reset {
+            return false;
+        }
+        st.filling = true;
+        true
+    }
+
+    /// Delivers the held messages that are next in line.
+    fn drain(&self, st: &mut State) {
+        let Some((_, mut next)) = st.start.clone() else {
+            return;
+        };
+        while let Some(entry) = st.held.first_entry() {
+            let seq = *entry.key();
+            if seq > next {
+                break;
+            }
+            let message = entry.remove();
+            if seq == next {
+                let _ = self.conn.deliver(&message, Some(seq), &mut None);
+                next += 1;
+            }
+        }
+        if let Some((_, n)) = st.start.as_mut() {
+            *n = next;
+        }
+    }
+
+    /// The inbox was lost under the connection: close it, 4101.
+    fn reset(&self, st: &mut State) {
+        if !st.reset {
+            st.reset = true;
+            st.held.clear();
+            self.conn.close(CloseFrame::new(
+                CloseCode::INBOX_RESET,
+                "the inbox was lost (its store was flushed or restarted): reconnect and resume",
+            ));
+        }
+    }
+
+    /// Closes the connection because its ID's inbox is gone or has another
+    /// epoch than `epoch` (`None`: gone).
+    pub(super) fn check_epoch(&self, epoch: Option<&str>) {
+        let mut st = self.state.lock();
+        let same = match (&st.start, epoch) {
+            (Some((current, _)), Some(epoch)) => **current == *epoch,
+            (None, _) => true,
+            (Some(_), None) => false,
+        };
+        if !same {
+            self.reset(&mut st);
+        }
+    }
+
+    /// The hole to fill now, `(epoch, first missing, last missing)`; `None`
+    /// (and the fill ends) when there is none.
+    fn hole(&self) -> Option<(Arc<str>, u64, u64)> {
+        let mut st = self.state.lock();
+        let start = st.start.clone();
+        let first_held = st.held.keys().next().copied();
+        match (start, first_held) {
+            (Some((epoch, next)), Some(first)) if first > next && !st.reset => {
+                Some((epoch, next, first - 1))
+            }
+            _ => {
+                st.filling = false;
+                None
+            }
+        }
+    }
+
+    /// Delivers what the stream had of the hole `from..=to`, skips the rest
+    /// of it, then what is held after it.
+    fn fill_with(&self, messages: &[crate::backend::Retained], from: u64, to: u64) {
+        let mut st = self.state.lock();
+        let Some((_, mut next)) = st.start.clone() else {
+            return;
+        };
+        if next != from {
+            // Moved on meanwhile (the missing message arrived): drain only.
+            self.drain(&mut st);
+            return;
+        }
+        for retained in messages {
+            if retained.seq < next || retained.seq > to {
+                continue;
+            }
+            if retained.seq > next {
+                Self::skip(&mut st, next, retained.seq - 1);
+            }
+            let _ = self
+                .conn
+                .deliver(&retained.envelope, Some(retained.seq), &mut None);
+            next = retained.seq + 1;
+        }
+        if next <= to {
+            Self::skip(&mut st, next, to);
+            next = to + 1;
+        }
+        if let Some((_, n)) = st.start.as_mut() {
+            *n = next;
+        }
+        self.drain(&mut st);
+    }
+
+    fn skip(st: &mut State, from: u64, to: u64) {
+        tracing::debug!(
+            from,
+            to,
+            "sequence gate skips seqs neither delivered nor retained"
+        );
+        if st.skipped.len() >= SKIPPED_KEPT {
+            st.skipped.pop_front();
+        }
+        st.skipped.push_back((from, to));
+    }
+
+    /// Whether the hole is urgent (too much held behind it).
+    fn crowded(&self) -> bool {
+        self.state.lock().held.len() >= MAX_HELD
+    }
+}
+
+/// Fills `gate`'s holes until it has none: waits [`HOLD`] (less when many
+/// messages wait), then reads each missing range from the stream.
+pub(super) async fn fill(shared: Arc<Shared>, gate: Arc<Gate>) {
+    let mut failures = 0;
+    loop {
+        if !gate.crowded() {
+            tokio::time::sleep(HOLD).await;
+        }
+        let Some((epoch, from, to)) = gate.hole() else {
+            return;
+        };
+        let read = match shared.link() {
+            Some(link) => tokio::time::timeout(
+                shared.config.request_timeout,
+                shared.read_range(&link, &gate.id, from, to),
+            )
+            .await
+            .ok()
+            .and_then(Result::ok),
+            None => None,
+        };
+        match read {
+            Some((Some(found), replay)) if *found == *epoch => {
+                gate.fill_with(&replay.messages, from, to);
+            }
+            Some(_) => gate.check_epoch(None),
+            None => {
+                failures += 1;
+                if failures >= FILL_ATTEMPTS {
+                    // Redis is gone for longer than the hold times this:
+                    // skip the hole rather than hold the connection.
+                    gate.fill_with(&[], from, to);
+                }
+            }
+        }
+    }
+}
+
+impl Shared {
+    /// Adds a v1 connection of `id` with its gate, before it is registered
+    /// (so that every delivery to it finds the gate).
+    pub(super) fn add_gate(&self, id: &ClientId, conn: &ConnRef) -> Arc<Gate> {
+        let gate = Arc::new(Gate::new(id.clone(), conn.clone()));
+        let mut v1 = self.v1.write();
+        v1.by_conn.insert(conn.id(), Arc::clone(&gate));
+        *v1.by_id.entry(id.clone()).or_default() += 1;
+        gate
+    }
+
+    /// Removes the v1 connection `conn`; returns whether it was the last
+    /// one of its ID on this node.
+    pub(super) fn remove_gate(&self, conn: ConnId) -> Option<(ClientId, bool)> {
+        let mut v1 = self.v1.write();
+        let gate = v1.by_conn.remove(&conn)?;
+        let last = match v1.by_id.get_mut(&gate.id) {
+            Some(n) if *n > 1 => {
+                *n -= 1;
+                false
+            }
+            _ => {
+                v1.by_id.remove(&gate.id);
+                true
+            }
+        };
+        Some((gate.id.clone(), last))
+    }
+
+    /// The IDs this node has v1 connections of.
+    pub(super) fn v1_ids(&self) -> Vec<ClientId> {
+        self.v1.read().by_id.keys().cloned().collect()
+    }
+
+    /// Closes the v1 connections of the IDs whose inbox is gone or has
+    /// another epoch than their gate follows.
+    pub(super) fn check_epochs(
+        &self,
+        epochs: &std::collections::HashMap<ClientId, Option<String>>,
+    ) {
+        let v1 = self.v1.read();
+        for gate in v1.by_conn.values() {
+            if let Some(epoch) = epochs.get(&gate.id) {
+                gate.check_epoch(epoch.as_deref());
+            }
+        }
+    }
+
+    /// Queues `message` to this node's connections of `targets`: plain
+    /// ones at once, v1 ones through their gates (`numbering[i]` is the
+    /// number of `targets[i]`).
+    pub(super) fn deliver_local(
+        &self,
+        targets: &[ClientId],
+        message: &Arc<Envelope>,
+        numbering: &[Numbering],
+    ) -> crate::backend::SendReport {
+        let mut fills = Vec::new();
+        let report = {
+            let v1 = self.v1.read();
+            self.local.send_via(targets, message, &mut |i, conn| {
+                let Some(gate) = v1.by_conn.get(&conn.id()) else {
+                    return conn.deliver(message, None, &mut None);
+                };
+                let numbering = numbering.get(i).unwrap_or(&Numbering::Unavailable);
+                let offered = gate.offer(numbering, message);
+                if offered.fill {
+                    fills.push(Arc::clone(gate));
+                }
+                offered.result
+            })
+        };
+        for gate in fills {
+            self.spawn_fill(gate);
+        }
+        report
+    }
+
+    pub(super) fn spawn_fill(&self, gate: Arc<Gate>) {
+        if let Some(shared) = self.me.upgrade() {
+            tokio::spawn(fill(shared, gate));
+        }
+    }
+}
