@@ -39,8 +39,10 @@ pub(super) const HOLD: Duration = Duration::from_millis(50);
 /// [`HOLD`]: bounds a gate's memory under a flood.
 const MAX_HELD: usize = 1024;
 
-/// How many times a fill retries a failed read before it skips the hole.
-const FILL_ATTEMPTS: u32 = 20;
+/// How many times a fill retries a failed read (every [`HOLD`]: 10 s,
+/// longer than a node takes to reconnect to Redis) before it skips the
+/// hole.
+const FILL_ATTEMPTS: u32 = 200;
 
 /// Skipped ranges remembered, to report a late arrival of one as dropped.
 const SKIPPED_KEPT: usize = 16;
@@ -60,6 +62,11 @@ struct State {
     early: Vec<(Arc<str>, u64, Arc<Envelope>)>,
     /// Messages after a hole, by seq.
     held: BTreeMap<u64, Arc<Envelope>>,
+    /// The newest seq known to be given out (from messages and from the
+    /// refreshes of `inbox.rs`): a seq up to it that never arrives (lost
+    /// with a node's Redis connection) is read from the stream even when
+    /// no later message comes.
+    tail: u64,
     /// Seqs given up on (neither delivered nor retained in time).
     skipped: VecDeque<(u64, u64)>,
     /// A fill task is running for this gate.
@@ -107,6 +114,7 @@ impl Gate {
                 done(Err(PushError::Closed))
             }
             Numbering::Seq { epoch, seq, .. } => {
+                st.tail = st.tail.max(*seq);
                 let Some((current, next)) = st.start.clone() else {
                     st.early
                         .push((Arc::clone(epoch), *seq, Arc::clone(message)));
@@ -152,13 +160,15 @@ impl Gate {
             }
         }
         st.start = Some((epoch, top + 1));
+        st.tail = st.tail.max(top);
         self.drain(&mut st);
         self.want_fill(&mut st)
     }
 
     /// Whether a fill task should start now (and marks one started).
     fn want_fill(&self, st: &mut State) -> bool {
-        if st.held.is_empty() || st.filling || st.reset {
+        let next = st.start.as_ref().map_or(u64::MAX, |(_, next)| *next);
+        if (st.held.is_empty() && st.tail < next) || st.filling || st.reset {
             return false;
         }
         st.filling = true;
@@ -198,18 +208,25 @@ impl Gate {
         }
     }
 
-    /// Closes the connection because its ID's inbox is gone or has another
-    /// epoch than `epoch` (`None`: gone).
-    pub(super) fn check_epoch(&self, epoch: Option<&str>) {
+    /// Closes the connection when its ID's inbox is gone or has another
+    /// epoch than the gate follows (`None`: gone). Otherwise `top` is the
+    /// inbox's newest seq: returns whether a fill should start for seqs up
+    /// to it that have not arrived.
+    pub(super) fn check(&self, found: Option<(&str, u64)>) -> bool {
         let mut st = self.state.lock();
-        let same = match (&st.start, epoch) {
-            (Some((current, _)), Some(epoch)) => **current == *epoch,
+        let same = match (&st.start, found) {
+            (Some((current, _)), Some((epoch, _))) => **current == *epoch,
             (None, _) => true,
             (Some(_), None) => false,
         };
         if !same {
             self.reset(&mut st);
+            return false;
         }
+        if let Some((_, top)) = found {
+            st.tail = st.tail.max(top);
+        }
+        self.want_fill(&mut st)
     }
 
     /// The hole to fill now, `(epoch, first missing, last missing)`; `None`
@@ -219,14 +236,17 @@ impl Gate {
         let start = st.start.clone();
         let first_held = st.held.keys().next().copied();
         match (start, first_held) {
-            (Some((epoch, next)), Some(first)) if first > next && !st.reset => {
-                Some((epoch, next, first - 1))
+            _ if st.reset => {}
+            (Some((epoch, next)), Some(first)) if first > next => {
+                return Some((epoch, next, first - 1));
             }
-            _ => {
-                st.filling = false;
-                None
+            (Some((epoch, next)), None) if st.tail >= next => {
+                return Some((epoch, next, st.tail));
             }
+            _ => {}
         }
+        st.filling = false;
+        None
     }
 
     /// Delivers what the stream had of the hole `from..=to`, skips the rest
@@ -306,11 +326,13 @@ pub(super) async fn fill(shared: Arc<Shared>, gate: Arc<Gate>) {
             Some((Some(found), replay)) if *found == *epoch => {
                 gate.fill_with(&replay.messages, from, to);
             }
-            Some(_) => gate.check_epoch(None),
+            Some(_) => {
+                gate.check(None);
+            }
             None => {
                 failures += 1;
                 if failures >= FILL_ATTEMPTS {
-                    // Redis is gone for longer than the hold times this:
+                    // Redis is gone for longer than a reconnection takes:
                     // skip the hole rather than hold the connection.
                     gate.fill_with(&[], from, to);
                 }
@@ -354,16 +376,25 @@ impl Shared {
     }
 
     /// Closes the v1 connections of the IDs whose inbox is gone or has
-    /// another epoch than their gate follows.
-    pub(super) fn check_epochs(
+    /// another epoch than their gate follows, and fills the seqs up to
+    /// each inbox's newest that have not reached a connection.
+    pub(super) fn check_inboxes(
         &self,
-        epochs: &std::collections::HashMap<ClientId, Option<String>>,
+        found: &std::collections::HashMap<ClientId, Option<(String, u64)>>,
     ) {
-        let v1 = self.v1.read();
-        for gate in v1.by_conn.values() {
-            if let Some(epoch) = epochs.get(&gate.id) {
-                gate.check_epoch(epoch.as_deref());
+        let mut fills = Vec::new();
+        {
+            let v1 = self.v1.read();
+            for gate in v1.by_conn.values() {
+                if let Some(inbox) = found.get(&gate.id)
+                    && gate.check(inbox.as_ref().map(|(e, top)| (e.as_str(), *top)))
+                {
+                    fills.push(Arc::clone(gate));
+                }
             }
+        }
+        for gate in fills {
+            self.spawn_fill(gate);
         }
     }
 

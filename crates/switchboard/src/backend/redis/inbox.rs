@@ -141,7 +141,8 @@ return {e, top, now, redis.call('XRANGE', KEYS[2], ARGV[1] .. '-0', ARGV[2] .. '
 ";
 
 /// A node still has v1 connections of the ID: retain until now + ARGV[1]
-/// (never shortened). Returns the epoch, or nil when the meta is gone.
+/// (never shortened). Returns `{epoch, top}`, or nil when the meta is
+/// gone.
 const TOUCH: &str = r"
 local e = redis.call('HGET', KEYS[1], 'e')
 if not e then return false end
@@ -152,7 +153,7 @@ if until_ms > tonumber(redis.call('HGET', KEYS[1], 'u') or 0) then
   redis.call('HSET', KEYS[1], 'u', until_ms)
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
-return e
+return {e, tonumber(redis.call('HGET', KEYS[1], 's') or 0)}
 ";
 
 /// A node's last v1 connection of the ID ended: retain for ARGV[1] more
@@ -550,12 +551,13 @@ impl Shared {
     }
 
     /// Refreshes the retention of `ids` (this node has v1 connections of
-    /// them); returns each one's epoch (`None`: its inbox is gone).
+    /// them); returns each one's epoch and newest seq (`None`: its inbox
+    /// is gone).
     pub(super) async fn touch_inboxes(
         &self,
         link: &Link,
         ids: &[ClientId],
-    ) -> Result<Vec<Option<String>>, ::redis::RedisError> {
+    ) -> Result<Vec<Option<(String, u64)>>, ::redis::RedisError> {
         let mut conn = link.conn.clone();
         let hold_ms = ms(hold(&self.inbox_limits)).to_string();
         let meta_ttl = ms(self.inbox_limits.meta_ttl).to_string();
@@ -573,7 +575,18 @@ impl Shared {
             pipe
         })
         .await?;
-        Ok(replies.into_iter().map(string).collect())
+        Ok(replies
+            .into_iter()
+            .map(|reply| {
+                let Value::Array(parts) = reply else {
+                    return None;
+                };
+                let mut parts = parts.into_iter();
+                let epoch = string(parts.next()?)?;
+                let top = number(&parts.next()?)? as u64;
+                Some((epoch, top))
+            })
+            .collect())
     }
 
     /// This node's last v1 connection of `id` ended: the ID retains for
@@ -709,7 +722,7 @@ pub(super) async fn keep_inboxes(shared: Weak<Shared>, mut stop: watch::Receiver
                 _ => break,
             }
         }
-        shared.check_epochs(&epochs);
+        shared.check_inboxes(&epochs);
     }
 }
 
