@@ -368,9 +368,14 @@ impl Shared {
                 );
                 Ok((numbered?, found?))
             };
-            if let Ok(Ok((numbered, found))) = tokio::time::timeout_at(deadline, work).await {
-                numbering = numbered;
-                located = Some((link, found));
+            match tokio::time::timeout_at(deadline, work).await {
+                Ok(Ok((numbered, found))) => {
+                    numbering = numbered;
+                    located = Some((link, found));
+                }
+                // The targets are then reported unconfirmed unless
+                // delivered here.
+                _ => numbering = vec![Numbering::Unknown; n],
             }
         }
         let mut report = self.deliver_local(targets, message, &numbering);

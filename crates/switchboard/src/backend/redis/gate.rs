@@ -102,9 +102,14 @@ impl Gate {
             return done(Err(PushError::Closed));
         }
         match numbering {
-            // Redis could not number it (the sender lost Redis): no seq to
-            // order by; delivered as it is, `"seq":null`.
+            // Surely not numbered (its sender is not connected to Redis):
+            // delivered as it is, `"seq":null` (it is in no inbox).
             Numbering::Unavailable => done(self.conn.deliver(message, None, &mut None)),
+            // Perhaps numbered: if it is, it reaches the connection through
+            // the stream (a later seq or the next refresh shows the hole);
+            // delivering it here too could deliver it twice. Not queued
+            // now: the sender reports it unconfirmed.
+            Numbering::Unknown => done(Err(PushError::Closed)),
             // Sent before this connection's inbox existed: not for it.
             Numbering::NoInbox if st.start.is_none() => done(Err(PushError::Closed)),
             // The ID retains nothing, yet this connection is attached: its
@@ -414,7 +419,7 @@ impl Shared {
                 let Some(gate) = v1.by_conn.get(&conn.id()) else {
                     return conn.deliver(message, None, &mut None);
                 };
-                let numbering = numbering.get(i).unwrap_or(&Numbering::Unavailable);
+                let numbering = numbering.get(i).unwrap_or(&Numbering::Unknown);
                 let offered = gate.offer(numbering, message);
                 if offered.fill {
                     fills.push(Arc::clone(gate));

@@ -52,8 +52,12 @@ pub(super) enum Numbering {
     /// The ID retains nothing (not attached within `inbox_ttl`, or its
     /// inbox is gone).
     NoInbox,
-    /// Redis could not be asked: the message has no number.
+    /// This node is not connected to Redis: the message surely has no
+    /// number.
     Unavailable,
+    /// Numbering failed half-way (the connection was lost, Redis did not
+    /// answer in time): the message may be numbered and stored, or not.
+    Unknown,
 }
 
 /// Numbers, stores and trims one message of one ID. Returns
