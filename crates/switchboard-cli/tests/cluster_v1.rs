@@ -913,4 +913,91 @@ async fn measure_redis_cost_per_v1_message() {
         "  stream: {len_before} → {len_after} entries, {mem_before} → {mem_after} bytes: {:.0} bytes per retained message",
         (mem_after - mem_before) as f64 / (len_after - len_before).max(1) as f64
     );
+    for key in ["sbv1:{id:bob}:meta", "sbv1:v1"] {
+        println!(
+            "  {key}: {} bytes",
+            redis
+                .command(&["MEMORY", "USAGE", key, "SAMPLES", "0"])
+                .text()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_without_v1_clients_sends_no_payload_to_redis_for_inboxes() {
+    let redis = Redis::start();
+    let (_config, [a, b, _c]) = cluster(&redis, "").await;
+    let mut bob = support::ws_connect(b.addr(), "/ws?id=bob").await;
+    let mut alice = support::ws_connect(a.addr(), "/ws?id=alice").await;
+    wait_for("bob listed", WAIT, || async {
+        b.lists("bob").await.then_some(())
+    })
+    .await;
+    for n in 0..20 {
+        let frame = json!({"targets": ["bob", "nobody"], "payload": n});
+        alice
+            .send(WsMessage::text(frame.to_string()))
+            .await
+            .expect("send");
+        // The plain relay, byte for byte.
+        assert_eq!(support::next_text(&mut bob).await, n.to_string());
+    }
+    let counts = command_counts(&redis);
+    for script in ["evalsha", "eval", "xadd"] {
+        assert_eq!(counts.get(script), None, "{script} was called: {counts:?}");
+    }
+    assert_eq!(redis.command(&["EXISTS", "sbv1:v1"]), Resp::Int(0));
+    // Once a v1 client says hello, messages to it are numbered.
+    let (mut carol, _) = hello(&b, "carol", None).await;
+    let frame = json!({"targets": ["carol"], "payload": "numbered"});
+    alice
+        .send(WsMessage::text(frame.to_string()))
+        .await
+        .expect("send");
+    let msg = next_of(&mut carol, "msg").await;
+    assert_eq!(
+        (msg["seq"].clone(), msg["payload"].clone()),
+        (json!(1), json!("numbered"))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_v1_hello_on_a_node_without_redis_is_closed_4102() {
+    // Nothing listens on this port: the node runs degraded.
+    let config = TempFile::config("[v1]\n");
+    let mut command = switchboard();
+    let url = format!("redis://127.0.0.1:{}/", free_port());
+    command.args([
+        "--listen",
+        "127.0.0.1:0",
+        "--config",
+        config.path(),
+        "--backend",
+        "redis",
+        "--redis-url",
+        &url,
+        "--node-id",
+        "lonely",
+    ]);
+    let node = Node {
+        name: "lonely".to_owned(),
+        server: Server::spawn(command),
+    };
+    let mut client = connect_v1(&node, "bob").await;
+    send_frame(&mut client, &json!({"type": "hello", "id": 1})).await;
+    match tokio::time::timeout(WAIT, client.next()).await {
+        Ok(Some(Ok(WsMessage::Close(Some(frame))))) => {
+            assert_eq!(u16::from(frame.code), 4102, "{frame:?}");
+            assert!(frame.reason.contains("reconnect"), "{frame:?}");
+        }
+        other => panic!("expected close 4102, got {other:?}"),
+    }
+    // The plain relay still works locally.
+    let mut plain = support::ws_connect(node.addr(), "/ws?id=carol").await;
+    let frame = json!({"targets": ["carol"], "payload": "local"});
+    plain
+        .send(WsMessage::text(frame.to_string()))
+        .await
+        .expect("send");
+    assert_eq!(support::next_text(&mut plain).await, r#""local""#);
 }
