@@ -439,3 +439,129 @@ impl Shared {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::task::{Context, Poll, Waker};
+
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::backend::Retained;
+    use crate::runtime::delivery::Format;
+    use crate::runtime::mailbox::{Item, Mailbox};
+
+    fn new_gate() -> (Arc<Mailbox<()>>, Gate) {
+        let mailbox: Arc<Mailbox<()>> = Mailbox::new(10_000, 1 << 24, false);
+        mailbox.set_format(Format::V1);
+        let id = ClientId::new("bob").expect("id");
+        let gate = Gate::new(id, ConnRef::new(Arc::clone(&mailbox)));
+        (mailbox, gate)
+    }
+
+    fn message(n: u64) -> Arc<Envelope> {
+        Arc::new(Envelope::json(Bytes::from(n.to_string())))
+    }
+
+    fn seq(epoch: &str, n: u64) -> Numbering {
+        Numbering::Seq {
+            epoch: Arc::from(epoch),
+            seq: n,
+            kept: true,
+        }
+    }
+
+    /// The `seq`s of the frames queued so far (`None` for `"seq":null`),
+    /// and whether a close was asked for, with its code.
+    fn taken(mailbox: &Mailbox<()>) -> (Vec<Option<u64>>, Option<u16>) {
+        match mailbox.poll_take(&mut Context::from_waker(Waker::noop())) {
+            Poll::Ready(taken) => {
+                let seqs = taken
+                    .items
+                    .iter()
+                    .map(|item| match item {
+                        Item::Frame(frame) | Item::Tagged(frame, _) => {
+                            let v: serde_json::Value =
+                                serde_json::from_slice(&frame.contiguous_payload()).expect("JSON");
+                            v["seq"].as_u64()
+                        }
+                        Item::Info(()) => None,
+                    })
+                    .collect();
+                (seqs, taken.close.map(|c| c.code.0))
+            }
+            Poll::Pending => (Vec::new(), None),
+        }
+    }
+
+    #[test]
+    fn messages_reach_the_connection_in_seq_order_each_once() {
+        let (mailbox, gate) = new_gate();
+        // Before the start: 3 is in the replay (top 3), 4 and 6 are not.
+        for n in [3, 6, 4] {
+            assert!(gate.offer(&seq("e", n), &message(n)).result.is_ok());
+        }
+        assert!(gate.start("e", 3), "5 is missing: a fill starts");
+        assert_eq!(taken(&mailbox).0, vec![Some(4)]);
+        // 5 arrives: 5 and the held 6 go out; a second 5 is a duplicate.
+        assert!(gate.offer(&seq("e", 5), &message(5)).result.is_ok());
+        assert!(gate.offer(&seq("e", 5), &message(5)).result.is_ok());
+        assert!(gate.offer(&seq("e", 7), &message(7)).result.is_ok());
+        assert_eq!(taken(&mailbox).0, vec![Some(5), Some(6), Some(7)]);
+        assert_eq!(gate.hole(), None, "nothing missing: the fill ends");
+    }
+
+    #[test]
+    fn a_hole_is_filled_from_the_stream_and_what_is_gone_skipped() {
+        let (mailbox, gate) = new_gate();
+        gate.start("e", 0);
+        let offered = gate.offer(&seq("e", 5), &message(5));
+        assert!(offered.result.is_ok() && offered.fill);
+        let (epoch, from, to) = gate.hole().expect("a hole");
+        assert_eq!((&*epoch, from, to), ("e", 1, 4));
+        // The stream has 2 and 3; 1 and 4 are gone.
+        let read = [Retained::read(2, message(2)), Retained::read(3, message(3))];
+        gate.fill_with(&read, from, to);
+        assert_eq!(taken(&mailbox).0, vec![Some(2), Some(3), Some(5)]);
+        // A late copy of a skipped seq is reported not delivered, and not
+        // queued out of order.
+        assert!(gate.offer(&seq("e", 4), &message(4)).result.is_err());
+        assert!(gate.offer(&seq("e", 3), &message(3)).result.is_ok());
+        assert_eq!(taken(&mailbox).0, Vec::<Option<u64>>::new());
+        assert_eq!(gate.hole(), None, "filled: the fill task ends");
+        // A refresh that shows a newer seq than arrived starts a fill.
+        assert!(gate.check(Some(("e", 7))));
+        assert_eq!(gate.hole().map(|(_, a, b)| (a, b)), Some((6, 7)));
+    }
+
+    #[test]
+    fn a_lost_inbox_closes_the_connection_4101() {
+        let (mailbox, gate) = new_gate();
+        gate.start("e", 0);
+        assert!(gate.offer(&seq("e", 1), &message(1)).result.is_ok());
+        // Another epoch: the inbox was made again under the connection.
+        assert!(gate.offer(&seq("f", 1), &message(1)).result.is_err());
+        assert_eq!(taken(&mailbox), (vec![Some(1)], Some(4101)));
+        assert!(gate.offer(&seq("e", 2), &message(2)).result.is_err());
+
+        let (mailbox, gate) = new_gate();
+        gate.start("e", 0);
+        assert!(gate.offer(&Numbering::NoInbox, &message(1)).result.is_err());
+        assert_eq!(taken(&mailbox).1, Some(4101));
+    }
+
+    #[test]
+    fn unnumbered_messages_are_delivered_only_when_surely_unnumbered() {
+        let (mailbox, gate) = new_gate();
+        // Before the start, "no inbox" means sent before this connection.
+        assert!(gate.offer(&Numbering::NoInbox, &message(0)).result.is_err());
+        gate.start("e", 0);
+        assert!(
+            gate.offer(&Numbering::Unavailable, &message(1))
+                .result
+                .is_ok()
+        );
+        assert!(gate.offer(&Numbering::Unknown, &message(2)).result.is_err());
+        assert_eq!(taken(&mailbox), (vec![None], None));
+    }
+}
