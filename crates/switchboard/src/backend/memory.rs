@@ -150,6 +150,9 @@ impl MemoryBackend {
         message: &Arc<Envelope>,
         v1: &mut dyn FnMut(usize, &ConnRef) -> Result<(), crate::runtime::mailbox::PushError>,
     ) -> SendReport {
+        // No inbox here; the sweep keeps the `mid` store (used while the
+        // caller cannot reach its own) from keeping expired senders.
+        self.maybe_sweep();
         let mut report = SendReport::default();
         for (i, id) in targets.iter().enumerate() {
             let shard = self.shard(id).lock();

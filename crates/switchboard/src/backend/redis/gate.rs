@@ -35,8 +35,11 @@ use crate::runtime::mailbox::{ConnId, ConnRef, PushError};
 /// machine while adding little to the one message held behind a real loss.
 pub(super) const HOLD: Duration = Duration::from_millis(50);
 
-/// Messages held behind a hole before it is read at once rather than after
-/// [`HOLD`]: bounds a gate's memory under a flood.
+/// Messages held behind a hole (or before the start): past it, the hole
+/// is read at once rather than after [`HOLD`], and later messages are not
+/// held but read from the stream with it, which bounds a gate's memory
+/// (1,024 map entries of about 56 B, the payloads shared) however long
+/// Redis is away.
 const MAX_HELD: usize = 1024;
 
 /// How many times a fill retries a failed read (every [`HOLD`]: 10 s,
@@ -121,8 +124,12 @@ impl Gate {
             Numbering::Seq { epoch, seq, .. } => {
                 st.tail = st.tail.max(*seq);
                 let Some((current, next)) = st.start.clone() else {
-                    st.early
-                        .push((Arc::clone(epoch), *seq, Arc::clone(message)));
+                    // Past the cap, it is read from the stream once the
+                    // gate starts (the tail says it exists).
+                    if st.early.len() < MAX_HELD {
+                        st.early
+                            .push((Arc::clone(epoch), *seq, Arc::clone(message)));
+                    }
                     return done(Ok(()));
                 };
                 if **epoch != *current {
@@ -145,7 +152,9 @@ impl Gate {
                     self.drain(&mut st);
                     return done(result);
                 }
-                st.held.insert(*seq, Arc::clone(message));
+                if st.held.len() < MAX_HELD {
+                    st.held.insert(*seq, Arc::clone(message));
+                }
                 Offered {
                     result: Ok(()),
                     fill: self.want_fill(&mut st),
@@ -255,23 +264,25 @@ impl Gate {
     }
 
     /// Delivers what the stream had of the hole `from..=to`, skips the rest
-    /// of it, then what is held after it.
-    fn fill_with(&self, messages: &[crate::backend::Retained], from: u64, to: u64) {
+    /// of it, then what is held after it. Returns how many seqs it skipped.
+    fn fill_with(&self, messages: &[crate::backend::Retained], from: u64, to: u64) -> u64 {
         let mut st = self.state.lock();
         let Some((_, mut next)) = st.start.clone() else {
-            return;
+            return 0;
         };
         if next != from {
             // Moved on meanwhile (the missing message arrived): drain only.
             self.drain(&mut st);
-            return;
+            return 0;
         }
+        let mut skipped = 0;
         for retained in messages {
             if retained.seq < next || retained.seq > to {
                 continue;
             }
             if retained.seq > next {
                 Self::skip(&mut st, next, retained.seq - 1);
+                skipped += retained.seq - next;
             }
             let _ = self
                 .conn
@@ -280,12 +291,14 @@ impl Gate {
         }
         if next <= to {
             Self::skip(&mut st, next, to);
+            skipped += to + 1 - next;
             next = to + 1;
         }
         if let Some((_, n)) = st.start.as_mut() {
             *n = next;
         }
         self.drain(&mut st);
+        skipped
     }
 
     fn skip(st: &mut State, from: u64, to: u64) {
@@ -329,7 +342,9 @@ pub(super) async fn fill(shared: Arc<Shared>, gate: Arc<Gate>) {
         };
         match read {
             Some((Some(found), replay)) if *found == *epoch => {
-                gate.fill_with(&replay.messages, from, to);
+                shared.stats.v1_fills.add(1);
+                let skipped = gate.fill_with(&replay.messages, from, to);
+                shared.stats.v1_skipped.add(skipped);
             }
             Some(_) => {
                 gate.check(None);
@@ -339,7 +354,9 @@ pub(super) async fn fill(shared: Arc<Shared>, gate: Arc<Gate>) {
                 if failures >= FILL_ATTEMPTS {
                     // Redis is gone for longer than a reconnection takes:
                     // skip the hole rather than hold the connection.
-                    gate.fill_with(&[], from, to);
+                    let skipped = gate.fill_with(&[], from, to);
+                    shared.stats.v1_skipped.add(skipped);
+                    failures = 0;
                 }
             }
         }
