@@ -467,6 +467,56 @@ async fn exceeding_the_inbox_size_resumes_partial_with_the_exact_lost_range() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_sends_share_the_inbox_and_expired_messages_resume_as_lost() {
+    let redis = Redis::start();
+    let (_config, [a, b, c]) = cluster(&redis, "inbox_ttl = \"1500ms\"\n").await;
+    let (bob, welcome) = hello(&a, "bob", None).await;
+    drop(bob);
+    wait_offline(&b, "bob").await;
+    // /api/send on another node numbers into the same inbox.
+    for n in 1..=3 {
+        let body = json!({"targets": ["bob"], "payload": n}).to_string();
+        let (status, answer) = http(b.addr(), "POST", "/api/send", Some(&body)).await;
+        assert_eq!(status, 200, "{answer}");
+        let answer: Value = serde_json::from_str(&answer).expect("JSON");
+        assert_eq!(answer["retained"], json!(["bob"]), "{answer}");
+    }
+    let (mut bob, back) = hello(&c, "bob", Some(resume_from(&welcome, 0))).await;
+    assert_eq!(back["resume"]["status"], "recovered", "{back}");
+    for n in 1..=3u64 {
+        let msg = next_of(&mut bob, "msg").await;
+        assert_eq!(
+            (msg["seq"].clone(), msg["payload"].clone()),
+            (json!(n), json!(n))
+        );
+        assert_eq!(msg.get("from"), None, "an API message has no sender: {msg}");
+    }
+    drop(bob);
+    wait_offline(&b, "bob").await;
+    // Past the TTL: resuming from the top is `recovered` with nothing to
+    // replay; from before, the expired messages are reported lost.
+    tokio::time::sleep(Duration::from_millis(1800)).await;
+    let (_bob, top) = hello(&b, "bob", Some(resume_from(&welcome, 3))).await;
+    assert_eq!(
+        (top["resume"]["status"].clone(), top["inbox"]["seq"].clone()),
+        (json!("recovered"), json!(3)),
+        "{top}"
+    );
+    let (mut bob, old) = hello(&c, "bob", Some(resume_from(&welcome, 0))).await;
+    assert_eq!(old["resume"]["status"], "partial", "{old}");
+    assert_eq!(old["resume"]["lost"], json!([[1, 3]]), "{old}");
+    assert_quiet(&mut bob, "bob").await;
+    // An ID that never had a v1 connection retains nothing.
+    let body = json!({"targets": ["stranger"], "payload": 1}).to_string();
+    let (_, answer) = http(a.addr(), "POST", "/api/send", Some(&body)).await;
+    assert!(!answer.contains("retained"), "{answer}");
+    assert_eq!(
+        redis.command(&["EXISTS", "sbv1:{id:stranger}:meta"]),
+        Resp::Int(0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flushed_redis_resets_the_inbox_and_closes_live_v1_clients_4101() {
     let redis = Redis::start();
     // Refreshes every 250 ms (a quarter of the TTL).
