@@ -890,86 +890,112 @@ fn command_counts(redis: &Redis) -> BTreeMap<String, u64> {
         .collect()
 }
 
+/// Commands (by name) and bytes in and out of Redis so far.
+struct Snapshot {
+    counts: BTreeMap<String, u64>,
+    bytes_in: i64,
+    bytes_out: i64,
+}
+
+impl Snapshot {
+    fn take(redis: &Redis) -> Self {
+        let bytes = |field| redis.info("stats", field).parse::<i64>().expect("bytes");
+        Self {
+            counts: command_counts(redis),
+            bytes_in: bytes("total_net_input_bytes"),
+            bytes_out: bytes("total_net_output_bytes"),
+        }
+    }
+
+    /// Prints what happened since `self`, per message of `n`.
+    fn print_since(&self, redis: &Redis, n: u64) {
+        let now = Self::take(redis);
+        for (name, calls) in &now.counts {
+            let delta = calls - self.counts.get(name).copied().unwrap_or(0);
+            if delta > 0 && !["info", "memory|usage", "xlen"].contains(&name.as_str())
+                || name == "xlen" && delta >= n
+            {
+                println!("  {name}: {:.2} per message", delta as f64 / n as f64);
+            }
+        }
+        println!(
+            "  bytes into redis: {:.0} per message; out of redis: {:.0} per message",
+            (now.bytes_in - self.bytes_in) as f64 / n as f64,
+            (now.bytes_out - self.bytes_out) as f64 / n as f64
+        );
+    }
+}
+
+fn memory_usage(redis: &Redis, key: &str) -> i64 {
+    match redis.command(&["MEMORY", "USAGE", key, "SAMPLES", "0"]) {
+        Resp::Int(n) => n,
+        other => panic!("MEMORY USAGE {key}: {other:?}"),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "a measurement for docs/benchmarks.md; run by hand"]
 async fn measure_redis_cost_per_v1_message() {
     const N: u64 = 2_000;
     let redis = Redis::start();
     let (_config, [a, b, _c]) = cluster(&redis, "").await;
+    let payload = json!({"text": "x".repeat(100)});
+    let payload_len = payload.to_string().len();
+
+    // The plain relay first, while no ID of the cluster retains.
+    let mut carol = support::ws_connect(b.addr(), "/ws?id=carol").await;
+    let mut dave = support::ws_connect(a.addr(), "/ws?id=dave").await;
+    wait_for("carol listed", WAIT, || async {
+        a.lists("carol").await.then_some(())
+    })
+    .await;
+    let before = Snapshot::take(&redis);
+    for _ in 0..N {
+        let frame = json!({"targets": ["carol"], "payload": payload});
+        dave.send(WsMessage::text(frame.to_string()))
+            .await
+            .expect("send");
+        support::next_text(&mut carol).await;
+    }
+    println!(
+        "{N} plain relay messages (payload {payload_len} B), dave on a → carol on b, no v1 client in the cluster:"
+    );
+    before.print_since(&redis, N);
+
     let (mut bob, _) = hello(&b, "bob", None).await;
     let (mut alice, _) = hello(&a, "alice", None).await;
     // Warm up: scripts loaded, the inbox exists.
     send(&mut alice, 0, None, json!(["bob"]), json!({"text": "warm"})).await;
     next_of(&mut bob, "msg").await;
-    let payload = json!({"text": "x".repeat(100)});
-    let payload_len = payload.to_string().len();
-    let before = command_counts(&redis);
-    let net_before: i64 = redis
-        .info("stats", "total_net_input_bytes")
-        .parse()
-        .expect("bytes");
-    let out_before: i64 = redis
-        .info("stats", "total_net_output_bytes")
-        .parse()
-        .expect("bytes");
-    let mem_before =
-        match redis.command(&["MEMORY", "USAGE", "sbv1:{id:bob}:inbox", "SAMPLES", "0"]) {
-            Resp::Int(n) => n,
-            other => panic!("MEMORY USAGE: {other:?}"),
-        };
-    let len_before = match redis.command(&["XLEN", "sbv1:{id:bob}:inbox"]) {
-        Resp::Int(n) => n,
-        other => panic!("XLEN: {other:?}"),
-    };
+    let before = Snapshot::take(&redis);
+    let stream = "sbv1:{id:bob}:inbox";
+    let (mem_before, len_before) = (
+        memory_usage(&redis, stream),
+        redis.command(&["XLEN", stream]),
+    );
     let started = Instant::now();
     for n in 1..=N {
         send(&mut alice, n, None, json!(["bob"]), payload.clone()).await;
         next_of(&mut bob, "msg").await;
     }
     let elapsed = started.elapsed();
-    let after = command_counts(&redis);
-    let net_after: i64 = redis
-        .info("stats", "total_net_input_bytes")
-        .parse()
-        .expect("bytes");
-    let out_after: i64 = redis
-        .info("stats", "total_net_output_bytes")
-        .parse()
-        .expect("bytes");
-    let mem_after = match redis.command(&["MEMORY", "USAGE", "sbv1:{id:bob}:inbox", "SAMPLES", "0"])
-    {
-        Resp::Int(n) => n,
-        other => panic!("MEMORY USAGE: {other:?}"),
-    };
-    let len_after = match redis.command(&["XLEN", "sbv1:{id:bob}:inbox"]) {
-        Resp::Int(n) => n,
-        other => panic!("XLEN: {other:?}"),
-    };
     println!(
-        "{N} v1 messages (payload {payload_len} B), alice on a → bob on b, one at a time, {elapsed:?}"
+        "{N} v1 messages (payload {payload_len} B), alice on a → bob on b, one at a time, {elapsed:?}:"
     );
-    for (name, calls) in &after {
-        let delta = calls - before.get(name).copied().unwrap_or(0);
-        if delta > 0 {
-            println!("  {name}: {:.2} per message", delta as f64 / N as f64);
-        }
-    }
-    println!(
-        "  bytes into redis: {:.0} per message; out of redis: {:.0} per message",
-        (net_after - net_before) as f64 / N as f64,
-        (out_after - out_before) as f64 / N as f64
+    before.print_since(&redis, N);
+    let (mem_after, len_after) = (
+        memory_usage(&redis, stream),
+        redis.command(&["XLEN", stream]),
     );
+    let (Resp::Int(len_before), Resp::Int(len_after)) = (len_before, len_after) else {
+        panic!("XLEN")
+    };
     println!(
         "  stream: {len_before} → {len_after} entries, {mem_before} → {mem_after} bytes: {:.0} bytes per retained message",
         (mem_after - mem_before) as f64 / (len_after - len_before).max(1) as f64
     );
     for key in ["sbv1:{id:bob}:meta", "sbv1:v1"] {
-        println!(
-            "  {key}: {} bytes",
-            redis
-                .command(&["MEMORY", "USAGE", key, "SAMPLES", "0"])
-                .text()
-        );
+        println!("  {key}: {} bytes", memory_usage(&redis, key));
     }
 }
 
