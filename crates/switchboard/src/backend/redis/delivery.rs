@@ -23,6 +23,9 @@ use crate::id::ClientId;
 use crate::protocol::close::{CloseCode, CloseFrame};
 use crate::runtime::delivery::Envelope;
 
+/// Which member nodes have which targets: (member, target indexes).
+type Located = Vec<(String, Vec<usize>)>;
+
 impl Shared {
     /// Called by the Redis connection's reader for every push, in order.
     pub(super) fn on_push(&self, epoch: &Epoch, info: PushInfo) {
@@ -187,7 +190,7 @@ impl Shared {
         &self,
         link: &Link,
         targets: &[ClientId],
-    ) -> Result<Vec<(String, Vec<usize>)>, ::redis::RedisError> {
+    ) -> Result<Located, ::redis::RedisError> {
         let mut pipe = ::redis::pipe();
         for id in targets {
             pipe.cmd("SMEMBERS").arg(self.keys.loc(id.as_str()));
@@ -399,7 +402,7 @@ impl Shared {
         targets: &[ClientId],
         message: &Envelope,
         numbering: &[Numbering],
-        located: Option<(Link, Vec<(String, Vec<usize>)>)>,
+        located: Option<(Link, Located)>,
         deadline: tokio::time::Instant,
         report: &mut SendReport,
     ) {
