@@ -424,6 +424,42 @@ async fn a_receiver_resumes_on_a_third_node_what_was_sent_through_a_second() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_while_messages_keep_coming_replays_strictly_before_live() {
+    const TOTAL: u64 = 600;
+    let redis = Redis::start();
+    let (_config, [a, b, c]) = cluster(&redis, "inbox_size = 1000\ninbox_ttl = \"60s\"\n").await;
+    let (bob, welcome) = hello(&a, "bob", None).await;
+    kill(bob);
+    wait_offline(&b, "bob").await;
+    // alice sends all the time, from before bob is back to after.
+    let (alice, _) = hello(&b, "alice", None).await;
+    let sender = tokio::spawn(pipelined_sends(alice, 0, "bob", TOTAL, 8));
+    wait_for("half sent", WAIT, || async {
+        (redis.inbox_top("bob") >= TOTAL / 2).then_some(())
+    })
+    .await;
+    let (mut bob, back) = hello(&c, "bob", Some(resume_from(&welcome, 0))).await;
+    assert_eq!(back["resume"]["status"], "recovered", "{back}");
+    let replayed = back["resume"]["replayed"].as_u64().expect("replayed");
+    assert!(replayed >= TOTAL / 2 && replayed < TOTAL, "{back}");
+    for n in 1..=TOTAL {
+        let msg = next_of(&mut bob, "msg").await;
+        assert_eq!(
+            msg["seq"], n,
+            "replay, then live, each seq once in order: {msg}"
+        );
+        assert_eq!(msg["payload"], format!("0-{n}"));
+    }
+    let retained = sender.await.expect("sender");
+    assert_eq!(
+        retained.len() as u64,
+        TOTAL,
+        "every ack listed bob as retained"
+    );
+    assert_quiet(&mut bob, "bob").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exceeding_the_inbox_size_resumes_partial_with_the_exact_lost_range() {
     let redis = Redis::start();
     let (_config, [a, b, c]) = cluster(&redis, "inbox_size = 10\ninbox_ttl = \"60s\"\n").await;
