@@ -27,7 +27,7 @@ use super::inbox::Numbering;
 use crate::id::ClientId;
 use crate::protocol::close::{CloseCode, CloseFrame};
 use crate::runtime::delivery::Envelope;
-use crate::runtime::mailbox::{ConnId, ConnRef, PushError};
+use crate::runtime::mailbox::{ConnRef, PushError};
 
 /// How long a hole is waited for before it is read from the stream. Pub/sub
 /// messages of different senders reach a node a fraction of a millisecond
@@ -359,100 +359,6 @@ pub(super) async fn fill(shared: Arc<Shared>, gate: Arc<Gate>) {
                     failures = 0;
                 }
             }
-        }
-    }
-}
-
-impl Shared {
-    /// Adds a v1 connection of `id` with its gate, before it is registered
-    /// (so that every delivery to it finds the gate).
-    pub(super) fn add_gate(&self, id: &ClientId, conn: &ConnRef) -> Arc<Gate> {
-        let gate = Arc::new(Gate::new(id.clone(), conn.clone()));
-        let mut v1 = self.v1.write();
-        v1.by_conn.insert(conn.id(), Arc::clone(&gate));
-        *v1.by_id.entry(id.clone()).or_default() += 1;
-        gate
-    }
-
-    /// Removes the v1 connection `conn`; returns whether it was the last
-    /// one of its ID on this node.
-    pub(super) fn remove_gate(&self, conn: ConnId) -> Option<(ClientId, bool)> {
-        let mut v1 = self.v1.write();
-        let gate = v1.by_conn.remove(&conn)?;
-        let last = match v1.by_id.get_mut(&gate.id) {
-            Some(n) if *n > 1 => {
-                *n -= 1;
-                false
-            }
-            _ => {
-                v1.by_id.remove(&gate.id);
-                true
-            }
-        };
-        Some((gate.id.clone(), last))
-    }
-
-    /// The IDs this node has v1 connections of.
-    pub(super) fn v1_ids(&self) -> Vec<ClientId> {
-        self.v1.read().by_id.keys().cloned().collect()
-    }
-
-    /// Closes the v1 connections of the IDs whose inbox is gone or has
-    /// another epoch than their gate follows, and fills the seqs up to
-    /// each inbox's newest that have not reached a connection.
-    pub(super) fn check_inboxes(
-        &self,
-        found: &std::collections::HashMap<ClientId, Option<(String, u64)>>,
-    ) {
-        let mut fills = Vec::new();
-        {
-            let v1 = self.v1.read();
-            for gate in v1.by_conn.values() {
-                if let Some(inbox) = found.get(&gate.id)
-                    && gate.check(inbox.as_ref().map(|(e, top)| (e.as_str(), *top)))
-                {
-                    fills.push(Arc::clone(gate));
-                }
-            }
-        }
-        for gate in fills {
-            self.spawn_fill(gate);
-        }
-    }
-
-    /// Queues `message` to this node's connections of `targets`: plain
-    /// ones at once, v1 ones through their gates (`numbering[i]` is the
-    /// number of `targets[i]`).
-    pub(super) fn deliver_local(
-        &self,
-        targets: &[ClientId],
-        message: &Arc<Envelope>,
-        numbering: &[Numbering],
-    ) -> crate::backend::SendReport {
-        let mut fills = Vec::new();
-        let report = {
-            let v1 = self.v1.read();
-            self.local.send_via(targets, message, &mut |i, conn| {
-                let Some(gate) = v1.by_conn.get(&conn.id()) else {
-                    return conn.deliver(message, None, &mut None);
-                };
-                let numbering = numbering.get(i).unwrap_or(&Numbering::Unknown);
-                let offered = gate.offer(numbering, message);
-                if offered.fill {
-                    fills.push(Arc::clone(gate));
-                }
-                offered.result
-            })
-        };
-        for gate in fills {
-            self.spawn_fill(gate);
-        }
-        report
-    }
-
-    pub(super) fn spawn_fill(&self, gate: Arc<Gate>) {
-        if let Some(shared) = self.me.upgrade() {
-            tokio::spawn(fill(shared, gate));
         }
     }
 }

@@ -32,6 +32,13 @@
 //! | what a node has | hash `P:ids:<member>`: ID → `"connections,since_ms"` | every connect and disconnect |
 //! | node inbox | shard channel `P:n:<member>` (`SSUBSCRIBE` / `SPUBLISH`) | sends, closes, answers |
 //! | topic | shard channel `P:t:<topic>` | subscribed while the node has a subscriber |
+//! | a `switchboard.v1` ID's inbox | stream `P:{id:<id>}:inbox` and hash `P:{id:<id>}:meta` (`inbox.rs`, `scripts.rs`) | every send to the ID, by a Lua script; its hello; every `inbox_ttl / 4` while a node has a v1 connection of it |
+//! | a sender's `mid` | string `P:{id:<sender>}:mid:<mid>` (`dedup.rs`) | sends with a `mid` |
+//! | whether any ID retains | string `P:v1` | with every v1 hello and refresh |
+//!
+//! Each v1 connection has a sequence gate (`gate.rs`, kept with the
+//! connection in `v1_conns.rs`) that delivers its ID's messages in seq
+//! order, once, filling holes from the stream.
 //!
 //! A *member* is `node_id#instance.epoch`: the node ID, a random token
 //! drawn once per process, and a number that changes on every
@@ -78,15 +85,17 @@ mod keys;
 mod link;
 mod presence;
 mod replies;
+mod scripts;
 mod stats;
 mod topics;
+mod v1_conns;
 mod wire;
 
 pub use config::{MIN_PRESENCE_TTL, RedisConfig, RedisConfigError, default_node_id};
 use gate::Gate;
-use inbox::Scripts;
 use keys::Keys;
 use link::supervise;
+use scripts::Scripts;
 use stats::{Stats, kind_index};
 use wire::{Kind, Reply};
 
@@ -469,7 +478,7 @@ impl RedisBackend {
             v1_seen_until: Mutex::new(None),
         });
         let supervisor = tokio::spawn(supervise(Arc::clone(&shared)));
-        tokio::spawn(inbox::keep_inboxes(
+        tokio::spawn(v1_conns::keep_inboxes(
             Arc::downgrade(&shared),
             shared.stop.subscribe(),
         ));
