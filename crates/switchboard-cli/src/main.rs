@@ -134,7 +134,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     } else {
         "http"
     };
-    let shutdown = shutdown_signal();
+    let signals = StopSignals::install();
     tracing::info!("listening on {scheme}://{addr}");
     let options = ServeOptions {
         shutdown_timeout: config.shutdown_timeout,
@@ -151,7 +151,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
             }
         }
     };
-    let signal = shutdown;
+    let signal = stop_requested(signals, hub.clone());
     let shutdown = async {
         tokio::select! {
             () = signal => {}
@@ -225,49 +225,107 @@ fn spawn_reload_on_sighup(tls: Option<Tls>, jwt: Option<Arc<JwtAuthenticator>>) 
     let _ = (tls, jwt);
 }
 
-/// A future that resolves on SIGTERM or Ctrl-C (SIGINT), with both
-/// handlers installed before it returns.
+/// The stop signals, with both handlers installed when this is built.
 ///
-/// Why not an `async fn`: its body would register the handlers only when
-/// first polled, inside `serve`, after the server has logged that it
-/// listens. A SIGTERM sent in between — a supervisor stopping a server that
-/// just started — would take the default action and kill the process
-/// without a graceful shutdown (seen under load in
-/// `runs_with_no_config_and_heartbeat_answers_200`).
-fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send {
+/// Why installed up front rather than in an `async fn`: its body would
+/// register the handlers only when first polled, inside `serve`, after the
+/// server has logged that it listens. A SIGTERM sent in between — a
+/// supervisor stopping a server that just started — would take the default
+/// action and kill the process without a graceful shutdown (seen under load
+/// in `runs_with_no_config_and_heartbeat_answers_200`).
+struct StopSignals {
     #[cfg(unix)]
-    let (term, interrupt) = {
-        use tokio::signal::unix::{SignalKind, signal};
-        let install = |kind: SignalKind, name: &str| {
-            signal(kind)
-                .inspect_err(|err| tracing::warn!(%err, "cannot listen for {name}"))
-                .ok()
-        };
-        (
-            install(SignalKind::terminate(), "SIGTERM"),
-            install(SignalKind::interrupt(), "SIGINT"),
-        )
-    };
-    async move {
+    term: Option<tokio::signal::unix::Signal>,
+    #[cfg(unix)]
+    interrupt: Option<tokio::signal::unix::Signal>,
+}
+
+/// Which stop signal arrived.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    /// SIGTERM: what supervisors send (systemd, Docker, Kubernetes).
+    Terminate,
+    /// SIGINT: Ctrl-C, a person at a terminal.
+    Interrupt,
+}
+
+impl StopSignals {
+    fn install() -> Self {
         #[cfg(unix)]
         {
-            let wait = |signal: Option<tokio::signal::unix::Signal>| async move {
+            use tokio::signal::unix::{SignalKind, signal};
+            let install = |kind: SignalKind, name: &str| {
+                signal(kind)
+                    .inspect_err(|err| tracing::warn!(%err, "cannot listen for {name}"))
+                    .ok()
+            };
+            Self {
+                term: install(SignalKind::terminate(), "SIGTERM"),
+                interrupt: install(SignalKind::interrupt(), "SIGINT"),
+            }
+        }
+        #[cfg(not(unix))]
+        Self {}
+    }
+
+    /// The next stop signal.
+    async fn next(&mut self) -> Stop {
+        #[cfg(unix)]
+        {
+            async fn wait(signal: &mut Option<tokio::signal::unix::Signal>) {
                 match signal {
-                    Some(mut signal) => {
+                    Some(signal) => {
                         signal.recv().await;
                     }
                     None => std::future::pending::<()>().await,
                 }
-            };
+            }
             tokio::select! {
-                () = wait(interrupt) => tracing::info!("received Ctrl-C"),
-                () = wait(term) => tracing::info!("received SIGTERM"),
+                () = wait(&mut self.interrupt) => Stop::Interrupt,
+                () = wait(&mut self.term) => Stop::Terminate,
             }
         }
         #[cfg(not(unix))]
         {
             let _ = tokio::signal::ctrl_c().await;
-            tracing::info!("received Ctrl-C");
+            Stop::Interrupt
+        }
+    }
+}
+
+/// Resolves when the server should stop serving:
+///
+/// - SIGTERM starts a drain ([`Hub::drain`]: new upgrades get 503, clients
+///   are told to reconnect elsewhere, spread over `drain.window`), and this
+///   resolves when the drain has finished;
+/// - `POST /api/drain` does the same without a signal;
+/// - Ctrl-C (SIGINT) outside a drain stops at once: every connection gets
+///   1001 (a person at a terminal does not want to wait for a drain);
+/// - a second SIGTERM or Ctrl-C during a drain stops at once the same way.
+async fn stop_requested(mut signals: StopSignals, hub: Hub) {
+    loop {
+        tokio::select! {
+            stop = signals.next() => {
+                match (stop, hub.is_draining()) {
+                    (Stop::Terminate, false) => {
+                        tracing::info!("received SIGTERM: draining (a second SIGTERM or Ctrl-C closes every connection at once)");
+                        hub.drain();
+                    }
+                    (Stop::Interrupt, false) => {
+                        tracing::info!("received Ctrl-C");
+                        return;
+                    }
+                    (stop, true) => {
+                        let name = if stop == Stop::Terminate { "SIGTERM" } else { "Ctrl-C" };
+                        tracing::info!(
+                            connections = hub.live_connections(),
+                            "received {name} during the drain: closing every connection now"
+                        );
+                        return;
+                    }
+                }
+            }
+            () = hub.drain_finished() => return,
         }
     }
 }

@@ -105,6 +105,8 @@ fn help_lists_every_option_and_exits_0() {
         "log_format",
         "log_level",
         "shutdown_timeout",
+        "drain_window",
+        "drain_grace",
         "pid_file",
         "backend",
         "node_id",
@@ -679,8 +681,13 @@ async fn sigterm_flushes_queued_frames_then_closes_1001_and_exits_0() {
     const FRAMES: usize = 8000;
     const PAYLOAD: usize = 2048;
     // Big queues so that a client that does not read is not cut off
-    // (1008) while frames pile up for it.
+    // (1008) while frames pile up for it. No drain window: every client is
+    // closed at once (the spread-out drain is tested in drain.rs).
     let mut server = Server::start(&[
+        "--drain-window",
+        "0s",
+        "--drain-grace",
+        "0s",
         "--max-queued-messages",
         "100000",
         "--max-queued-bytes",

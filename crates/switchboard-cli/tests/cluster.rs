@@ -648,6 +648,12 @@ impl NodeOptions {
             &timeout,
             "--shutdown-timeout",
             "5s",
+            // SIGTERM closes every client at once, as before drains: the
+            // tests here stop nodes and watch what the cluster does next.
+            "--drain-window",
+            "0s",
+            "--drain-grace",
+            "0s",
         ]);
         command.args(&self.extra);
         command

@@ -103,9 +103,9 @@ pub use http::{
 };
 pub use http_error::HttpError;
 pub use hub::refusals::Refusal;
-pub use hub::{Hub, HubBuilder};
+pub use hub::{DrainReport, Hub, HubBuilder};
 pub use id::{ClientId, MAX_NAME_LEN, NameError, Topic};
-pub use limits::{DuplicateIds, Limits, SlowConsumer, V1Limits, duration};
+pub use limits::{DrainLimits, DuplicateIds, Limits, SlowConsumer, V1Limits, duration};
 pub use metrics::{Counter, ErrorKind, Metrics};
 pub use protocol::close::{CloseCode, CloseFrame};
 pub use protocol::deflate::Compression;

@@ -135,6 +135,77 @@ pub struct Limits {
     /// `[v1]` table.
     #[serde(skip)]
     pub v1: V1Limits,
+    /// Graceful drain: how a deploy spreads its clients' reconnects. Not a
+    /// key of `[limits]`: the server reads it from its own `[drain]` table.
+    #[serde(skip)]
+    pub drain: DrainLimits,
+}
+
+/// How a drain ([`Hub::drain`](crate::Hub::drain): SIGTERM in the server,
+/// or `POST /api/drain`) spreads its clients' reconnects, so that a deploy
+/// is not a reconnect storm (docs/protocol-v1.md, "Drain";
+/// docs/scaling.md, "Rolling restarts"). The `[drain]` table of a config
+/// file.
+///
+/// Each `switchboard.v1` connection is told a reconnect delay spread
+/// evenly over `window` and closed with 1012 at that delay plus `grace`;
+/// every other connection is closed with 1001 at its own delay, spread the
+/// same way. The last close is sent at `window + grace`, so the server's
+/// `shutdown_timeout` must be at least that (the binary refuses to start
+/// otherwise).
+///
+/// Memory: nothing until a drain starts; then one scheduled close per
+/// connection, freed as the connection ends: about 150 bytes, computed
+/// from the sizes (an 80-byte entry of the hub's ordered deadline map —
+/// deadline, connection number, kind, connection handle, close frame — plus
+/// B-tree slack, and a 32-byte entry of its per-connection index), and
+/// during `Hub::drain` a transient list of 16-byte connection handles.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DrainLimits {
+    /// The span the reconnect delays are spread over: each client is given
+    /// a delay in `[0, window)`, evenly spaced over the clients in a random
+    /// order. Default 20 s: Centrifugo's SDKs back off up to 20 s, and
+    /// with the grace it leaves 5 s of Kubernetes' default 30 s
+    /// termination grace for the last close handshakes. A longer window
+    /// spreads the load on the other nodes thinner (N/window reconnects a
+    /// second) and makes a deploy slower. Zero closes every connection at
+    /// once, as a shutdown without drain did.
+    #[serde(with = "duration")]
+    pub window: Duration,
+    /// How long a `switchboard.v1` client may stay after its reconnect
+    /// delay before the server closes it with 1012. Default 5 s: time for
+    /// a client to open its new connection (a TLS handshake and a resume
+    /// over a slow mobile link) before the old one is cut, so it never
+    /// goes without one. Plain clients get no hint and no grace.
+    #[serde(with = "duration")]
+    pub grace: Duration,
+}
+
+impl DrainLimits {
+    /// No spread and no grace: every connection is closed at once (v1
+    /// clients still get their `drain` frame, with a delay of 0). For tests
+    /// and embedders that stop a hub nobody reconnects to.
+    pub const fn immediate() -> Self {
+        Self {
+            window: Duration::ZERO,
+            grace: Duration::ZERO,
+        }
+    }
+
+    /// When the last close of a drain is sent, counted from its start.
+    pub fn total(&self) -> Duration {
+        self.window.saturating_add(self.grace)
+    }
+}
+
+impl Default for DrainLimits {
+    fn default() -> Self {
+        Self {
+            window: Duration::from_secs(20),
+            grace: Duration::from_secs(5),
+        }
+    }
 }
 
 /// What the `switchboard.v1` protocol keeps and for how long
@@ -221,6 +292,7 @@ impl Default for Limits {
             duplicate_ids: DuplicateIds::Allow,
             compression: Compression::default(),
             v1: V1Limits::default(),
+            drain: DrainLimits::default(),
         }
     }
 }

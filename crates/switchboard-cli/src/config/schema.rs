@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use clap::ValueEnum;
 use serde::Deserialize;
-use switchboard::{Compression, Limits, V1Limits};
+use switchboard::{Compression, DrainLimits, Limits, V1Limits};
 
 /// `listen` when no source sets it: 127.0.0.1:8080.
 pub(crate) fn default_listen() -> ListenAddr {
@@ -139,6 +139,10 @@ pub(crate) struct FileConfig {
     /// deduplication and hello deadline (file only).
     #[serde(default)]
     pub(crate) v1: Option<V1Limits>,
+    /// The `[drain]` table: how SIGTERM and `POST /api/drain` spread the
+    /// clients' reconnects (`window`, `grace`).
+    #[serde(default)]
+    pub(crate) drain: Option<DrainLimits>,
     pub(crate) insecure_allow_anonymous: Option<bool>,
     pub(crate) insecure_open_api: Option<bool>,
     pub(crate) allowed_origins: Option<Vec<String>>,

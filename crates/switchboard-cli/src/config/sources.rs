@@ -38,9 +38,18 @@ pub(crate) struct Cli {
     /// Log filter, e.g. "info" or "switchboard=debug" [default: info].
     #[arg(long, env = "SWITCHBOARD_LOG_LEVEL", value_name = "FILTER")]
     pub(crate) log_level: Option<String>,
-    /// How long shutdown waits for connections to close [default: 10s].
+    /// How long a stop may take, from SIGTERM (or from Ctrl-C) to exit;
+    /// at least drain window + grace [default: 30s].
     #[arg(long, env = "SWITCHBOARD_SHUTDOWN_TIMEOUT", value_parser = duration, value_name = "DURATION")]
     pub(crate) shutdown_timeout: Option<Duration>,
+    /// SIGTERM spreads the clients' reconnects over this long: each is
+    /// told its own delay; 0 closes everyone at once [default: 20s].
+    #[arg(long, env = "SWITCHBOARD_DRAIN_WINDOW", value_parser = duration, value_name = "DURATION")]
+    pub(crate) drain_window: Option<Duration>,
+    /// How long a switchboard.v1 client may stay after its reconnect delay
+    /// before it is closed with 1012 [default: 5s].
+    #[arg(long, env = "SWITCHBOARD_DRAIN_GRACE", value_parser = duration, value_name = "DURATION")]
+    pub(crate) drain_grace: Option<Duration>,
     /// Write the server's process ID to this file once it listens, for
     /// `kill -HUP "$(cat PATH)"`; removed on exit [default: none].
     #[arg(long, env = "SWITCHBOARD_PID_FILE", value_name = "PATH")]
@@ -600,6 +609,13 @@ impl Cli {
         );
         limits.compression = file.compression.take().unwrap_or_default();
         limits.v1 = file.v1.take().unwrap_or_default();
+        limits.drain = file.drain.take().unwrap_or_default();
+        if let Some(window) = self.drain_window {
+            limits.drain.window = window;
+        }
+        if let Some(grace) = self.drain_grace {
+            limits.drain.grace = grace;
+        }
         let c = &mut limits.compression;
         macro_rules! set_compression {
             ($($flag:ident => $field:ident),*) => {$(

@@ -29,6 +29,7 @@ pub(crate) fn check(settings: Settings) -> Result<Config, ConfigError> {
             message,
         })?;
     check_limits(&settings.limits)?;
+    check_drain(&settings)?;
     let listen = resolve_listen(&settings.listen)?;
     let secured = security_config(&settings, &listen)?;
     Ok(Config {
@@ -365,4 +366,27 @@ fn check_limits(limits: &Limits) -> Result<(), ConfigError> {
         });
     }
     Ok(())
+}
+
+/// A drain must end before the shutdown timeout, counted from the same
+/// SIGTERM, runs out: otherwise its last clients are dropped without their
+/// close (and a supervisor's SIGKILL, sent after its own grace period,
+/// cuts the drain short the same way).
+fn check_drain(settings: &Settings) -> Result<(), ConfigError> {
+    let drain = settings.limits.drain;
+    if drain.total() <= settings.shutdown_timeout {
+        return Ok(());
+    }
+    let format = switchboard::duration::format;
+    Err(ConfigError::Invalid {
+        key: "drain",
+        message: format!(
+            "window ({}) + grace ({}) = {} is longer than shutdown_timeout ({}): the last clients would be dropped before their close. Raise shutdown_timeout to at least {} (--shutdown-timeout; and your supervisor's stop timeout, e.g. Kubernetes' terminationGracePeriodSeconds), or shorten drain.window / drain.grace (--drain-window, --drain-grace)",
+            format(drain.window),
+            format(drain.grace),
+            format(drain.total()),
+            format(settings.shutdown_timeout),
+            format(drain.total()),
+        ),
+    })
 }

@@ -6,6 +6,7 @@
 //! | `POST /api/publish` | `{"topic":"…","payload":X}` | `{"recipients":N}` |
 //! | `GET /api/connections[?scope=cluster\|local]` | | `{"clients":[{"id","connections","connected_since_unix_ms"}],"clients_total":N,"connections_open":N}`; a clustered backend adds `"scope"` and `"node"` |
 //! | `DELETE /api/connections/{id}` | | `{"closed":N}`; the connections get close code 4000; 404 if none |
+//! | `POST /api/drain` | none | starts draining this node ([`Hub::drain`]): `{"draining":true,"started_now":…,"window_ms","grace_ms","elapsed_ms","v1_connections","plain_connections"}`; a second call reports the drain under way (`"started_now":false`) |
 //!
 //! A `/api/send` report lists every target the caller wrote, in the order
 //! written and spelled as written (integer or string), each in exactly one
@@ -65,6 +66,7 @@ pub fn router(hub: Hub) -> Router {
         .route("/publish", post(publish))
         .route("/connections", get(connections))
         .route("/connections/{id}", delete(disconnect))
+        .route("/drain", post(drain))
         .with_state(hub.clone());
     // The origin check is the outer layer: it runs before the key check.
     protect(router, &keys).layer(middleware::from_fn_with_state(hub, browser_origin))
@@ -286,4 +288,22 @@ async fn disconnect(State(hub): State<Hub>, Path(id): Path<String>) -> Result<Re
         ));
     }
     Ok(Json(json!({ "closed": closed })).into_response())
+}
+
+/// Starts draining this node (or reports the drain under way). The
+/// `switchboard` binary exits once the drain has finished, as after
+/// SIGTERM. No body is read: there is nothing to choose, the window and
+/// grace are the server's `[drain]` settings.
+async fn drain(State(hub): State<Hub>) -> Response {
+    let report = hub.drain();
+    Json(json!({
+        "draining": true,
+        "started_now": report.started_now,
+        "window_ms": report.limits.window.as_millis() as u64,
+        "grace_ms": report.limits.grace.as_millis() as u64,
+        "elapsed_ms": report.elapsed.as_millis() as u64,
+        "v1_connections": report.v1_connections,
+        "plain_connections": report.plain_connections,
+    }))
+    .into_response()
 }

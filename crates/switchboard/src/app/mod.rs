@@ -40,17 +40,21 @@ use handlers::{Chat, Echo, Relay};
 /// | `GET /ws?id=N` | the relay ([`Relay`]) |
 /// | `GET /echo` | echo ([`Echo`]) |
 /// | `GET /chat` | broadcast chat ([`Chat`]) |
-/// | `GET /heartbeat` | 200 `{"status":"ok"}`; `{"status":"degraded",…}` while a clustered backend has lost its backplane |
+/// | `GET /heartbeat` | 200 `{"status":"ok"}`; `{"status":"degraded",…}` while a clustered backend has lost its backplane; `{"status":"draining",…}` while draining |
+/// | `GET /ready` | 200 `{"status":"ready"}` while the node takes new connections; 503 `draining` (with `Retry-After`) once a drain has started: for load balancers' readiness checks |
 /// | `GET /metrics` | Prometheus text |
 /// | `/api/…` | the backend API ([`crate::api`]) |
 ///
 /// With API keys in the hub's [`Security`](crate::Security), `/api/…`
-/// needs one, and so do `/metrics` and `/heartbeat` when
+/// needs one, and so do `/metrics` and `/heartbeat` (with `/ready`) when
 /// `protect_metrics` / `protect_heartbeat` say so.
 pub fn app(hub: Hub) -> Router {
     let security = hub.security();
     let keys = &security.api_keys;
-    let heartbeat = Router::new().route("/heartbeat", get(heartbeat).with_state(hub.clone()));
+    let heartbeat = Router::new()
+        .route("/heartbeat", get(heartbeat))
+        .route("/ready", get(ready))
+        .with_state(hub.clone());
     let metrics = Router::new().route("/metrics", get(metrics).with_state(hub.clone()));
     let none = ApiKeys::default();
     let heartbeat = protect(
@@ -82,7 +86,17 @@ pub fn app(hub: Hub) -> Router {
 /// `{"status":"degraded","backend":…,"node":…,"reason":…}` — still 200: the
 /// node serves its own clients, and a load balancer that took every node out
 /// when Redis is down would turn a degraded cluster into an outage.
+///
+/// While draining, `{"status":"draining","connections":N}`, still 200: the
+/// node is alive and finishing its work (a liveness check that failed now
+/// would have it killed before its clients moved); readiness is `/ready`'s.
 async fn heartbeat(State(hub): State<Hub>) -> impl IntoResponse {
+    if hub.is_draining() {
+        return axum::Json(serde_json::json!({
+            "status": "draining",
+            "connections": hub.live_connections(),
+        }));
+    }
     let health = hub.backend().health();
     if health.healthy {
         return axum::Json(serde_json::json!({ "status": "ok" }));
@@ -93,6 +107,17 @@ async fn heartbeat(State(hub): State<Hub>) -> impl IntoResponse {
         "node": health.node,
         "reason": health.reason,
     }))
+}
+
+/// Readiness for load balancers: 200 `{"status":"ready"}` while this node
+/// takes new connections, 503 `draining` with `Retry-After` once a drain
+/// has started (the same answer a WebSocket upgrade gets then). A degraded
+/// backend is still ready, for the reason `/heartbeat` gives.
+async fn ready(State(hub): State<Hub>) -> axum::response::Response {
+    if hub.is_draining() {
+        return crate::hub::drain::refusal().into_response();
+    }
+    axum::Json(serde_json::json!({ "status": "ready" })).into_response()
 }
 
 async fn metrics(State(hub): State<Hub>) -> impl IntoResponse {
@@ -107,6 +132,12 @@ async fn metrics(State(hub): State<Hub>) -> impl IntoResponse {
                 text,
                 "# HELP switchboard_refusals_total Connections refused before or at the upgrade (logged, rate-limited, with their reasons).\n# TYPE switchboard_refusals_total counter\nswitchboard_refusals_total {}",
                 hub.refusals_total()
+            );
+            let _ = writeln!(
+                text,
+                "# HELP switchboard_draining 1 once this node has started draining (new upgrades get 503, /ready answers 503), else 0.\n# TYPE switchboard_draining gauge\nswitchboard_draining {}\n# HELP switchboard_drain_hints_total drain frames sent to switchboard.v1 connections.\n# TYPE switchboard_drain_hints_total counter\nswitchboard_drain_hints_total {}",
+                u8::from(hub.is_draining()),
+                hub.drain_hints_total()
             );
             hub.backend().render_metrics(&mut text);
             text

@@ -34,8 +34,18 @@ use crate::metrics::ErrorKind;
 use crate::protocol::close::{CloseCode, CloseFrame};
 
 /// How long [`serve`] waits for connections to finish after shutdown
-/// begins, by default.
-pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
+/// begins (or after a drain began, see [`ServeOptions::shutdown_timeout`]),
+/// by default: 30 s, Kubernetes' default termination grace period, which
+/// holds the default drain (`window` 20 s + `grace` 5 s) and the last
+/// close handshakes (`close_timeout` 5 s).
+pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The least time shutdown gives the connections still open to be sent
+/// their 1001 when the shutdown timeout counted from a drain's start has
+/// already passed (a second signal at the end of a drain): writing a close
+/// frame to a socket that takes it is microseconds; half a second covers a
+/// loaded node.
+const LAST_CLOSES: Duration = Duration::from_millis(500);
 
 /// Serves `router` on `listener` until `shutdown` resolves, then shuts down
 /// gracefully within [`DEFAULT_SHUTDOWN_TIMEOUT`]. See [`serve_with`].
@@ -75,7 +85,9 @@ pub async fn serve_with(
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
     /// How long shutdown waits for connections to finish. Default
-    /// [`DEFAULT_SHUTDOWN_TIMEOUT`].
+    /// [`DEFAULT_SHUTDOWN_TIMEOUT`]. When the hub drained first
+    /// ([`Hub::drain`]), counted from the drain's start, so that the whole
+    /// stop fits the time a supervisor gives between SIGTERM and SIGKILL.
     pub shutdown_timeout: Duration,
     /// Serve HTTPS and WSS instead of HTTP and WS, on the same port.
     /// The TLS handshake must finish within `limits.handshake_timeout`.
@@ -257,10 +269,13 @@ pub async fn serve_with_options(
         hub.drained().await;
         stop_http.closed().await;
     };
-    if tokio::time::timeout(options.shutdown_timeout, all_closed)
-        .await
-        .is_err()
-    {
+    let now = tokio::time::Instant::now();
+    let deadline = match hub.drain_started_at() {
+        Some(started) => (started + options.shutdown_timeout)
+            .max(now + LAST_CLOSES.min(options.shutdown_timeout)),
+        None => now + options.shutdown_timeout,
+    };
+    if tokio::time::timeout_at(deadline, all_closed).await.is_err() {
         tracing::warn!(
             connections = hub.live_connections(),
             "shutdown timeout reached; dropping the remaining connections"

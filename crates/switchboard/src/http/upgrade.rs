@@ -120,6 +120,11 @@ async fn accept<H: Handler>(
 ) -> Result<Response, HttpError> {
     let accept = accept_key(&parts.method, parts.version, &parts.headers)
         .inspect_err(|_| hub.metrics().error(ErrorKind::Handshake))?;
+    if hub.is_draining() {
+        // Before the security checks: nothing is spent on a client that
+        // must go to another node anyway.
+        return Err(crate::hub::drain::refusal());
+    }
     let Some(on_upgrade) = parts.extensions.remove::<OnUpgrade>() else {
         return Err(HttpError::new(
             StatusCode::INTERNAL_SERVER_ERROR,

@@ -1,5 +1,6 @@
-//! Scheduled closes (`Conn::close_at`): one timer task per hub, not one
-//! timer per connection.
+//! Scheduled closes (`Conn::close_at`, a v1 hello's deadline, a drain's
+//! spread-out closes): one timer task per hub, not one timer per
+//! connection.
 //!
 //! A `tokio::time::Sleep` in every connection would cost ~100 bytes each
 //! and a timer-wheel entry, for an event most connections never reach
@@ -32,6 +33,9 @@ pub(crate) enum Deadline {
     Credentials,
     /// Its protocol wants something by then (a v1 hello: 4400).
     Protocol,
+    /// Its place in a drain (`hub::drain`): 1012 for a v1 connection at its
+    /// reconnect delay plus the grace, 1001 for the others at their delay.
+    Drain,
 }
 
 #[derive(Default)]
@@ -75,7 +79,7 @@ impl Expiry {
 
     /// Forgets `id`'s schedules, if any.
     pub(crate) fn cancel(&self, id: ConnId) {
-        for kind in [Deadline::Credentials, Deadline::Protocol] {
+        for kind in [Deadline::Credentials, Deadline::Protocol, Deadline::Drain] {
             self.cancel_one(id, kind);
         }
     }

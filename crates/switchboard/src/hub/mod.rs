@@ -19,11 +19,14 @@ use crate::runtime::delivery::Envelope;
 use crate::runtime::mailbox::{ConnId, ConnRef};
 
 mod admission;
+pub(crate) mod drain;
 pub(crate) mod expiry;
 pub(crate) mod refusals;
 mod tracker;
 
 pub(crate) use admission::{Admission, CapPermit};
+pub use drain::DrainReport;
+use drain::DrainState;
 use expiry::Expiry;
 use refusals::{Refusal, RefusalLog};
 use tracker::Tracker;
@@ -47,6 +50,8 @@ struct HubInner {
     expiry: OnceLock<Arc<Expiry>>,
     /// Refused upgrades, logged (rate-limited) and the latest kept.
     refusals: RefusalLog,
+    /// Set once a drain starts (`Hub::drain`).
+    drain: DrainState,
 }
 
 /// Builds a [`Hub`] with a backend and security settings:
@@ -91,6 +96,7 @@ impl HubBuilder {
                 ip_limiter: IpLimiter::default(),
                 expiry: OnceLock::new(),
                 refusals: RefusalLog::default(),
+                drain: DrainState::default(),
             }),
         }
     }
@@ -212,16 +218,19 @@ impl Hub {
     /// is queued to it. Connections opened afterwards are not affected: to
     /// shut down, use [`begin_shutdown`](Self::begin_shutdown).
     pub fn close_all(&self, frame: CloseFrame) {
-        let all: Vec<ConnRef> = self
-            .inner
+        for conn in self.live_list() {
+            conn.close(frame.clone());
+        }
+    }
+
+    /// Every live connection of this node, shard by shard.
+    fn live_list(&self) -> Vec<ConnRef> {
+        self.inner
             .live
             .shards
             .iter()
             .flat_map(|shard| shard.lock().values().cloned().collect::<Vec<_>>())
-            .collect();
-        for conn in all {
-            conn.close(frame.clone());
-        }
+            .collect()
     }
 
     /// Begins shutdown: like [`close_all`](Self::close_all), and every
@@ -258,6 +267,13 @@ impl Hub {
         // this connection or this sees the frame.
         if let Some(frame) = live.closing.get() {
             conn.close(frame.clone());
+        } else if self.inner.drain.is_started() {
+            // The same for a drain (`Hub::drain` sets its state before it
+            // lists the connections): an upgrade that passed the 503 check
+            // just before the drain began. Its protocol is not known yet,
+            // so it gets the shutdown's 1001, which also says "reconnect
+            // and resume".
+            conn.close(drain::PLAIN_CLOSE);
         }
         shard.insert(conn.id(), conn);
     }

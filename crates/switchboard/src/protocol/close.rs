@@ -19,6 +19,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 /// | 1008 | [`POLICY_VIOLATION`](Self::POLICY_VIOLATION) | the outgoing queue overflowed (slow consumer) |
 /// | 1009 | [`MESSAGE_TOO_BIG`](Self::MESSAGE_TOO_BIG) | a frame or message over the size limit |
 /// | 1011 | [`INTERNAL_ERROR`](Self::INTERNAL_ERROR) | the handler panicked |
+/// | 1012 | [`SERVICE_RESTART`](Self::SERVICE_RESTART) | a draining node closes a `switchboard.v1` client after its reconnect delay plus the grace ([`Hub::drain`](crate::Hub::drain)) |
 /// | 4000 | [`DISCONNECTED`](Self::DISCONNECTED) | the backend closed it (`DELETE /api/connections/{id}`) |
 /// | 4001 | [`REPLACED`](Self::REPLACED) | a newer connection took this ID (`duplicate_ids = "replace-oldest"`) |
 /// | 4002 | [`TOKEN_EXPIRED`](Self::TOKEN_EXPIRED) | the client's credentials expired (plus the grace period): reconnect with a fresh token |
@@ -50,6 +51,11 @@ impl CloseCode {
     pub const MESSAGE_TOO_BIG: Self = Self(1009);
     /// 1011: unexpected condition in the server.
     pub const INTERNAL_ERROR: Self = Self(1011);
+    /// 1012: service restart (IANA registry): a draining node closes a
+    /// `switchboard.v1` client that is still connected after its
+    /// reconnect delay plus the grace; reconnect (to another node) and
+    /// resume.
+    pub const SERVICE_RESTART: Self = Self(1012);
     /// 4000: disconnected by the backend through the HTTP API.
     pub const DISCONNECTED: Self = Self(4000);
     /// 4001: replaced by a newer connection with the same client ID.

@@ -89,6 +89,11 @@ pub(crate) struct Queue<I> {
     /// the connection's writer is backed up (see `poll_close`). Other closes
     /// (shutdown, API) wait behind the frames already queued.
     close_now: bool,
+    /// A v1 connection's welcome has been queued (`release`).
+    welcomed: bool,
+    /// A frame to queue right after the welcome, for a v1 connection that
+    /// has not said hello yet (a drain's hint: see `push_after_welcome`).
+    after_welcome: Option<WireFrame>,
     closed: bool,
     waker: Option<Waker>,
 }
@@ -183,6 +188,8 @@ impl<I: Send + 'static> Mailbox<I> {
                 gap: None,
                 held: false,
                 close_now: false,
+                welcomed: false,
+                after_welcome: None,
                 closed: false,
                 waker: None,
             }),
@@ -289,6 +296,11 @@ impl<I: Send + 'static> Mailbox<I> {
         let waker = {
             let mut queue = self.queue.lock();
             queue.held = false;
+            queue.welcomed = true;
+            if let Some(frame) = queue.after_welcome.take() {
+                queue.queued_bytes += frame.wire_len();
+                queue.items.push_front(Item::Frame(frame));
+            }
             for frame in front.into_iter().rev() {
                 queue.queued_bytes += frame.wire_len();
                 queue.items.push_front(Item::Frame(frame));
@@ -298,6 +310,25 @@ impl<I: Send + 'static> Mailbox<I> {
         if let Some(w) = waker {
             w.wake();
         }
+    }
+
+    /// Queues `frame` now if the connection is not `switchboard.v1` or has
+    /// had its welcome; else keeps it to follow the welcome (and its
+    /// replay), since a v1 client's first frame must be the welcome.
+    /// Decided under the queue's lock, so a hello answered at the same
+    /// moment neither loses the frame nor gets it first.
+    pub(crate) fn push_after_welcome(&self, frame: WireFrame) -> Result<(), PushError> {
+        {
+            let mut queue = self.queue.lock();
+            if queue.closing {
+                return Err(PushError::Closed);
+            }
+            if self.format() == Format::V1 && !queue.welcomed {
+                queue.after_welcome = Some(frame);
+                return Ok(());
+            }
+        }
+        self.push_frame(frame)
     }
 
     /// Asks the connection to close after the frames already queued.
@@ -440,6 +471,7 @@ trait Outlet: Send + Sync {
     fn format(&self) -> Format;
     fn push_frame(&self, frame: WireFrame) -> Result<(), PushError>;
     fn push_tagged(&self, frame: WireFrame, tag: Tag) -> Result<(), PushError>;
+    fn push_after_welcome(&self, frame: WireFrame) -> Result<(), PushError>;
     fn request_close(&self, frame: CloseFrame);
 }
 
@@ -458,6 +490,9 @@ impl<I: Send + 'static> Outlet for Mailbox<I> {
     }
     fn push_tagged(&self, frame: WireFrame, tag: Tag) -> Result<(), PushError> {
         Mailbox::push_tagged(self, frame, tag)
+    }
+    fn push_after_welcome(&self, frame: WireFrame) -> Result<(), PushError> {
+        Mailbox::push_after_welcome(self, frame)
     }
     fn request_close(&self, frame: CloseFrame) {
         Mailbox::request_close(self, frame);
@@ -519,6 +554,12 @@ impl ConnRef {
             }
             format => self.0.push_frame(message.frame_for(format, seq)),
         }
+    }
+
+    /// Queues `frame`, after the welcome for a `switchboard.v1` connection
+    /// that has not said hello yet (see `Mailbox::push_after_welcome`).
+    pub(crate) fn push_after_welcome(&self, frame: WireFrame) -> Result<(), PushError> {
+        self.0.push_after_welcome(frame)
     }
 
     /// Whether this is a `switchboard.v1` connection.
