@@ -26,11 +26,15 @@ use crate::http::ws;
 use crate::hub::Hub;
 
 pub mod api;
+pub(crate) mod browse;
+pub(crate) mod dashboard;
 pub mod handlers;
+pub mod openapi;
 pub mod relay;
+pub(crate) mod schemas;
 pub(crate) mod v1;
 
-use api::protect;
+use api::{browser_origin, protect};
 use handlers::{Chat, Echo, Relay};
 
 /// Every built-in endpoint:
@@ -43,6 +47,10 @@ use handlers::{Chat, Echo, Relay};
 /// | `GET /heartbeat` | 200 `{"status":"ok"}`; `{"status":"degraded",…}` while a clustered backend has lost its backplane |
 /// | `GET /metrics` | Prometheus text |
 /// | `/api/…` | the backend API ([`crate::api`]) |
+/// | `GET /api/ids`, `GET /api/topics` | client IDs and topics, paged by cursor |
+/// | `GET /api/stats`, `POST /api/stats/ticket`, `GET /api/stats/stream` | the dashboard's live data (Server-Sent Events) |
+/// | `GET /api/openapi.json` | the OpenAPI 3.1 description of all of these ([`openapi`]) |
+/// | `GET /dashboard` | the operator's dashboard (embedded page) |
 ///
 /// With API keys in the hub's [`Security`](crate::Security), `/api/…`
 /// needs one, and so do `/metrics` and `/heartbeat` when
@@ -69,20 +77,42 @@ pub fn app(hub: Hub) -> Router {
             &none
         },
     );
+    // The operator's routes: behind the same keys and origin check as the
+    // rest of `/api`; the event stream checks keys or a ticket itself, and
+    // the OpenAPI document is open.
+    let (dashboard_keyed, dashboard_stream) = dashboard::api_routes(hub.clone());
+    let operator = protect(browse::router(hub.clone()).merge(dashboard_keyed), keys)
+        .merge(dashboard_stream)
+        .merge(openapi::router())
+        .layer(axum::middleware::from_fn_with_state(
+            hub.clone(),
+            browser_origin,
+        ));
     Router::new()
         .route("/ws", ws(hub.clone(), Relay))
         .route("/echo", ws(hub.clone(), Echo))
         .route("/chat", ws(hub.clone(), Chat::default()))
         .merge(heartbeat)
         .merge(metrics)
-        .nest("/api", crate::api::router(hub))
+        .merge(dashboard::pages())
+        .nest("/api", crate::api::router(hub).merge(operator))
 }
 
 /// `{"status":"ok"}`, or, while a clustered backend has lost its backplane,
 /// `{"status":"degraded","backend":…,"node":…,"reason":…}` — still 200: the
 /// node serves its own clients, and a load balancer that took every node out
 /// when Redis is down would turn a degraded cluster into an outage.
-async fn heartbeat(State(hub): State<Hub>) -> impl IntoResponse {
+#[utoipa::path(
+    get,
+    path = "/heartbeat",
+    tag = "ops",
+    security(("api_key" = []), ()),
+    responses(
+        (status = 200, description = "The node is up", body = schemas::Heartbeat),
+        (status = 401, description = "`missing_api_key`, `invalid_api_key` (with `protect_heartbeat`)", body = schemas::ErrorBody),
+    ),
+)]
+pub(crate) async fn heartbeat(State(hub): State<Hub>) -> impl IntoResponse {
     let health = hub.backend().health();
     if health.healthy {
         return axum::Json(serde_json::json!({ "status": "ok" }));
@@ -95,7 +125,18 @@ async fn heartbeat(State(hub): State<Hub>) -> impl IntoResponse {
     }))
 }
 
-async fn metrics(State(hub): State<Hub>) -> impl IntoResponse {
+/// Prometheus text.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "ops",
+    security(("api_key" = []), ()),
+    responses(
+        (status = 200, description = "The counters, in the Prometheus text format 0.0.4", content_type = "text/plain", body = String),
+        (status = 401, description = "`missing_api_key`, `invalid_api_key` (with `protect_metrics`)", body = schemas::ErrorBody),
+    ),
+)]
+pub(crate) async fn metrics(State(hub): State<Hub>) -> impl IntoResponse {
     (
         [(
             header::CONTENT_TYPE,

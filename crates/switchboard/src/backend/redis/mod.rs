@@ -57,6 +57,7 @@ use parking_lot::{Mutex, RwLock};
 use tokio::sync::{Notify, mpsc, watch};
 
 use super::memory::MemoryBackend;
+use super::listing::{NodeInfo, Page, PageQuery, TopicInfo};
 use super::{
     Attached, Backend, BackendHealth, ClientInfo, Dedup, RegisterError, Replay, ResumePoint,
     SendReport,
@@ -72,6 +73,7 @@ mod config;
 mod delivery;
 mod keys;
 mod link;
+mod nodes;
 mod presence;
 mod replies;
 mod stats;
@@ -544,6 +546,26 @@ impl Backend for RedisBackend {
 
     fn cluster_clients(&self) -> BoxFuture<'_, Option<Vec<ClientInfo>>> {
         Box::pin(self.shared.cluster_clients())
+    }
+
+    // The cluster's IDs when Redis answers (a full `HSCAN` of every other
+    // node's hash per page: see `presence.rs`), else this node's.
+    fn client_page<'a>(&'a self, query: &'a PageQuery) -> BoxFuture<'a, Page<ClientInfo>> {
+        Box::pin(async move {
+            match self.shared.cluster_clients().await {
+                Some(all) => super::listing::page_of(all, query),
+                None => self.shared.local.client_page_now(query),
+            }
+        })
+    }
+
+    // Subscribers are counted where they are: this node's.
+    fn topic_page<'a>(&'a self, query: &'a PageQuery) -> BoxFuture<'a, Page<TopicInfo>> {
+        Box::pin(std::future::ready(self.shared.local.topic_page_now(query)))
+    }
+
+    fn nodes(&self) -> BoxFuture<'_, Option<Vec<NodeInfo>>> {
+        Box::pin(self.shared.nodes())
     }
 
     // switchboard.v1: inboxes and deduplication live on the node that has
