@@ -81,7 +81,11 @@ pub fn router(hub: Hub) -> Router {
 /// content type ([`json_body`]) stops the same requests a second way:
 /// browsers must ask first (preflight) before sending it across sites, and
 /// the server answers no preflight.
-pub(crate) async fn browser_origin(State(hub): State<Hub>, request: Request, next: Next) -> Response {
+pub(crate) async fn browser_origin(
+    State(hub): State<Hub>,
+    request: Request,
+    next: Next,
+) -> Response {
     let allowed_origins = &hub.security().allowed_origins;
     let host = request.uri().authority().map(|a| a.as_str()).or_else(|| {
         request
@@ -233,7 +237,10 @@ pub(crate) async fn send(State(hub): State<Hub>, request: Request) -> Result<Res
         (status = 403, description = "`origin_not_allowed`: a browser of another origin", body = crate::app::schemas::ErrorBody),
     ),
 )]
-pub(crate) async fn publish(State(hub): State<Hub>, request: Request) -> Result<Response, HttpError> {
+pub(crate) async fn publish(
+    State(hub): State<Hub>,
+    request: Request,
+) -> Result<Response, HttpError> {
     let bytes = json_body(&hub, request).await?;
     let (topic, payload) = relay::parse_publish(&bytes).map_err(|e| bad_request(&hub, e))?;
     let frame = Hub::encode_text(Bytes::copy_from_slice(payload.get().as_bytes()));
@@ -259,7 +266,10 @@ pub(crate) async fn publish(State(hub): State<Hub>, request: Request) -> Result<
         (status = 403, description = "`origin_not_allowed`: a browser of another origin", body = crate::app::schemas::ErrorBody),
     ),
 )]
-pub(crate) async fn connections(State(hub): State<Hub>, uri: http::Uri) -> Result<Response, HttpError> {
+pub(crate) async fn connections(
+    State(hub): State<Hub>,
+    uri: http::Uri,
+) -> Result<Response, HttpError> {
     let scope = crate::query::param(&uri, "scope")?;
     let local_only = match scope.as_deref() {
         None | Some("cluster") => false,
@@ -312,7 +322,10 @@ pub(crate) async fn connections(State(hub): State<Hub>, uri: http::Uri) -> Resul
         (status = 403, description = "`origin_not_allowed`: a browser of another origin", body = crate::app::schemas::ErrorBody),
     ),
 )]
-pub(crate) async fn disconnect(State(hub): State<Hub>, Path(id): Path<String>) -> Result<Response, HttpError> {
+pub(crate) async fn disconnect(
+    State(hub): State<Hub>,
+    Path(id): Path<String>,
+) -> Result<Response, HttpError> {
     let id = ClientId::new(&id).map_err(|e| {
         HttpError::new(
             StatusCode::BAD_REQUEST,

@@ -106,9 +106,16 @@ pub(crate) fn router() -> Router {
 )]
 pub(crate) async fn openapi_json() -> Response {
     static JSON: OnceLock<String> = OnceLock::new();
-    let json = JSON.get_or_init(|| document().to_json().unwrap_or_else(|err| format!("{{\"error\":{{\"code\":\"internal_error\",\"message\":\"{err}\"}}}}")));
+    let json = JSON.get_or_init(|| {
+        document().to_json().unwrap_or_else(|err| {
+            format!("{{\"error\":{{\"code\":\"internal_error\",\"message\":\"{err}\"}}}}")
+        })
+    });
     (
-        [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))],
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
         json.as_str(),
     )
         .into_response()

@@ -22,9 +22,7 @@ pub(crate) mod memory;
 
 pub use dedup::Dedup;
 pub use inbox::{Attached, Replay, ResumePoint, ResumeStatus, Retained};
-pub use listing::{
-    DEFAULT_PAGE_LIMIT, MAX_PAGE_LIMIT, NodeInfo, Page, PageQuery, TopicInfo,
-};
+pub use listing::{DEFAULT_PAGE_LIMIT, MAX_PAGE_LIMIT, NodeInfo, Page, PageQuery, TopicInfo};
 #[cfg(feature = "redis")]
 pub mod redis;
 

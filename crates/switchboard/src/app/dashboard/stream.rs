@@ -101,12 +101,12 @@ pub(crate) async fn stats_stream(
     let mut response = Sse::new(events).into_response();
     // Proxies (nginx) buffer responses unless told not to: events would
     // arrive in bursts.
-    response.headers_mut().insert(
-        "x-accel-buffering",
-        http::HeaderValue::from_static("no"),
-    );
     response
         .headers_mut()
-        .insert(header::CACHE_CONTROL, http::HeaderValue::from_static("no-store"));
+        .insert("x-accel-buffering", http::HeaderValue::from_static("no"));
+    response.headers_mut().insert(
+        header::CACHE_CONTROL,
+        http::HeaderValue::from_static("no-store"),
+    );
     Ok(response)
 }

@@ -56,8 +56,8 @@ use ::redis::aio::MultiplexedConnection;
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::{Notify, mpsc, watch};
 
-use super::memory::MemoryBackend;
 use super::listing::{NodeInfo, Page, PageQuery, TopicInfo};
+use super::memory::MemoryBackend;
 use super::{
     Attached, Backend, BackendHealth, ClientInfo, Dedup, RegisterError, Replay, ResumePoint,
     SendReport,
