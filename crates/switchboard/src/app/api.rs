@@ -311,7 +311,7 @@ pub(crate) async fn connections(
     delete,
     path = "/api/connections/{id}",
     tag = "api",
-    params(("id" = String, Path, description = "The client ID")),
+    params(("id" = String, Path, description = "The client ID", pattern = r"^[A-Za-z0-9_.:@-]{1,128}$")),
     security(("api_key" = []), ()),
     responses(
         (status = 200, description = "Its connections were closed with 4000", body = crate::app::schemas::Disconnected),

@@ -62,8 +62,8 @@ impl ToSchema for Target {}
 /// `POST /api/send`.
 #[derive(Debug, Serialize, ToSchema)]
 pub(crate) struct SendRequest {
-    /// The client IDs to send to (at most `limits.max_targets`).
-    #[schema(min_items = 1)]
+    /// The client IDs to send to (at most `limits.max_targets`; an empty
+    /// list sends nothing and answers empty lists).
     pub(crate) targets: Vec<Target>,
     /// Any JSON value: each connection of each target receives its JSON
     /// text exactly as written here.
