@@ -262,14 +262,15 @@
     $("backend-line").className = b.healthy ? "ok" : "bad";
     const body = $("nodes-body");
     body.replaceChildren();
+    const single = !s.nodes;
     const nodes = s.nodes || [{
-      node: b.node || "this node", alive: true, this_node: true,
-      ids: null, connections: s.connections_open, member: "–",
+      node: b.node || "this server", alive: true, this_node: true,
+      ids: null, connections: s.connections_open, member: "– (single node)",
     }];
     for (const n of nodes) {
       const row = document.createElement("tr");
       row.dataset.node = n.node;
-      cell(row, n.node + (n.this_node ? " (this node)" : ""));
+      cell(row, n.node + (n.this_node && !single ? " (this node)" : ""));
       const healthy = n.alive && (!n.this_node || b.healthy);
       cell(row, healthy ? "alive" : (n.alive ? "degraded" : "missed heartbeats"), healthy ? "ok" : "bad");
       cell(row, n.ids === null ? "–" : fmt(n.ids));
