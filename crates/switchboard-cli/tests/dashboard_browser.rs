@@ -46,7 +46,8 @@ fn require_browser_tools() {
         "node is not installed{}: run `scripts/test --deps` (apt-get install -y nodejs npm)",
         ci()
     );
-    let chromium = std::env::var_os("CHROMIUM").map_or_else(|| PathBuf::from("/usr/bin/chromium"), PathBuf::from);
+    let chromium = std::env::var_os("CHROMIUM")
+        .map_or_else(|| PathBuf::from("/usr/bin/chromium"), PathBuf::from);
     assert!(
         chromium.is_file(),
         "chromium is not installed at {}{}: run `scripts/test --deps` (apt-get install -y chromium)",
@@ -85,8 +86,16 @@ fn check_dashboard(args: &[&str]) {
         .expect("run node");
     let mut guard = Guard(child);
     let readers: Vec<_> = [
-        guard.0.stdout.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
-        guard.0.stderr.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+        guard
+            .0
+            .stdout
+            .take()
+            .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+        guard
+            .0
+            .stderr
+            .take()
+            .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
     ]
     .into_iter()
     .flatten()
@@ -107,7 +116,10 @@ fn check_dashboard(args: &[&str]) {
         .collect();
     let output = output.join("\n");
     eprintln!("{output}");
-    assert!(status.success(), "the browser test failed ({status}):\n{output}");
+    assert!(
+        status.success(),
+        "the browser test failed ({status}):\n{output}"
+    );
     assert!(output.contains(" passed, 0 failed"), "{output}");
 }
 
@@ -159,7 +171,10 @@ impl Redis {
         };
         let deadline = Instant::now() + STARTUP;
         while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "redis-server did not listen on {port}");
+            assert!(
+                Instant::now() < deadline,
+                "redis-server did not listen on {port}"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         redis

@@ -107,7 +107,7 @@ impl EventStream {
             return Err(RawResponse {
                 status,
                 headers: Vec::new(),
-                body: body[json_start..json_end].as_bytes().to_vec(),
+                body: body.as_bytes()[json_start..json_end].to_vec(),
             });
         }
         assert!(
