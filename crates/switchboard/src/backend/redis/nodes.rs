@@ -45,6 +45,7 @@ impl Shared {
                     member,
                 });
             }
+            nodes.sort_by(|a, b| (&a.node, &a.member).cmp(&(&b.node, &b.member)));
             Ok::<_, ::redis::RedisError>(nodes)
         };
         tokio::time::timeout(self.config.request_timeout, listing)
