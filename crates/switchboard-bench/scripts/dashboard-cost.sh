@@ -35,7 +35,7 @@ HZ=$(getconf CLK_TCK)
 
 run_relay() {
   taskset -c 1 "$B" relay --url "ws://$ADDR/ws" -n 1000 -k 4 --duration "$SECS" --server-pid "$PID" --threads 1 |
-    tail -1 | python3 -c 'import json,sys; r=json.load(sys.stdin); print(f"{r[\"delivered_per_server_cpu_sec\"]:.0f} {r[\"delivered_per_sec\"]:.0f} {r[\"ok\"]}")'
+    tail -1 | python3 -c 'import json,sys; r=json.load(sys.stdin); print("%.0f %.0f %s" % (r["delivered_per_server_cpu_sec"], r["delivered_per_sec"], r["ok"]))'
 }
 
 for round in $(seq "$ROUNDS"); do
