@@ -1,7 +1,7 @@
 // The dashboard in a real headless Chromium, driven like a person would.
 //
 //   node scripts/check-dashboard.mjs single  BASE KEY [SHOTS_DIR]
-//   node scripts/check-dashboard.mjs cluster BASE NODE=CONNS,... [SHOTS_DIR]
+//   node scripts/check-dashboard.mjs cluster BASE NODE=CONNS,... SHOTS_DIR|- [REMOTE_ID]
 //
 // single: BASE is a server started with `--api-keys KEY`. A wrong key is
 // refused; the right one logs in; a WebSocket opened by this script shows up
@@ -9,7 +9,8 @@
 // send form delivers and shows the report; the Disconnect button closes that
 // client with code 4000; labels and landmarks are there.
 // cluster: BASE is one node of a cluster (no keys); every node named must
-// appear alive in the nodes table with its number of connections.
+// appear alive in the nodes table with its number of connections, and
+// REMOTE_ID, a client of another node, in the client list.
 //
 // With SHOTS_DIR, screenshots of the views are written there (the README's
 // docs/img/). Needs Debian's chromium (CHROMIUM overrides /usr/bin/chromium)
@@ -23,7 +24,8 @@ import path from "node:path";
 import { fileURLToPath } from "node:url";
 
 const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "..");
-const [mode, base, arg, shots] = process.argv.slice(2);
+const [mode, base, arg, shotsArg] = process.argv.slice(2);
+const shots = shotsArg === "-" ? undefined : shotsArg;
 const deps = process.env.SB_TEST_DEPS ?? path.join(root, "target/test-deps");
 const require = createRequire(path.join(deps, "node", "package.json"));
 const { chromium } = require("playwright-core");
@@ -81,7 +83,7 @@ try {
   await page.goto(`${base}/dashboard`);
 
   if (mode === "single") await single(context, page, arg);
-  else await cluster(page, arg.split(","));
+  else await cluster(page, arg.split(","), process.argv[6]);
 
   // Refused loads (the wrong key's 401) log console errors by design;
   // anything else is a bug in the page.
@@ -208,7 +210,7 @@ async function single(context, page, key) {
   check(await page.evaluate(() => sessionStorage.getItem("switchboard.apiKey") === null) && (await page.isVisible("#login")), "logging out forgets the key");
 }
 
-async function cluster(page, want) {
+async function cluster(page, want, remoteId) {
   const table = () => [...document.querySelectorAll("#nodes-body tr")]
     .map((r) => `${r.dataset.node}=${r.cells[1].textContent}/${r.cells[3].textContent}`);
   const rows = await until(page, (want) => {
@@ -222,4 +224,9 @@ async function cluster(page, want) {
   const seen = rows ?? (await page.evaluate(table));
   check(!!rows, `every node appears alive with its connections: want ${want}, got ${JSON.stringify(seen)}`);
   await shot(page, "nodes", "#nodes");
+  // The client list is the cluster's: a client of another node is listed.
+  if (remoteId) {
+    const listed = await until(page, (id) => !!document.querySelector(`#ids-body tr[data-id="${id}"]`), remoteId, 5000);
+    check(!!listed, `a client of another node (${remoteId}) is in this node's client list`);
+  }
 }

@@ -4,7 +4,8 @@
 //! opened by the test listed within 2 s, the rate chart moving while the
 //! test sends, the send form's delivery report, Disconnect closing that
 //! client with 4000; and with three nodes on a real `redis-server`, every
-//! node listed alive.
+//! node listed alive with its connections, and a client of another node in
+//! the client list.
 //!
 //! Node, Chromium and playwright-core missing fail these tests (never
 //! skip), in CI and out: `scripts/test --deps` installs them. With
@@ -65,19 +66,26 @@ fn require_browser_tools() {
     );
 }
 
-/// Runs `scripts/check-dashboard.mjs` with `args`; panics with its output
-/// unless everything passed.
-fn check_dashboard(args: &[&str]) {
+/// Runs `scripts/check-dashboard.mjs` with `args`, the screenshot folder
+/// (`-` for none) and `extra`; panics with its output unless everything
+/// passed.
+fn check_dashboard(args: &[&str], extra: &[&str]) {
     require_browser_tools();
     let mut command = Command::new("node");
     command
         .arg(workspace().join("scripts/check-dashboard.mjs"))
         .args(args);
-    if let Some(dir) = std::env::var_os("SB_SCREENSHOTS") {
-        let dir = workspace().join(dir);
-        std::fs::create_dir_all(&dir).expect("screenshot dir");
-        command.arg(dir);
+    match std::env::var_os("SB_SCREENSHOTS") {
+        Some(dir) => {
+            let dir = workspace().join(dir);
+            std::fs::create_dir_all(&dir).expect("screenshot dir");
+            command.arg(dir);
+        }
+        None => {
+            command.arg("-");
+        }
     }
+    command.args(extra);
     let child = command
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -126,7 +134,7 @@ fn check_dashboard(args: &[&str]) {
 #[test]
 fn the_dashboard_works_in_a_real_browser() {
     let server = Server::start(&["--api-keys", KEY]);
-    check_dashboard(&["single", &format!("http://{}", server.addr), KEY]);
+    check_dashboard(&["single", &format!("http://{}", server.addr), KEY], &[]);
 }
 
 // ---------------------------------------------------------------------------
@@ -204,9 +212,12 @@ fn every_node_of_a_cluster_appears() {
         .build()
         .expect("runtime");
     let _client = runtime.block_on(nodes[1].connect("/ws?id=on-node-b"));
-    check_dashboard(&[
-        "cluster",
-        &format!("http://{}", nodes[0].addr),
-        "dash-a=0,dash-b=1,dash-c=0",
-    ]);
+    check_dashboard(
+        &[
+            "cluster",
+            &format!("http://{}", nodes[0].addr),
+            "dash-a=0,dash-b=1,dash-c=0",
+        ],
+        &["on-node-b"],
+    );
 }
