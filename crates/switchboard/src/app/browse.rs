@@ -68,10 +68,13 @@ fn page_query(uri: &Uri) -> Result<PageQuery, HttpError> {
         ("after", crate::query::param(uri, "after")?),
     ] {
         let Some(value) = value else { continue };
-        if value.len() > MAX_NAME_LEN {
+        // Characters, not bytes: names are ASCII, so a longer value (or one
+        // with other characters) matches nothing, and the bound is only
+        // there to refuse what no name could be.
+        let chars = value.chars().count();
+        if chars > MAX_NAME_LEN {
             return Err(invalid(format!(
-                "`{name}` is {} bytes long: names are at most {MAX_NAME_LEN}, so no name could match",
-                value.len()
+                "`{name}` is {chars} characters long: names are at most {MAX_NAME_LEN}, so no name could match"
             )));
         }
         if name == "prefix" {
@@ -89,11 +92,11 @@ fn page_query(uri: &Uri) -> Result<PageQuery, HttpError> {
     get,
     path = "/api/ids",
     tag = "api",
-    params(("prefix" = Option<String>, Query, description = "Only names starting with this"), ("after" = Option<String>, Query, description = "The previous page's `next`"), ("limit" = Option<u32>, Query, description = "Entries per page, 1 to 1000 (default 100)", minimum = 1, maximum = 1000)),
+    params(("prefix" = Option<String>, Query, description = "Only names starting with this", max_length = 128), ("after" = Option<String>, Query, description = "The previous page's `next`", max_length = 128), ("limit" = Option<u32>, Query, description = "Entries per page, 1 to 1000 (default 100)", minimum = 1, maximum = 1000)),
     security(("api_key" = []), ()),
     responses(
         (status = 200, description = "A page of IDs", body = IdPage),
-        (status = 400, description = "`invalid_query`: a bad `limit`, or `prefix`/`after` over 128 bytes", body = crate::app::schemas::ErrorBody),
+        (status = 400, description = "`invalid_query`: a bad `limit`, or `prefix`/`after` over 128 characters", body = crate::app::schemas::ErrorBody),
         (status = 401, description = "`missing_api_key`, `invalid_api_key`", body = crate::app::schemas::ErrorBody),
         (status = 403, description = "`origin_not_allowed`: a browser of another origin", body = crate::app::schemas::ErrorBody),
     ),
@@ -113,11 +116,11 @@ pub(crate) async fn ids(State(hub): State<Hub>, uri: Uri) -> Result<Json<IdPage>
     get,
     path = "/api/topics",
     tag = "api",
-    params(("prefix" = Option<String>, Query, description = "Only names starting with this"), ("after" = Option<String>, Query, description = "The previous page's `next`"), ("limit" = Option<u32>, Query, description = "Entries per page, 1 to 1000 (default 100)", minimum = 1, maximum = 1000)),
+    params(("prefix" = Option<String>, Query, description = "Only names starting with this", max_length = 128), ("after" = Option<String>, Query, description = "The previous page's `next`", max_length = 128), ("limit" = Option<u32>, Query, description = "Entries per page, 1 to 1000 (default 100)", minimum = 1, maximum = 1000)),
     security(("api_key" = []), ()),
     responses(
         (status = 200, description = "A page of topics", body = TopicPage),
-        (status = 400, description = "`invalid_query`: a bad `limit`, or `prefix`/`after` over 128 bytes", body = crate::app::schemas::ErrorBody),
+        (status = 400, description = "`invalid_query`: a bad `limit`, or `prefix`/`after` over 128 characters", body = crate::app::schemas::ErrorBody),
         (status = 401, description = "`missing_api_key`, `invalid_api_key`", body = crate::app::schemas::ErrorBody),
         (status = 403, description = "`origin_not_allowed`: a browser of another origin", body = crate::app::schemas::ErrorBody),
     ),

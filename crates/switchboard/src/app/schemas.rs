@@ -49,9 +49,16 @@ impl utoipa::PartialSchema for Target {
                     .schema_type(Type::String)
                     .pattern(Some(ID_PATTERN)),
             )
-            .item(ObjectBuilder::new().schema_type(Type::Integer))
+            // What the relay's parser takes: any 64-bit integer, signed or
+            // not (larger ones are 400 `invalid_target`).
+            .item(
+                ObjectBuilder::new()
+                    .schema_type(Type::Integer)
+                    .minimum(Some(utoipa::Number::Int(i64::MIN as isize)))
+                    .maximum(Some(utoipa::Number::UInt(u64::MAX as usize))),
+            )
             .description(Some(
-                "A client ID: 1 to 128 of `A-Z a-z 0-9 - _ . : @`, or an integer (`1` and `\"1\"` are the same ID)",
+                "A client ID: 1 to 128 of `A-Z a-z 0-9 - _ . : @`, or a 64-bit integer written without a fraction or exponent (`1`, not `1.0`; `1` and `\"1\"` are the same ID)",
             ))
             .into()
     }
