@@ -83,7 +83,11 @@ pub fn router(hub: Hub) -> Router {
 /// content type ([`json_body`]) stops the same requests a second way:
 /// browsers must ask first (preflight) before sending it across sites, and
 /// the server answers no preflight.
-async fn browser_origin(State(hub): State<Hub>, request: Request, next: Next) -> Response {
+pub(crate) async fn browser_origin(
+    State(hub): State<Hub>,
+    request: Request,
+    next: Next,
+) -> Response {
     let allowed_origins = &hub.security().allowed_origins;
     let host = request.uri().authority().map(|a| a.as_str()).or_else(|| {
         request
@@ -194,7 +198,22 @@ fn bad_request(hub: &Hub, err: RequestError) -> HttpError {
     HttpError::new(StatusCode::BAD_REQUEST, err.code, err.message)
 }
 
-async fn send(State(hub): State<Hub>, request: Request) -> Result<Response, HttpError> {
+#[utoipa::path(
+    post,
+    path = "/api/send",
+    tag = "api",
+    request_body(content = crate::app::schemas::SendRequest, content_type = "application/json"),
+    security(("api_key" = []), ()),
+    responses(
+        (status = 200, description = "The delivery report", body = crate::app::schemas::DeliveryReport),
+        (status = 400, description = "A bad body: `invalid_json`, `missing_targets`, `invalid_targets`, `too_many_targets`, `invalid_target`, `missing_payload`, `invalid_body`", body = crate::app::schemas::ErrorBody),
+        (status = 413, description = "`body_too_large`: over `limits.max_message_size`", body = crate::app::schemas::ErrorBody),
+        (status = 415, description = "`unsupported_media_type`: not `Content-Type: application/json`", body = crate::app::schemas::ErrorBody),
+        (status = 401, description = "`missing_api_key`, `invalid_api_key`", body = crate::app::schemas::ErrorBody),
+        (status = 403, description = "`origin_not_allowed`: a browser of another origin", body = crate::app::schemas::ErrorBody),
+    ),
+)]
+pub(crate) async fn send(State(hub): State<Hub>, request: Request) -> Result<Response, HttpError> {
     let bytes = json_body(&hub, request).await?;
     let (targets, payload) =
         relay::parse_send(&bytes, hub.limits().max_targets).map_err(|e| bad_request(&hub, e))?;
@@ -205,7 +224,25 @@ async fn send(State(hub): State<Hub>, request: Request) -> Result<Response, Http
     Ok(([(http::header::CONTENT_TYPE, "application/json")], answer).into_response())
 }
 
-async fn publish(State(hub): State<Hub>, request: Request) -> Result<Response, HttpError> {
+#[utoipa::path(
+    post,
+    path = "/api/publish",
+    tag = "api",
+    request_body(content = crate::app::schemas::PublishRequest, content_type = "application/json"),
+    security(("api_key" = []), ()),
+    responses(
+        (status = 200, description = "How many connections got it", body = crate::app::schemas::PublishReport),
+        (status = 400, description = "A bad body: `invalid_json`, `missing_topic`, `invalid_topic`, `missing_payload`, `invalid_body`", body = crate::app::schemas::ErrorBody),
+        (status = 413, description = "`body_too_large`: over `limits.max_message_size`", body = crate::app::schemas::ErrorBody),
+        (status = 415, description = "`unsupported_media_type`: not `Content-Type: application/json`", body = crate::app::schemas::ErrorBody),
+        (status = 401, description = "`missing_api_key`, `invalid_api_key`", body = crate::app::schemas::ErrorBody),
+        (status = 403, description = "`origin_not_allowed`: a browser of another origin", body = crate::app::schemas::ErrorBody),
+    ),
+)]
+pub(crate) async fn publish(
+    State(hub): State<Hub>,
+    request: Request,
+) -> Result<Response, HttpError> {
     let bytes = json_body(&hub, request).await?;
     let (topic, payload) = relay::parse_publish(&bytes).map_err(|e| bad_request(&hub, e))?;
     let frame = Hub::encode_text(Bytes::copy_from_slice(payload.get().as_bytes()));
@@ -218,7 +255,23 @@ async fn publish(State(hub): State<Hub>, request: Request) -> Result<Response, H
 /// clustered one the answer says which it is (`"scope"`, `"node"`), and a
 /// cluster listing that cannot be made (the backplane is down) falls back to
 /// this node's with `"degraded": true`.
-async fn connections(State(hub): State<Hub>, uri: http::Uri) -> Result<Response, HttpError> {
+#[utoipa::path(
+    get,
+    path = "/api/connections",
+    tag = "api",
+    params(("scope" = Option<String>, Query, description = "`cluster` (the default) or `local`", pattern = "^(cluster|local)$")),
+    security(("api_key" = []), ()),
+    responses(
+        (status = 200, description = "Every client ID with its connections", body = crate::app::schemas::Connections),
+        (status = 400, description = "`invalid_query`", body = crate::app::schemas::ErrorBody),
+        (status = 401, description = "`missing_api_key`, `invalid_api_key`", body = crate::app::schemas::ErrorBody),
+        (status = 403, description = "`origin_not_allowed`: a browser of another origin", body = crate::app::schemas::ErrorBody),
+    ),
+)]
+pub(crate) async fn connections(
+    State(hub): State<Hub>,
+    uri: http::Uri,
+) -> Result<Response, HttpError> {
     let scope = crate::query::param(&uri, "scope")?;
     let local_only = match scope.as_deref() {
         None | Some("cluster") => false,
@@ -256,7 +309,25 @@ async fn connections(State(hub): State<Hub>, uri: http::Uri) -> Result<Response,
     Ok(Json(answer).into_response())
 }
 
-async fn disconnect(State(hub): State<Hub>, Path(id): Path<String>) -> Result<Response, HttpError> {
+#[utoipa::path(
+    delete,
+    path = "/api/connections/{id}",
+    tag = "api",
+    params(("id" = String, Path, description = "The client ID", pattern = r"^[A-Za-z0-9_.:@-]{1,128}$")),
+    security(("api_key" = []), ()),
+    responses(
+        (status = 200, description = "Its connections were closed with 4000", body = crate::app::schemas::Disconnected),
+        (status = 400, description = "`invalid_id`", body = crate::app::schemas::ErrorBody),
+        (status = 404, description = "`not_found`: the ID has no open connection", body = crate::app::schemas::ErrorBody),
+        (status = 503, description = "`backend_degraded`: not here, and the other nodes cannot be reached", body = crate::app::schemas::ErrorBody),
+        (status = 401, description = "`missing_api_key`, `invalid_api_key`", body = crate::app::schemas::ErrorBody),
+        (status = 403, description = "`origin_not_allowed`: a browser of another origin", body = crate::app::schemas::ErrorBody),
+    ),
+)]
+pub(crate) async fn disconnect(
+    State(hub): State<Hub>,
+    Path(id): Path<String>,
+) -> Result<Response, HttpError> {
     let id = ClientId::new(&id).map_err(|e| {
         HttpError::new(
             StatusCode::BAD_REQUEST,
@@ -294,7 +365,18 @@ async fn disconnect(State(hub): State<Hub>, Path(id): Path<String>) -> Result<Re
 /// `switchboard` binary exits once the drain has finished, as after
 /// SIGTERM. No body is read: there is nothing to choose, the window and
 /// grace are the server's `[drain]` settings.
-async fn drain(State(hub): State<Hub>) -> Response {
+#[utoipa::path(
+    post,
+    path = "/api/drain",
+    tag = "api",
+    security(("api_key" = []), ()),
+    responses(
+        (status = 200, description = "The drain under way (started by this call or before)", body = crate::app::schemas::DrainReport),
+        (status = 401, description = "`missing_api_key`, `invalid_api_key`", body = crate::app::schemas::ErrorBody),
+        (status = 403, description = "`origin_not_allowed`: a browser of another origin", body = crate::app::schemas::ErrorBody),
+    ),
+)]
+pub(crate) async fn drain(State(hub): State<Hub>) -> Response {
     let report = hub.drain();
     Json(json!({
         "draining": true,

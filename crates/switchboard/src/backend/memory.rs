@@ -12,6 +12,7 @@ use tokio::time::Instant;
 
 use super::dedup::DedupStore;
 use super::inbox::{IdInbox, InboxLimits, new_epoch};
+use super::listing::{Page, PageBuilder, PageQuery, TopicInfo};
 use super::{Attached, Backend, ClientInfo, Dedup, RegisterError, Replay, ResumePoint, SendReport};
 use crate::BoxFuture;
 use crate::id::{ClientId, Topic};
@@ -365,6 +366,43 @@ impl MemoryBackend {
     pub fn topic_count(&self) -> usize {
         self.topics.read().len()
     }
+
+    /// [`Backend::client_page`] for this node: one pass over the shards,
+    /// keeping only the page's entries (see [`PageBuilder`]).
+    pub(crate) fn client_page_now(&self, query: &PageQuery) -> Page<ClientInfo> {
+        let mut page = PageBuilder::new(query);
+        for shard in self.clients.iter() {
+            for (id, entry) in shard.lock().iter() {
+                let conns = &entry.conns;
+                if conns.is_empty() {
+                    continue;
+                }
+                page.offer(id.as_str(), || ClientInfo {
+                    id: id.clone(),
+                    connections: conns.len(),
+                    connected_since_unix_ms: conns
+                        .iter()
+                        .map(ConnRef::since)
+                        .min()
+                        .map_or(0, crate::backend::unix_ms),
+                });
+            }
+        }
+        page.finish()
+    }
+
+    /// [`Backend::topic_page`]: one pass over the topics, under the read
+    /// lock (publishes go on meanwhile).
+    pub(crate) fn topic_page_now(&self, query: &PageQuery) -> Page<TopicInfo> {
+        let mut page = PageBuilder::new(query);
+        for (topic, subs) in self.topics.read().iter() {
+            page.offer(topic.as_str(), || TopicInfo {
+                topic: topic.clone(),
+                subscribers: subs.len(),
+            });
+        }
+        page.finish()
+    }
 }
 
 impl Backend for MemoryBackend {
@@ -431,6 +469,14 @@ impl Backend for MemoryBackend {
 
     fn disconnect<'a>(&'a self, id: &'a ClientId, frame: CloseFrame) -> BoxFuture<'a, usize> {
         Box::pin(std::future::ready(self.disconnect_now(id, &frame)))
+    }
+
+    fn client_page<'a>(&'a self, query: &'a PageQuery) -> BoxFuture<'a, Page<ClientInfo>> {
+        Box::pin(std::future::ready(self.client_page_now(query)))
+    }
+
+    fn topic_page<'a>(&'a self, query: &'a PageQuery) -> BoxFuture<'a, Page<TopicInfo>> {
+        Box::pin(std::future::ready(self.topic_page_now(query)))
     }
 
     fn attach<'a>(

@@ -17,10 +17,12 @@ use crate::runtime::mailbox::{ConnId, ConnRef};
 
 pub(crate) mod dedup;
 pub(crate) mod inbox;
+pub(crate) mod listing;
 pub(crate) mod memory;
 
 pub use dedup::Dedup;
 pub use inbox::{Attached, Replay, ResumePoint, ResumeStatus, Retained};
+pub use listing::{DEFAULT_PAGE_LIMIT, MAX_PAGE_LIMIT, NodeInfo, Page, PageQuery, TopicInfo};
 #[cfg(feature = "redis")]
 pub mod redis;
 
@@ -66,10 +68,11 @@ pub struct SendReport {
 }
 
 /// One client ID's live connections, for `GET /api/connections`.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
 #[non_exhaustive]
 pub struct ClientInfo {
     /// The client ID.
+    #[schema(value_type = String)]
     pub id: ClientId,
     /// How many connections it has.
     pub connections: usize,
@@ -79,7 +82,7 @@ pub struct ClientInfo {
 }
 
 /// A backend's state, for `GET /heartbeat` and `GET /metrics`.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
 #[non_exhaustive]
 pub struct BackendHealth {
     /// The backend's name: `"memory"`, `"redis"`.
@@ -163,6 +166,37 @@ pub trait Backend: Send + Sync + 'static {
     /// nodes once, with their connections added up), or `None` when the
     /// backend has no cluster or cannot reach it now. The default: `None`.
     fn cluster_clients(&self) -> BoxFuture<'_, Option<Vec<ClientInfo>>> {
+        Box::pin(std::future::ready(None))
+    }
+
+    /// One page of the client IDs (see [`PageQuery`]), of the whole cluster
+    /// when the backend has one and can reach it, else of this node. The
+    /// default pages through [`cluster_clients`](Self::cluster_clients) or
+    /// [`clients`](Self::clients).
+    fn client_page<'a>(&'a self, query: &'a PageQuery) -> BoxFuture<'a, Page<ClientInfo>> {
+        Box::pin(async move {
+            let all = match self.cluster_clients().await {
+                Some(all) => all,
+                None => self.clients().await,
+            };
+            listing::page_of(all, query)
+        })
+    }
+
+    /// One page of the topics with a subscriber on this node, with their
+    /// subscriber counts. The default: none.
+    fn topic_page<'a>(&'a self, query: &'a PageQuery) -> BoxFuture<'a, Page<TopicInfo>> {
+        let _ = query;
+        Box::pin(std::future::ready(Page {
+            items: Vec::new(),
+            next: None,
+        }))
+    }
+
+    /// The nodes of the cluster as the backplane sees them, or `None` for a
+    /// single-node backend or when the backplane cannot be reached. The
+    /// default: `None`.
+    fn nodes(&self) -> BoxFuture<'_, Option<Vec<NodeInfo>>> {
         Box::pin(std::future::ready(None))
     }
 

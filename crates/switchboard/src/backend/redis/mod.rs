@@ -64,6 +64,7 @@ use parking_lot::{Mutex, RwLock};
 use tokio::sync::{Notify, mpsc, watch};
 
 use super::inbox::InboxLimits;
+use super::listing::{NodeInfo, Page, PageQuery, TopicInfo};
 use super::memory::MemoryBackend;
 use super::{
     Attached, Backend, BackendHealth, ClientInfo, Dedup, RegisterError, Replay, ResumePoint,
@@ -83,6 +84,7 @@ mod gate;
 mod inbox;
 mod keys;
 mod link;
+mod nodes;
 mod presence;
 mod replies;
 mod scripts;
@@ -616,6 +618,26 @@ impl Backend for RedisBackend {
 
     fn cluster_clients(&self) -> BoxFuture<'_, Option<Vec<ClientInfo>>> {
         Box::pin(self.shared.cluster_clients())
+    }
+
+    // The cluster's IDs when Redis answers (a full `HSCAN` of every other
+    // node's hash per page: see `presence.rs`), else this node's.
+    fn client_page<'a>(&'a self, query: &'a PageQuery) -> BoxFuture<'a, Page<ClientInfo>> {
+        Box::pin(async move {
+            match self.shared.cluster_clients().await {
+                Some(all) => super::listing::page_of(all, query),
+                None => self.shared.local.client_page_now(query),
+            }
+        })
+    }
+
+    // Subscribers are counted where they are: this node's.
+    fn topic_page<'a>(&'a self, query: &'a PageQuery) -> BoxFuture<'a, Page<TopicInfo>> {
+        Box::pin(std::future::ready(self.shared.local.topic_page_now(query)))
+    }
+
+    fn nodes(&self) -> BoxFuture<'_, Option<Vec<NodeInfo>>> {
+        Box::pin(self.shared.nodes())
     }
 
     // switchboard.v1: inboxes in Redis (`inbox.rs`), a sequence gate per
