@@ -21,8 +21,7 @@ use super::dashboard::stats::Stats;
 use super::dashboard::{self, Ticket};
 use super::schemas::{
     Connections, DeliveryReport, Disconnected, DrainReport, ErrorBody, ErrorDetail, Heartbeat,
-    PublishReport,
-    PublishRequest, SendRequest, Target,
+    PublishReport, PublishRequest, SendRequest, Target,
 };
 use crate::backend::{BackendHealth, ClientInfo, NodeInfo, TopicInfo};
 use crate::hub::refusals::Refusal;
