@@ -92,7 +92,8 @@ pub use auth::Security;
 #[cfg(feature = "redis")]
 pub use backend::redis::{self, RedisBackend, RedisConfig};
 pub use backend::{
-    Attached, Backend, BackendHealth, ClientInfo, Dedup, RegisterError, Replay, ResumePoint,
+    Attached, Backend, BackendHealth, ClientInfo, Dedup, Departure, MAX_META_BYTES,
+    PresenceMember, PresenceMode, PresenceSnapshot, RegisterError, Replay, ResumePoint,
     ResumeStatus, Retained, SendReport, memory::MemoryBackend,
 };
 pub use handler::{Closed, Conn, Handler, Outcome, Subprotocol, TooManyTopics};
