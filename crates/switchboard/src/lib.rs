@@ -92,9 +92,9 @@ pub use auth::Security;
 #[cfg(feature = "redis")]
 pub use backend::redis::{self, RedisBackend, RedisConfig};
 pub use backend::{
-    Attached, Backend, BackendHealth, ClientInfo, Dedup, Departure, MAX_META_BYTES,
-    PresenceMember, PresenceMode, PresenceSnapshot, RegisterError, Replay, ResumePoint,
-    ResumeStatus, Retained, SendReport, memory::MemoryBackend,
+    Attached, Backend, BackendHealth, ClientInfo, Dedup, Departure, MAX_META_BYTES, PresenceMember,
+    PresenceMode, PresenceSnapshot, RegisterError, Replay, ResumePoint, ResumeStatus, Retained,
+    SendReport, memory::MemoryBackend,
 };
 pub use handler::{Closed, Conn, Handler, Outcome, Subprotocol, TooManyTopics};
 #[cfg(feature = "tls")]

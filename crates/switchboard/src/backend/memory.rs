@@ -456,7 +456,9 @@ impl Backend for MemoryBackend {
         topic: &'a Topic,
         mode: PresenceMode,
     ) -> BoxFuture<'a, Option<PresenceSnapshot>> {
-        Box::pin(std::future::ready(Some(self.presence.snapshot(topic, mode))))
+        Box::pin(std::future::ready(Some(
+            self.presence.snapshot(topic, mode),
+        )))
     }
 
     fn render_metrics(&self, out: &mut String) {

@@ -355,16 +355,26 @@ mod tests {
             Kind::Subscribe { presence: None, .. }
         ));
         assert!(matches!(
-            parse(br#"{"type":"subscribe","topic":"t","presence":"count","meta":{"n":1}}"#, 10)
-                .expect("sub")
-                .kind,
-            Kind::Subscribe { presence: Some(PresenceMode::Count), meta: Some(_), .. }
+            parse(
+                br#"{"type":"subscribe","topic":"t","presence":"count","meta":{"n":1}}"#,
+                10
+            )
+            .expect("sub")
+            .kind,
+            Kind::Subscribe {
+                presence: Some(PresenceMode::Count),
+                meta: Some(_),
+                ..
+            }
         ));
         assert!(matches!(
             parse(br#"{"type":"presence_get","topic":"t"}"#, 10)
                 .expect("presence_get")
                 .kind,
-            Kind::PresenceGet { mode: PresenceMode::Full, .. }
+            Kind::PresenceGet {
+                mode: PresenceMode::Full,
+                ..
+            }
         ));
     }
 

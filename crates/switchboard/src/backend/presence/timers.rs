@@ -94,7 +94,11 @@ impl<J: Send + 'static> Timers<J> {
     fn take_due(&self, now: Instant) -> Vec<J> {
         let mut queue = self.queue.lock();
         let mut due = Vec::new();
-        while queue.heap.peek().is_some_and(|Reverse(head)| head.at <= now) {
+        while queue
+            .heap
+            .peek()
+            .is_some_and(|Reverse(head)| head.at <= now)
+        {
             if let Some(Reverse(head)) = queue.heap.pop() {
                 due.push(head.job);
             }
