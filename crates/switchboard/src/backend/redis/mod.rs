@@ -48,8 +48,8 @@
 //! answer is reported `unconfirmed`, never silently lost.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use ::redis::aio::MultiplexedConnection;
@@ -57,6 +57,7 @@ use parking_lot::{Mutex, RwLock};
 use tokio::sync::{Notify, mpsc, watch};
 
 use super::memory::MemoryBackend;
+use super::presence::{Departure, PresenceMode, PresenceSettings, PresenceSnapshot};
 use super::{
     Attached, Backend, BackendHealth, ClientInfo, Dedup, RegisterError, Replay, ResumePoint,
     SendReport,
@@ -73,6 +74,7 @@ mod delivery;
 mod keys;
 mod link;
 mod presence;
+mod presence_members;
 mod replies;
 mod stats;
 mod topics;
@@ -81,6 +83,7 @@ mod wire;
 pub use config::{MIN_PRESENCE_TTL, RedisConfig, RedisConfigError, default_node_id};
 use keys::Keys;
 use link::supervise;
+use presence_members::PresenceMembers;
 use stats::{Stats, kind_index};
 use wire::{Kind, Reply};
 
@@ -172,6 +175,7 @@ impl Drop for TaskGuard {
 }
 
 struct Shared {
+    me: Weak<Shared>,
     config: RedisConfig,
     client: ::redis::Client,
     keys: Keys,
@@ -200,6 +204,8 @@ struct Shared {
     failure: watch::Sender<Option<RedisFailure>>,
     started: Instant,
     stats: Stats,
+    /// Topic presence across nodes (`presence_members.rs`).
+    presence: PresenceMembers,
 }
 
 /// Removes a pending request when the request ends, however it ends.
@@ -385,10 +391,13 @@ impl RedisBackend {
         })?;
         let (stop, _) = watch::channel(false);
         let (failure, _) = watch::channel(None);
-        let shared = Arc::new(Shared {
+        let instance = format!("{}#{}", config.node_id, link::random_token());
+        let shared = Arc::new_cyclic(|me| Shared {
+            me: me.clone(),
             keys: Keys::new(&config.key_prefix),
             node_prefix: format!("{}#", config.node_id),
-            own_prefix: format!("{}#{}.", config.node_id, link::random_token()),
+            own_prefix: format!("{instance}."),
+            presence: PresenceMembers::new(instance, PresenceSettings::from(&limits.v1)),
             epochs: AtomicU32::new(0),
             config,
             client,
@@ -407,6 +416,7 @@ impl RedisBackend {
             stats: Stats::default(),
         });
         let supervisor = tokio::spawn(supervise(Arc::clone(&shared)));
+        tokio::spawn(presence_members::run(Arc::downgrade(&shared)));
         Ok(Arc::new(Self {
             shared,
             supervisor: Mutex::new(Some(supervisor)),
@@ -580,6 +590,40 @@ impl Backend for RedisBackend {
         self.shared.local.dedup_abort(sender, mid);
     }
 
+    fn presence_join<'a>(
+        &'a self,
+        topic: &'a Topic,
+        member: &'a ClientId,
+        meta: Option<Arc<str>>,
+    ) -> BoxFuture<'a, ()> {
+        Box::pin(self.shared.presence_join(topic, member, meta))
+    }
+
+    fn presence_leave(&self, topic: &Topic, member: &ClientId, departure: Departure) {
+        self.shared.presence_leave(topic, member, departure);
+    }
+
+    fn presence_watch<'a>(
+        &'a self,
+        topic: &'a Topic,
+        watcher: &'a ConnRef,
+        mode: PresenceMode,
+    ) -> BoxFuture<'a, Option<PresenceSnapshot>> {
+        Box::pin(self.shared.presence_watch(topic, watcher, mode))
+    }
+
+    fn presence_unwatch(&self, topic: &Topic, watcher: ConnId) {
+        self.shared.presence_unwatch(topic, watcher);
+    }
+
+    fn presence<'a>(
+        &'a self,
+        topic: &'a Topic,
+        mode: PresenceMode,
+    ) -> BoxFuture<'a, Option<PresenceSnapshot>> {
+        Box::pin(self.shared.presence_snapshot(topic, mode))
+    }
+
     fn health(&self) -> BackendHealth {
         let health = BackendHealth::healthy("redis").with_node(self.node_id());
         if self.is_connected() {
@@ -598,5 +642,12 @@ impl Backend for RedisBackend {
         self.shared
             .stats
             .render(&self.shared, self.is_connected(), out);
+        let (members, watchers) = self.shared.presence.stats();
+        let _ = std::fmt::Write::write_fmt(
+            out,
+            format_args!(
+                "# HELP switchboard_presence_local_members Topic presence members with a connection on this node.\n# TYPE switchboard_presence_local_members gauge\nswitchboard_presence_local_members {members}\n# HELP switchboard_presence_watchers Connections of this node watching a topic's presence.\n# TYPE switchboard_presence_watchers gauge\nswitchboard_presence_watchers {watchers}\n"
+            ),
+        );
     }
 }
