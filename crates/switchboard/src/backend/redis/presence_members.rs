@@ -215,11 +215,14 @@ enum Op {
         id: ClientId,
         meta: Option<Arc<str>>,
         done: oneshot::Sender<()>,
+        /// The local change's number (see [`LocalState::seq`]).
+        seq: u64,
     },
     Leave {
         topic: Topic,
         id: ClientId,
         departure: Departure,
+        seq: u64,
     },
     Subscribe(Topic, oneshot::Sender<()>),
     Unsubscribe(Topic),
@@ -234,11 +237,19 @@ pub(super) struct PresenceMembers {
     settings: PresenceSettings,
     ops: mpsc::UnboundedSender<Op>,
     ops_rx: Mutex<Option<mpsc::UnboundedReceiver<Op>>>,
-    /// This node's connections per topic and member, with the meta and
-    /// join time they were written with: what a reconnection writes again.
-    local: Mutex<HashMap<Topic, HashMap<ClientId, LocalMember>>>,
+    local: Mutex<LocalState>,
     /// Members whose count changed while Redis could not be written.
     dirty: Mutex<HashSet<(Topic, ClientId)>>,
+}
+
+/// This node's connections per topic and member, with the meta and join
+/// time they were written with: what a (re)connection writes whole.
+#[derive(Default)]
+struct LocalState {
+    topics: HashMap<Topic, HashMap<ClientId, LocalMember>>,
+    /// Numbers every change; a queued operation whose number is at or below
+    /// the one a resync read is already in what the resync wrote.
+    seq: u64,
 }
 
 #[derive(Clone)]
@@ -258,14 +269,14 @@ impl PresenceMembers {
             settings,
             ops,
             ops_rx: Mutex::new(Some(rx)),
-            local: Mutex::new(HashMap::new()),
+            local: Mutex::new(LocalState::default()),
             dirty: Mutex::new(HashSet::new()),
         }
     }
 
     /// Members with a connection here, and watchers (for metrics).
     pub(super) fn stats(&self) -> (usize, usize) {
-        let members = self.local.lock().values().map(HashMap::len).sum();
+        let members = self.local.lock().topics.values().map(HashMap::len).sum();
         (members, self.watchers.watcher_count())
     }
 }
@@ -295,9 +306,12 @@ struct Published {
 
 impl Shared {
     pub(super) async fn presence_join(&self, topic: &Topic, id: &ClientId, meta: Option<Arc<str>>) {
-        {
+        let seq = {
             let mut local = self.presence.local.lock();
+            local.seq += 1;
+            let seq = local.seq;
             let member = local
+                .topics
                 .entry(topic.clone())
                 .or_default()
                 .entry(id.clone())
@@ -308,13 +322,15 @@ impl Shared {
                 });
             member.conns += 1;
             member.meta.clone_from(&meta);
-        }
+            seq
+        };
         let (done, wait) = oneshot::channel();
         let op = Op::Join {
             topic: topic.clone(),
             id: id.clone(),
             meta,
             done,
+            seq,
         };
         if self.presence.ops.send(op).is_ok() {
             let _ = tokio::time::timeout(self.config.request_timeout, wait).await;
@@ -322,9 +338,10 @@ impl Shared {
     }
 
     pub(super) fn presence_leave(&self, topic: &Topic, id: &ClientId, departure: Departure) {
-        {
+        let seq = {
             let mut local = self.presence.local.lock();
-            let Some(members) = local.get_mut(topic) else {
+            let local = &mut *local;
+            let Some(members) = local.topics.get_mut(topic) else {
                 return;
             };
             let Some(member) = members.get_mut(id) else {
@@ -334,14 +351,17 @@ impl Shared {
             if member.conns == 0 {
                 members.remove(id);
                 if members.is_empty() {
-                    local.remove(topic);
+                    local.topics.remove(topic);
                 }
             }
-        }
+            local.seq += 1;
+            local.seq
+        };
         let _ = self.presence.ops.send(Op::Leave {
             topic: topic.clone(),
             id: id.clone(),
             departure,
+            seq,
         });
     }
 
@@ -505,6 +525,8 @@ pub(super) async fn run(weak: Weak<Shared>) {
     let mut sweep = tokio::time::interval(SWEEP_EVERY);
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_member: Option<Arc<str>> = None;
+    // The local change number the last resync wrote up to.
+    let mut resynced = 0u64;
     let mut last_beat: Option<tokio::time::Instant> = None;
     let mut subscribed: HashSet<Topic> = HashSet::new();
     loop {
@@ -531,13 +553,18 @@ pub(super) async fn run(weak: Weak<Shared>) {
         if last_member.as_ref() != Some(&link.member) {
             subscribed.clear();
             let resync = shared.presence_resync(&mut conn, &mut subscribed);
-            if let Ok(Ok(())) = tokio::time::timeout(timeout * 4, resync).await {
+            if let Ok(Ok(seq)) = tokio::time::timeout(timeout * 4, resync).await {
                 last_member = Some(Arc::clone(&link.member));
+                resynced = seq;
             }
         }
         let work = async {
             match op {
-                Some(op) => shared.presence_apply(&mut conn, op, &mut subscribed).await,
+                Some(op) => {
+                    shared
+                        .presence_apply(&mut conn, op, &mut subscribed, resynced)
+                        .await
+                }
                 None => {
                     let period = shared.config.presence_ttl / 3;
                     if last_beat.is_none_or(|at| at.elapsed() >= period) {
@@ -584,23 +611,51 @@ impl Shared {
         }
     }
 
+    /// Writes one local change; `resynced`: the change number the last
+    /// resync wrote up to (changes at or below it are written already).
     async fn presence_apply(
         &self,
         conn: &mut MultiplexedConnection,
         op: Op,
         subscribed: &mut HashSet<Topic>,
+        resynced: u64,
     ) -> Result<(), ::redis::RedisError> {
         match op {
+            Op::Join { done, seq, .. } if seq <= resynced => {
+                let _ = done.send(());
+                Ok(())
+            }
+            Op::Leave {
+                topic,
+                id,
+                departure,
+                seq,
+            } if seq <= resynced => {
+                // The resync wrote the count; a leave meant to be at once
+                // is finalised now (a no-op while connections remain).
+                if departure == Departure::Now {
+                    ::redis::cmd("EVAL")
+                        .arg(FINALIZE)
+                        .arg(5)
+                        .arg(&self.keys.presence_topic(&topic))
+                        .arg(id.as_str())
+                        .exec_async(conn)
+                        .await?;
+                }
+                Ok(())
+            }
             Op::Join {
                 topic,
                 id,
                 meta,
                 done,
+                ..
             } => {
                 let since = self
                     .presence
                     .local
                     .lock()
+                    .topics
                     .get(&topic)
                     .and_then(|m| m.get(&id))
                     .map_or(0, |m| m.since_ms);
@@ -631,6 +686,7 @@ impl Shared {
                 topic,
                 id,
                 departure,
+                ..
             } => {
                 let keys = self.keys.presence_topic(&topic);
                 let now =
@@ -654,7 +710,7 @@ impl Shared {
                     self.presence_pending(conn, &topic, &id, pending_since)
                         .await?;
                 }
-                if !self.presence.local.lock().contains_key(&topic) {
+                if !self.presence.local.lock().topics.contains_key(&topic) {
                     ::redis::cmd("SREM")
                         .arg(self.keys.presence_instance_topics(&self.presence.instance))
                         .arg(topic.as_str())
@@ -708,12 +764,13 @@ impl Shared {
     }
 
     /// Writes this node's whole presence again (a new Redis connection),
-    /// and subscribes the watched topics' channels again.
+    /// and subscribes the watched topics' channels again; returns the
+    /// number of the last local change written.
     async fn presence_resync(
         &self,
         conn: &mut MultiplexedConnection,
         subscribed: &mut HashSet<Topic>,
-    ) -> Result<(), ::redis::RedisError> {
+    ) -> Result<u64, ::redis::RedisError> {
         let ttl_ms = self.config.presence_ttl.as_millis() as u64;
         ::redis::cmd("EVAL")
             .arg(BEAT)
@@ -723,7 +780,10 @@ impl Shared {
             .arg(ttl_ms)
             .exec_async(conn)
             .await?;
-        let local = self.presence.local.lock().clone();
+        let (local, seq) = {
+            let state = self.presence.local.lock();
+            (state.topics.clone(), state.seq)
+        };
         let dirty: Vec<(Topic, ClientId)> = self.presence.dirty.lock().drain().collect();
         let mut all: Vec<(Topic, ClientId, LocalMember)> = Vec::new();
         for (topic, members) in &local {
@@ -777,7 +837,7 @@ impl Shared {
                 .await?;
             subscribed.insert(topic);
         }
-        Ok(())
+        Ok(seq)
     }
 
     /// Refreshes this instance's deadline and removes the presence of
