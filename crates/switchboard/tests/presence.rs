@@ -7,7 +7,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{Client, TestServer, WAIT, assert_silent, http_get, recv_close, recv_json, send_text};
-use futures_util::{SinkExt as _, StreamExt as _};
+use futures_util::StreamExt as _;
 use serde_json::{Value, json};
 use switchboard::{Hub, Limits, V1Limits};
 use tokio_tungstenite::tungstenite::Message as WsMessage;
