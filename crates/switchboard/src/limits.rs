@@ -190,6 +190,11 @@ pub struct V1Limits {
     /// `0s` sends every leave at once.
     #[serde(with = "duration")]
     pub presence_leave_delay: Duration,
+    /// Whether v1 subscribers are presence members at all. Default `true`.
+    /// `false`: no membership is kept (no memory, no Redis writes per
+    /// subscribe) and presence requests are refused with
+    /// `presence_disabled`.
+    pub presence: bool,
     /// At most one presence frame per topic per this window, carrying every
     /// change of the window. Default 250 ms: four frames a second is what
     /// a member list on a screen can show, and a mass reconnect then costs
@@ -221,6 +226,7 @@ impl Default for V1Limits {
             dedup_per_client: 4096,
             hello_timeout: Duration::from_secs(10),
             presence_leave_delay: Duration::from_secs(10),
+            presence: true,
             presence_coalesce: Duration::from_millis(250),
             presence_max_members: 1_000,
             presence_client_meta: false,

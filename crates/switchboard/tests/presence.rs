@@ -581,3 +581,17 @@ mod jwt {
         );
     }
 }
+
+#[tokio::test]
+async fn with_presence_off_subscribes_work_and_presence_requests_are_refused() {
+    let mut limits = limits(Duration::from_secs(10));
+    limits.v1.presence = false;
+    let server = TestServer::with_limits(limits).await;
+    let mut client = hello(&server, "a", None).await;
+    let ack = subscribe(&mut client, json!({})).await;
+    assert!(ack.get("error").is_none(), "{ack}");
+    let ack = subscribe(&mut client, json!({"presence": "count"})).await;
+    assert_eq!(ack["error"]["code"], "presence_disabled", "{ack}");
+    let empty = http_get(server.addr, "/api/presence/room/1").await;
+    assert_eq!(empty.json()["count"], 0, "no member is kept: {}", empty.text());
+}

@@ -247,6 +247,17 @@ impl V1 {
             hub.metrics().error(ErrorKind::Forbidden);
             return error(id, &forbidden_topic("sb_subscribe", &topic));
         }
+        if !hub.limits().v1.presence {
+            if presence.is_some() || meta.is_some() {
+                hub.metrics().error(ErrorKind::BadRequest);
+                return error(id, &presence_disabled());
+            }
+            if let Err(err) = conn.join(topic.clone()) {
+                hub.metrics().error(ErrorKind::TooManyTopics);
+                return error(id, &RequestError::new("too_many_topics", err.to_string()));
+            }
+            return ack(id, |out| reply::subscribed(out, &topic, None));
+        }
         let meta = match meta {
             Some(_) if !hub.limits().v1.presence_client_meta => {
                 hub.metrics().error(ErrorKind::BadRequest);
@@ -297,6 +308,10 @@ impl V1 {
         if !self.permissions.may_subscribe(&topic) {
             hub.metrics().error(ErrorKind::Forbidden);
             return error(id, &forbidden_topic("sb_subscribe", &topic));
+        }
+        if !hub.limits().v1.presence {
+            hub.metrics().error(ErrorKind::BadRequest);
+            return error(id, &presence_disabled());
         }
         match hub.backend().presence(&topic, mode).await {
             Some(snapshot) => ack(id, |out| reply::presence(out, &topic, &snapshot, mode)),
@@ -440,6 +455,13 @@ fn forbidden_target(permissions: &Permissions, targets: &Targets) -> Option<Requ
             targets.position_of(i)
         ),
     ))
+}
+
+fn presence_disabled() -> RequestError {
+    RequestError::new(
+        "presence_disabled",
+        "this server keeps no presence (v1.presence is false): subscribe without `presence` and `meta`",
+    )
 }
 
 fn presence_unavailable() -> RequestError {

@@ -81,6 +81,7 @@ impl Watchers {
     }
 
     /// Whether `topic` has a watcher on this node.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     pub(crate) fn is_watched(&self, topic: &Topic) -> bool {
         self.topics.lock().contains_key(topic)
     }
