@@ -424,3 +424,53 @@ async fn a_sigkilled_nodes_members_leave_once_cluster_wide_within_ttl_plus_delay
         "{body}"
     );
 }
+
+impl Redis {
+    /// `INFO memory`'s `used_memory`, in bytes.
+    fn used_memory(&self) -> i64 {
+        let mut stream =
+            std::net::TcpStream::connect(("127.0.0.1", self.port)).expect("connect to redis");
+        stream.set_read_timeout(Some(WAIT)).expect("timeout");
+        stream.write_all(b"INFO memory\r\n").expect("send INFO");
+        let mut reader = BufReader::new(stream);
+        let mut header = String::new();
+        reader.read_line(&mut header).expect("INFO reply");
+        let len: usize = header
+            .trim_start_matches('$')
+            .trim()
+            .parse()
+            .expect("a bulk reply");
+        let mut body = vec![0; len + 2];
+        std::io::Read::read_exact(&mut reader, &mut body).expect("INFO body");
+        String::from_utf8_lossy(&body)
+            .lines()
+            .find_map(|line| line.strip_prefix("used_memory:"))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("used_memory in INFO memory")
+    }
+}
+
+/// What a presence member costs in Redis: `used_memory` growth while 500
+/// members (one connection each, 13-byte IDs, no meta) join one topic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_presence_member_costs_a_few_hundred_bytes_in_redis() {
+    const N: usize = 500;
+    let redis = Redis::start();
+    let node = Node::start(&redis, "pm").await;
+    // The topic's keys exist before the measurement.
+    let _first = node.member("member-first").await;
+    let before = redis.used_memory();
+    let mut members = Vec::with_capacity(N);
+    for i in 0..N {
+        members.push(node.member(&format!("member-{i:06}")).await);
+    }
+    let per_member = (redis.used_memory() - before) as f64 / N as f64;
+    println!(
+        "redis presence: {per_member:.0} bytes per member ({N} members of one topic, 13-byte IDs, no meta)"
+    );
+    assert!(per_member > 0.0, "the members are in redis");
+    assert!(
+        per_member < 600.0,
+        "{per_member:.0} bytes per member in redis; docs/protocol-v1.md says about 420"
+    );
+}

@@ -137,7 +137,10 @@ async fn joins_per_cpu_second(presence: bool) -> f64 {
     }
     let pid = server.proc.pid();
     let before = cpu_ticks(pid);
-    let runs: Vec<_> = clients.into_iter().map(|c| tokio::spawn(churn(c))).collect();
+    let runs: Vec<_> = clients
+        .into_iter()
+        .map(|c| tokio::spawn(churn(c)))
+        .collect();
     for run in runs {
         tokio::time::timeout(Duration::from_secs(120), run)
             .await

@@ -593,5 +593,10 @@ async fn with_presence_off_subscribes_work_and_presence_requests_are_refused() {
     let ack = subscribe(&mut client, json!({"presence": "count"})).await;
     assert_eq!(ack["error"]["code"], "presence_disabled", "{ack}");
     let empty = http_get(server.addr, "/api/presence/room/1").await;
-    assert_eq!(empty.json()["count"], 0, "no member is kept: {}", empty.text());
+    assert_eq!(
+        empty.json()["count"],
+        0,
+        "no member is kept: {}",
+        empty.text()
+    );
 }

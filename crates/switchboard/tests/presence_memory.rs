@@ -12,7 +12,13 @@ fn vm_rss() -> usize {
     status
         .lines()
         .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse::<usize>().ok())
+        .and_then(|rest| {
+            rest.trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<usize>()
+                .ok()
+        })
         .map(|kib| kib * 1024)
         .expect("VmRSS in /proc/self/status")
 }
