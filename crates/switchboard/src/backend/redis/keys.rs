@@ -74,6 +74,10 @@ impl Keys {
     pub(super) fn presence_instances(&self) -> String {
         format!("{}:pn", self.prefix)
     }
+    /// The lock of a cleanup of a dead instance's topic presence.
+    pub(super) fn presence_cleanup_lock(&self, instance: &str) -> String {
+        format!("{}:pgc:{instance}", self.prefix)
+    }
     /// The topics where an instance has connections (set).
     pub(super) fn presence_instance_topics(&self, instance: &str) -> String {
         format!("{}:pt:{instance}", self.prefix)

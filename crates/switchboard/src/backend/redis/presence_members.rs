@@ -11,6 +11,7 @@
 //! | pending leaves | sorted set `P:pl`: `"<topic> <id>"` → due (Redis time, ms) |
 //! | live instances | sorted set `P:pn`: `node_id#token` → alive until (Redis time, ms) |
 //! | an instance's topics | set `P:pt:<instance>` |
+//! | a cleanup of a dead instance | lock `P:pgc:<instance>` (`SET NX PX`, 3 × `presence_ttl`) |
 //!
 //! Every change of a topic's membership is one Lua script over the topic's
 //! keys that also `SPUBLISH`es the event (the channel has the same hash
@@ -25,11 +26,18 @@
 //! the member still has no connection.
 //!
 //! **Dead nodes**: each instance refreshes its deadline in `P:pn` every
-//! `presence_ttl / 3`. When a node sees a deadline passed, it claims the
-//! instance (compare-and-delete on `P:pn`), removes its connection counts
-//! from every topic in `P:pt:<instance>`, and schedules the leave of each
-//! member left without connections at *the dead instance's deadline* plus
-//! `presence_leave_delay`. A node SIGKILLed at `k` had its deadline at most
+//! `presence_ttl / 3`. When a node sees a deadline passed, it takes a lock
+//! (`P:pgc:<instance>`, `SET NX PX`), marks the instance (its score
+//! negated, compare-and-set), removes its connection counts from every
+//! topic in `P:pt:<instance>`, schedules the leave of each member left
+//! without connections at *the dead instance's deadline* plus
+//! `presence_leave_delay`, and removes the instance only if it still has
+//! its mark. A cleanup cut short leaves the mark; the next one (after the
+//! lock expires) does it again, idempotently. An instance that was only
+//! frozen finds its entry missing or marked at its next beat and writes
+//! its counts again. (Not covered: a frozen instance that resumes *while*
+//! a cleanup runs may have counts removed after it wrote them again; its
+//! members then leave although connected, until its next reconnection.) A node SIGKILLed at `k` had its deadline at most
 //! `k + presence_ttl`, so each of its members leaves exactly once by
 //! `k + presence_ttl + presence_leave_delay + SWEEP_EVERY` (+ the
 //! coalescing window at the watchers).
@@ -200,12 +208,32 @@ end
 return 0
 ";
 
-/// Keys `P:pn`. Args: instance, ttl ms. Refreshes the instance's deadline.
+/// Keys `P:pn`. Args: instance, ttl ms. Refreshes the instance's deadline;
+/// returns 1 when the instance was missing or marked by a cleanup (its
+/// counts are gone or going: it must write them again), else 0.
 const BEAT: &str = r"
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local old = redis.call('ZSCORE', KEYS[1], ARGV[1])
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
-return now
+if (not old) or tonumber(old) < 0 then return 1 end
+return 0
+";
+
+/// Keys `P:pn`. Args: instance, score as read. Marks a dead instance as
+/// being cleaned up (its score negated, so that its deadline is kept) if
+/// its score is still the one read, or was marked already; returns the
+/// mark, or 0 when the instance beat meanwhile.
+const MARK: &str = r"
+local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not score then return 0 end
+if score ~= ARGV[2] then return 0 end
+local n = tonumber(score)
+if n > 0 then
+  redis.call('ZADD', KEYS[1], -n, ARGV[1])
+  return -n
+end
+return n
 ";
 
 /// What a connection did, queued for the worker in order.
@@ -848,14 +876,19 @@ impl Shared {
     ) -> Result<(), ::redis::RedisError> {
         let ttl_ms = self.config.presence_ttl.as_millis() as u64;
         let instances = self.keys.presence_instances();
-        ::redis::cmd("EVAL")
+        let removed: i64 = ::redis::cmd("EVAL")
             .arg(BEAT)
             .arg(1)
             .arg(&instances)
             .arg(&self.presence.instance)
             .arg(ttl_ms)
-            .exec_async(conn)
+            .query_async(conn)
             .await?;
+        if removed == 1 {
+            return Err(super::err(
+                "this node's topic presence was removed by a cleanup (it was frozen past presence_ttl)",
+            ));
+        }
         let dead: Value = ::redis::cmd("EVAL")
             .arg(DUE)
             .arg(1)
@@ -864,18 +897,35 @@ impl Shared {
             .query_async(conn)
             .await?;
         for (instance, score) in pairs(&dead) {
-            let claimed: i64 = ::redis::cmd("EVAL")
-                .arg(CLAIM)
+            if instance == self.presence.instance {
+                continue;
+            }
+            let lock = self.keys.presence_cleanup_lock(&instance);
+            let locked: Option<String> = ::redis::cmd("SET")
+                .arg(&lock)
+                .arg(&self.presence.instance)
+                .arg("NX")
+                .arg("PX")
+                .arg(ttl_ms.saturating_mul(3))
+                .query_async(conn)
+                .await?;
+            if locked.is_none() {
+                continue;
+            }
+            let mark: i64 = ::redis::cmd("EVAL")
+                .arg(MARK)
                 .arg(1)
                 .arg(&instances)
                 .arg(&instance)
                 .arg(&score)
                 .query_async(conn)
                 .await?;
-            if claimed != 1 {
+            if mark >= 0 {
+                // It beat meanwhile: alive.
+                ::redis::cmd("DEL").arg(&lock).exec_async(conn).await?;
                 continue;
             }
-            let deadline: i64 = score.parse::<f64>().map_or(0, |s| s as i64);
+            let deadline = -mark;
             tracing::info!(node = %self.config.node_id, dead = %instance, "removing the topic presence of a dead node");
             let topics_key = self.keys.presence_instance_topics(&instance);
             let topics: Vec<String> = ::redis::cmd("SMEMBERS")
@@ -900,8 +950,20 @@ impl Shared {
                     }
                 }
             }
-            ::redis::cmd("DEL")
+            ::redis::pipe()
+                .cmd("DEL")
                 .arg(&topics_key)
+                .ignore()
+                .cmd("EVAL")
+                .arg(CLAIM)
+                .arg(1)
+                .arg(&instances)
+                .arg(&instance)
+                .arg(mark)
+                .ignore()
+                .cmd("DEL")
+                .arg(&lock)
+                .ignore()
                 .exec_async(conn)
                 .await?;
         }
