@@ -600,3 +600,53 @@ async fn with_presence_off_subscribes_work_and_presence_requests_are_refused() {
         empty.text()
     );
 }
+
+/// A drain or shutdown close (1012/1001 from the server) is an abnormal end:
+/// the leave waits for the delay. A close by the API (4000) is for good:
+/// the leave is at once.
+#[tokio::test]
+async fn server_drain_closes_delay_the_leave_and_api_closes_do_not() {
+    use switchboard::{ClientId, CloseCode, CloseFrame};
+    let delay = Duration::from_secs(2);
+    let server = start(delay).await;
+    let (mut watch, _) = watcher(&server, "w").await;
+    // The members read (and so answer the server's close frame at once,
+    // as a real client does).
+    for name in ["alice", "bob"] {
+        let mut client = member(&server, name).await;
+        tokio::spawn(async move { while let Some(Ok(_)) = client.next().await {} });
+    }
+    let mut joined = 0;
+    while joined < 2 {
+        joined += ids(&next_presence(&mut watch, WAIT).await["joins"]).len();
+    }
+    let backend = server.hub.backend();
+
+    let drained = Instant::now();
+    let closed = backend
+        .disconnect(
+            &ClientId::new("alice").expect("id"),
+            CloseFrame::new(CloseCode(1012), "draining: reconnect elsewhere"),
+        )
+        .await;
+    assert_eq!(closed, 1);
+    let leave = next_presence(&mut watch, delay + Duration::from_secs(2)).await;
+    assert_eq!(ids(&leave["leaves"]), ["alice"], "{leave}");
+    assert!(
+        drained.elapsed() >= delay,
+        "a drained member left after {:?}, before the delay",
+        drained.elapsed()
+    );
+
+    let kicked = Instant::now();
+    let closed = backend
+        .disconnect(
+            &ClientId::new("bob").expect("id"),
+            CloseFrame::new(CloseCode::DISCONNECTED, "disconnected by the server's API"),
+        )
+        .await;
+    assert_eq!(closed, 1);
+    let leave = next_presence(&mut watch, Duration::from_secs(1)).await;
+    assert_eq!(ids(&leave["leaves"]), ["bob"], "{leave}");
+    assert!(kicked.elapsed() < Duration::from_secs(1));
+}
