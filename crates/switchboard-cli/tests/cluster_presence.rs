@@ -52,7 +52,20 @@ struct Redis {
 
 impl Redis {
     fn start() -> Self {
-        let port = free_port();
+        Self::start_on(free_port())
+    }
+
+    /// SIGKILLs the server and starts an empty one on the same port (all
+    /// data lost, as a Redis without persistence restarting).
+    fn restart(self) -> Self {
+        let port = self.port;
+        let mut proc = self._proc;
+        proc.signal("-KILL");
+        proc.wait_timeout(WAIT).expect("redis-server exits");
+        Self::start_on(port)
+    }
+
+    fn start_on(port: u16) -> Self {
         let child = Command::new(redis_server())
             .args([
                 "--port",
@@ -473,4 +486,68 @@ async fn a_presence_member_costs_a_few_hundred_bytes_in_redis() {
         per_member < 600.0,
         "{per_member:.0} bytes per member in redis; docs/protocol-v1.md says about 420"
     );
+}
+
+/// Redis restarts empty: every node writes its members again, and the
+/// snapshot is whole again, with the right counts, and watchers get frames
+/// again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_redis_restarts_empty_each_node_writes_its_members_again() {
+    let redis = Redis::start();
+    let nodes = [
+        Node::start(&redis, "pa").await,
+        Node::start(&redis, "pb").await,
+    ];
+    let _alice = [
+        nodes[0].member("alice").await,
+        nodes[1].member("alice").await,
+    ];
+    let _bob = nodes[1].member("bob").await;
+    let (mut watcher, _) = nodes[0].watcher("w").await;
+
+    let redis = redis.restart();
+    for node in &nodes {
+        let deadline = Instant::now() + STARTUP;
+        loop {
+            let (status, body) = http(node.server.addr, "GET", "/heartbeat", None).await;
+            if status == 200 && body == r#"{"status":"ok"}"# {
+                break;
+            }
+            assert!(Instant::now() < deadline, "node not healthy again: {body}");
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+    let deadline = Instant::now() + WAIT;
+    let want = [
+        ("alice".to_owned(), 2),
+        ("bob".to_owned(), 1),
+        ("w".to_owned(), 1),
+    ];
+    loop {
+        let (status, body) = http(
+            nodes[1].server.addr,
+            "GET",
+            &format!("/api/presence/{TOPIC}"),
+            None,
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+        let body: Value = serde_json::from_str(&body).expect("JSON");
+        if conns_of(&body) == want {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "presence not rewritten after the restart: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The watcher's channel is subscribed again: a new member reaches it.
+    while recv(&mut watcher, Duration::from_millis(500))
+        .await
+        .is_some()
+    {}
+    let _carol = nodes[1].member("carol").await;
+    wait_joins(&mut watcher, &["carol"]).await;
+    drop(redis);
 }
