@@ -7,6 +7,7 @@
 //! | `GET /api/connections[?scope=cluster\|local]` | | `{"clients":[{"id","connections","connected_since_unix_ms"}],"clients_total":N,"connections_open":N}`; a clustered backend adds `"scope"` and `"node"` |
 //! | `DELETE /api/connections/{id}` | | `{"closed":N}`; the connections get close code 4000; 404 if none |
 //! | `POST /api/drain` | none | starts draining this node ([`Hub::drain`]): `{"draining":true,"started_now":…,"window_ms","grace_ms","elapsed_ms","v1_connections","plain_connections"}`; a second call reports the drain under way (`"started_now":false`) |
+//! | `GET /api/presence/{topic}[?mode=full\|count]` | | `{"topic","rev","count","members":[{"id","conns","since_ms","meta"?}]}` over the whole cluster (no `members` with `mode=count`; `"truncated":true` instead above `v1.presence_max_members`); 400 `invalid_topic`, 503 `presence_unavailable` |
 //!
 //! A `/api/send` report lists every target the caller wrote, in the order
 //! written and spelled as written (integer or string), each in exactly one
@@ -49,10 +50,12 @@ use serde_json::json;
 
 use super::relay::{self, RequestError};
 use crate::auth::{ApiKeys, is_same_origin};
+use crate::backend::PresenceMode;
+use crate::backend::presence::frame::push_snapshot;
 use crate::http::deadline::is_body_timeout;
 use crate::http_error::HttpError;
 use crate::hub::Hub;
-use crate::id::ClientId;
+use crate::id::{ClientId, Topic};
 use crate::metrics::ErrorKind;
 use crate::protocol::close::{CloseCode, CloseFrame};
 use crate::runtime::delivery::Envelope;
@@ -67,6 +70,7 @@ pub fn router(hub: Hub) -> Router {
         .route("/connections", get(connections))
         .route("/connections/{id}", delete(disconnect))
         .route("/drain", post(drain))
+        .route("/presence/{*topic}", get(presence))
         .with_state(hub.clone());
     // The origin check is the outer layer: it runs before the key check.
     protect(router, &keys).layer(middleware::from_fn_with_state(hub, browser_origin))
@@ -307,6 +311,68 @@ pub(crate) async fn connections(
         }
     }
     Ok(Json(answer).into_response())
+}
+
+/// A topic's presence over the cluster (docs/protocol-v1.md, "Presence").
+#[utoipa::path(
+    get,
+    path = "/api/presence/{topic}",
+    tag = "api",
+    params(
+        ("topic" = String, Path, description = "The topic (may contain `/`)", pattern = r"^[A-Za-z0-9_.:@/-]{1,128}$"),
+        ("mode" = Option<String>, Query, description = "`full` (members, the default) or `count`"),
+    ),
+    security(("api_key" = []), ()),
+    responses(
+        (status = 200, description = "The topic's presence over the cluster", body = crate::app::schemas::Presence),
+        (status = 400, description = "`invalid_topic`, `invalid_query`", body = crate::app::schemas::ErrorBody),
+        (status = 401, description = "`missing_api_key`, `invalid_api_key`", body = crate::app::schemas::ErrorBody),
+        (status = 403, description = "`origin_not_allowed`: a browser of another origin", body = crate::app::schemas::ErrorBody),
+        (status = 503, description = "`presence_unavailable`: the backend cannot read presence now", body = crate::app::schemas::ErrorBody),
+    ),
+)]
+pub(crate) async fn presence(
+    State(hub): State<Hub>,
+    Path(topic): Path<String>,
+    uri: http::Uri,
+) -> Result<Response, HttpError> {
+    let topic = Topic::new(&topic).map_err(|e| {
+        HttpError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_topic",
+            format!("invalid topic in /api/presence/{{topic}}: {e}"),
+        )
+    })?;
+    let mode = match crate::query::param(&uri, "mode")?.as_deref() {
+        None | Some("full") => PresenceMode::Full,
+        Some("count") => PresenceMode::Count,
+        Some(other) => {
+            return Err(HttpError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_query",
+                format!(
+                    "unknown mode {:?}: use \"full\" (members) or \"count\"",
+                    other.chars().take(40).collect::<String>()
+                ),
+            ));
+        }
+    };
+    let snapshot = hub.backend().presence(&topic, mode).await.ok_or_else(|| {
+        HttpError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "presence_unavailable",
+            "presence cannot be read now (the backend has none, or lost its backplane): retry later",
+        )
+    })?;
+    // `{"topic":…,` then the snapshot object's fields.
+    let mut snapshot_json = String::with_capacity(64 + 64 * snapshot.members.len());
+    push_snapshot(&mut snapshot_json, &snapshot, mode);
+    let mut body = String::with_capacity(snapshot_json.len() + 32);
+    body.push_str(r#"{"topic":"#);
+    crate::runtime::delivery::push_json_str(&mut body, topic.as_str());
+    body.push(',');
+    body.push_str(&snapshot_json[1..]);
+    Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
 }
 
 #[utoipa::path(

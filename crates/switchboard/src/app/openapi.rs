@@ -21,7 +21,7 @@ use super::dashboard::stats::Stats;
 use super::dashboard::{self, Ticket};
 use super::schemas::{
     Connections, DeliveryReport, Disconnected, DrainReport, ErrorBody, ErrorDetail, Heartbeat,
-    PublishReport, PublishRequest, SendRequest, Target,
+    Presence, PresenceMemberInfo, PublishReport, PublishRequest, SendRequest, Target,
 };
 use crate::backend::{BackendHealth, ClientInfo, NodeInfo, TopicInfo};
 use crate::hub::refusals::Refusal;
@@ -39,6 +39,7 @@ use crate::hub::refusals::Refusal;
         super::api::connections,
         super::api::disconnect,
         super::api::drain,
+        super::api::presence,
         browse::ids,
         browse::topics,
         dashboard::ticket,
@@ -56,7 +57,8 @@ use crate::hub::refusals::Refusal;
     ),
     components(schemas(
         ErrorBody, ErrorDetail, Target, SendRequest, DeliveryReport, PublishRequest,
-        PublishReport, Connections, Disconnected, Heartbeat, DrainReport, ClientInfo, TopicInfo, NodeInfo,
+        PublishReport, Connections, Disconnected, Heartbeat, DrainReport, Presence,
+        PresenceMemberInfo, ClientInfo, TopicInfo, NodeInfo,
         IdPage, TopicPage, Ticket, Stats, BackendHealth, Refusal,
     )),
     modifiers(&ApiKeyScheme),

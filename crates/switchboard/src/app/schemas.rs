@@ -170,3 +170,32 @@ pub(crate) struct DrainReport {
     /// Plain connections to be closed over the window.
     pub(crate) plain_connections: u64,
 }
+
+/// The answer of `GET /api/presence/{topic}` (docs/protocol-v1.md,
+/// "Presence").
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct Presence {
+    /// The topic asked about.
+    pub(crate) topic: String,
+    /// The topic's presence revision.
+    pub(crate) rev: u64,
+    /// Members (client IDs) present over the cluster.
+    pub(crate) count: u64,
+    /// With `mode=full` (and at most `v1.presence_max_members`): the members.
+    pub(crate) members: Option<Vec<PresenceMemberInfo>>,
+    /// `true` when the topic has more members than are listed.
+    pub(crate) truncated: Option<bool>,
+}
+
+/// One member in a presence snapshot.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct PresenceMemberInfo {
+    /// The client ID.
+    pub(crate) id: String,
+    /// Its connections subscribed to the topic, over every node.
+    pub(crate) conns: u64,
+    /// When it joined (Unix time, milliseconds).
+    pub(crate) since_ms: u64,
+    /// Its meta (from the `sb_presence` claim, or the client when allowed).
+    pub(crate) meta: Option<serde_json::Value>,
+}

@@ -13,6 +13,8 @@ use tokio::time::Instant;
 use super::dedup::DedupStore;
 use super::inbox::{IdInbox, InboxLimits, new_epoch};
 use super::listing::{Page, PageBuilder, PageQuery, TopicInfo};
+use super::presence::table::PresenceTable;
+use super::presence::{Departure, PresenceMode, PresenceSettings, PresenceSnapshot};
 use super::{Attached, Backend, ClientInfo, Dedup, RegisterError, Replay, ResumePoint, SendReport};
 use crate::BoxFuture;
 use crate::id::{ClientId, Topic};
@@ -66,6 +68,7 @@ pub struct MemoryBackend {
     dedup: DedupStore,
     /// The next shard to sweep, and when the last sweep was.
     sweep: Mutex<(usize, Instant)>,
+    presence: PresenceTable,
 }
 
 impl MemoryBackend {
@@ -89,6 +92,7 @@ impl MemoryBackend {
             retained_bytes: AtomicUsize::new(0),
             dedup: DedupStore::new(v1.dedup_ttl, v1.dedup_per_client),
             sweep: Mutex::new((0, Instant::now())),
+            presence: PresenceTable::new(PresenceSettings::from(v1)),
         }
     }
 
@@ -403,6 +407,12 @@ impl MemoryBackend {
         }
         page.finish()
     }
+
+    /// Presence members over all topics, counting those whose leave is
+    /// pending.
+    pub fn presence_members(&self) -> usize {
+        self.presence.stats().0
+    }
 }
 
 impl Backend for MemoryBackend {
@@ -504,12 +514,56 @@ impl Backend for MemoryBackend {
         self.dedup.abort(sender, mid);
     }
 
+    fn presence_join<'a>(
+        &'a self,
+        topic: &'a Topic,
+        member: &'a ClientId,
+        meta: Option<Arc<str>>,
+    ) -> BoxFuture<'a, ()> {
+        self.presence.join(topic, member, meta);
+        Box::pin(std::future::ready(()))
+    }
+
+    fn presence_leave(&self, topic: &Topic, member: &ClientId, departure: Departure) {
+        self.presence.leave(topic, member, departure);
+    }
+
+    fn presence_watch<'a>(
+        &'a self,
+        topic: &'a Topic,
+        watcher: &'a ConnRef,
+        mode: PresenceMode,
+    ) -> BoxFuture<'a, Option<PresenceSnapshot>> {
+        Box::pin(std::future::ready(Some(
+            self.presence.watch(topic, watcher, mode),
+        )))
+    }
+
+    fn presence_unwatch(&self, topic: &Topic, watcher: ConnId) {
+        self.presence.unwatch(topic, watcher);
+    }
+
+    fn presence<'a>(
+        &'a self,
+        topic: &'a Topic,
+        mode: PresenceMode,
+    ) -> BoxFuture<'a, Option<PresenceSnapshot>> {
+        Box::pin(std::future::ready(Some(
+            self.presence.snapshot(topic, mode),
+        )))
+    }
+
     fn render_metrics(&self, out: &mut String) {
         use std::fmt::Write as _;
         let _ = writeln!(
             out,
             "# HELP switchboard_inbox_retained_bytes Payload bytes kept in switchboard.v1 inboxes.\n# TYPE switchboard_inbox_retained_bytes gauge\nswitchboard_inbox_retained_bytes {}",
             self.retained_bytes()
+        );
+        let (members, topics, watchers, timers) = self.presence.stats();
+        let _ = writeln!(
+            out,
+            "# HELP switchboard_presence_members Presence members over all topics (pending leaves included).\n# TYPE switchboard_presence_members gauge\nswitchboard_presence_members {members}\n# HELP switchboard_presence_topics Topics with presence members.\n# TYPE switchboard_presence_topics gauge\nswitchboard_presence_topics {topics}\n# HELP switchboard_presence_watchers Connections watching a topic's presence.\n# TYPE switchboard_presence_watchers gauge\nswitchboard_presence_watchers {watchers}\n# HELP switchboard_presence_timers Pending presence leaves and frame flushes.\n# TYPE switchboard_presence_timers gauge\nswitchboard_presence_timers {timers}"
         );
     }
 }

@@ -19,10 +19,12 @@ pub(crate) mod dedup;
 pub(crate) mod inbox;
 pub(crate) mod listing;
 pub(crate) mod memory;
+pub(crate) mod presence;
 
 pub use dedup::Dedup;
 pub use inbox::{Attached, Replay, ResumePoint, ResumeStatus, Retained};
 pub use listing::{DEFAULT_PAGE_LIMIT, MAX_PAGE_LIMIT, NodeInfo, Page, PageQuery, TopicInfo};
+pub use presence::{Departure, MAX_META_BYTES, PresenceMember, PresenceMode, PresenceSnapshot};
 #[cfg(feature = "redis")]
 pub mod redis;
 
@@ -259,6 +261,60 @@ pub trait Backend: Send + Sync + 'static {
     /// Forgets `sender`'s send `mid` that did not finish.
     fn dedup_abort(&self, sender: &ClientId, mid: &str) {
         let _ = (sender, mid);
+    }
+
+    /// A connection of `member` joined `topic`'s presence with `meta`
+    /// (JSON text, at most [`MAX_META_BYTES`]): a join if the ID was not a
+    /// member on any node, an update if its meta changed, else nothing.
+    /// Resolves once the change is visible to [`presence`](Self::presence)
+    /// on every node. The default (a backend without presence) does
+    /// nothing.
+    fn presence_join<'a>(
+        &'a self,
+        topic: &'a Topic,
+        member: &'a ClientId,
+        meta: Option<Arc<str>>,
+    ) -> BoxFuture<'a, ()> {
+        let _ = (topic, member, meta);
+        Box::pin(std::future::ready(()))
+    }
+
+    /// A connection of `member` left `topic`'s presence; if it was the
+    /// ID's last anywhere, the member leaves now or after the leave delay,
+    /// as `departure` says. Never waits (it is called when connections
+    /// end).
+    fn presence_leave(&self, topic: &Topic, member: &ClientId, departure: Departure) {
+        let _ = (topic, member, departure);
+    }
+
+    /// Sends `topic`'s presence frames to `watcher` in `mode` from now on;
+    /// resolves to the snapshot they follow (every frame sent after has a
+    /// higher `rev`). `None`: the backend has no presence (the default) or
+    /// cannot read it now.
+    fn presence_watch<'a>(
+        &'a self,
+        topic: &'a Topic,
+        watcher: &'a ConnRef,
+        mode: PresenceMode,
+    ) -> BoxFuture<'a, Option<PresenceSnapshot>> {
+        let _ = (topic, watcher, mode);
+        Box::pin(std::future::ready(None))
+    }
+
+    /// Stops sending `topic`'s presence frames to connection `watcher`.
+    fn presence_unwatch(&self, topic: &Topic, watcher: ConnId) {
+        let _ = (topic, watcher);
+    }
+
+    /// `topic`'s presence over the whole cluster, or `None` when the
+    /// backend has no presence (the default) or cannot read it now.
+    fn presence<'a>(
+        &'a self,
+        topic: &'a Topic,
+        mode: PresenceMode,
+    ) -> BoxFuture<'a, Option<PresenceSnapshot>> {
+        let _ = (topic, mode);
+        Box::pin(std::future::ready(None))
     }
 }
 
