@@ -77,21 +77,13 @@ fn parse(text: &str) -> Value {
 }
 
 /// The number in `{"type":"drain","reconnect_in_ms":N,…}`, checked whole.
-///
-/// A frame made a few milliseconds after the drain began (the connection's
-/// mailbox was still held for its welcome when the drain started) counts
-/// its delays from when it is made: then `reconnect_in_ms` may have
-/// reached 0 while `close_in_ms` is still `delay + grace − elapsed`. The
-/// delay returned is the one the close follows: `close_in_ms − grace`.
 fn hint_delay(frame: &Value, window: Duration, grace: Duration) -> Duration {
     assert_eq!(frame["type"], "drain", "{frame}");
     let delay = frame["reconnect_in_ms"].as_u64().expect("reconnect_in_ms");
-    let close = frame["close_in_ms"].as_u64().expect("close_in_ms");
-    let grace_ms = grace.as_millis() as u64;
-    assert!(
-        close == delay + grace_ms || (delay == 0 && close < grace_ms),
-        "close_in_ms must be reconnect_in_ms + grace ({grace_ms} ms), or less than the grace \
-         with reconnect_in_ms 0 for a frame made late: {frame}"
+    assert_eq!(
+        frame["close_in_ms"].as_u64(),
+        Some(delay + grace.as_millis() as u64),
+        "{frame}"
     );
     assert_eq!(
         frame["window_ms"].as_u64(),
@@ -102,7 +94,7 @@ fn hint_delay(frame: &Value, window: Duration, grace: Duration) -> Duration {
         u128::from(delay) < window.as_millis().max(1),
         "{delay} ms is outside the window: {frame}"
     );
-    Duration::from_millis(close).saturating_sub(grace)
+    Duration::from_millis(delay)
 }
 
 /// Every error counter together.
