@@ -193,6 +193,7 @@ impl Shared {
         numbering: &[Numbering],
     ) -> SendReport {
         let mut fills = Vec::new();
+        let mut verify = Vec::new();
         let report = {
             let v1 = self.v1.read();
             self.local.send_via(targets, message, &mut |i, conn| {
@@ -204,13 +205,38 @@ impl Shared {
                 if offered.fill {
                     fills.push(Arc::clone(gate));
                 }
+                if offered.verify {
+                    verify.push(gate.id.clone());
+                }
                 offered.result
             })
         };
         for gate in fills {
             self.spawn_fill(gate);
         }
+        if !verify.is_empty() {
+            self.spawn_verify(verify);
+        }
         report
+    }
+
+    /// Reads the inboxes of `ids` (refreshing their retention, like the
+    /// periodic round) and checks their gates: a lost inbox closes its
+    /// connections (4101). A read that fails is left to the next round.
+    fn spawn_verify(&self, ids: Vec<ClientId>) {
+        let Some(shared) = self.me.upgrade() else {
+            return;
+        };
+        tokio::spawn(async move {
+            let Some(link) = shared.link() else {
+                return;
+            };
+            let touch = shared.touch_inboxes(&link, &ids);
+            if let Ok(Ok(found)) = tokio::time::timeout(shared.config.request_timeout, touch).await
+            {
+                shared.check_inboxes(&ids.into_iter().zip(found).collect());
+            }
+        });
     }
 
     pub(super) fn spawn_fill(&self, gate: Arc<Gate>) {
