@@ -109,7 +109,10 @@ impl Redis {
             port,
         };
         let deadline = Instant::now() + STARTUP;
-        while !redis.command("PING").is_ok_and(|reply| reply == "+PONG\r\n") {
+        while !redis
+            .command("PING")
+            .is_ok_and(|reply| reply == "+PONG\r\n")
+        {
             assert!(
                 Instant::now() < deadline,
                 "redis-server on port {port} did not answer PING"
@@ -290,7 +293,7 @@ impl Balancer {
             );
         }
         assert!(
-            !config.contains("# test:"),
+            !config.contains("  # test:"),
             "an unsubstituted line:\n{config}"
         );
         let config = TempFile::new(".cfg", &config);
@@ -847,7 +850,7 @@ async fn a_rolling_restart_behind_the_balancer_keeps_traffic_flowing() {
                 seq += 1;
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            delivered
+            (delivered, seq)
         })
     };
 
@@ -871,7 +874,7 @@ async fn a_rolling_restart_behind_the_balancer_keeps_traffic_flowing() {
         wait_for(
             &format!("traffic after restarting {}", node.name),
             WAIT,
-            || async { (received_total(&tally) > before + 20).then_some(()) },
+            || async { (received_total(&tally) > before + 50).then_some(()) },
         )
         .await;
         eprintln!(
@@ -883,7 +886,7 @@ async fn a_rolling_restart_behind_the_balancer_keeps_traffic_flowing() {
     // Let the last sends arrive, then stop.
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.store(true, Ordering::Relaxed);
-    let delivered = tokio::time::timeout(WAIT, sender)
+    let (delivered, sent) = tokio::time::timeout(WAIT, sender)
         .await
         .expect("the sender stops")
         .expect("sender task");
@@ -907,7 +910,7 @@ async fn a_rolling_restart_behind_the_balancer_keeps_traffic_flowing() {
     }
     let reconnected = reconnects.load(Ordering::Relaxed);
     eprintln!(
-        "rolling restart: {} sends reported delivered, {} received, {reconnected} reconnects, {:?}",
+        "rolling restart: {sent} sends, {} reported delivered, {} received, {reconnected} reconnects, {:?}",
         delivered.len(),
         received.values().map(Vec::len).sum::<usize>(),
         started.elapsed()
@@ -918,5 +921,6 @@ async fn a_rolling_restart_behind_the_balancer_keeps_traffic_flowing() {
     );
     // Every client was on some node, and each node was restarted once.
     assert!(reconnected >= ids.len() as u64, "{reconnected} reconnects");
-    assert!(delivered.len() > 100, "only {} delivered", delivered.len());
+    // Three steps of more than 50 received each.
+    assert!(delivered.len() > 150, "only {} delivered", delivered.len());
 }
