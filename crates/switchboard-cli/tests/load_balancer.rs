@@ -272,6 +272,12 @@ fn substitute(template: &str, line: &str, with: &str) -> String {
 impl Balancer {
     /// HAProxy in front of `nodes`, once it answers `/ready` itself.
     async fn start(nodes: &[&Node]) -> Self {
+        Self::start_with(nodes, "60s").await
+    }
+
+    /// [`Self::start`] with `timeout tunnel` set to `tunnel` (the example
+    /// says 60s).
+    async fn start_with(nodes: &[&Node], tunnel: &str) -> Self {
         assert_eq!(nodes.len(), 3, "the example has three servers");
         let port = free_port();
         let mut config = substitute(
@@ -283,6 +289,11 @@ impl Balancer {
             &config,
             "default-server inter 2s fall 1 rise 2  # test: check timings",
             TEST_CHECKS,
+        );
+        config = substitute(
+            &config,
+            "timeout tunnel 60s  # test: tunnel timeout",
+            &format!("timeout tunnel {tunnel}"),
         );
         for (i, node) in nodes.iter().enumerate() {
             let n = i + 1;
@@ -923,4 +934,61 @@ async fn a_rolling_restart_behind_the_balancer_keeps_traffic_flowing() {
     assert!(reconnected >= ids.len() as u64, "{reconnected} reconnects");
     // Three steps of more than 50 received each.
     assert!(delivered.len() > 150, "only {} delivered", delivered.len());
+}
+
+/// The node's pings keep an idle WebSocket open through the balancer's
+/// `timeout tunnel`: with the tunnel timeout scaled down to 3 s and pings
+/// every 1 s, a client idle for 5 s is still connected and reachable; with
+/// pings off, the balancer cuts the same idle client after about 3 s. The
+/// example's 60 s against the default 25 s ping interval is the same
+/// relation, unscaled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pings_keep_idle_clients_open_through_the_tunnel_timeout() {
+    const TUNNEL: Duration = Duration::from_secs(3);
+    const IDLE: Duration = Duration::from_secs(5);
+    for (ping_interval, kept) in [("1s", true), ("0", false)] {
+        let redis = Redis::start();
+        let (n1, n2, n3) = start_cluster(
+            &redis,
+            // A pong timeout under the interval: the node's next ping
+            // comes max(ping_interval, pong_timeout) after a pong.
+            &["--ping-interval", ping_interval, "--pong-timeout", "500ms"],
+        )
+        .await;
+        let balancer = Balancer::start_with(&[&n1, &n2, &n3], "3s").await;
+        let mut idle = plain(&balancer, "idle").await;
+        let started = Instant::now();
+        // Reading answers the node's pings (tungstenite pongs by itself)
+        // and shows a close or the end of the stream when it comes.
+        let mut pings = 0;
+        let ended = loop {
+            let left = IDLE.saturating_sub(started.elapsed());
+            match tokio::time::timeout(left, idle.next()).await {
+                Err(_) => break None,
+                Ok(Some(Ok(WsMessage::Ping(_)))) => {
+                    // The pong is queued by the read: send it now.
+                    idle.flush().await.expect("flush the pong");
+                    pings += 1;
+                }
+                Ok(end) => break Some((started.elapsed(), format!("{end:?}"))),
+            }
+        };
+        if kept {
+            assert!(
+                ended.is_none(),
+                "pings every {ping_interval}: cut {ended:?} after {pings} pings"
+            );
+            let body = json!({"targets": ["idle"], "payload": {"still": "here"}}).to_string();
+            let (status, report) = http(n1.addr(), "POST", "/api/send", Some(&body)).await;
+            assert_eq!(status, 200, "{report}");
+            assert_eq!(next_json(&mut idle, WAIT).await, json!({"still": "here"}));
+        } else {
+            let (after, end) = ended.expect("without pings the balancer cuts the idle client");
+            eprintln!("no pings: cut after {after:?} ({end})");
+            assert!(
+                after >= TUNNEL - Duration::from_millis(200),
+                "cut after {after:?}, before the tunnel timeout {TUNNEL:?}: {end}"
+            );
+        }
+    }
 }
