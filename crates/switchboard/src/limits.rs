@@ -235,7 +235,8 @@ pub struct V1Limits {
     pub inbox_meta_ttl: Duration,
     /// Payload bytes retained over all IDs of this node; past it a message
     /// is delivered but not retained, and its sender told so. Default
-    /// 256 MiB.
+    /// 256 MiB. With the Redis backend the inboxes are in Redis and this
+    /// budget does not apply (Redis's `maxmemory` bounds them).
     pub inbox_total_bytes: usize,
     /// How long a sender's message id (`mid`) is remembered, so that a
     /// resend delivers nothing new. Default 120 s, like `inbox_ttl`: a send

@@ -235,6 +235,11 @@ impl Handler for Relay {
             RegisterError::AlreadyConnected(_) => {
                 HttpError::new(StatusCode::CONFLICT, "id_in_use", err.to_string())
             }
+            RegisterError::Unavailable(_) => HttpError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "backend_unavailable",
+                err.to_string(),
+            ),
         })?;
         Ok(RelayState {
             permissions,

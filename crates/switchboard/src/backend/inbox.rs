@@ -49,6 +49,19 @@ pub struct Retained {
     at: Instant,
 }
 
+impl Retained {
+    /// A message numbered `seq`, read from a store outside this process
+    /// (the Redis backend's streams).
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) fn read(seq: u64, envelope: Arc<Envelope>) -> Self {
+        Self {
+            seq,
+            envelope,
+            at: Instant::now(),
+        }
+    }
+}
+
 /// Where a v1 client says it left off.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ResumePoint {

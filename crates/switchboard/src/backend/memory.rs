@@ -138,6 +138,52 @@ impl MemoryBackend {
         report
     }
 
+    /// [`send_now`](Self::send_now) for a backend that numbers messages
+    /// itself (Redis): queues `message` to every plain connection of every
+    /// target, and hands each `switchboard.v1` connection to `v1` (with the
+    /// target's index) instead, which queues it in seq order. Uses no inbox
+    /// of this backend.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) fn send_via(
+        &self,
+        targets: &[ClientId],
+        message: &Arc<Envelope>,
+        v1: &mut dyn FnMut(usize, &ConnRef) -> Result<(), crate::runtime::mailbox::PushError>,
+    ) -> SendReport {
+        // No inbox here; the sweep keeps the `mid` store (used while the
+        // caller cannot reach its own) from keeping expired senders.
+        self.maybe_sweep();
+        let mut report = SendReport::default();
+        for (i, id) in targets.iter().enumerate() {
+            let shard = self.shard(id).lock();
+            let Some(entry) = shard.get(id) else {
+                report.offline.push(i);
+                continue;
+            };
+            let mut frame = None;
+            let queued = entry
+                .conns
+                .iter()
+                .filter(|conn| {
+                    if conn.is_v1() {
+                        v1(i, conn).is_ok()
+                    } else {
+                        conn.deliver(message, None, &mut frame).is_ok()
+                    }
+                })
+                .count();
+            match (queued, entry.conns.is_empty()) {
+                (0, true) => report.offline.push(i),
+                (0, false) => report.dropped.push(i),
+                (n, _) => {
+                    report.connections += n;
+                    report.delivered.push(i);
+                }
+            }
+        }
+        report
+    }
+
     /// [`Backend::publish`], synchronously.
     pub(crate) fn publish_now(&self, message: &Envelope) -> usize {
         let Some(topic) = message.topic() else {

@@ -32,6 +32,11 @@ pub enum RegisterError {
     /// the client (the relay answers HTTP 409) or pick another ID.
     #[error("client id {0} is already connected and duplicate_ids is \"reject-new\"")]
     AlreadyConnected(ClientId),
+    /// The backend cannot reach the store of the ID's `switchboard.v1`
+    /// inbox now (a clustered node that lost Redis): retry later (a v1
+    /// client is closed with 4102, "reconnect with backoff and resume").
+    #[error("the inbox store cannot be reached: {0}")]
+    Unavailable(String),
 }
 
 /// The result of sending one message to a list of client IDs. Each list

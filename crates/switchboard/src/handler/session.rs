@@ -150,6 +150,31 @@ struct Driver<S, H: Handler> {
     rate: TokenBucket,
 }
 
+/// Runs one handler callback through `pumped`, catching a panic. It
+/// borrows the driver's fields apart: the callback gets the handler, the
+/// state and the `Conn`; the pump the socket, the writer and the mailbox.
+/// A macro rather than a function taking a closure: a closure returning a
+/// future that borrows its arguments would need boxing, one allocation per
+/// message on the hot path (tests/allocations.rs counts them). Evaluates
+/// to `None` when the state is gone (a callback panicked before).
+macro_rules! call_handler {
+    ($driver:ident, |$handler:ident, $state:ident, $conn:ident| $call:expr) => {{
+        let Self {
+            io,
+            writer,
+            handler: $handler,
+            state,
+            conn: $conn,
+            mailbox,
+            ..
+        } = &mut *$driver;
+        let $state = state.as_mut()?;
+        let call = AssertUnwindSafe($call).catch_unwind();
+        let (result, delivered) = pumped(call, io, writer, mailbox).await;
+        $driver.after_callback(result, delivered)
+    }};
+}
+
 impl<S, H> Driver<S, H>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
@@ -648,55 +673,22 @@ where
         }
     }
 
-    // The three callbacks of an open connection run through `pumped`, which
-    // keeps writing and taking frames while they are pending. Each borrows
-    // the driver's fields apart: the handler gets the state and the `Conn`,
-    // the pump the socket, the writer and the mailbox.
+    // The three callbacks of an open connection run through `pumped` (see
+    // `call_handler!`), which keeps writing and taking frames while they
+    // are pending.
 
     async fn call_open(&mut self) -> Option<Outcome> {
-        let Self {
-            io,
-            writer,
-            handler,
-            state,
-            conn,
-            mailbox,
-            ..
-        } = &mut *self;
-        let call = AssertUnwindSafe(handler.on_open(state.as_mut()?, conn)).catch_unwind();
-        let (result, delivered) = pumped(call, io, writer, mailbox).await;
-        self.after_callback(result, delivered)
+        call_handler!(self, |handler, state, conn| handler.on_open(state, conn))
     }
 
     async fn call_message(&mut self, message: Message) -> Option<Outcome> {
-        let Self {
-            io,
-            writer,
-            handler,
-            state,
-            conn,
-            mailbox,
-            ..
-        } = &mut *self;
-        let call =
-            AssertUnwindSafe(handler.on_message(state.as_mut()?, message, conn)).catch_unwind();
-        let (result, delivered) = pumped(call, io, writer, mailbox).await;
-        self.after_callback(result, delivered)
+        call_handler!(self, |handler, state, conn| handler
+            .on_message(state, message, conn))
     }
 
     async fn call_info(&mut self, info: H::Info) -> Option<Outcome> {
-        let Self {
-            io,
-            writer,
-            handler,
-            state,
-            conn,
-            mailbox,
-            ..
-        } = &mut *self;
-        let call = AssertUnwindSafe(handler.on_info(state.as_mut()?, info, conn)).catch_unwind();
-        let (result, delivered) = pumped(call, io, writer, mailbox).await;
-        self.after_callback(result, delivered)
+        call_handler!(self, |handler, state, conn| handler
+            .on_info(state, info, conn))
     }
 
     /// Counts what was delivered while the callback ran. A panicking

@@ -24,6 +24,8 @@ use bytes::{BufMut, Bytes, BytesMut};
 /// | 4001 | [`REPLACED`](Self::REPLACED) | a newer connection took this ID (`duplicate_ids = "replace-oldest"`) |
 /// | 4002 | [`TOKEN_EXPIRED`](Self::TOKEN_EXPIRED) | the client's credentials expired (plus the grace period): reconnect with a fresh token |
 /// | 4100 | [`SLOW_CONSUMER`](Self::SLOW_CONSUMER) | a `switchboard.v1` client's queue overflowed: reconnect with backoff and resume |
+/// | 4101 | [`INBOX_RESET`](Self::INBOX_RESET) | a `switchboard.v1` client's inbox was lost under it (Redis flushed or restarted): reconnect and resume (it will say `reset`) |
+/// | 4102 | [`INBOX_UNAVAILABLE`](Self::INBOX_UNAVAILABLE) | a `switchboard.v1` hello could not reach the inbox store (the node lost Redis): reconnect with backoff and resume |
 /// | 4400 | [`BAD_HELLO`](Self::BAD_HELLO) | a `switchboard.v1` client did not start with a valid `hello` |
 /// | 4409 | [`ID_IN_USE`](Self::ID_IN_USE) | a `switchboard.v1` hello for an ID already connected, under `duplicate_ids = "reject-new"` |
 ///
@@ -64,6 +66,13 @@ impl CloseCode {
     /// 4100: a `switchboard.v1` connection's outgoing queue overflowed; its
     /// inbox has what it missed, so it should reconnect and resume.
     pub const SLOW_CONSUMER: Self = Self(4100);
+    /// 4101: the client ID's `switchboard.v1` inbox was lost while the
+    /// connection was open (its store was flushed or restarted): what it
+    /// resumes from is gone. Reconnect and resume; the answer is `reset`.
+    pub const INBOX_RESET: Self = Self(4101);
+    /// 4102: a `switchboard.v1` hello could not reach the inbox store (a
+    /// clustered node that lost Redis). Reconnect with backoff and resume.
+    pub const INBOX_UNAVAILABLE: Self = Self(4102);
     /// 4400: a `switchboard.v1` connection did not start with a valid
     /// `hello` in time; reconnecting unchanged will fail the same way.
     pub const BAD_HELLO: Self = Self(4400);

@@ -347,22 +347,10 @@ mod reader_props {
     use super::*;
 
     fn masked_frame(out: &mut Vec<u8>, fin: bool, opcode: u8, payload: &[u8], mask: [u8; 4]) {
-        out.push(if fin { 0x80 } else { 0 } | opcode);
-        match payload.len() {
-            n if n < 126 => out.push(0x80 | n as u8),
-            n if n <= 0xFFFF => {
-                out.push(0x80 | 126);
-                out.extend_from_slice(&(n as u16).to_be_bytes());
-            }
-            n => {
-                out.push(0x80 | 127);
-                out.extend_from_slice(&(n as u64).to_be_bytes());
-            }
-        }
-        out.extend_from_slice(&mask);
-        let mut body = payload.to_vec();
-        apply_mask(&mut body, mask);
-        out.extend_from_slice(&body);
+        let first = if fin { 0x80 } else { 0 } | opcode;
+        out.extend(crate::protocol::frame::masked_client_frame(
+            first, payload, mask,
+        ));
     }
 
     /// Feeds `wire` to a reader in `chunks`-sized pieces; collects results.

@@ -129,6 +129,12 @@ impl V1 {
                     "this client id is connected already and duplicate_ids is \"reject-new\"",
                 ));
             }
+            Err(RegisterError::Unavailable(_)) => {
+                return Outcome::Stop(CloseFrame::new(
+                    CloseCode::INBOX_UNAVAILABLE,
+                    "the inbox store cannot be reached now: reconnect with backoff and resume",
+                ));
+            }
         };
         // The welcome and the replay go ahead of every live message that
         // reached the connection while they were read (its deliveries are

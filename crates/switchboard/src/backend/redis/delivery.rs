@@ -13,6 +13,7 @@ use ::redis::{PushInfo, PushKind, Value};
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
+use super::inbox::Numbering;
 use super::replies::{number, strings, time_ms};
 use super::stats::kind_index;
 use super::wire::{Header, Kind, Reply, envelope_of};
@@ -21,6 +22,9 @@ use crate::backend::SendReport;
 use crate::id::ClientId;
 use crate::protocol::close::{CloseCode, CloseFrame};
 use crate::runtime::delivery::Envelope;
+
+/// Which member nodes have which targets: (member, target indexes).
+type Located = Vec<(String, Vec<usize>)>;
 
 impl Shared {
     /// Called by the Redis connection's reader for every push, in order.
@@ -104,13 +108,24 @@ impl Shared {
                 let message = Arc::new(envelope_of(&header, body));
                 let mut ids = Vec::with_capacity(header.t.len());
                 let mut at = Vec::with_capacity(header.t.len());
-                for (id, &index) in header.t.iter().zip(&header.i) {
+                let mut numbering = Vec::with_capacity(header.t.len());
+                for (k, (id, &index)) in header.t.iter().zip(&header.i).enumerate() {
                     if let Ok(id) = ClientId::new(id) {
                         ids.push(id);
                         at.push(index);
+                        // No seqs at all: the sender found that no ID
+                        // retains; a 0: this target has no inbox.
+                        numbering.push(match (header.q.get(k), header.e.get(k)) {
+                            (Some(&seq), Some(epoch)) if seq > 0 => Numbering::Seq {
+                                epoch: Arc::from(&**epoch),
+                                seq,
+                                kept: false,
+                            },
+                            _ => Numbering::NoInbox,
+                        });
                     }
                 }
-                let report = self.local.send_now(&ids, &message);
+                let report = self.deliver_local(&ids, &message, &numbering);
                 self.stats.remote_deliveries.add(report.connections as u64);
                 ack.d = report.delivered.iter().map(|&j| at[j]).collect();
                 ack.x = report.dropped.iter().map(|&j| at[j]).collect();
@@ -175,7 +190,7 @@ impl Shared {
         &self,
         link: &Link,
         targets: &[ClientId],
-    ) -> Result<Vec<(String, Vec<usize>)>, ::redis::RedisError> {
+    ) -> Result<Located, ::redis::RedisError> {
         let mut pipe = ::redis::pipe();
         for id in targets {
             pipe.cmd("SMEMBERS").arg(self.keys.loc(id.as_str()));
@@ -327,13 +342,70 @@ impl Shared {
         replies
     }
 
-    pub(super) async fn send_remote(
+    /// [`Backend::send`](crate::Backend::send): numbers the message in
+    /// each target's inbox (when any ID of the cluster retains) while
+    /// locating the targets, in one round trip; queues it to this node's
+    /// connections; then asks the nodes that have the others.
+    pub(super) async fn send(&self, targets: &[ClientId], message: &Arc<Envelope>) -> SendReport {
+        let deadline = tokio::time::Instant::now() + self.config.request_timeout;
+        let n = targets.len();
+        let mut numbering = vec![Numbering::Unavailable; n];
+        let mut located = None;
+        if let Some(link) = self.link().filter(|_| n > 0) {
+            let work = async {
+                // Numbering before locating (one connection keeps the
+                // order): a node whose hello read the inbox after this
+                // numbering had written its presence before, so it is
+                // found; one that read it before gets the message from
+                // its replay.
+                if !self.v1_known() {
+                    let (must, found) =
+                        tokio::join!(self.must_number(&link), self.locate(&link, targets));
+                    if !must? {
+                        return Ok::<_, ::redis::RedisError>((vec![Numbering::NoInbox; n], found?));
+                    }
+                }
+                let (numbered, found) = tokio::join!(
+                    self.number(&link, targets, message),
+                    self.locate(&link, targets)
+                );
+                Ok((numbered?, found?))
+            };
+            match tokio::time::timeout_at(deadline, work).await {
+                Ok(Ok((numbered, found))) => {
+                    numbering = numbered;
+                    located = Some((link, found));
+                }
+                // The targets are then reported unconfirmed unless
+                // delivered here.
+                _ => numbering = vec![Numbering::Unknown; n],
+            }
+        }
+        let mut report = self.deliver_local(targets, message, &numbering);
+        report.retained = numbering
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| matches!(n, Numbering::Seq { kept: true, .. }))
+            .map(|(i, _)| i)
+            .collect();
+        if n > 0 {
+            self.send_remote(targets, message, &numbering, located, deadline, &mut report)
+                .await;
+        }
+        report
+    }
+
+    /// Publishes `message` to the nodes `located` found (`None`: Redis
+    /// could not be asked) and merges their answers into `report`.
+    async fn send_remote(
         &self,
         targets: &[ClientId],
         message: &Envelope,
+        numbering: &[Numbering],
+        located: Option<(Link, Located)>,
+        deadline: tokio::time::Instant,
         report: &mut SendReport,
     ) {
-        let deadline = tokio::time::Instant::now() + self.config.request_timeout;
         let n = targets.len();
         let mut delivered = vec![false; n];
         let mut dropped = vec![false; n];
@@ -349,13 +421,9 @@ impl Shared {
             dropped[i] = true;
         }
         let outcome = async {
-            let Some(link) = self.link() else {
+            let Some((link, located)) = located else {
                 return Err(());
             };
-            let located = tokio::time::timeout_at(deadline, self.locate(&link, targets))
-                .await
-                .map_err(drop)?
-                .map_err(drop)?;
             if located.is_empty() {
                 return Ok(());
             }
@@ -373,6 +441,19 @@ impl Shared {
                     header.b = message.is_binary();
                     header.s = message.sender().map(|s| Cow::Borrowed(s.as_str()));
                     header.m = message.message_id().map(Cow::Borrowed);
+                    if indexes
+                        .iter()
+                        .any(|&i| matches!(numbering[i], Numbering::Seq { .. }))
+                    {
+                        for &i in indexes {
+                            let (seq, epoch) = match &numbering[i] {
+                                Numbering::Seq { epoch, seq, .. } => (*seq, &**epoch),
+                                _ => (0, ""),
+                            };
+                            header.q.push(seq);
+                            header.e.push(Cow::Borrowed(epoch));
+                        }
+                    }
                     (member.clone(), header.encode(payload))
                 })
                 .collect();

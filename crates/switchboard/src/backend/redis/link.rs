@@ -183,7 +183,7 @@ pub(super) async fn connect(
         }
         // Changes from here on are recorded; everything before is in what
         // is read below.
-        shared.start_recording();
+        let generation = shared.start_recording();
         // Subscriptions first, then presence: from the moment other nodes
         // can find an ID here, its messages have a listener.
         let topics = shared.local.topic_names();
@@ -195,6 +195,7 @@ pub(super) async fn connect(
             .map(|c| c.id)
             .collect();
         write_presence(shared, &mut session, ids).await?;
+        shared.flushed_up_to(generation);
         // Our earlier lives, now that this one is registered (so an ID here
         // never looks offline in between): mark them dead, so that the next
         // cleanup removes their presence (`XX`: not if a cleanup already did).
@@ -338,12 +339,15 @@ pub(super) async fn flush(
     if !topics.is_empty() {
         subscribe_topics(shared, session, topics).await?;
     }
-    let ids: Vec<ClientId> = std::mem::take(&mut shared.resync.lock().ids)
-        .into_iter()
-        .collect();
+    let (ids, generation) = {
+        let mut resync = shared.resync.lock();
+        (std::mem::take(&mut resync.ids), resync.generation)
+    };
+    let ids: Vec<ClientId> = ids.into_iter().collect();
     if !ids.is_empty() {
         write_presence(shared, session, ids).await?;
     }
+    shared.flushed_up_to(generation);
     Ok(())
 }
 

@@ -32,6 +32,13 @@
 //! | what a node has | hash `P:ids:<member>`: ID → `"connections,since_ms"` | every connect and disconnect |
 //! | node inbox | shard channel `P:n:<member>` (`SSUBSCRIBE` / `SPUBLISH`) | sends, closes, answers |
 //! | topic | shard channel `P:t:<topic>` | subscribed while the node has a subscriber |
+//! | a `switchboard.v1` ID's inbox | stream `P:{id:<id>}:inbox` and hash `P:{id:<id>}:meta` (`inbox.rs`, `scripts.rs`) | every send to the ID, by a Lua script; its hello; every `inbox_ttl / 4` while a node has a v1 connection of it |
+//! | a sender's `mid` | string `P:{id:<sender>}:mid:<mid>` (`dedup.rs`) | sends with a `mid` |
+//! | whether any ID retains | string `P:v1` | with every v1 hello and refresh |
+//!
+//! Each v1 connection has a sequence gate (`gate.rs`, kept with the
+//! connection in `v1_conns.rs`) that delivers its ID's messages in seq
+//! order, once, filling holes from the stream.
 //!
 //! A *member* is `node_id#instance.epoch`: the node ID, a random token
 //! drawn once per process, and a number that changes on every
@@ -48,14 +55,15 @@
 //! answer is reported `unconfirmed`, never silently lost.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use ::redis::aio::MultiplexedConnection;
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::{Notify, mpsc, watch};
 
+use super::inbox::InboxLimits;
 use super::memory::MemoryBackend;
 use super::{
     Attached, Backend, BackendHealth, ClientInfo, Dedup, RegisterError, Replay, ResumePoint,
@@ -69,18 +77,25 @@ use crate::runtime::delivery::Envelope;
 use crate::runtime::mailbox::{ConnId, ConnRef};
 
 mod config;
+mod dedup;
 mod delivery;
+mod gate;
+mod inbox;
 mod keys;
 mod link;
 mod presence;
 mod replies;
+mod scripts;
 mod stats;
 mod topics;
+mod v1_conns;
 mod wire;
 
 pub use config::{MIN_PRESENCE_TTL, RedisConfig, RedisConfigError, default_node_id};
+use gate::Gate;
 use keys::Keys;
 use link::supervise;
+use scripts::Scripts;
 use stats::{Stats, kind_index};
 use wire::{Kind, Reply};
 
@@ -150,6 +165,9 @@ struct Epoch {
 /// state under its new member anyway.
 #[derive(Default)]
 struct Resync {
+    /// Counts every change of an ID, so a caller can wait until its change
+    /// is in Redis (see [`Shared::wait_flushed`]).
+    generation: u64,
     recording: bool,
     ids: HashSet<ClientId>,
     topics: HashSet<Topic>,
@@ -171,7 +189,17 @@ impl Drop for TaskGuard {
     }
 }
 
+/// This node's `switchboard.v1` connections, each with its sequence gate,
+/// and how many of them each ID has.
+#[derive(Default)]
+struct V1Conns {
+    by_conn: HashMap<ConnId, Arc<Gate>>,
+    by_id: HashMap<ClientId, usize>,
+}
+
 struct Shared {
+    /// This `Shared` itself, for the tasks it starts.
+    me: Weak<Shared>,
     config: RedisConfig,
     client: ::redis::Client,
     keys: Keys,
@@ -200,6 +228,16 @@ struct Shared {
     failure: watch::Sender<Option<RedisFailure>>,
     started: Instant,
     stats: Stats,
+    /// The generation of [`Resync`] whose IDs are all written to Redis.
+    flushed: watch::Sender<u64>,
+    /// `switchboard.v1`: the inbox limits, the `mid` TTL, the scripts,
+    /// the connections and their gates, and until when this node knows
+    /// that some ID retains (`P:v1`, see `inbox.rs`).
+    inbox_limits: InboxLimits,
+    dedup_ttl: Duration,
+    scripts: Scripts,
+    v1: RwLock<V1Conns>,
+    v1_seen_until: Mutex<Option<Instant>>,
 }
 
 /// Removes a pending request when the request ends, however it ends.
@@ -243,13 +281,38 @@ impl Shared {
         at.saturating_duration_since(self.started).as_millis() as u64
     }
 
-    fn mark_id(&self, id: &ClientId) {
+    /// Records that `id` changed; returns the generation to wait for (see
+    /// [`wait_flushed`](Self::wait_flushed)).
+    fn mark_id(&self, id: &ClientId) -> u64 {
         let mut resync = self.resync.lock();
+        resync.generation += 1;
+        let generation = resync.generation;
         if resync.recording {
             resync.ids.insert(id.clone());
             drop(resync);
             self.wake.notify_one();
         }
+        generation
+    }
+
+    /// Waits (at most one request timeout) until the presence changes up
+    /// to `generation` are written to Redis: from then on, every node that
+    /// sends to them publishes to this node.
+    async fn wait_flushed(&self, generation: u64) {
+        let mut flushed = self.flushed.subscribe();
+        let wait = flushed.wait_for(|done| *done >= generation);
+        let _ = tokio::time::timeout(self.config.request_timeout, wait).await;
+    }
+
+    /// Marks the presence changes up to `generation` written.
+    fn flushed_up_to(&self, generation: u64) {
+        self.flushed.send_if_modified(|done| {
+            let newer = generation > *done;
+            if newer {
+                *done = generation;
+            }
+            newer
+        });
     }
 
     fn mark_topic(&self, topic: &Topic) {
@@ -264,11 +327,12 @@ impl Shared {
     /// From now on, record changes (a connection is about to read the whole
     /// local state: what changes after this is recorded, what changed
     /// before is in what it reads).
-    fn start_recording(&self) {
+    fn start_recording(&self) -> u64 {
         let mut resync = self.resync.lock();
         resync.recording = true;
         resync.ids.clear();
         resync.topics.clear();
+        resync.generation
     }
 
     /// The connection is gone: the next one writes the whole state.
@@ -385,7 +449,8 @@ impl RedisBackend {
         })?;
         let (stop, _) = watch::channel(false);
         let (failure, _) = watch::channel(None);
-        let shared = Arc::new(Shared {
+        let shared = Arc::new_cyclic(|me| Shared {
+            me: me.clone(),
             keys: Keys::new(&config.key_prefix),
             node_prefix: format!("{}#", config.node_id),
             own_prefix: format!("{}#{}.", config.node_id, link::random_token()),
@@ -405,8 +470,18 @@ impl RedisBackend {
             failure,
             started: Instant::now(),
             stats: Stats::default(),
+            flushed: watch::channel(0).0,
+            inbox_limits: InboxLimits::from(&limits.v1),
+            dedup_ttl: limits.v1.dedup_ttl,
+            scripts: Scripts::default(),
+            v1: RwLock::new(V1Conns::default()),
+            v1_seen_until: Mutex::new(None),
         });
         let supervisor = tokio::spawn(supervise(Arc::clone(&shared)));
+        tokio::spawn(v1_conns::keep_inboxes(
+            Arc::downgrade(&shared),
+            shared.stop.subscribe(),
+        ));
         Ok(Arc::new(Self {
             shared,
             supervisor: Mutex::new(Some(supervisor)),
@@ -491,6 +566,9 @@ impl Backend for RedisBackend {
     fn unregister(&self, id: &ClientId, conn: ConnId) {
         self.shared.local.unregister(id, conn);
         self.shared.mark_id(id);
+        if let Some((id, true)) = self.shared.remove_gate(conn) {
+            self.shared.spawn_detach(id);
+        }
     }
 
     fn subscribe(&self, topic: &Topic, conn: &ConnRef) {
@@ -508,13 +586,7 @@ impl Backend for RedisBackend {
         targets: &'a [ClientId],
         message: &'a Arc<Envelope>,
     ) -> BoxFuture<'a, SendReport> {
-        Box::pin(async move {
-            let mut report = self.shared.local.send_now(targets, message);
-            if !targets.is_empty() {
-                self.shared.send_remote(targets, message, &mut report).await;
-            }
-            report
-        })
+        Box::pin(self.shared.send(targets, message))
     }
 
     fn publish<'a>(&'a self, topic: &'a Topic, message: &'a Arc<Envelope>) -> BoxFuture<'a, usize> {
@@ -546,38 +618,40 @@ impl Backend for RedisBackend {
         Box::pin(self.shared.cluster_clients())
     }
 
-    // switchboard.v1: inboxes and deduplication live on the node that has
-    // the ID's connections (this node's memory), so a client resumes on the
-    // node it left; resuming on another node is `reset`.
+    // switchboard.v1: inboxes in Redis (`inbox.rs`), a sequence gate per
+    // connection (`gate.rs`), `mid`s in Redis (`dedup.rs`).
     fn attach<'a>(
         &'a self,
         id: &'a ClientId,
         conn: &'a ConnRef,
         resume: Option<&'a ResumePoint>,
     ) -> BoxFuture<'a, Result<Attached, RegisterError>> {
-        let result = self.shared.local.attach_now(id, conn, resume);
-        if result.is_ok() {
-            self.shared.mark_id(id);
-        }
-        Box::pin(std::future::ready(result))
+        Box::pin(self.shared.attach(id, conn, resume))
     }
 
     fn replay<'a>(&'a self, id: &'a ClientId, from: u64, to: u64) -> BoxFuture<'a, Replay> {
-        Box::pin(std::future::ready(
-            self.shared.local.replay_now(id, from, to),
-        ))
+        Box::pin(async move {
+            let Some(link) = self.shared.link() else {
+                return Replay::nothing_retained(from, to);
+            };
+            let read = self.shared.read_range(&link, id, from, to);
+            match tokio::time::timeout(self.shared.config.request_timeout, read).await {
+                Ok(Ok((_, replay))) => replay,
+                _ => Replay::nothing_retained(from, to),
+            }
+        })
     }
 
     fn dedup<'a>(&'a self, sender: &'a ClientId, mid: &'a str) -> BoxFuture<'a, Dedup> {
-        self.shared.local.dedup(sender, mid)
+        Box::pin(self.shared.dedup_begin(sender, mid))
     }
 
     fn dedup_done(&self, sender: &ClientId, mid: &str, report: Arc<str>) {
-        self.shared.local.dedup_done(sender, mid, report);
+        self.shared.dedup_record(sender, mid, Some(report));
     }
 
     fn dedup_abort(&self, sender: &ClientId, mid: &str) {
-        self.shared.local.dedup_abort(sender, mid);
+        self.shared.dedup_record(sender, mid, None);
     }
 
     fn health(&self) -> BackendHealth {

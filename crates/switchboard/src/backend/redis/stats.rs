@@ -20,6 +20,8 @@ pub(super) struct Stats {
     pub(super) remote_deliveries: Counter,
     pub(super) unconfirmed_publishes: Counter,
     pub(super) expired_drops: Counter,
+    pub(super) v1_fills: Counter,
+    pub(super) v1_skipped: Counter,
     pub(super) tasks: AtomicI64,
 }
 
@@ -130,6 +132,24 @@ impl Stats {
             "counter",
             "Messages from other nodes neither delivered nor answered because this node's presence had expired (it was frozen or starved for longer than its TTL).",
             s.expired_drops.get().to_string(),
+        );
+        line(
+            "switchboard_redis_v1_connections",
+            "gauge",
+            "switchboard.v1 connections of this node, each with a sequence gate.",
+            shared.v1.read().by_conn.len().to_string(),
+        );
+        line(
+            "switchboard_redis_v1_fills_total",
+            "counter",
+            "Holes in a v1 connection's sequence read from the inbox stream (a message arrived after a later one, or never came over pub/sub).",
+            s.v1_fills.get().to_string(),
+        );
+        line(
+            "switchboard_redis_v1_skipped_seqs_total",
+            "counter",
+            "Sequence numbers a v1 connection skipped: neither delivered nor retained when their hole was read.",
+            s.v1_skipped.get().to_string(),
         );
         line(
             "switchboard_redis_invalid_messages_total",

@@ -31,6 +31,14 @@ pub(super) struct Header<'a> {
     /// Send: the target IDs. Close: the one ID.
     #[serde(default, borrow, skip_serializing_if = "Vec::is_empty")]
     pub(super) t: Vec<Cow<'a, str>>,
+    /// Send: each target's inbox sequence number, one per `t` (0: the
+    /// target has no inbox). Empty when the sender numbered nothing.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(super) q: Vec<u64>,
+    /// Send: each numbered target's inbox epoch, one per `t` (empty where
+    /// `q` is 0), so a receiver notices an inbox reset under it.
+    #[serde(default, borrow, skip_serializing_if = "Vec::is_empty")]
+    pub(super) e: Vec<Cow<'a, str>>,
     /// The payload is binary (else text).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub(super) b: bool,
@@ -62,6 +70,8 @@ impl<'a> Header<'a> {
             f: Cow::Borrowed(f),
             i: Vec::new(),
             t: Vec::new(),
+            q: Vec::new(),
+            e: Vec::new(),
             b: false,
             d: Vec::new(),
             x: Vec::new(),
