@@ -1009,12 +1009,17 @@ struct Inboxes {
 
 /// A v1 receiver `id` that stays connected through the balancer: on a
 /// `drain` frame it keeps reading until its `reconnect_in_ms`, then
-/// closes and reconnects; on any close it reconnects. Every hello after
+/// closes and reconnects 300 ms later; on any close it reconnects. Every hello after
 /// the first resumes from the last seq it received, and must be
 /// `recovered`; seqs must follow each other with no gap.
 async fn v1_receiver(addr: SocketAddr, id: String, inboxes: Arc<Inboxes>, stop: Arc<AtomicBool>) {
     let mut resume: Option<(Value, u64)> = None;
     while !stop.load(Ordering::Relaxed) {
+        if resume.is_some() {
+            // Stay away a while after leaving a node, so that messages
+            // sent meanwhile are retained (`offline`) and replayed.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
         let mut ws = match upgrade(
             addr,
             Ipv4Addr::LOCALHOST,
