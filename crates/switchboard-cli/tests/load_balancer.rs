@@ -1325,4 +1325,8 @@ async fn a_rolling_restart_loses_no_acked_v1_message() {
         "only {recovered} resumes"
     );
     assert!(acked.len() > 150, "only {} acked", acked.len());
+    assert!(
+        replayed > 0,
+        "no resume replayed anything: the retained path went untested"
+    );
 }
