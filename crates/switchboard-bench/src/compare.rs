@@ -64,7 +64,8 @@ pub(crate) struct CompareArgs {
     #[arg(long, value_delimiter = ',', default_values_t = ALL_SERVERS.map(String::from))]
     pub(crate) servers: Vec<String>,
     /// Workloads to run, comma-separated (default: all). Names: echo-32,
-    /// echo-1k, relay, fanout-relay, fanout-topic, fanout-api, hold, sweep.
+    /// echo-1k, relay, relay-v1, fanout-relay, fanout-topic, fanout-api, hold, hold-v1,
+    /// sweep.
     #[arg(long, value_delimiter = ',')]
     pub(crate) only: Vec<String>,
     /// Seconds of each echo and relay window.
@@ -262,12 +263,16 @@ enum Workload {
         connections: usize,
         duration: f64,
     },
-    Relay,
+    Relay {
+        protocol: relay::Protocol,
+    },
     Fanout {
         via: Via,
         subscribers: usize,
     },
-    Hold,
+    Hold {
+        v1: bool,
+    },
 }
 
 impl Workload {
@@ -276,9 +281,15 @@ impl Workload {
             Self::Echo {
                 size, connections, ..
             } => format!("echo-{}-c{connections}", size_label(*size)),
-            Self::Relay => format!("relay-n{}", plan.relay_clients),
+            Self::Relay {
+                protocol: relay::Protocol::Plain,
+            } => format!("relay-n{}", plan.relay_clients),
+            Self::Relay {
+                protocol: relay::Protocol::V1,
+            } => format!("relay-v1-n{}", plan.relay_clients),
             Self::Fanout { via, subscribers } => format!("fanout-{via}-n{subscribers}"),
-            Self::Hold => format!("hold-n{}", plan.hold_connections),
+            Self::Hold { v1: false } => format!("hold-n{}", plan.hold_connections),
+            Self::Hold { v1: true } => format!("hold-v1-n{}", plan.hold_connections),
         }
     }
 
@@ -288,7 +299,9 @@ impl Workload {
             Self::Fanout {
                 via: Via::Topic | Via::Api,
                 ..
-            }
+            } | Self::Relay {
+                protocol: relay::Protocol::V1
+            } | Self::Hold { v1: true }
         )
     }
 }
@@ -373,7 +386,14 @@ impl Plan {
             });
         }
         if want("relay") {
-            p.workloads.push(Workload::Relay);
+            p.workloads.push(Workload::Relay {
+                protocol: relay::Protocol::Plain,
+            });
+        }
+        if want("relay-v1") {
+            p.workloads.push(Workload::Relay {
+                protocol: relay::Protocol::V1,
+            });
         }
         if want("fanout-relay") {
             p.workloads.push(Workload::Fanout {
@@ -403,7 +423,10 @@ impl Plan {
             });
         }
         if want("hold") {
-            p.workloads.push(Workload::Hold);
+            p.workloads.push(Workload::Hold { v1: false });
+        }
+        if want("hold-v1") {
+            p.workloads.push(Workload::Hold { v1: true });
         }
         if want("sweep") && !quick {
             for &c in &a.sweep {
@@ -1032,8 +1055,9 @@ async fn run_workload(
             m.note = r.first_error.clone();
             (m, r.ok)
         }
-        Workload::Relay => {
+        Workload::Relay { protocol } => {
             let r = relay::run(&RelayArgs {
+                protocol: *protocol,
                 urls: vec![format!("ws://{addr}/ws")],
                 clients: plan.relay_clients,
                 inflight: plan.relay_inflight,
@@ -1080,7 +1104,7 @@ async fn run_workload(
                 .or_else(|| (r.lost > 0).then(|| format!("{} lost", r.lost)));
             (m, r.ok)
         }
-        Workload::Hold => {
+        Workload::Hold { v1 } => {
             let r = hold::run(&HoldArgs {
                 url: format!("ws://{addr}/ws"),
                 connections: plan.hold_connections,
@@ -1089,6 +1113,7 @@ async fn run_workload(
                 settle: 2.0,
                 hold: 0.0,
                 server_pid: pid,
+                v1: *v1,
                 compression: false,
                 exchange: false,
                 exchange_size: 1024,
@@ -1183,8 +1208,14 @@ fn describe(w: &str, plan: &Plan) -> String {
         )
     } else if w.starts_with("relay-") {
         format!(
-            "relay, {} clients, {} in flight each, deliveries",
-            plan.relay_clients, plan.relay_inflight
+            "relay{}, {} clients, {} in flight each, deliveries",
+            if w.starts_with("relay-v1-") {
+                " over switchboard.v1 (acks, inbox)"
+            } else {
+                ""
+            },
+            plan.relay_clients,
+            plan.relay_inflight
         )
     } else if let Some(rest) = w.strip_prefix("fanout-") {
         let (via, n) = rest.split_once("-n").unwrap_or((rest, "?"));
@@ -1316,7 +1347,10 @@ fn render_markdown(report: &CompareReport, plots: &[PathBuf], doc_dir: &Path) ->
         }
     }
 
-    if let Some(w) = workloads.iter().find(|w| w.starts_with("hold-")) {
+    if let Some(w) = workloads
+        .iter()
+        .find(|w| w.starts_with("hold-") && !w.starts_with("hold-v1-"))
+    {
         let base = find(BASELINE, w).and_then(|m| m.bytes_per_connection);
         let _ = writeln!(
             s,
@@ -1333,7 +1367,17 @@ fn render_markdown(report: &CompareReport, plots: &[PathBuf], doc_dir: &Path) ->
             "| server | opened | handshakes/s | server CPU per handshake | RSS per idle connection | vs {BASELINE} | kernel per connection (both ends: TCP buffers + slab) | other CPU while opening | correct |"
         );
         let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---:|---|");
-        for m in report.measurements.iter().filter(|m| m.workload == *w) {
+        // Plain connections of every server, then Switchboard's v1 ones.
+        let held = report
+            .measurements
+            .iter()
+            .filter(|m| m.workload == *w || m.workload.starts_with("hold-v1-"));
+        for m in held {
+            let server = if m.workload.starts_with("hold-v1-") {
+                format!("{} (switchboard.v1, after hello)", m.server)
+            } else {
+                m.server.clone()
+            };
             let opened = m
                 .report
                 .get("opened")
@@ -1353,7 +1397,7 @@ fn render_markdown(report: &CompareReport, plots: &[PathBuf], doc_dir: &Path) ->
             let _ = writeln!(
                 s,
                 "| {} | {} | {} | {} | {} | {} | {kernel} | {} | {} |",
-                m.server,
+                server,
                 opened,
                 opt_rate(m.rate),
                 m.cpu_us_per_handshake
@@ -1448,6 +1492,25 @@ fn targets_section(report: &CompareReport) -> String {
         relay.5 = relay.5.map(|ok| ok && lost == 0);
     }
     rows.push(relay);
+    // Issue #13: v1 (an ack per send, a seq and an inbox entry per
+    // delivery) against the plain relay, both Switchboard, same run.
+    let v1_key = format!("relay-v1-n{}", plan.relay_clients);
+    let v1 = per_cpu(SB, &v1_key)
+        .zip(per_cpu(SB, &relay_key))
+        .map(|(v1, plain)| v1 / plain);
+    if get(SB, &v1_key).is_some() {
+        rows.push((
+            format!(
+                "relay over switchboard.v1, {} clients: per server CPU-s vs Switchboard's plain relay",
+                plan.relay_clients
+            ),
+            v1.map_or_else(|| "–".into(), |r| format!("{r:.2}×")),
+            "≥ 0.7×".into(),
+            "≥ 0.7×".into(),
+            v1.map(|r| r >= 0.7),
+            v1.map(|r| r >= 0.7),
+        ));
+    }
     // Each fan-out is held against the tokio-tungstenite relay fan-out to
     // the same number of subscribers.
     for (key, subscribers) in [
@@ -1507,6 +1570,21 @@ fn targets_section(report: &CompareReport) -> String {
         bytes.map(|b| b <= 1024.0),
         bytes.map(|b| b <= 4096.0),
     ));
+    // Issue #13: what an idle v1 connection (attached, with its inbox)
+    // costs beyond a plain one, both held in this run.
+    let v1_bytes = get(SB, &format!("hold-v1-n{}", plan.hold_connections))
+        .and_then(|m| m.bytes_per_connection);
+    if let Some(v1_bytes) = v1_bytes {
+        let extra = bytes.map(|plain| v1_bytes - plain);
+        rows.push((
+            "idle switchboard.v1 connection: RSS beyond an idle plain one".into(),
+            extra.map_or_else(|| "–".into(), |x| format!("{x:+.0} B")),
+            "≤ 256 B".into(),
+            "≤ 256 B".into(),
+            extra.map(|x| x <= 256.0),
+            extra.map(|x| x <= 256.0),
+        ));
+    }
     let hs = get(SB, &hold_key);
     let rate = hs.and_then(|m| m.rate);
     let cost = hs.and_then(|m| m.cpu_us_per_handshake);

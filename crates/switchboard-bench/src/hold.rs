@@ -12,6 +12,10 @@
 //! bytes per idle connection, and the kernel-side growth of TCP socket memory
 //! and slab (both ends of each loopback connection live in the same kernel).
 //!
+//! With `--v1` every client offers `switchboard.v1` and says `hello`, and
+//! waits for its `welcome` before counting as held: the figure is then the
+//! cost of an idle v1 connection (its inbox included).
+//!
 //! With `--compression` every client offers permessage-deflate
 //! (`permessage-deflate; client_max_window_bits`, so the server may choose
 //! any window for our side) and the run fails unless the server agrees. With
@@ -72,6 +76,10 @@ pub(crate) struct HoldArgs {
     /// not agree.
     #[arg(long)]
     pub(crate) compression: bool,
+    /// Speak `switchboard.v1`: offer the subprotocol and say hello (so each
+    /// held connection is attached, with its inbox) before idling.
+    #[arg(long, conflicts_with = "compression")]
+    pub(crate) v1: bool,
     /// With `--compression`: send one compressed message per connection and
     /// check its (compressed) echo before holding the connection; use an
     /// echo URL (`ws://…/echo`).
@@ -227,9 +235,13 @@ pub(crate) async fn run(args: &HoldArgs) -> Result<HoldReport> {
     let echoes_compressed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let compress_sent = !args.exchange_uncompressed;
     let agreed_first: Arc<parking_lot::Mutex<Option<String>>> = Arc::default();
-    let offer = args
-        .compression
-        .then_some("permessage-deflate; client_max_window_bits");
+    let offer = ws::Offer {
+        extensions: args
+            .compression
+            .then_some("permessage-deflate; client_max_window_bits"),
+        protocol: args.v1.then_some("switchboard.v1"),
+    };
+    let v1 = args.v1;
     let exchange = args.exchange.then(|| exchange_text(args.exchange_size));
 
     let window = CpuWindow::start(args.server_pid);
@@ -252,7 +264,10 @@ pub(crate) async fn run(args: &HoldArgs) -> Result<HoldReport> {
             let conn = async {
                 let (mut stream, mut reader, agreed) =
                     ws::connect_with(&url, source, 256, offer).await?;
-                if offer.is_some() {
+                if v1 {
+                    ws::v1_hello(&mut stream, &mut reader, &mut FastRng::new(i as u64)).await?;
+                }
+                if offer.extensions.is_some() {
                     let Some(agreed) = agreed else {
                         bail!("the server did not agree to permessage-deflate");
                     };

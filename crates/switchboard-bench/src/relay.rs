@@ -19,6 +19,13 @@
 //! separately for messages whose sender and receiver are on different nodes.
 //! `--server-pid` may be repeated (every node, and Redis): their CPU times
 //! add up to the "server" CPU.
+//!
+//! `--protocol v1` runs the same exchange over `switchboard.v1`: each
+//! client offers the subprotocol and says `hello`, sends
+//! `{"type":"send","id":k,"targets":[j],"payload":…}` and reads an `ack`
+//! per send besides the `msg` envelopes it receives, so the figure includes
+//! the per-target report, the sequence number and the inbox every v1
+//! message is retained in.
 
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -66,6 +73,21 @@ pub(crate) struct RelayArgs {
     /// Concurrent handshakes while connecting.
     #[arg(long, default_value_t = 64)]
     pub(crate) connect_concurrency: usize,
+    /// The client protocol: `plain` (the relay frame) or `v1`
+    /// (`switchboard.v1`: hello, sends with ids, acks, envelopes).
+    #[arg(long, value_enum, default_value_t = Protocol::Plain)]
+    pub(crate) protocol: Protocol,
+}
+
+/// Which client protocol the relay clients speak.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum Protocol {
+    /// `{"targets":[j],"payload":…}` in, the payload's JSON out.
+    #[default]
+    Plain,
+    /// `switchboard.v1`.
+    V1,
 }
 
 /// Result of a `relay` run.
@@ -73,6 +95,12 @@ pub(crate) struct RelayArgs {
 pub(crate) struct RelayReport {
     /// Always `"relay"`.
     pub(crate) workload: String,
+    /// The client protocol.
+    #[serde(default)]
+    pub(crate) protocol: Protocol,
+    /// With `v1`: acks received (one per send is expected).
+    #[serde(default)]
+    pub(crate) acks: u64,
     /// Clients requested.
     pub(crate) clients: usize,
     /// Number of URLs (nodes) the clients were spread over.
@@ -131,7 +159,12 @@ impl RelayReport {
     /// Prints the human-readable summary.
     pub(crate) fn print(&self) {
         println!(
-            "relay: {} clients{}, {} in flight each",
+            "relay{}: {} clients{}, {} in flight each",
+            if self.protocol == Protocol::V1 {
+                " (switchboard.v1)"
+            } else {
+                ""
+            },
             self.clients,
             if self.nodes > 1 {
                 format!(" spread over {} nodes", self.nodes)
@@ -152,6 +185,9 @@ impl RelayReport {
         );
         if let Some(e) = &self.first_error {
             println!("  first error: {e}");
+        }
+        if self.protocol == Protocol::V1 {
+            println!("  acks {}", self.acks);
         }
         println!(
             "  {} sent/s, {} delivered/s",
@@ -191,6 +227,15 @@ struct Delivery {
     seq: u64,
 }
 
+/// A `switchboard.v1` frame from the server: a `msg` envelope carries the
+/// payload; `welcome` and `ack` are counted or skipped.
+#[derive(Deserialize)]
+struct V1Frame<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: &'a str,
+    payload: Option<Delivery>,
+}
+
 struct Shared {
     clients: usize,
     nodes: usize,
@@ -202,6 +247,8 @@ struct Shared {
     misdelivered: AtomicU64,
     unparsable: AtomicU64,
     cross_node: AtomicU64,
+    acks: AtomicU64,
+    protocol: Protocol,
     recorder: Recorder,
     /// With several nodes: cross-node and same-node latencies.
     cross_recorder: Recorder,
@@ -245,6 +292,8 @@ pub(crate) async fn run(args: &RelayArgs) -> Result<RelayReport> {
         misdelivered: AtomicU64::new(0),
         unparsable: AtomicU64::new(0),
         cross_node: AtomicU64::new(0),
+        acks: AtomicU64::new(0),
+        protocol: args.protocol,
         recorder: Recorder::new(8),
         cross_recorder: Recorder::new(8),
         same_recorder: Recorder::new(8),
@@ -266,7 +315,18 @@ pub(crate) async fn run(args: &RelayArgs) -> Result<RelayReport> {
         tasks.push(tokio::spawn(async move {
             let conn = {
                 let _permit = connect_limit.acquire().await;
-                ws::connect(&url, None, 16 * 1024).await
+                match shared.protocol {
+                    Protocol::Plain => ws::connect(&url, None, 16 * 1024).await,
+                    Protocol::V1 => {
+                        let offer = ws::Offer {
+                            protocol: Some("switchboard.v1"),
+                            ..ws::Offer::default()
+                        };
+                        ws::connect_with(&url, None, 16 * 1024, offer)
+                            .await
+                            .map(|(stream, reader, _)| (stream, reader))
+                    }
+                }
             };
             let result = match conn {
                 Ok((stream, reader)) => {
@@ -329,6 +389,8 @@ pub(crate) async fn run(args: &RelayArgs) -> Result<RelayReport> {
     let duplicated = delivered.saturating_sub(sent);
     Ok(RelayReport {
         workload: "relay".into(),
+        protocol: args.protocol,
+        acks: shared.acks.load(Ordering::Relaxed),
         clients: n,
         nodes,
         connection_errors: errors,
@@ -350,6 +412,7 @@ pub(crate) async fn run(args: &RelayArgs) -> Result<RelayReport> {
         cpu,
         server_cpu_secs_by_pid,
         ok: errors == 0
+            && (args.protocol == Protocol::Plain || shared.acks.load(Ordering::Relaxed) >= sent)
             && lost == 0
             && duplicated == 0
             && misdelivered == 0
@@ -362,9 +425,8 @@ fn push_message(
     out: &mut Vec<u8>,
     text: &mut String,
     rng: &mut FastRng,
-    i: usize,
-    seq: u64,
-    n: usize,
+    protocol: Protocol,
+    (i, seq, n): (usize, u64, usize),
 ) {
     let j = if seq == 0 {
         (i + 1) % n
@@ -372,9 +434,14 @@ fn push_message(
         target_of(i, seq, n)
     };
     text.clear();
+    if protocol == Protocol::V1 {
+        let _ = write!(text, r#"{{"type":"send","id":{seq},"#);
+    } else {
+        text.push('{');
+    }
     let _ = write!(
         text,
-        r#"{{"targets":[{j}],"payload":{{"t":{},"from":{i},"seq":{seq}}}}}"#,
+        r#""targets":[{j}],"payload":{{"t":{},"from":{i},"seq":{seq}}}}}"#,
         now_ns()
     );
     ws::encode_frame(out, ws::OP_TEXT, text.as_bytes(), rng.next_u64() as u32);
@@ -398,6 +465,15 @@ async fn client(
     let mut seq = 0u64;
     let mut next_probe = Instant::now();
     let permits = &shared.permits[i];
+    let protocol = shared.protocol;
+    if protocol == Protocol::V1 {
+        ws::encode_frame(
+            &mut out,
+            ws::OP_TEXT,
+            br#"{"type":"hello"}"#,
+            rng.next_u64() as u32,
+        );
+    }
 
     loop {
         let phase = *phase_rx.borrow_and_update();
@@ -426,7 +502,19 @@ async fn client(
                         Message::Pong => continue,
                         Message::Close => bail!("server closed the connection"),
                     };
-                    let Ok(d) = serde_json::from_slice::<Delivery>(payload) else {
+                    let parsed = match protocol {
+                        Protocol::Plain => serde_json::from_slice::<Delivery>(payload).ok(),
+                        Protocol::V1 => match serde_json::from_slice::<V1Frame<'_>>(payload) {
+                            Ok(V1Frame { kind: "msg", payload }) => payload,
+                            Ok(V1Frame { kind: "ack", .. }) => {
+                                shared.acks.fetch_add(1, Ordering::Relaxed);
+                                continue;
+                            }
+                            Ok(V1Frame { kind: "welcome", .. }) => continue,
+                            _ => None,
+                        },
+                    };
+                    let Some(d) = parsed else {
                         shared.unparsable.fetch_add(1, Ordering::Relaxed);
                         continue;
                     };
@@ -467,13 +555,13 @@ async fn client(
                     }
                     for _ in 0..batch {
                         seq += 1;
-                        push_message(&mut out, &mut text, &mut rng, i, seq, n);
+                        push_message(&mut out, &mut text, &mut rng, protocol, (i, seq, n));
                     }
                     shared.sent.fetch_add(batch, Ordering::Relaxed);
                 }
             }
             _ = tokio::time::sleep_until(next_probe.into()), if probing => {
-                push_message(&mut out, &mut text, &mut rng, i, 0, n);
+                push_message(&mut out, &mut text, &mut rng, protocol, (i, 0, n));
                 next_probe = Instant::now() + Duration::from_millis(100);
             }
         }

@@ -144,19 +144,29 @@ pub(crate) async fn connect(
     bind_ip: Option<IpAddr>,
     read_capacity: usize,
 ) -> Result<(TcpStream, FrameReader)> {
-    let (stream, reader, _) = connect_with(url, bind_ip, read_capacity, None).await?;
+    let (stream, reader, _) = connect_with(url, bind_ip, read_capacity, Offer::default()).await?;
     Ok((stream, reader))
 }
 
-/// [`connect`], optionally offering `extensions` (the value of a
-/// `Sec-WebSocket-Extensions` request header). Returns the server's
+/// What a handshake offers besides the basics.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Offer<'a> {
+    /// A `Sec-WebSocket-Extensions` value; the answer is returned.
+    pub(crate) extensions: Option<&'a str>,
+    /// A `Sec-WebSocket-Protocol` value the server must select.
+    pub(crate) protocol: Option<&'a str>,
+}
+
+/// [`connect`], optionally offering extensions (the value of a
+/// `Sec-WebSocket-Extensions` request header) and a subprotocol (which the
+/// server must then select). Returns the server's
 /// `Sec-WebSocket-Extensions` answer as well; when it agrees to
 /// permessage-deflate, the reader accepts compressed (RSV1) data frames.
 pub(crate) async fn connect_with(
     url: &WsUrl,
     bind_ip: Option<IpAddr>,
     read_capacity: usize,
-    extensions: Option<&str>,
+    offer: Offer<'_>,
 ) -> Result<(TcpStream, FrameReader, Option<String>)> {
     let socket = if url.addr.is_ipv4() {
         TcpSocket::new_v4()
@@ -174,7 +184,7 @@ pub(crate) async fn connect_with(
         .await
         .with_context(|| format!("connecting to {}", url.addr))?;
     stream.set_nodelay(true).context("setting TCP_NODELAY")?;
-    let (reader, agreed) = handshake(&mut stream, url, read_capacity, extensions).await?;
+    let (reader, agreed) = handshake(&mut stream, url, read_capacity, offer).await?;
     Ok((stream, reader, agreed))
 }
 
@@ -182,7 +192,7 @@ async fn handshake<S>(
     stream: &mut S,
     url: &WsUrl,
     read_capacity: usize,
-    extensions: Option<&str>,
+    offer: Offer<'_>,
 ) -> Result<(FrameReader, Option<String>)>
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -192,12 +202,16 @@ where
     key_bytes[..8].copy_from_slice(&rng.next_u64().to_le_bytes());
     key_bytes[8..].copy_from_slice(&rng.next_u64().to_le_bytes());
     let key = base64::engine::general_purpose::STANDARD.encode(key_bytes);
-    let offer = extensions.map_or_else(String::new, |e| {
+    let extensions = offer.extensions;
+    let mut offered = extensions.map_or_else(String::new, |e| {
         format!("Sec-WebSocket-Extensions: {e}\r\n")
     });
+    if let Some(protocol) = offer.protocol {
+        offered.push_str(&format!("Sec-WebSocket-Protocol: {protocol}\r\n"));
+    }
     let request = format!(
         "GET {} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n{offer}\r\n",
+         Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n{offered}\r\n",
         url.path, url.host_header
     );
     stream
@@ -240,6 +254,13 @@ where
     let accept = header("sec-websocket-accept")
         .ok_or_else(|| anyhow!("upgrade response lacks Sec-WebSocket-Accept"))?;
     ensure!(accept == expected, "bad Sec-WebSocket-Accept");
+    if let Some(protocol) = offer.protocol {
+        let selected = header("sec-websocket-protocol");
+        ensure!(
+            selected == Some(protocol),
+            "the server selected subprotocol {selected:?}, not the offered {protocol:?}"
+        );
+    }
     let agreed = header("sec-websocket-extensions").map(str::to_string);
     ensure!(
         agreed.is_none() || extensions.is_some(),
@@ -252,6 +273,37 @@ where
         .is_some_and(|a| a.trim_start().starts_with("permessage-deflate"));
     reader.push(&buf[header_end..len]);
     Ok((reader, agreed))
+}
+
+/// Says `switchboard.v1`'s hello on a fresh connection and reads up to its
+/// welcome (the connection is then attached: registered, with an inbox).
+pub(crate) async fn v1_hello(
+    stream: &mut TcpStream,
+    reader: &mut FrameReader,
+    rng: &mut FastRng,
+) -> Result<()> {
+    let mut out = Vec::with_capacity(32);
+    encode_frame(
+        &mut out,
+        OP_TEXT,
+        br#"{"type":"hello"}"#,
+        rng.next_u64() as u32,
+    );
+    stream.write_all(&out).await.context("sending hello")?;
+    loop {
+        while let Some(message) = reader.next_message()? {
+            if let Message::Text(text) = message {
+                ensure!(
+                    text.starts_with(br#"{"type":"welcome""#),
+                    "expected a welcome, got {}",
+                    String::from_utf8_lossy(text)
+                );
+                return Ok(());
+            }
+        }
+        let n = reader.fill(stream).await?;
+        ensure!(n > 0, "connection closed before the welcome");
+    }
 }
 
 /// A window-bits parameter (`name=N`) of a `Sec-WebSocket-Extensions`

@@ -87,13 +87,15 @@ mod protocol;
 mod query;
 mod runtime;
 
-pub use app::{api, app, handlers, relay};
+pub use app::{api, app, handlers, openapi, relay};
 pub use auth::Security;
 #[cfg(feature = "redis")]
 pub use backend::redis::{self, RedisBackend, RedisConfig};
 pub use backend::{
-    Attached, Backend, BackendHealth, ClientInfo, Dedup, RegisterError, Replay, ResumePoint,
-    ResumeStatus, Retained, SendReport, memory::MemoryBackend,
+    Attached, Backend, BackendHealth, ClientInfo, DEFAULT_PAGE_LIMIT, Dedup, Departure,
+    MAX_META_BYTES, MAX_PAGE_LIMIT, NodeInfo, Page, PageQuery, PresenceMember, PresenceMode,
+    PresenceSnapshot, RegisterError, Replay, ResumePoint, ResumeStatus, Retained, SendReport,
+    TopicInfo, memory::MemoryBackend,
 };
 pub use handler::{Closed, Conn, Handler, Outcome, Subprotocol, TooManyTopics};
 #[cfg(feature = "tls")]

@@ -251,6 +251,39 @@ pub struct V1Limits {
     /// closed with 4400. Default 10 s.
     #[serde(with = "duration")]
     pub hello_timeout: Duration,
+    /// How long a presence member whose last connection ended abnormally
+    /// (reset, EOF without a close, keepalive timeout, slow-consumer
+    /// close, a server shutdown or drain close) stays a member before its
+    /// leave is sent; a member back within it causes no event at all.
+    /// Default 10 s: Ably keeps an abruptly gone member about 15 s, and the
+    /// reconnect-flapping reports (klangk#246) settle on 10–15 s; a v1
+    /// client's full-jitter backoff reaches its 2nd retry within 1.5 s.
+    /// Memory: one pending-leave entry (about 100 B) per member waiting.
+    /// `0s` sends every leave at once.
+    #[serde(with = "duration")]
+    pub presence_leave_delay: Duration,
+    /// Whether v1 subscribers are presence members at all. Default `true`.
+    /// `false`: no membership is kept (no memory, no Redis writes per
+    /// subscribe) and presence requests are refused with
+    /// `presence_disabled`.
+    pub presence: bool,
+    /// At most one presence frame per topic per this window, carrying every
+    /// change of the window. Default 250 ms: four frames a second is what
+    /// a member list on a screen can show, and a mass reconnect then costs
+    /// each watcher at most four frames a second instead of one per member.
+    /// Memory: the changes of one window per watched topic.
+    #[serde(with = "duration")]
+    pub presence_coalesce: Duration,
+    /// Above this many members a topic's presence is sent as a count only
+    /// (`"truncated":true`), in snapshots and events. Default 1,000 (Pusher
+    /// stops at 100 members, Sockudo at 100): a 1,000-member list is about
+    /// 60 KiB of JSON per snapshot, and every join or leave of a larger
+    /// topic would otherwise reach every watcher.
+    pub presence_max_members: usize,
+    /// Whether a subscribe may carry the member's own `meta`. Default
+    /// `false`: meta comes from the token's `sb_presence` claim, so a
+    /// client cannot claim another's name. Meta is at most 1 KiB either way.
+    pub presence_client_meta: bool,
 }
 
 impl Default for V1Limits {
@@ -264,6 +297,11 @@ impl Default for V1Limits {
             dedup_ttl: Duration::from_secs(120),
             dedup_per_client: 4096,
             hello_timeout: Duration::from_secs(10),
+            presence_leave_delay: Duration::from_secs(10),
+            presence: true,
+            presence_coalesce: Duration::from_millis(250),
+            presence_max_members: 1_000,
+            presence_client_meta: false,
         }
     }
 }

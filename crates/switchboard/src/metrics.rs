@@ -83,6 +83,11 @@ impl ErrorKind {
         Self::TooManyTopics,
     ];
 
+    /// Every kind, in the order `GET /metrics` lists them.
+    pub fn all() -> &'static [ErrorKind] {
+        &Self::ALL
+    }
+
     /// The `kind` label.
     pub fn label(self) -> &'static str {
         match self {

@@ -6,37 +6,12 @@ mod common;
 use std::time::Duration;
 
 use common::{
-    Client, TestServer, WAIT, assert_silent, close_code, http_post_json, recv_close, recv_json,
-    send_text,
+    Client, TestServer, WAIT, assert_silent, close_code, connect_v1, http_post_json, recv_close,
+    recv_json, send_text,
 };
 use futures_util::StreamExt as _;
 use serde_json::{Value, json};
 use switchboard::{Limits, SlowConsumer, V1Limits};
-use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
-use tokio_tungstenite::tungstenite::http::HeaderValue;
-
-/// A v1 connection as client `id`, not yet said hello.
-async fn connect_v1(server: &TestServer, id: &str) -> Client {
-    let mut request = server
-        .url(&format!("/ws?id={id}"))
-        .into_client_request()
-        .expect("request");
-    request.headers_mut().insert(
-        "sec-websocket-protocol",
-        HeaderValue::from_static("switchboard.v1"),
-    );
-    let (client, response) = tokio_tungstenite::connect_async(request)
-        .await
-        .expect("connect");
-    assert_eq!(
-        response
-            .headers()
-            .get("sec-websocket-protocol")
-            .and_then(|v| v.to_str().ok()),
-        Some("switchboard.v1")
-    );
-    client
-}
 
 /// Connects as `id` and says hello (resuming from `resume`); returns the
 /// client and its welcome.

@@ -7,6 +7,7 @@
 //! | `GET /api/connections[?scope=cluster\|local]` | | `{"clients":[{"id","connections","connected_since_unix_ms"}],"clients_total":N,"connections_open":N}`; a clustered backend adds `"scope"` and `"node"` |
 //! | `DELETE /api/connections/{id}` | | `{"closed":N}`; the connections get close code 4000; 404 if none |
 //! | `POST /api/drain` | none | starts draining this node ([`Hub::drain`]): `{"draining":true,"started_now":…,"window_ms","grace_ms","elapsed_ms","v1_connections","plain_connections"}`; a second call reports the drain under way (`"started_now":false`) |
+//! | `GET /api/presence/{topic}[?mode=full\|count]` | | `{"topic","rev","count","members":[{"id","conns","since_ms","meta"?}]}` over the whole cluster (no `members` with `mode=count`; `"truncated":true` instead above `v1.presence_max_members`); 400 `invalid_topic`, 503 `presence_unavailable` |
 //!
 //! A `/api/send` report lists every target the caller wrote, in the order
 //! written and spelled as written (integer or string), each in exactly one
@@ -49,10 +50,12 @@ use serde_json::json;
 
 use super::relay::{self, RequestError};
 use crate::auth::{ApiKeys, is_same_origin};
+use crate::backend::PresenceMode;
+use crate::backend::presence::frame::push_snapshot;
 use crate::http::deadline::is_body_timeout;
 use crate::http_error::HttpError;
 use crate::hub::Hub;
-use crate::id::ClientId;
+use crate::id::{ClientId, Topic};
 use crate::metrics::ErrorKind;
 use crate::protocol::close::{CloseCode, CloseFrame};
 use crate::runtime::delivery::Envelope;
@@ -67,6 +70,7 @@ pub fn router(hub: Hub) -> Router {
         .route("/connections", get(connections))
         .route("/connections/{id}", delete(disconnect))
         .route("/drain", post(drain))
+        .route("/presence/{*topic}", get(presence))
         .with_state(hub.clone());
     // The origin check is the outer layer: it runs before the key check.
     protect(router, &keys).layer(middleware::from_fn_with_state(hub, browser_origin))
@@ -83,7 +87,11 @@ pub fn router(hub: Hub) -> Router {
 /// content type ([`json_body`]) stops the same requests a second way:
 /// browsers must ask first (preflight) before sending it across sites, and
 /// the server answers no preflight.
-async fn browser_origin(State(hub): State<Hub>, request: Request, next: Next) -> Response {
+pub(crate) async fn browser_origin(
+    State(hub): State<Hub>,
+    request: Request,
+    next: Next,
+) -> Response {
     let allowed_origins = &hub.security().allowed_origins;
     let host = request.uri().authority().map(|a| a.as_str()).or_else(|| {
         request
@@ -194,7 +202,22 @@ fn bad_request(hub: &Hub, err: RequestError) -> HttpError {
     HttpError::new(StatusCode::BAD_REQUEST, err.code, err.message)
 }
 
-async fn send(State(hub): State<Hub>, request: Request) -> Result<Response, HttpError> {
+#[utoipa::path(
+    post,
+    path = "/api/send",
+    tag = "api",
+    request_body(content = crate::app::schemas::SendRequest, content_type = "application/json"),
+    security(("api_key" = []), ()),
+    responses(
+        (status = 200, description = "The delivery report", body = crate::app::schemas::DeliveryReport),
+        (status = 400, description = "A bad body: `invalid_json`, `missing_targets`, `invalid_targets`, `too_many_targets`, `invalid_target`, `missing_payload`, `invalid_body`", body = crate::app::schemas::ErrorBody),
+        (status = 413, description = "`body_too_large`: over `limits.max_message_size`", body = crate::app::schemas::ErrorBody),
+        (status = 415, description = "`unsupported_media_type`: not `Content-Type: application/json`", body = crate::app::schemas::ErrorBody),
+        (status = 401, description = "`missing_api_key`, `invalid_api_key`", body = crate::app::schemas::ErrorBody),
+        (status = 403, description = "`origin_not_allowed`: a browser of another origin", body = crate::app::schemas::ErrorBody),
+    ),
+)]
+pub(crate) async fn send(State(hub): State<Hub>, request: Request) -> Result<Response, HttpError> {
     let bytes = json_body(&hub, request).await?;
     let (targets, payload) =
         relay::parse_send(&bytes, hub.limits().max_targets).map_err(|e| bad_request(&hub, e))?;
@@ -205,7 +228,25 @@ async fn send(State(hub): State<Hub>, request: Request) -> Result<Response, Http
     Ok(([(http::header::CONTENT_TYPE, "application/json")], answer).into_response())
 }
 
-async fn publish(State(hub): State<Hub>, request: Request) -> Result<Response, HttpError> {
+#[utoipa::path(
+    post,
+    path = "/api/publish",
+    tag = "api",
+    request_body(content = crate::app::schemas::PublishRequest, content_type = "application/json"),
+    security(("api_key" = []), ()),
+    responses(
+        (status = 200, description = "How many connections got it", body = crate::app::schemas::PublishReport),
+        (status = 400, description = "A bad body: `invalid_json`, `missing_topic`, `invalid_topic`, `missing_payload`, `invalid_body`", body = crate::app::schemas::ErrorBody),
+        (status = 413, description = "`body_too_large`: over `limits.max_message_size`", body = crate::app::schemas::ErrorBody),
+        (status = 415, description = "`unsupported_media_type`: not `Content-Type: application/json`", body = crate::app::schemas::ErrorBody),
+        (status = 401, description = "`missing_api_key`, `invalid_api_key`", body = crate::app::schemas::ErrorBody),
+        (status = 403, description = "`origin_not_allowed`: a browser of another origin", body = crate::app::schemas::ErrorBody),
+    ),
+)]
+pub(crate) async fn publish(
+    State(hub): State<Hub>,
+    request: Request,
+) -> Result<Response, HttpError> {
     let bytes = json_body(&hub, request).await?;
     let (topic, payload) = relay::parse_publish(&bytes).map_err(|e| bad_request(&hub, e))?;
     let frame = Hub::encode_text(Bytes::copy_from_slice(payload.get().as_bytes()));
@@ -218,7 +259,23 @@ async fn publish(State(hub): State<Hub>, request: Request) -> Result<Response, H
 /// clustered one the answer says which it is (`"scope"`, `"node"`), and a
 /// cluster listing that cannot be made (the backplane is down) falls back to
 /// this node's with `"degraded": true`.
-async fn connections(State(hub): State<Hub>, uri: http::Uri) -> Result<Response, HttpError> {
+#[utoipa::path(
+    get,
+    path = "/api/connections",
+    tag = "api",
+    params(("scope" = Option<String>, Query, description = "`cluster` (the default) or `local`", pattern = "^(cluster|local)$")),
+    security(("api_key" = []), ()),
+    responses(
+        (status = 200, description = "Every client ID with its connections", body = crate::app::schemas::Connections),
+        (status = 400, description = "`invalid_query`", body = crate::app::schemas::ErrorBody),
+        (status = 401, description = "`missing_api_key`, `invalid_api_key`", body = crate::app::schemas::ErrorBody),
+        (status = 403, description = "`origin_not_allowed`: a browser of another origin", body = crate::app::schemas::ErrorBody),
+    ),
+)]
+pub(crate) async fn connections(
+    State(hub): State<Hub>,
+    uri: http::Uri,
+) -> Result<Response, HttpError> {
     let scope = crate::query::param(&uri, "scope")?;
     let local_only = match scope.as_deref() {
         None | Some("cluster") => false,
@@ -256,7 +313,87 @@ async fn connections(State(hub): State<Hub>, uri: http::Uri) -> Result<Response,
     Ok(Json(answer).into_response())
 }
 
-async fn disconnect(State(hub): State<Hub>, Path(id): Path<String>) -> Result<Response, HttpError> {
+/// A topic's presence over the cluster (docs/protocol-v1.md, "Presence").
+#[utoipa::path(
+    get,
+    path = "/api/presence/{topic}",
+    tag = "api",
+    params(
+        ("topic" = String, Path, description = "The topic (may contain `/`)", pattern = r"^[A-Za-z0-9_.:@/-]{1,128}$"),
+        ("mode" = Option<String>, Query, description = "`full` (members, the default) or `count`"),
+    ),
+    security(("api_key" = []), ()),
+    responses(
+        (status = 200, description = "The topic's presence over the cluster", body = crate::app::schemas::Presence),
+        (status = 400, description = "`invalid_topic`, `invalid_query`", body = crate::app::schemas::ErrorBody),
+        (status = 401, description = "`missing_api_key`, `invalid_api_key`", body = crate::app::schemas::ErrorBody),
+        (status = 403, description = "`origin_not_allowed`: a browser of another origin", body = crate::app::schemas::ErrorBody),
+        (status = 503, description = "`presence_unavailable`: the backend cannot read presence now", body = crate::app::schemas::ErrorBody),
+    ),
+)]
+pub(crate) async fn presence(
+    State(hub): State<Hub>,
+    Path(topic): Path<String>,
+    uri: http::Uri,
+) -> Result<Response, HttpError> {
+    let topic = Topic::new(&topic).map_err(|e| {
+        HttpError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_topic",
+            format!("invalid topic in /api/presence/{{topic}}: {e}"),
+        )
+    })?;
+    let mode = match crate::query::param(&uri, "mode")?.as_deref() {
+        None | Some("full") => PresenceMode::Full,
+        Some("count") => PresenceMode::Count,
+        Some(other) => {
+            return Err(HttpError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_query",
+                format!(
+                    "unknown mode {:?}: use \"full\" (members) or \"count\"",
+                    other.chars().take(40).collect::<String>()
+                ),
+            ));
+        }
+    };
+    let snapshot = hub.backend().presence(&topic, mode).await.ok_or_else(|| {
+        HttpError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "presence_unavailable",
+            "presence cannot be read now (the backend has none, or lost its backplane): retry later",
+        )
+    })?;
+    // `{"topic":…,` then the snapshot object's fields.
+    let mut snapshot_json = String::with_capacity(64 + 64 * snapshot.members.len());
+    push_snapshot(&mut snapshot_json, &snapshot, mode);
+    let mut body = String::with_capacity(snapshot_json.len() + 32);
+    body.push_str(r#"{"topic":"#);
+    crate::runtime::delivery::push_json_str(&mut body, topic.as_str());
+    body.push(',');
+    body.push_str(&snapshot_json[1..]);
+    Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
+}
+
+#[utoipa::path(
+    delete,
+    path = "/api/connections/{id}",
+    tag = "api",
+    params(("id" = String, Path, description = "The client ID", pattern = r"^[A-Za-z0-9_.:@-]{1,128}$")),
+    security(("api_key" = []), ()),
+    responses(
+        (status = 200, description = "Its connections were closed with 4000", body = crate::app::schemas::Disconnected),
+        (status = 400, description = "`invalid_id`", body = crate::app::schemas::ErrorBody),
+        (status = 404, description = "`not_found`: the ID has no open connection", body = crate::app::schemas::ErrorBody),
+        (status = 503, description = "`backend_degraded`: not here, and the other nodes cannot be reached", body = crate::app::schemas::ErrorBody),
+        (status = 401, description = "`missing_api_key`, `invalid_api_key`", body = crate::app::schemas::ErrorBody),
+        (status = 403, description = "`origin_not_allowed`: a browser of another origin", body = crate::app::schemas::ErrorBody),
+    ),
+)]
+pub(crate) async fn disconnect(
+    State(hub): State<Hub>,
+    Path(id): Path<String>,
+) -> Result<Response, HttpError> {
     let id = ClientId::new(&id).map_err(|e| {
         HttpError::new(
             StatusCode::BAD_REQUEST,
@@ -294,7 +431,18 @@ async fn disconnect(State(hub): State<Hub>, Path(id): Path<String>) -> Result<Re
 /// `switchboard` binary exits once the drain has finished, as after
 /// SIGTERM. No body is read: there is nothing to choose, the window and
 /// grace are the server's `[drain]` settings.
-async fn drain(State(hub): State<Hub>) -> Response {
+#[utoipa::path(
+    post,
+    path = "/api/drain",
+    tag = "api",
+    security(("api_key" = []), ()),
+    responses(
+        (status = 200, description = "The drain under way (started by this call or before)", body = crate::app::schemas::DrainReport),
+        (status = 401, description = "`missing_api_key`, `invalid_api_key`", body = crate::app::schemas::ErrorBody),
+        (status = 403, description = "`origin_not_allowed`: a browser of another origin", body = crate::app::schemas::ErrorBody),
+    ),
+)]
+pub(crate) async fn drain(State(hub): State<Hub>) -> Response {
     let report = hub.drain();
     Json(json!({
         "draining": true,

@@ -12,7 +12,7 @@ use super::relay::{self, Request, RequestError};
 use super::v1::V1;
 use crate::auth::{Identity, Permissions, SUBPROTOCOL_PLAIN, SUBPROTOCOL_V1};
 use crate::backend::RegisterError;
-use crate::handler::{Conn, Handler, Outcome, Subprotocol};
+use crate::handler::{Closed, Conn, Handler, Outcome, Subprotocol};
 use crate::http_error::HttpError;
 use crate::hub::Hub;
 use crate::id::{ClientId, Topic};
@@ -225,7 +225,13 @@ impl Handler for Relay {
         };
         if request.extensions.get::<Subprotocol>() == Some(&Subprotocol(SUBPROTOCOL_V1)) {
             // Registered by its hello, which resumes its inbox first.
-            let v1 = V1::connect(conn, id, Arc::clone(&permissions), identity.is_some());
+            let v1 = V1::connect(
+                conn,
+                id,
+                Arc::clone(&permissions),
+                identity.is_some(),
+                identity.and_then(|identity| identity.presence_meta.clone()),
+            );
             return Ok(RelayState {
                 permissions,
                 v1: Some(v1),
@@ -316,6 +322,15 @@ impl Handler for Relay {
                 let ack = serde_json::json!({ "unsubscribed": topic.as_str() }).to_string();
                 Outcome::reply_text(ack)
             }
+        }
+    }
+
+    /// A v1 connection's presence memberships end now or after the leave
+    /// delay, depending on how it closed (`V1::closed`); they end when the
+    /// state is dropped, right after this.
+    async fn on_close(&self, mut state: Self::State, closed: &Closed, _: &mut Conn<()>) {
+        if let Some(v1) = state.v1.as_mut() {
+            v1.closed(closed);
         }
     }
 }

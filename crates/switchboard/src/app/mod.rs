@@ -26,11 +26,15 @@ use crate::http::ws;
 use crate::hub::Hub;
 
 pub mod api;
+pub(crate) mod browse;
+pub(crate) mod dashboard;
 pub mod handlers;
+pub mod openapi;
 pub mod relay;
+pub(crate) mod schemas;
 pub(crate) mod v1;
 
-use api::protect;
+use api::{browser_origin, protect};
 use handlers::{Chat, Echo, Relay};
 
 /// Every built-in endpoint:
@@ -44,6 +48,10 @@ use handlers::{Chat, Echo, Relay};
 /// | `GET /ready` | 200 `{"status":"ready"}` while the node takes new connections; 503 `draining` (with `Retry-After`) once a drain has started: for load balancers' readiness checks |
 /// | `GET /metrics` | Prometheus text |
 /// | `/api/…` | the backend API ([`crate::api`]) |
+/// | `GET /api/ids`, `GET /api/topics` | client IDs and topics, paged by cursor |
+/// | `GET /api/stats`, `POST /api/stats/ticket`, `GET /api/stats/stream` | the dashboard's live data (Server-Sent Events) |
+/// | `GET /api/openapi.json` | the OpenAPI 3.1 description of all of these ([`openapi`]) |
+/// | `GET /dashboard` | the operator's dashboard (embedded page) |
 ///
 /// With API keys in the hub's [`Security`](crate::Security), `/api/…`
 /// needs one, and so do `/metrics` and `/heartbeat` (with `/ready`) when
@@ -73,13 +81,25 @@ pub fn app(hub: Hub) -> Router {
             &none
         },
     );
+    // The operator's routes: behind the same keys and origin check as the
+    // rest of `/api`; the event stream checks keys or a ticket itself, and
+    // the OpenAPI document is open.
+    let (dashboard_keyed, dashboard_stream) = dashboard::api_routes(hub.clone());
+    let operator = protect(browse::router(hub.clone()).merge(dashboard_keyed), keys)
+        .merge(dashboard_stream)
+        .merge(openapi::router())
+        .layer(axum::middleware::from_fn_with_state(
+            hub.clone(),
+            browser_origin,
+        ));
     Router::new()
         .route("/ws", ws(hub.clone(), Relay))
         .route("/echo", ws(hub.clone(), Echo))
         .route("/chat", ws(hub.clone(), Chat::default()))
         .merge(heartbeat)
         .merge(metrics)
-        .nest("/api", crate::api::router(hub))
+        .merge(dashboard::pages())
+        .nest("/api", crate::api::router(hub).merge(operator))
 }
 
 /// `{"status":"ok"}`, or, while a clustered backend has lost its backplane,
@@ -90,7 +110,17 @@ pub fn app(hub: Hub) -> Router {
 /// While draining, `{"status":"draining","connections":N}`, still 200: the
 /// node is alive and finishing its work (a liveness check that failed now
 /// would have it killed before its clients moved); readiness is `/ready`'s.
-async fn heartbeat(State(hub): State<Hub>) -> impl IntoResponse {
+#[utoipa::path(
+    get,
+    path = "/heartbeat",
+    tag = "ops",
+    security(("api_key" = []), ()),
+    responses(
+        (status = 200, description = "The node is up", body = schemas::Heartbeat),
+        (status = 401, description = "`missing_api_key`, `invalid_api_key` (with `protect_heartbeat`)", body = schemas::ErrorBody),
+    ),
+)]
+pub(crate) async fn heartbeat(State(hub): State<Hub>) -> impl IntoResponse {
     if hub.is_draining() {
         return axum::Json(serde_json::json!({
             "status": "draining",
@@ -113,14 +143,36 @@ async fn heartbeat(State(hub): State<Hub>) -> impl IntoResponse {
 /// takes new connections, 503 `draining` with `Retry-After` once a drain
 /// has started (the same answer a WebSocket upgrade gets then). A degraded
 /// backend is still ready, for the reason `/heartbeat` gives.
-async fn ready(State(hub): State<Hub>) -> axum::response::Response {
+#[utoipa::path(
+    get,
+    path = "/ready",
+    tag = "ops",
+    security(("api_key" = []), ()),
+    responses(
+        (status = 200, description = "The node takes new connections", body = schemas::Heartbeat),
+        (status = 401, description = "`missing_api_key`, `invalid_api_key` (with `protect_heartbeat`)", body = schemas::ErrorBody),
+        (status = 503, description = "`draining`: a drain has started; try another node (`Retry-After`)", body = schemas::ErrorBody),
+    ),
+)]
+pub(crate) async fn ready(State(hub): State<Hub>) -> axum::response::Response {
     if hub.is_draining() {
         return crate::hub::drain::refusal().into_response();
     }
     axum::Json(serde_json::json!({ "status": "ready" })).into_response()
 }
 
-async fn metrics(State(hub): State<Hub>) -> impl IntoResponse {
+/// Prometheus text.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "ops",
+    security(("api_key" = []), ()),
+    responses(
+        (status = 200, description = "The counters, in the Prometheus text format 0.0.4", content_type = "text/plain", body = String),
+        (status = 401, description = "`missing_api_key`, `invalid_api_key` (with `protect_metrics`)", body = schemas::ErrorBody),
+    ),
+)]
+pub(crate) async fn metrics(State(hub): State<Hub>) -> impl IntoResponse {
     (
         [(
             header::CONTENT_TYPE,

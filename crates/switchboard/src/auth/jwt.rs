@@ -47,6 +47,14 @@
 //! | `sb_subscribe` | topics it may subscribe to (and so `/chat`) |
 //! | `sb_publish` | topics it may publish to (and so send on `/chat`) |
 //!
+//! # The presence claim
+//!
+//! `sb_presence`: any JSON value of at most 1 KiB (as compact JSON text),
+//! the client's presence meta — what watchers of a topic it subscribes to
+//! see of it (`{"name":"Ann","avatar":"…"}`). Larger: 401
+//! `presence_meta_too_large`. A refreshed token's claim is not applied to
+//! topics joined before.
+//!
 //! # Errors
 //!
 //! Every refusal is 401 with a JSON body and `WWW-Authenticate: Bearer`;
@@ -428,6 +436,20 @@ impl JwtAuthenticator {
         if !permissions.is_unrestricted() {
             identity = identity.with_permissions(permissions);
         }
+        if let Some(meta) = claims.sb_presence {
+            let text = meta.to_string();
+            if text.len() > crate::backend::MAX_META_BYTES {
+                return Err(unauthorized(
+                    "presence_meta_too_large",
+                    format!(
+                        "the token's `sb_presence` claim is {} bytes of JSON; presence meta is at most {} bytes: issue the token with a smaller one",
+                        text.len(),
+                        crate::backend::MAX_META_BYTES
+                    ),
+                ));
+            }
+            identity = identity.with_presence_meta(Arc::from(text));
+        }
         Ok(identity)
     }
 }
@@ -463,6 +485,7 @@ struct Claims {
     sb_targets: Option<Value>,
     sb_subscribe: Option<Value>,
     sb_publish: Option<Value>,
+    sb_presence: Option<Value>,
 }
 
 fn patterns(claim: &str, value: Option<Value>) -> Result<Option<Vec<NamePattern>>, HttpError> {

@@ -148,6 +148,10 @@ pub struct Identity {
     pub expires_at: Option<SystemTime>,
     /// What the client may do; unrestricted by default.
     pub permissions: Arc<Permissions>,
+    /// The client's presence meta (JSON text, at most
+    /// [`MAX_META_BYTES`](crate::backend::MAX_META_BYTES)): what watchers of a topic
+    /// it subscribes to see of it. The JWT's `sb_presence` claim.
+    pub presence_meta: Option<Arc<str>>,
 }
 
 impl Identity {
@@ -157,7 +161,14 @@ impl Identity {
             client_id,
             expires_at: None,
             permissions: Permissions::unrestricted(),
+            presence_meta: None,
         }
+    }
+
+    /// Sets the client's presence meta (JSON text).
+    pub fn with_presence_meta(mut self, meta: Arc<str>) -> Self {
+        self.presence_meta = Some(meta);
+        self
     }
 
     /// Sets when the credentials expire.

@@ -12,6 +12,9 @@ use tokio::time::Instant;
 
 use super::dedup::DedupStore;
 use super::inbox::{IdInbox, InboxLimits, new_epoch};
+use super::listing::{Page, PageBuilder, PageQuery, TopicInfo};
+use super::presence::table::PresenceTable;
+use super::presence::{Departure, PresenceMode, PresenceSettings, PresenceSnapshot};
 use super::{Attached, Backend, ClientInfo, Dedup, RegisterError, Replay, ResumePoint, SendReport};
 use crate::BoxFuture;
 use crate::id::{ClientId, Topic};
@@ -65,6 +68,7 @@ pub struct MemoryBackend {
     dedup: DedupStore,
     /// The next shard to sweep, and when the last sweep was.
     sweep: Mutex<(usize, Instant)>,
+    presence: PresenceTable,
 }
 
 impl MemoryBackend {
@@ -88,6 +92,7 @@ impl MemoryBackend {
             retained_bytes: AtomicUsize::new(0),
             dedup: DedupStore::new(v1.dedup_ttl, v1.dedup_per_client),
             sweep: Mutex::new((0, Instant::now())),
+            presence: PresenceTable::new(PresenceSettings::from(v1)),
         }
     }
 
@@ -365,6 +370,49 @@ impl MemoryBackend {
     pub fn topic_count(&self) -> usize {
         self.topics.read().len()
     }
+
+    /// [`Backend::client_page`] for this node: one pass over the shards,
+    /// keeping only the page's entries (see [`PageBuilder`]).
+    pub(crate) fn client_page_now(&self, query: &PageQuery) -> Page<ClientInfo> {
+        let mut page = PageBuilder::new(query);
+        for shard in self.clients.iter() {
+            for (id, entry) in shard.lock().iter() {
+                let conns = &entry.conns;
+                if conns.is_empty() {
+                    continue;
+                }
+                page.offer(id.as_str(), || ClientInfo {
+                    id: id.clone(),
+                    connections: conns.len(),
+                    connected_since_unix_ms: conns
+                        .iter()
+                        .map(ConnRef::since)
+                        .min()
+                        .map_or(0, crate::backend::unix_ms),
+                });
+            }
+        }
+        page.finish()
+    }
+
+    /// [`Backend::topic_page`]: one pass over the topics, under the read
+    /// lock (publishes go on meanwhile).
+    pub(crate) fn topic_page_now(&self, query: &PageQuery) -> Page<TopicInfo> {
+        let mut page = PageBuilder::new(query);
+        for (topic, subs) in self.topics.read().iter() {
+            page.offer(topic.as_str(), || TopicInfo {
+                topic: topic.clone(),
+                subscribers: subs.len(),
+            });
+        }
+        page.finish()
+    }
+
+    /// Presence members over all topics, counting those whose leave is
+    /// pending.
+    pub fn presence_members(&self) -> usize {
+        self.presence.stats().0
+    }
 }
 
 impl Backend for MemoryBackend {
@@ -433,6 +481,14 @@ impl Backend for MemoryBackend {
         Box::pin(std::future::ready(self.disconnect_now(id, &frame)))
     }
 
+    fn client_page<'a>(&'a self, query: &'a PageQuery) -> BoxFuture<'a, Page<ClientInfo>> {
+        Box::pin(std::future::ready(self.client_page_now(query)))
+    }
+
+    fn topic_page<'a>(&'a self, query: &'a PageQuery) -> BoxFuture<'a, Page<TopicInfo>> {
+        Box::pin(std::future::ready(self.topic_page_now(query)))
+    }
+
     fn attach<'a>(
         &'a self,
         id: &'a ClientId,
@@ -458,12 +514,56 @@ impl Backend for MemoryBackend {
         self.dedup.abort(sender, mid);
     }
 
+    fn presence_join<'a>(
+        &'a self,
+        topic: &'a Topic,
+        member: &'a ClientId,
+        meta: Option<Arc<str>>,
+    ) -> BoxFuture<'a, ()> {
+        self.presence.join(topic, member, meta);
+        Box::pin(std::future::ready(()))
+    }
+
+    fn presence_leave(&self, topic: &Topic, member: &ClientId, departure: Departure) {
+        self.presence.leave(topic, member, departure);
+    }
+
+    fn presence_watch<'a>(
+        &'a self,
+        topic: &'a Topic,
+        watcher: &'a ConnRef,
+        mode: PresenceMode,
+    ) -> BoxFuture<'a, Option<PresenceSnapshot>> {
+        Box::pin(std::future::ready(Some(
+            self.presence.watch(topic, watcher, mode),
+        )))
+    }
+
+    fn presence_unwatch(&self, topic: &Topic, watcher: ConnId) {
+        self.presence.unwatch(topic, watcher);
+    }
+
+    fn presence<'a>(
+        &'a self,
+        topic: &'a Topic,
+        mode: PresenceMode,
+    ) -> BoxFuture<'a, Option<PresenceSnapshot>> {
+        Box::pin(std::future::ready(Some(
+            self.presence.snapshot(topic, mode),
+        )))
+    }
+
     fn render_metrics(&self, out: &mut String) {
         use std::fmt::Write as _;
         let _ = writeln!(
             out,
             "# HELP switchboard_inbox_retained_bytes Payload bytes kept in switchboard.v1 inboxes.\n# TYPE switchboard_inbox_retained_bytes gauge\nswitchboard_inbox_retained_bytes {}",
             self.retained_bytes()
+        );
+        let (members, topics, watchers, timers) = self.presence.stats();
+        let _ = writeln!(
+            out,
+            "# HELP switchboard_presence_members Presence members over all topics (pending leaves included).\n# TYPE switchboard_presence_members gauge\nswitchboard_presence_members {members}\n# HELP switchboard_presence_topics Topics with presence members.\n# TYPE switchboard_presence_topics gauge\nswitchboard_presence_topics {topics}\n# HELP switchboard_presence_watchers Connections watching a topic's presence.\n# TYPE switchboard_presence_watchers gauge\nswitchboard_presence_watchers {watchers}\n# HELP switchboard_presence_timers Pending presence leaves and frame flushes.\n# TYPE switchboard_presence_timers gauge\nswitchboard_presence_timers {timers}"
         );
     }
 }

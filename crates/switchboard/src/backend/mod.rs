@@ -17,10 +17,14 @@ use crate::runtime::mailbox::{ConnId, ConnRef};
 
 pub(crate) mod dedup;
 pub(crate) mod inbox;
+pub(crate) mod listing;
 pub(crate) mod memory;
+pub(crate) mod presence;
 
 pub use dedup::Dedup;
 pub use inbox::{Attached, Replay, ResumePoint, ResumeStatus, Retained};
+pub use listing::{DEFAULT_PAGE_LIMIT, MAX_PAGE_LIMIT, NodeInfo, Page, PageQuery, TopicInfo};
+pub use presence::{Departure, MAX_META_BYTES, PresenceMember, PresenceMode, PresenceSnapshot};
 #[cfg(feature = "redis")]
 pub mod redis;
 
@@ -66,10 +70,11 @@ pub struct SendReport {
 }
 
 /// One client ID's live connections, for `GET /api/connections`.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
 #[non_exhaustive]
 pub struct ClientInfo {
     /// The client ID.
+    #[schema(value_type = String)]
     pub id: ClientId,
     /// How many connections it has.
     pub connections: usize,
@@ -79,7 +84,7 @@ pub struct ClientInfo {
 }
 
 /// A backend's state, for `GET /heartbeat` and `GET /metrics`.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
 #[non_exhaustive]
 pub struct BackendHealth {
     /// The backend's name: `"memory"`, `"redis"`.
@@ -166,6 +171,37 @@ pub trait Backend: Send + Sync + 'static {
         Box::pin(std::future::ready(None))
     }
 
+    /// One page of the client IDs (see [`PageQuery`]), of the whole cluster
+    /// when the backend has one and can reach it, else of this node. The
+    /// default pages through [`cluster_clients`](Self::cluster_clients) or
+    /// [`clients`](Self::clients).
+    fn client_page<'a>(&'a self, query: &'a PageQuery) -> BoxFuture<'a, Page<ClientInfo>> {
+        Box::pin(async move {
+            let all = match self.cluster_clients().await {
+                Some(all) => all,
+                None => self.clients().await,
+            };
+            listing::page_of(all, query)
+        })
+    }
+
+    /// One page of the topics with a subscriber on this node, with their
+    /// subscriber counts. The default: none.
+    fn topic_page<'a>(&'a self, query: &'a PageQuery) -> BoxFuture<'a, Page<TopicInfo>> {
+        let _ = query;
+        Box::pin(std::future::ready(Page {
+            items: Vec::new(),
+            next: None,
+        }))
+    }
+
+    /// The nodes of the cluster as the backplane sees them, or `None` for a
+    /// single-node backend or when the backplane cannot be reached. The
+    /// default: `None`.
+    fn nodes(&self) -> BoxFuture<'_, Option<Vec<NodeInfo>>> {
+        Box::pin(std::future::ready(None))
+    }
+
     /// The backend's state; the default is a healthy `"memory"` backend.
     fn health(&self) -> BackendHealth {
         BackendHealth::healthy("memory")
@@ -225,6 +261,60 @@ pub trait Backend: Send + Sync + 'static {
     /// Forgets `sender`'s send `mid` that did not finish.
     fn dedup_abort(&self, sender: &ClientId, mid: &str) {
         let _ = (sender, mid);
+    }
+
+    /// A connection of `member` joined `topic`'s presence with `meta`
+    /// (JSON text, at most [`MAX_META_BYTES`]): a join if the ID was not a
+    /// member on any node, an update if its meta changed, else nothing.
+    /// Resolves once the change is visible to [`presence`](Self::presence)
+    /// on every node. The default (a backend without presence) does
+    /// nothing.
+    fn presence_join<'a>(
+        &'a self,
+        topic: &'a Topic,
+        member: &'a ClientId,
+        meta: Option<Arc<str>>,
+    ) -> BoxFuture<'a, ()> {
+        let _ = (topic, member, meta);
+        Box::pin(std::future::ready(()))
+    }
+
+    /// A connection of `member` left `topic`'s presence; if it was the
+    /// ID's last anywhere, the member leaves now or after the leave delay,
+    /// as `departure` says. Never waits (it is called when connections
+    /// end).
+    fn presence_leave(&self, topic: &Topic, member: &ClientId, departure: Departure) {
+        let _ = (topic, member, departure);
+    }
+
+    /// Sends `topic`'s presence frames to `watcher` in `mode` from now on;
+    /// resolves to the snapshot they follow (every frame sent after has a
+    /// higher `rev`). `None`: the backend has no presence (the default) or
+    /// cannot read it now.
+    fn presence_watch<'a>(
+        &'a self,
+        topic: &'a Topic,
+        watcher: &'a ConnRef,
+        mode: PresenceMode,
+    ) -> BoxFuture<'a, Option<PresenceSnapshot>> {
+        let _ = (topic, watcher, mode);
+        Box::pin(std::future::ready(None))
+    }
+
+    /// Stops sending `topic`'s presence frames to connection `watcher`.
+    fn presence_unwatch(&self, topic: &Topic, watcher: ConnId) {
+        let _ = (topic, watcher);
+    }
+
+    /// `topic`'s presence over the whole cluster, or `None` when the
+    /// backend has no presence (the default) or cannot read it now.
+    fn presence<'a>(
+        &'a self,
+        topic: &'a Topic,
+        mode: PresenceMode,
+    ) -> BoxFuture<'a, Option<PresenceSnapshot>> {
+        let _ = (topic, mode);
+        Box::pin(std::future::ready(None))
     }
 }
 

@@ -75,6 +75,11 @@ impl<I: Send + 'static> Conn<I> {
         &self.hub
     }
 
+    /// This connection as the backend stores it (for presence watchers).
+    pub(crate) fn conn_ref(&self) -> ConnRef {
+        ConnRef::new(self.mailbox.clone())
+    }
+
     /// A handle for sending `Info` messages to this connection.
     pub fn handle(&self) -> ConnHandle<I> {
         ConnHandle::new(Arc::clone(&self.mailbox))

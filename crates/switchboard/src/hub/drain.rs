@@ -39,7 +39,7 @@ use crate::http_error::HttpError;
 use crate::limits::DrainLimits;
 use crate::protocol::close::{CloseCode, CloseFrame};
 use crate::protocol::frame::WireFrame;
-use crate::runtime::mailbox::ConnRef;
+use crate::runtime::mailbox::{ConnRef, Queued};
 
 /// What a v1 connection still open at its reconnect delay plus the grace
 /// is closed with (RFC 6455 §7.4.1 / IANA: 1012 "service restart").
@@ -119,19 +119,16 @@ pub(crate) fn refusal() -> HttpError {
     .with_header(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS))
 }
 
-/// The `drain` frame of a v1 connection to be closed at `close_at`,
-/// counted from now (when it is queued):
+/// The `drain` frame of a v1 connection told to reconnect in
+/// `reconnect_in` and closed `grace` after that:
 /// `{"type":"drain","reconnect_in_ms":D,"close_in_ms":D+G,"window_ms":W}`.
-/// Counted when queued rather than when the drain started, so a connection
-/// that gets it late (after its hello) is not told a delay already past:
-/// then `D` may be 0 and `close_in_ms` less than `D+G`.
-fn hint(close_at: Instant, limits: &DrainLimits) -> WireFrame {
-    let close_in = close_at.saturating_duration_since(Instant::now());
-    let reconnect_in = close_in.saturating_sub(limits.grace);
+/// A connection that gets it late (at a hello that came after the drain
+/// began) is told what is left: `D` may be 0 and `G` less than the grace.
+fn hint(reconnect_in: Duration, grace: Duration, limits: &DrainLimits) -> WireFrame {
     WireFrame::from_text(format!(
         r#"{{"type":"drain","reconnect_in_ms":{},"close_in_ms":{},"window_ms":{}}}"#,
         reconnect_in.as_millis(),
-        close_in.as_millis(),
+        reconnect_in.saturating_add(grace).as_millis(),
         limits.window.as_millis()
     ))
 }
@@ -219,7 +216,19 @@ impl Hub {
             // yet. Refused only by a connection already closing or whose
             // queue is full (then closed 4100, which also says "resume").
             let close_at = now + delay.saturating_add(limits.grace);
-            let make = Box::new(move || hint(close_at, &limits));
+            let make = Box::new(move |queued| match queued {
+                // Sent now: the delay as assigned, to the millisecond.
+                Queued::AtOnce => hint(delay, limits.grace, &limits),
+                // Sent at a late hello: what is left of it.
+                Queued::AtWelcome => {
+                    let close_in = close_at.saturating_duration_since(Instant::now());
+                    hint(
+                        close_in.saturating_sub(limits.grace),
+                        close_in.min(limits.grace),
+                        &limits,
+                    )
+                }
+            });
             if conn.push_after_welcome(make).is_ok() {
                 hints += 1;
             }
@@ -328,22 +337,20 @@ mod tests {
         assert_eq!(spread(3, Duration::ZERO, &mut rng), vec![Duration::ZERO; 3]);
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn the_hint_frame_names_delay_close_and_window() {
+    #[test]
+    fn the_hint_frame_names_delay_close_and_window() {
         let limits = DrainLimits {
             window: Duration::from_secs(20),
             grace: Duration::from_secs(5),
         };
-        let close_at = Instant::now() + Duration::from_millis(12_312);
         let text = |frame: WireFrame| String::from_utf8_lossy(&frame.body).into_owned();
         assert_eq!(
-            text(hint(close_at, &limits)),
+            text(hint(Duration::from_millis(7312), limits.grace, &limits)),
             r#"{"type":"drain","reconnect_in_ms":7312,"close_in_ms":12312,"window_ms":20000}"#
         );
-        // Queued 10 s later (a hello that came late): counted from then.
-        tokio::time::advance(Duration::from_secs(10)).await;
+        // Late (a hello after the delay ran out): what is left.
         assert_eq!(
-            text(hint(close_at, &limits)),
+            text(hint(Duration::ZERO, Duration::from_millis(2312), &limits)),
             r#"{"type":"drain","reconnect_in_ms":0,"close_in_ms":2312,"window_ms":20000}"#
         );
     }

@@ -243,7 +243,18 @@ impl Hub {
         // Set before `close_all` takes the shard locks, which `track` reads
         // it under: no connection misses both.
         let _ = self.inner.live.closing.set(frame.clone());
+        self.inner.live.shutting_down.send_replace(true);
         self.close_all(frame);
+    }
+
+    /// Resolves once [`begin_shutdown`](Self::begin_shutdown) has been
+    /// called (at once if it was). A long-lived HTTP response, such as an
+    /// event stream, ends on it: [`serve`](crate::serve) waits for every
+    /// response in flight, so one that never ended would hold shutdown for
+    /// its whole timeout.
+    pub async fn shutdown_begun(&self) {
+        let mut begun = self.inner.live.shutting_down.subscribe();
+        let _ = begun.wait_for(|begun| *begun).await;
     }
 
     /// Waits until no WebSocket connection is left on this node.

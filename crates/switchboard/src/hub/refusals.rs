@@ -32,7 +32,7 @@ pub(crate) const BURST: f64 = 50.0;
 pub(crate) const RECENT: usize = 100;
 
 /// One refused connection.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
 #[non_exhaustive]
 pub struct Refusal {
     /// When, in milliseconds since the Unix epoch.
@@ -45,6 +45,7 @@ pub struct Refusal {
     /// The error code of the JSON body, e.g. `"invalid_token"`.
     pub code: &'static str,
     /// The client's address (behind trusted proxies, the forwarded one).
+    #[schema(value_type = Option<String>)]
     pub client: Option<IpAddr>,
     /// The request id: the client's `X-Request-Id` when it sent a usable
     /// one, else one the server made up; answered in `X-Request-Id`.

@@ -6,7 +6,7 @@ use std::sync::OnceLock;
 use std::sync::atomic::AtomicUsize;
 
 use parking_lot::Mutex;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, watch};
 
 use crate::protocol::close::CloseFrame;
 use crate::runtime::mailbox::{ConnId, ConnRef};
@@ -24,6 +24,9 @@ pub(crate) struct Tracker {
     /// not created yet) still completes; without this it would open after
     /// the last close was sent and hold the drain for its whole timeout.
     pub(crate) closing: OnceLock<CloseFrame>,
+    /// `true` once shutdown begins, for long-lived HTTP responses (the
+    /// dashboard's event stream) that must end so the drain is not held.
+    pub(crate) shutting_down: watch::Sender<bool>,
 }
 
 impl Default for Tracker {
@@ -33,6 +36,7 @@ impl Default for Tracker {
             count: AtomicUsize::new(0),
             empty: Notify::new(),
             closing: OnceLock::new(),
+            shutting_down: watch::channel(false).0,
         }
     }
 }

@@ -32,8 +32,18 @@ impl ConnId {
     }
 }
 
-/// Makes a frame when it is queued (`ConnRef::push_after_welcome`).
-pub(crate) type MakeFrame = Box<dyn FnOnce() -> WireFrame + Send>;
+/// Makes a frame when it is queued (`ConnRef::push_after_welcome`), told
+/// whether that is at once or later, at the connection's welcome.
+pub(crate) type MakeFrame = Box<dyn FnOnce(Queued) -> WireFrame + Send>;
+
+/// When a [`MakeFrame`] frame is queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Queued {
+    /// When it was asked for.
+    AtOnce,
+    /// Later, with the v1 connection's welcome.
+    AtWelcome,
+}
 
 /// Why a message could not be queued to a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -302,7 +312,7 @@ impl<I: Send + 'static> Mailbox<I> {
             queue.held = false;
             queue.welcomed = true;
             if let Some(make) = queue.after_welcome.take() {
-                let frame = make();
+                let frame = make(Queued::AtWelcome);
                 queue.queued_bytes += frame.wire_len();
                 queue.items.push_front(Item::Frame(frame));
             }
@@ -335,7 +345,7 @@ impl<I: Send + 'static> Mailbox<I> {
                 return Ok(());
             }
         }
-        self.push_frame(make())
+        self.push_frame(make(Queued::AtOnce))
     }
 
     /// Asks the connection to close after the frames already queued.

@@ -11,6 +11,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
@@ -488,4 +489,27 @@ pub fn error_message_of(value: &serde_json::Value) -> String {
         .as_str()
         .unwrap_or_else(|| panic!("no error.message in {value}"))
         .to_owned()
+}
+
+/// A v1 connection as client `id`, not yet said hello.
+pub async fn connect_v1(server: &TestServer, id: &str) -> Client {
+    let mut request = server
+        .url(&format!("/ws?id={id}"))
+        .into_client_request()
+        .expect("request");
+    request.headers_mut().insert(
+        "sec-websocket-protocol",
+        tokio_tungstenite::tungstenite::http::HeaderValue::from_static("switchboard.v1"),
+    );
+    let (client, response) = tokio_tungstenite::connect_async(request)
+        .await
+        .expect("connect");
+    assert_eq!(
+        response
+            .headers()
+            .get("sec-websocket-protocol")
+            .and_then(|v| v.to_str().ok()),
+        Some("switchboard.v1")
+    );
+    client
 }

@@ -18,8 +18,8 @@ use serde_json::value::RawValue;
 
 use crate::app::relay::{RequestError, Targets};
 use crate::auth::Permissions;
-use crate::backend::{Dedup, RegisterError, ResumePoint};
-use crate::handler::{Conn, Outcome};
+use crate::backend::{Dedup, PresenceMode, RegisterError, ResumePoint};
+use crate::handler::{Closed, Conn, Outcome};
 use crate::hub::Hub;
 use crate::id::{ClientId, Topic};
 use crate::metrics::ErrorKind;
@@ -27,9 +27,11 @@ use crate::protocol::close::{CloseCode, CloseFrame};
 use crate::protocol::frame::WireFrame;
 use crate::runtime::delivery::{Envelope, Format, v1_error};
 
+mod presence;
 pub(crate) mod reply;
 pub(crate) mod request;
 
+use presence::Presence;
 use request::{Kind, Request};
 
 /// A v1 connection's state (boxed in the relay's state: plain connections
@@ -42,6 +44,7 @@ pub(crate) struct V1 {
     ready: bool,
     /// The client proved its ID with a token (so it may refresh it).
     authenticated: bool,
+    presence: Presence,
 }
 
 impl V1 {
@@ -53,6 +56,7 @@ impl V1 {
         client_id: ClientId,
         permissions: Arc<Permissions>,
         authenticated: bool,
+        presence_meta: Option<Arc<str>>,
     ) -> Box<Self> {
         conn.set_format(Format::V1);
         let timeout = conn.hub().limits().v1.hello_timeout;
@@ -64,11 +68,18 @@ impl V1 {
             ),
         )));
         Box::new(Self {
+            presence: Presence::new(conn.hub(), client_id.clone(), conn.id(), presence_meta),
             client_id,
             permissions,
             ready: false,
             authenticated,
         })
+    }
+
+    /// The connection ended so: its presence memberships end now or after
+    /// the leave delay (when this state is dropped).
+    pub(crate) fn closed(&mut self, closed: &Closed) {
+        self.presence.closed(closed);
     }
 
     /// Handles one text frame.
@@ -104,11 +115,17 @@ impl V1 {
                 payload,
             } => self.send(id, mid.as_deref(), &targets, payload, conn).await,
             Kind::Publish { topic, payload } => self.publish(id, topic, payload, conn).await,
-            Kind::Subscribe(topic) => self.subscribe(id, topic, conn),
+            Kind::Subscribe {
+                topic,
+                presence,
+                meta,
+            } => self.subscribe(id, topic, presence, meta, conn).await,
             Kind::Unsubscribe(topic) => {
                 let was = conn.leave(&topic);
+                self.presence.leave(&topic);
                 ack(id, |out| reply::unsubscribed(out, &topic, was))
             }
+            Kind::PresenceGet { topic, mode } => self.presence_get(id, topic, mode, conn).await,
             Kind::Replay { from, to } => self.replay(id, from, to, conn).await,
             Kind::Refresh { token } => self.refresh(id, &token, conn).await,
         }
@@ -220,17 +237,92 @@ impl V1 {
         ack(id, |out| reply::published(out, recipients))
     }
 
-    fn subscribe(&mut self, id: Option<u64>, topic: Topic, conn: &mut Conn<()>) -> Outcome {
+    /// Subscribes, counts the connection as part of its client ID's
+    /// membership of the topic, and with `presence` starts sending the
+    /// topic's presence frames, answering with the snapshot they follow.
+    async fn subscribe(
+        &mut self,
+        id: Option<u64>,
+        topic: Topic,
+        presence: Option<PresenceMode>,
+        meta: Option<&RawValue>,
+        conn: &mut Conn<()>,
+    ) -> Outcome {
+        let hub = conn.hub().clone();
+        if !self.permissions.may_subscribe(&topic) {
+            hub.metrics().error(ErrorKind::Forbidden);
+            return error(id, &forbidden_topic("sb_subscribe", &topic));
+        }
+        if !hub.limits().v1.presence {
+            if presence.is_some() || meta.is_some() {
+                hub.metrics().error(ErrorKind::BadRequest);
+                return error(id, &presence_disabled());
+            }
+            if let Err(err) = conn.join(topic.clone()) {
+                hub.metrics().error(ErrorKind::TooManyTopics);
+                return error(id, &RequestError::new("too_many_topics", err.to_string()));
+            }
+            return ack(id, |out| reply::subscribed(out, &topic, None));
+        }
+        let meta = match meta {
+            Some(_) if !hub.limits().v1.presence_client_meta => {
+                hub.metrics().error(ErrorKind::BadRequest);
+                return error(
+                    id,
+                    &RequestError::new(
+                        "client_meta_not_allowed",
+                        "this server takes presence meta from the token's sb_presence claim only (v1.presence_client_meta is false): leave `meta` out",
+                    ),
+                );
+            }
+            Some(meta) => Some(Arc::from(meta.get())),
+            None => self.presence.token_meta.clone(),
+        };
+        if let Err(err) = conn.join(topic.clone()) {
+            hub.metrics().error(ErrorKind::TooManyTopics);
+            return error(id, &RequestError::new("too_many_topics", err.to_string()));
+        }
+        self.presence.join(&topic, meta).await;
+        let Some(mode) = presence else {
+            return ack(id, |out| reply::subscribed(out, &topic, None));
+        };
+        let watcher = conn.conn_ref();
+        match hub.backend().presence_watch(&topic, &watcher, mode).await {
+            Some(snapshot) => {
+                self.presence.watching(&topic);
+                ack(id, |out| {
+                    reply::subscribed(out, &topic, Some((&snapshot, mode)));
+                })
+            }
+            None => {
+                conn.leave(&topic);
+                self.presence.leave(&topic);
+                error(id, &presence_unavailable())
+            }
+        }
+    }
+
+    /// A fresh snapshot of `topic`'s presence (after a revision jump).
+    async fn presence_get(
+        &mut self,
+        id: Option<u64>,
+        topic: Topic,
+        mode: PresenceMode,
+        conn: &mut Conn<()>,
+    ) -> Outcome {
         let hub = conn.hub();
         if !self.permissions.may_subscribe(&topic) {
             hub.metrics().error(ErrorKind::Forbidden);
             return error(id, &forbidden_topic("sb_subscribe", &topic));
         }
-        if let Err(err) = conn.join(topic.clone()) {
-            conn.hub().metrics().error(ErrorKind::TooManyTopics);
-            return error(id, &RequestError::new("too_many_topics", err.to_string()));
+        if !hub.limits().v1.presence {
+            hub.metrics().error(ErrorKind::BadRequest);
+            return error(id, &presence_disabled());
         }
-        ack(id, |out| reply::subscribed(out, &topic))
+        match hub.backend().presence(&topic, mode).await {
+            Some(snapshot) => ack(id, |out| reply::presence(out, &topic, &snapshot, mode)),
+            None => error(id, &presence_unavailable()),
+        }
     }
 
     async fn replay(
@@ -369,6 +461,21 @@ fn forbidden_target(permissions: &Permissions, targets: &Targets) -> Option<Requ
             targets.position_of(i)
         ),
     ))
+}
+
+fn presence_disabled() -> RequestError {
+    RequestError::new(
+        "presence_disabled",
+        "this server keeps no presence (v1.presence is false): subscribe without `presence` and `meta`",
+    )
+}
+
+fn presence_unavailable() -> RequestError {
+    RequestError::new(
+        "presence_unavailable",
+        "the server cannot read presence now (its backend has none, or lost its backplane): retry later",
+    )
+    .temporary()
 }
 
 fn forbidden_topic(claim: &str, topic: &Topic) -> RequestError {

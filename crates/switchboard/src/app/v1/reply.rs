@@ -5,7 +5,8 @@
 
 use std::fmt::Write as _;
 
-use crate::backend::Attached;
+use crate::backend::presence::frame::push_snapshot;
+use crate::backend::{Attached, PresenceMode, PresenceSnapshot};
 use crate::handler::Conn;
 use crate::id::{ClientId, Topic};
 use crate::runtime::delivery::push_json_str;
@@ -84,13 +85,33 @@ pub(crate) fn published(out: &mut String, recipients: usize) {
     let _ = write!(out, r#","recipients":{recipients}"#);
 }
 
-pub(crate) fn subscribed(out: &mut String, topic: &Topic) {
+/// A subscribe's ack fields: the topic, and the presence snapshot when the
+/// client asked for presence.
+pub(crate) fn subscribed(
+    out: &mut String,
+    topic: &Topic,
+    presence: Option<(&PresenceSnapshot, PresenceMode)>,
+) {
     out.push_str(r#","topic":"#);
     push_json_str(out, topic.as_str());
+    if let Some((snapshot, mode)) = presence {
+        out.push_str(r#","presence":"#);
+        push_snapshot(out, snapshot, mode);
+    }
+}
+
+/// A `presence_get`'s ack fields.
+pub(crate) fn presence(
+    out: &mut String,
+    topic: &Topic,
+    snapshot: &PresenceSnapshot,
+    mode: PresenceMode,
+) {
+    subscribed(out, topic, Some((snapshot, mode)));
 }
 
 pub(crate) fn unsubscribed(out: &mut String, topic: &Topic, was: bool) {
-    subscribed(out, topic);
+    subscribed(out, topic, None);
     let _ = write!(out, r#","was_subscribed":{was}"#);
 }
 

@@ -11,7 +11,7 @@ use serde_json::value::RawValue;
 use crate::app::relay::{
     RequestError, Targets, object, parse_targets, parse_topic, present, require_payload,
 };
-use crate::backend::ResumePoint;
+use crate::backend::{MAX_META_BYTES, PresenceMode, ResumePoint};
 use crate::id::Topic;
 use crate::runtime::delivery::MAX_REQUEST_ID;
 
@@ -39,8 +39,18 @@ pub(crate) enum Kind<'a> {
         topic: Topic,
         payload: &'a RawValue,
     },
-    Subscribe(Topic),
+    Subscribe {
+        topic: Topic,
+        /// What of the topic's presence the client wants; `None`: nothing.
+        presence: Option<PresenceMode>,
+        /// The member meta the client gives (JSON, at most 1 KiB).
+        meta: Option<&'a RawValue>,
+    },
     Unsubscribe(Topic),
+    PresenceGet {
+        topic: Topic,
+        mode: PresenceMode,
+    },
     Replay {
         from: u64,
         to: u64,
@@ -80,10 +90,13 @@ struct Fields<'a> {
     to: Option<&'a RawValue>,
     #[serde(borrow, default, deserialize_with = "present")]
     token: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    presence: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    meta: Option<&'a RawValue>,
 }
 
-const TYPES: &str =
-    "\"hello\", \"send\", \"publish\", \"subscribe\", \"unsubscribe\", \"replay\" or \"refresh\"";
+const TYPES: &str = "\"hello\", \"send\", \"publish\", \"subscribe\", \"unsubscribe\", \"presence_get\", \"replay\" or \"refresh\"";
 
 /// Parses one client frame; `max_targets` bounds a send's target list.
 pub(crate) fn parse(input: &[u8], max_targets: usize) -> Result<Request<'_>, Refused> {
@@ -123,7 +136,17 @@ pub(crate) fn parse(input: &[u8], max_targets: usize) -> Result<Request<'_>, Ref
             topic: parse_topic(fields.topic).map_err(refused)?,
             payload: require_payload(fields.payload).map_err(refused)?,
         },
-        "subscribe" => Kind::Subscribe(parse_topic(fields.topic).map_err(refused)?),
+        "subscribe" => Kind::Subscribe {
+            topic: parse_topic(fields.topic).map_err(refused)?,
+            presence: presence_mode(fields.presence, true).map_err(refused)?,
+            meta: fields.meta.map(meta).transpose().map_err(refused)?,
+        },
+        "presence_get" => Kind::PresenceGet {
+            topic: parse_topic(fields.topic).map_err(refused)?,
+            mode: presence_mode(fields.presence, false)
+                .map_err(refused)?
+                .unwrap_or(PresenceMode::Full),
+        },
         "unsubscribe" => Kind::Unsubscribe(parse_topic(fields.topic).map_err(refused)?),
         "replay" => {
             let from = seq_field(fields.from, "from").map_err(refused)?;
@@ -152,6 +175,48 @@ pub(crate) fn parse(input: &[u8], max_targets: usize) -> Result<Request<'_>, Ref
         }
     };
     Ok(Request { id, kind })
+}
+
+/// `presence`: `"full"`, `"count"`, or (on a subscribe, where absent means
+/// the same) `"none"`.
+fn presence_mode(
+    raw: Option<&RawValue>,
+    none_allowed: bool,
+) -> Result<Option<PresenceMode>, RequestError> {
+    let Some(raw) = raw else {
+        return Ok(None);
+    };
+    match serde_json::from_str::<Cow<'_, str>>(raw.get()).as_deref() {
+        Ok("full") => Ok(Some(PresenceMode::Full)),
+        Ok("count") => Ok(Some(PresenceMode::Count)),
+        Ok("none") if none_allowed => Ok(None),
+        _ => Err(RequestError::new(
+            "invalid_presence",
+            format!(
+                "`presence` must be {}; got {}",
+                if none_allowed {
+                    "\"full\", \"count\" or \"none\""
+                } else {
+                    "\"full\" or \"count\""
+                },
+                raw.get().chars().take(40).collect::<String>()
+            ),
+        )),
+    }
+}
+
+/// `meta`: any JSON value of at most [`MAX_META_BYTES`] bytes as sent.
+fn meta(raw: &RawValue) -> Result<&RawValue, RequestError> {
+    if raw.get().len() > MAX_META_BYTES {
+        return Err(RequestError::new(
+            "presence_meta_too_large",
+            format!(
+                "`meta` is {} bytes of JSON; presence meta is at most {MAX_META_BYTES} bytes: send less (a name and an avatar URL, not a profile)",
+                raw.get().len()
+            ),
+        ));
+    }
+    Ok(raw)
 }
 
 fn request_id(raw: &RawValue) -> Result<u64, RequestError> {
@@ -287,7 +352,29 @@ mod tests {
             parse(br#"{"type":"subscribe","topic":"t"}"#, 10)
                 .expect("sub")
                 .kind,
-            Kind::Subscribe(_)
+            Kind::Subscribe { presence: None, .. }
+        ));
+        assert!(matches!(
+            parse(
+                br#"{"type":"subscribe","topic":"t","presence":"count","meta":{"n":1}}"#,
+                10
+            )
+            .expect("sub")
+            .kind,
+            Kind::Subscribe {
+                presence: Some(PresenceMode::Count),
+                meta: Some(_),
+                ..
+            }
+        ));
+        assert!(matches!(
+            parse(br#"{"type":"presence_get","topic":"t"}"#, 10)
+                .expect("presence_get")
+                .kind,
+            Kind::PresenceGet {
+                mode: PresenceMode::Full,
+                ..
+            }
         ));
     }
 
@@ -327,5 +414,18 @@ mod tests {
             code(r#"{"type":"refresh","id":3}"#),
             (Some(3), "missing_token")
         );
+        assert_eq!(
+            code(r#"{"type":"subscribe","id":4,"topic":"t","presence":"all"}"#),
+            (Some(4), "invalid_presence")
+        );
+        assert_eq!(
+            code(r#"{"type":"presence_get","id":5,"topic":"t","presence":"none"}"#),
+            (Some(5), "invalid_presence")
+        );
+        let big = format!(
+            r#"{{"type":"subscribe","id":6,"topic":"t","meta":"{}"}}"#,
+            "x".repeat(MAX_META_BYTES)
+        );
+        assert_eq!(code(&big), (Some(6), "presence_meta_too_large"));
     }
 }

@@ -41,6 +41,12 @@ impl Shared {
                     self.stats.invalid.add(1);
                     return;
                 };
+                if let Some(topic) = self.keys.presence_topic_of(&channel) {
+                    if !epoch.ended.load(Ordering::Acquire) {
+                        self.on_presence_event(topic, &message);
+                    }
+                    return;
+                }
                 self.on_message(epoch, &channel, Bytes::from(message));
             }
             _ => {}

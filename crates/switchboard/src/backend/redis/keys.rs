@@ -5,6 +5,7 @@ use crate::id::Topic;
 pub(super) struct Keys {
     prefix: String,
     topic_prefix: String,
+    presence_prefix: String,
 }
 
 impl Keys {
@@ -12,6 +13,7 @@ impl Keys {
         Self {
             prefix: prefix.to_owned(),
             topic_prefix: format!("{prefix}:t:"),
+            presence_prefix: format!("{prefix}:{{pr:"),
         }
     }
     pub(super) fn nodes(&self) -> String {
@@ -61,6 +63,47 @@ impl Keys {
     pub(super) fn v1_flag(&self) -> String {
         format!("{}:v1", self.prefix)
     }
+    /// A topic's presence keys and event channel share the hash tag
+    /// `{pr:<topic>}` (topic names have no braces), so that one script
+    /// changes them together on a Redis Cluster: `…:m` members (ID →
+    /// `since_ms,meta`), `…:t` connections per member over all nodes,
+    /// `…:c` connections per `<id>|<instance>`, `…:v` the revision, and
+    /// the shard channel `…:e` its events.
+    pub(super) fn presence_topic(&self, topic: &Topic) -> [String; 5] {
+        let tag = format!("{}:{{pr:{topic}}}", self.prefix);
+        [
+            format!("{tag}:m"),
+            format!("{tag}:t"),
+            format!("{tag}:c"),
+            format!("{tag}:v"),
+            format!("{tag}:e"),
+        ]
+    }
+    /// The topic of a presence event channel.
+    pub(super) fn presence_topic_of(&self, channel: &[u8]) -> Option<Topic> {
+        let name = channel
+            .strip_prefix(self.presence_prefix.as_bytes())?
+            .strip_suffix(b"}:e")?;
+        Topic::new(std::str::from_utf8(name).ok()?).ok()
+    }
+    /// Pending leaves of every topic: sorted set `"<topic> <id>"` → when
+    /// it is due (Redis time, ms).
+    pub(super) fn presence_pending(&self) -> String {
+        format!("{}:pl", self.prefix)
+    }
+    /// Live presence instances (`node_id#token`): sorted set → until when
+    /// (Redis time, ms).
+    pub(super) fn presence_instances(&self) -> String {
+        format!("{}:pn", self.prefix)
+    }
+    /// The lock of a cleanup of a dead instance's topic presence.
+    pub(super) fn presence_cleanup_lock(&self, instance: &str) -> String {
+        format!("{}:pgc:{instance}", self.prefix)
+    }
+    /// The topics where an instance has connections (set).
+    pub(super) fn presence_instance_topics(&self, instance: &str) -> String {
+        format!("{}:pt:{instance}", self.prefix)
+    }
     pub(super) fn topic_of(&self, channel: &[u8]) -> Option<Topic> {
         let name = channel.strip_prefix(self.topic_prefix.as_bytes())?;
         Topic::new(std::str::from_utf8(name).ok()?).ok()
@@ -87,5 +130,15 @@ mod tests {
         assert_eq!(keys.inbox_meta("42"), "sb:{id:42}:meta");
         assert_eq!(keys.inbox_stream("42"), "sb:{id:42}:inbox");
         assert_eq!(keys.mid("42", "m-1"), "sb:{id:42}:mid:m-1");
+    }
+
+    #[test]
+    fn presence_keys_share_the_topics_hash_tag() {
+        let keys = Keys::new("sb");
+        let topic = Topic::new("room/1").expect("topic");
+        let all = keys.presence_topic(&topic);
+        assert!(all.iter().all(|k| k.contains("{pr:room/1}")), "{all:?}");
+        assert_eq!(keys.presence_topic_of(all[4].as_bytes()), Some(topic));
+        assert_eq!(keys.presence_topic_of(b"sb:t:room/1"), None);
     }
 }

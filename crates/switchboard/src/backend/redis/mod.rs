@@ -64,7 +64,9 @@ use parking_lot::{Mutex, RwLock};
 use tokio::sync::{Notify, mpsc, watch};
 
 use super::inbox::InboxLimits;
+use super::listing::{NodeInfo, Page, PageQuery, TopicInfo};
 use super::memory::MemoryBackend;
+use super::presence::{Departure, PresenceMode, PresenceSettings, PresenceSnapshot};
 use super::{
     Attached, Backend, BackendHealth, ClientInfo, Dedup, RegisterError, Replay, ResumePoint,
     SendReport,
@@ -83,7 +85,9 @@ mod gate;
 mod inbox;
 mod keys;
 mod link;
+mod nodes;
 mod presence;
+mod presence_members;
 mod replies;
 mod scripts;
 mod stats;
@@ -95,6 +99,7 @@ pub use config::{MIN_PRESENCE_TTL, RedisConfig, RedisConfigError, default_node_i
 use gate::Gate;
 use keys::Keys;
 use link::supervise;
+use presence_members::PresenceMembers;
 use scripts::Scripts;
 use stats::{Stats, kind_index};
 use wire::{Kind, Reply};
@@ -238,6 +243,8 @@ struct Shared {
     scripts: Scripts,
     v1: RwLock<V1Conns>,
     v1_seen_until: Mutex<Option<Instant>>,
+    /// Topic presence across nodes (`presence_members.rs`).
+    presence: PresenceMembers,
 }
 
 /// Removes a pending request when the request ends, however it ends.
@@ -449,11 +456,13 @@ impl RedisBackend {
         })?;
         let (stop, _) = watch::channel(false);
         let (failure, _) = watch::channel(None);
+        let instance = format!("{}#{}", config.node_id, link::random_token());
         let shared = Arc::new_cyclic(|me| Shared {
             me: me.clone(),
             keys: Keys::new(&config.key_prefix),
             node_prefix: format!("{}#", config.node_id),
-            own_prefix: format!("{}#{}.", config.node_id, link::random_token()),
+            own_prefix: format!("{instance}."),
+            presence: PresenceMembers::new(instance, PresenceSettings::from(&limits.v1)),
             epochs: AtomicU32::new(0),
             config,
             client,
@@ -482,6 +491,7 @@ impl RedisBackend {
             Arc::downgrade(&shared),
             shared.stop.subscribe(),
         ));
+        tokio::spawn(presence_members::run(Arc::downgrade(&shared)));
         Ok(Arc::new(Self {
             shared,
             supervisor: Mutex::new(Some(supervisor)),
@@ -618,6 +628,26 @@ impl Backend for RedisBackend {
         Box::pin(self.shared.cluster_clients())
     }
 
+    // The cluster's IDs when Redis answers (a full `HSCAN` of every other
+    // node's hash per page: see `presence.rs`), else this node's.
+    fn client_page<'a>(&'a self, query: &'a PageQuery) -> BoxFuture<'a, Page<ClientInfo>> {
+        Box::pin(async move {
+            match self.shared.cluster_clients().await {
+                Some(all) => super::listing::page_of(all, query),
+                None => self.shared.local.client_page_now(query),
+            }
+        })
+    }
+
+    // Subscribers are counted where they are: this node's.
+    fn topic_page<'a>(&'a self, query: &'a PageQuery) -> BoxFuture<'a, Page<TopicInfo>> {
+        Box::pin(std::future::ready(self.shared.local.topic_page_now(query)))
+    }
+
+    fn nodes(&self) -> BoxFuture<'_, Option<Vec<NodeInfo>>> {
+        Box::pin(self.shared.nodes())
+    }
+
     // switchboard.v1: inboxes in Redis (`inbox.rs`), a sequence gate per
     // connection (`gate.rs`), `mid`s in Redis (`dedup.rs`).
     fn attach<'a>(
@@ -654,6 +684,40 @@ impl Backend for RedisBackend {
         self.shared.dedup_record(sender, mid, None);
     }
 
+    fn presence_join<'a>(
+        &'a self,
+        topic: &'a Topic,
+        member: &'a ClientId,
+        meta: Option<Arc<str>>,
+    ) -> BoxFuture<'a, ()> {
+        Box::pin(self.shared.presence_join(topic, member, meta))
+    }
+
+    fn presence_leave(&self, topic: &Topic, member: &ClientId, departure: Departure) {
+        self.shared.presence_leave(topic, member, departure);
+    }
+
+    fn presence_watch<'a>(
+        &'a self,
+        topic: &'a Topic,
+        watcher: &'a ConnRef,
+        mode: PresenceMode,
+    ) -> BoxFuture<'a, Option<PresenceSnapshot>> {
+        Box::pin(self.shared.presence_watch(topic, watcher, mode))
+    }
+
+    fn presence_unwatch(&self, topic: &Topic, watcher: ConnId) {
+        self.shared.presence_unwatch(topic, watcher);
+    }
+
+    fn presence<'a>(
+        &'a self,
+        topic: &'a Topic,
+        mode: PresenceMode,
+    ) -> BoxFuture<'a, Option<PresenceSnapshot>> {
+        Box::pin(self.shared.presence_snapshot(topic, mode))
+    }
+
     fn health(&self) -> BackendHealth {
         let health = BackendHealth::healthy("redis").with_node(self.node_id());
         if self.is_connected() {
@@ -672,5 +736,12 @@ impl Backend for RedisBackend {
         self.shared
             .stats
             .render(&self.shared, self.is_connected(), out);
+        let (members, watchers) = self.shared.presence.stats();
+        let _ = std::fmt::Write::write_fmt(
+            out,
+            format_args!(
+                "# HELP switchboard_presence_local_members Topic presence members with a connection on this node.\n# TYPE switchboard_presence_local_members gauge\nswitchboard_presence_local_members {members}\n# HELP switchboard_presence_watchers Connections of this node watching a topic's presence.\n# TYPE switchboard_presence_watchers gauge\nswitchboard_presence_watchers {watchers}\n"
+            ),
+        );
     }
 }
