@@ -590,6 +590,68 @@ async fn a_flushed_redis_resets_the_inbox_and_closes_live_v1_clients_4101() {
     assert_eq!(welcome["resume"]["status"], "reset", "{welcome}");
 }
 
+/// Hellos while messages to those very IDs flow: a message numbered in the
+/// moment between a receiver's registration and its inbox's creation
+/// reaches it unnumbered (`"seq":null`) and closes nothing. (Found by
+/// `switchboard-bench relay --protocol v1` on Redis: such a message used
+/// to close the fresh connection with 4101 — 22 of 300 clients.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hellos_while_messages_flow_to_those_ids_close_nothing() {
+    const RECEIVERS: usize = 150;
+    let redis = Redis::start();
+    let (_config, nodes) = cluster(&redis, "").await;
+    let (mut alice, _) = hello(&nodes[0], "alice", None).await;
+    let targets: Vec<String> = (0..RECEIVERS).map(|i| format!("r{i}")).collect();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sender = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            // Bounded: at most 4,000 sends (every 2 ms), no ids (no acks).
+            for n in 0..4_000u32 {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                let frame = json!({"type": "send", "targets": targets, "payload": n});
+                send_frame(&mut alice, &frame).await;
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            alice
+        })
+    };
+    // Each receiver is read from its welcome on (answering pings), until
+    // the sends stopped and it has been quiet for 300 ms.
+    let mut readers = Vec::with_capacity(RECEIVERS);
+    for i in 0..RECEIVERS {
+        let (mut client, _) = hello(&nodes[i % 3], &format!("r{i}"), None).await;
+        let stop = stop.clone();
+        readers.push(tokio::spawn(async move {
+            let mut got = 0u32;
+            loop {
+                match tokio::time::timeout(Duration::from_millis(300), client.next()).await {
+                    Err(_) if stop.load(std::sync::atomic::Ordering::Relaxed) => break,
+                    Err(_) => {}
+                    Ok(Some(Ok(WsMessage::Text(text)))) => {
+                        let frame: Value = serde_json::from_str(&text).expect("a JSON frame");
+                        assert_eq!(frame["type"], "msg", "r{i}: {frame}");
+                        got += 1;
+                    }
+                    Ok(Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_)))) => {}
+                    other => panic!("r{i} was closed or broke while messages flowed: {other:?}"),
+                }
+            }
+            assert!(got > 0, "r{i} received nothing after its welcome");
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _alice = sender.await.expect("sender task");
+    for reader in readers {
+        reader
+            .await
+            .expect("every receiver stayed open and got messages");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_pipelined_sends_get_a_thousand_acks_in_order() {
     let redis = Redis::start();

@@ -320,7 +320,7 @@ pub(crate) async fn connections(
     tag = "api",
     params(
         ("topic" = String, Path, description = "The topic (may contain `/`)", pattern = r"^[A-Za-z0-9_.:@/-]{1,128}$"),
-        ("mode" = Option<String>, Query, description = "`full` (members, the default) or `count`"),
+        ("mode" = Option<String>, Query, description = "`full` (members, the default) or `count`", pattern = "^(full|count)$"),
     ),
     security(("api_key" = []), ()),
     responses(
