@@ -195,6 +195,28 @@ async function single(context, page, key) {
   const published = await until(page, () => /Published to news: 0 recipient/.test(document.getElementById("send-report").textContent), null, 3000);
   check(!!published, "publishing to a topic shows its recipients");
 
+  // A v1 client in a topic shows up in that topic's presence.
+  await client.evaluate((url) => new Promise((resolve, reject) => {
+    const ws = new WebSocket(url, ["switchboard.v1"]);
+    ws.onopen = () => {
+      ws.send(JSON.stringify({ type: "hello" }));
+      ws.send(JSON.stringify({ type: "subscribe", id: 1, topic: "room/1" }));
+    };
+    ws.onmessage = (e) => {
+      const frame = JSON.parse(e.data);
+      if (frame.type === "ack" && frame.id === 1) { window.v1 = ws; resolve(); }
+    };
+    ws.onerror = () => reject(new Error("the test's v1 WebSocket did not open"));
+  }), `${base.replace("http:", "ws:")}/ws?id=present-1`);
+  await page.click("#topics-search button[type=submit]");
+  const present = await until(page, () => {
+    const cellOf = document.querySelector('#topics-body tr[data-topic="room/1"] td:nth-child(3)');
+    return cellOf && cellOf.dataset.members === "1" && cellOf.textContent;
+  }, null, 3000);
+  check(!!present && /1 member/.test(present) && /present-1 \(1 connection\)/.test(present),
+    `a v1 member shows in the topic's presence (${JSON.stringify(present)})`);
+  await client.evaluate(() => window.v1.close(1000));
+
   // Disconnect closes that client with 4000.
   await shot(page, "clients", "#clients");
   await page.click('#ids-body tr[data-id="browser-probe"] button');

@@ -415,19 +415,52 @@
       body.replaceChildren();
       if (!page.topics.length) {
         const row = document.createElement("tr");
-        cell(row, "No topic with a subscriber on this node.", "muted").colSpan = 2;
+        cell(row, "No topic with a subscriber on this node.", "muted").colSpan = 3;
         body.appendChild(row);
       }
       for (const t of page.topics) {
         const row = document.createElement("tr");
+        row.dataset.topic = t.topic;
         cell(row, t.topic);
         cell(row, String(t.subscribers));
+        loadPresence(t.topic, cell(row, "…", "muted"));
         body.appendChild(row);
       }
       $("topics-next").disabled = !page.next;
       $("topics-first").disabled = !after;
     } catch (err) {
       /* a 401 shows the login form */
+    }
+  }
+
+  // A topic's switchboard.v1 presence over the whole cluster: the member
+  // count, and the members (with their connections) in a disclosure. One
+  // request per listed topic, only when a page of topics is loaded.
+  async function loadPresence(topic, target) {
+    const path = topic.split("/").map(encodeURIComponent).join("/");
+    try {
+      const p = await api("/api/presence/" + path + "?mode=full");
+      const label = p.count === 1 ? "1 member" : fmt(p.count) + " members";
+      target.className = "";
+      target.dataset.members = String(p.count);
+      if (!p.members || !p.members.length) {
+        target.textContent = p.truncated ? label + " (too many to list)" : label;
+        return;
+      }
+      const details = document.createElement("details");
+      const summary = document.createElement("summary");
+      summary.textContent = label;
+      const list = document.createElement("ul");
+      for (const m of p.members) {
+        const item = document.createElement("li");
+        item.textContent = m.id + (m.conns === 1 ? " (1 connection)" : " (" + m.conns + " connections)");
+        list.appendChild(item);
+      }
+      details.append(summary, list);
+      target.replaceChildren(details);
+    } catch (err) {
+      target.textContent = "–";
+      target.title = err.message;
     }
   }
 
