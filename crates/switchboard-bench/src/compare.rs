@@ -13,7 +13,8 @@
 //!
 //! Servers: `switchboard` (package `switchboard-cli`, skipped with a note if
 //! it cannot be built or found), `ref-fastwebsockets` and `ref-tungstenite`
-//! (binaries of this crate), and `node-ws` (Node's `ws` package, installed
+//! (binaries of this crate), `ref-uwebsockets` (C++ on uWebSockets, compiled
+//! by [`crate::uws_build`]; skipped with a note if that fails), and `node-ws` (Node's `ws` package, installed
 //! with npm under the target directory; skipped with a note if `node` or the
 //! install is unavailable). The topic and HTTP-API fan-out routes exist only
 //! in Switchboard, so they are run against it alone.
@@ -42,10 +43,11 @@ const BEGIN_MARK: &str = "<!-- BEGIN switchboard-bench compare results -->";
 const END_MARK: &str = "<!-- END switchboard-bench compare results -->";
 
 /// Names of the servers `compare` knows.
-const ALL_SERVERS: [&str; 4] = [
+const ALL_SERVERS: [&str; 5] = [
     "switchboard",
     "ref-fastwebsockets",
     "ref-tungstenite",
+    "ref-uwebsockets",
     "node-ws",
 ];
 
@@ -64,8 +66,8 @@ pub(crate) struct CompareArgs {
     #[arg(long, value_delimiter = ',', default_values_t = ALL_SERVERS.map(String::from))]
     pub(crate) servers: Vec<String>,
     /// Workloads to run, comma-separated (default: all). Names: echo-32,
-    /// echo-1k, relay, relay-v1, fanout-relay, fanout-topic, fanout-api, hold, hold-v1,
-    /// sweep.
+    /// echo-1k, relay, relay-half, relay-v1, fanout-relay, fanout-topic, fanout-api,
+    /// hold, hold-v1, sweep (relay-half needs relay's maximum and adds it).
     #[arg(long, value_delimiter = ',')]
     pub(crate) only: Vec<String>,
     /// Seconds of each echo and relay window.
@@ -89,6 +91,11 @@ pub(crate) struct CompareArgs {
     /// Relay messages in flight per client.
     #[arg(long, default_value_t = 4)]
     pub(crate) relay_inflight: usize,
+    /// `relay-half`: the share of each server's maximum relay rate (its
+    /// deliveries per second in the `relay` run) offered open loop, for the
+    /// latency below saturation.
+    #[arg(long, default_value_t = 0.5)]
+    pub(crate) relay_load_share: f64,
     /// Subscribers of the fan-out through the relay (targets per frame).
     #[arg(long, default_value_t = 2000)]
     pub(crate) fanout_subscribers: usize,
@@ -266,6 +273,12 @@ enum Workload {
     Relay {
         protocol: relay::Protocol,
     },
+    /// The plain relay, open loop, at `share` of the server's maximum rate
+    /// (`rate`: filled in per server from its `relay` measurement).
+    RelayAtRate {
+        share: f64,
+        rate: Option<f64>,
+    },
     Fanout {
         via: Via,
         subscribers: usize,
@@ -287,6 +300,7 @@ impl Workload {
             Self::Relay {
                 protocol: relay::Protocol::V1,
             } => format!("relay-v1-n{}", plan.relay_clients),
+            Self::RelayAtRate { share, .. } => rate_limited_key(plan.relay_clients, *share),
             Self::Fanout { via, subscribers } => format!("fanout-{via}-n{subscribers}"),
             Self::Hold { v1: false } => format!("hold-n{}", plan.hold_connections),
             Self::Hold { v1: true } => format!("hold-v1-n{}", plan.hold_connections),
@@ -304,6 +318,16 @@ impl Workload {
             } | Self::Hold { v1: true }
         )
     }
+}
+
+/// The key of the open-loop relay at `share` of the maximum rate.
+fn rate_limited_key(clients: usize, share: f64) -> String {
+    format!("relay-n{clients}-at-{:.0}pct-of-max", share * 100.0)
+}
+
+/// Whether `key` names an open-loop relay run (reported in its own table).
+fn is_rate_limited_key(key: &str) -> bool {
+    key.starts_with("relay-") && key.ends_with("pct-of-max")
 }
 
 fn size_label(size: usize) -> String {
@@ -324,6 +348,9 @@ pub(crate) struct Plan {
     echo_inflight: usize,
     relay_clients: usize,
     relay_inflight: usize,
+    /// Share of the maximum relay rate offered by `relay-half`.
+    #[serde(default)]
+    relay_load_share: f64,
     fanout_publishes: u32,
     fanout_window: usize,
     #[serde(default)]
@@ -360,6 +387,7 @@ impl Plan {
             echo_inflight: if quick { 4 } else { a.echo_inflight },
             relay_clients: if quick { 20 } else { a.relay_clients },
             relay_inflight: a.relay_inflight,
+            relay_load_share: a.relay_load_share,
             fanout_publishes: if quick { 20 } else { a.fanout_publishes },
             fanout_window: a.fanout_window,
             hold_connections: if quick { 200 } else { a.hold_connections },
@@ -385,9 +413,17 @@ impl Plan {
                 duration,
             });
         }
-        if want("relay") {
+        // relay-half offers a share of the rate the relay run reached, so it
+        // brings that run along and follows it.
+        if want("relay") || want("relay-half") {
             p.workloads.push(Workload::Relay {
                 protocol: relay::Protocol::Plain,
+            });
+        }
+        if want("relay-half") {
+            p.workloads.push(Workload::RelayAtRate {
+                share: a.relay_load_share,
+                rate: None,
             });
         }
         if want("relay-v1") {
@@ -505,6 +541,15 @@ pub(crate) async fn run(args: &CompareArgs) -> Result<CompareReport> {
     let log_dir = out_root.join("logs");
     tokio::fs::create_dir_all(&log_dir).await?;
 
+    if !(args.relay_load_share.is_finite()
+        && args.relay_load_share > 0.0
+        && args.relay_load_share <= 1.0)
+    {
+        bail!(
+            "--relay-load-share {}: give a share of the maximum rate above 0 and at most 1 (e.g. 0.5)",
+            args.relay_load_share
+        );
+    }
     let mut plan = Plan::new(args);
     // Both ends of every held connection need a descriptor: this process
     // holds the client sockets, the server (which inherits the limit) the
@@ -535,6 +580,23 @@ pub(crate) async fn run(args: &CompareArgs) -> Result<CompareReport> {
             cargo_build(&cargo, &workspace, &["-p", "switchboard-bench", "--bins"]).await
         {
             bail!("building switchboard-bench failed: {e:#}");
+        }
+        if args.servers.iter().any(|s| s == "ref-uwebsockets") {
+            println!(
+                "building ref-uwebsockets (C++, uWebSockets from the libuwebsockets-sys package)"
+            );
+            match crate::uws_build::build(
+                &workspace,
+                &release_dir.join("ref-uwebsockets"),
+                &crate::uws_build::work_dir(&target_dir),
+            )
+            .await
+            {
+                Ok(source) => println!("  from {}", source.display()),
+                Err(e) => {
+                    build_failed.insert("ref-uwebsockets".into(), format!("{e:#}"));
+                }
+            }
         }
         if args.servers.iter().any(|s| s == "switchboard") && args.switchboard_bin.is_none() {
             println!("building Switchboard (cargo build --release -p switchboard-cli)");
@@ -604,6 +666,20 @@ pub(crate) async fn run(args: &CompareArgs) -> Result<CompareReport> {
                     release_dir.display()
                 )),
             },
+            // A failed build must not fall back to an older binary.
+            "ref-uwebsockets" => match (build_failed.get(name.as_str()), find_bin(name)) {
+                (Some(e), _) => Err(format!("it could not be built: {e}")),
+                (None, Some(program)) => Ok(ServerSpec {
+                    name: name.clone(),
+                    program,
+                    args: vec!["--listen".into(), "127.0.0.1:0".into()],
+                    env: Vec::new(),
+                }),
+                (None, None) => Err(format!(
+                    "binary {name} not found in {} (built by compare without --no-build, or by `switchboard-bench build-uws`)",
+                    release_dir.display()
+                )),
+            },
             "node-ws" => prepare_node(&workspace, &out_root).await,
             other => Err(format!(
                 "unknown server {other:?} (known: {})",
@@ -641,6 +717,13 @@ pub(crate) async fn run(args: &CompareArgs) -> Result<CompareReport> {
             }
             let key = w.key(&plan);
             println!("\n=== {}: {key} ===", spec.name);
+            let w = &match w {
+                Workload::RelayAtRate { share, .. } => Workload::RelayAtRate {
+                    share: *share,
+                    rate: max_relay_rate(&measurements, &spec.name, &plan).map(|r| r * share),
+                },
+                other => other.clone(),
+            };
             let mut attempt = 1;
             let m = loop {
                 let mut m = match run_one(spec, w, &plan, pinned, &log_dir).await {
@@ -690,6 +773,17 @@ pub(crate) async fn run(args: &CompareArgs) -> Result<CompareReport> {
     };
     write_outputs(&report, &doc_path, &plot_dir).await?;
     Ok(report)
+}
+
+/// The deliveries per second of `server`'s correct plain relay run, if any:
+/// the maximum rate `relay-half` takes its share of.
+fn max_relay_rate(measurements: &[Measurement], server: &str, plan: &Plan) -> Option<f64> {
+    let key = format!("relay-n{}", plan.relay_clients);
+    measurements
+        .iter()
+        .find(|m| m.server == server && m.workload == key && m.ok)
+        .and_then(|m| m.rate)
+        .filter(|r| *r > 0.0)
 }
 
 /// Writes `results.json`, the plots and the doc section of a report.
@@ -1055,8 +1149,39 @@ async fn run_workload(
             m.note = r.first_error.clone();
             (m, r.ok)
         }
+        Workload::RelayAtRate { rate, .. } => {
+            let Some(rate) = *rate else {
+                bail!(
+                    "no maximum rate to take a share of: this server's relay run did not \
+                     complete correctly"
+                );
+            };
+            let r = relay::run(&RelayArgs {
+                protocol: relay::Protocol::Plain,
+                urls: vec![format!("ws://{addr}/ws")],
+                clients: plan.relay_clients,
+                inflight: plan.relay_inflight,
+                duration: plan.duration,
+                drain: 3.0,
+                server_pids: pid.into_iter().collect(),
+                connect_concurrency: 64,
+                rate: Some(rate),
+            })
+            .await?;
+            r.print();
+            let mut m = empty_measurement(serde_json::to_value(&r)?);
+            m.rate = Some(r.delivered_per_sec);
+            m.per_server_cpu_sec = r.delivered_per_server_cpu_sec;
+            m.latency = Some(r.latency.clone());
+            m.note = r
+                .first_error
+                .clone()
+                .or_else(|| (r.lost > 0).then(|| format!("{} lost", r.lost)));
+            (m, r.ok)
+        }
         Workload::Relay { protocol } => {
             let r = relay::run(&RelayArgs {
+                rate: None,
                 protocol: *protocol,
                 urls: vec![format!("ws://{addr}/ws")],
                 clients: plan.relay_clients,
@@ -1305,7 +1430,7 @@ fn render_markdown(report: &CompareReport, plots: &[PathBuf], doc_dir: &Path) ->
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
     );
     for w in &workloads {
-        if w.starts_with("hold-") {
+        if w.starts_with("hold-") || is_rate_limited_key(w) {
             continue;
         }
         let base = find(BASELINE, w).and_then(|m| m.per_server_cpu_sec);
@@ -1346,6 +1471,8 @@ fn render_markdown(report: &CompareReport, plots: &[PathBuf], doc_dir: &Path) ->
             }
         }
     }
+
+    s.push_str(&rate_limited_section(report, &workloads));
 
     if let Some(w) = workloads
         .iter()
@@ -1425,6 +1552,67 @@ fn render_markdown(report: &CompareReport, plots: &[PathBuf], doc_dir: &Path) ->
         }
     }
     let _ = writeln!(s, "{END_MARK}");
+    s
+}
+
+/// The open-loop relay runs (`relay-half`): each server at a share of its
+/// own maximum relay rate, with the latency percentiles (issue #15, "Also").
+fn rate_limited_section(report: &CompareReport, workloads: &[&str]) -> String {
+    use std::fmt::Write as _;
+    let plan = &report.plan;
+    let mut s = String::new();
+    for w in workloads.iter().filter(|w| is_rate_limited_key(w)) {
+        let _ = writeln!(
+            s,
+            "\n### Relay latency at {:.0}% of each server's maximum rate\n\n\
+             The relay of the table above ({} clients), open loop: the clients send \
+             {:.0}% of the deliveries per second that server reached there (\"max\"), \
+             evenly spread over clients and time, for {} s, whatever the server answers; \
+             latency is one way, from when each message was due to its delivery (a late \
+             sender does not hide delay).\n",
+            plan.relay_load_share * 100.0,
+            plan.relay_clients,
+            plan.relay_load_share * 100.0,
+            plan.duration
+        );
+        let _ = writeln!(
+            s,
+            "| server | max (closed loop) | offered | delivered per second | server CPU | load-gen CPU | other CPU | p50 | p99 | p99.9 | max latency | lost | correct |"
+        );
+        let _ = writeln!(
+            s,
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
+        );
+        for m in report.measurements.iter().filter(|m| m.workload == *w) {
+            let max = max_relay_rate(&report.measurements, &m.server, plan);
+            let offered = m.report["offered_rate"].as_f64();
+            let lat = |f: fn(&Latency) -> f64| {
+                m.latency
+                    .as_ref()
+                    .filter(|l| l.count > 0)
+                    .map_or_else(|| "–".into(), |l| fmt_us(f(l)))
+            };
+            let lost = m.report["lost"]
+                .as_u64()
+                .map_or_else(|| "–".into(), |l| l.to_string());
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {lost} | {} |",
+                m.server,
+                opt_rate(max),
+                opt_rate(offered),
+                opt_rate(m.rate),
+                utilisation(m, "server_cpu_secs"),
+                utilisation(m, "client_cpu_secs"),
+                other_cell(m),
+                lat(|l| l.p50_us),
+                lat(|l| l.p99_us),
+                lat(|l| l.p999_us),
+                lat(|l| l.max_us),
+                verdict(m)
+            );
+        }
+    }
     s
 }
 

@@ -34,12 +34,17 @@
 //!   server's RSS every second; reports RSS after a warm-up round, at the
 //!   peak and at the end (once `/api/connections` shows no open connection).
 //! * **`compare`** — builds and starts Switchboard and the reference servers
-//!   (`ref-tungstenite`, `ref-fastwebsockets`, Node's `ws` when available) one
+//!   (`ref-tungstenite`, `ref-fastwebsockets`, `ref-uwebsockets` in C++,
+//!   Node's `ws` when available) one
 //!   at a time, pinned to CPU 0 while the load generator runs on CPU 1, runs
-//!   the same workloads against each, and writes a results table to
+//!   the same workloads against each (plus relay at half of each server's
+//!   maximum rate, for its latency), and writes a results table to
 //!   `docs/benchmarks.md` plus SVG plots under `docs/bench/`. Each workload
 //!   also reports the figure per **server CPU-second** (utime+stime from
 //!   `/proc/PID/stat`), the figure to compare on a shared 2-core machine.
+//!
+//! * **`build-uws`** — compiles the C++ `ref-uwebsockets` server (what
+//!   `compare` does before its runs) and prints its path.
 //!
 //! All traffic goes to loopback addresses only; URLs that resolve elsewhere
 //! are refused.
@@ -53,6 +58,7 @@ mod plot;
 mod relay;
 mod soak;
 mod stats;
+mod uws_build;
 mod ws;
 
 use std::process::ExitCode;
@@ -91,6 +97,8 @@ enum Command {
     Soak(soak::SoakArgs),
     /// Run all workloads against Switchboard and the reference servers.
     Compare(Box<compare::CompareArgs>),
+    /// Compile the C++ uWebSockets reference server (`ref-uwebsockets`).
+    BuildUws(uws_build::BuildArgs),
 }
 
 fn main() -> ExitCode {
@@ -169,6 +177,10 @@ async fn run(command: Command) -> Result<bool> {
         Command::Compare(a) => {
             let r = compare::run(&a).await?;
             finish(&r.summary(), r.ok())
+        }
+        Command::BuildUws(a) => {
+            let r = uws_build::run(&a).await?;
+            finish(&r, true)
         }
     }
 }

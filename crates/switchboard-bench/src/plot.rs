@@ -22,6 +22,7 @@ fn color_of(server: &str) -> RGBColor {
         "ref-fastwebsockets" => RGBColor(31, 119, 180),
         "ref-tungstenite" => RGBColor(44, 160, 44),
         "node-ws" => RGBColor(148, 103, 189),
+        "ref-uwebsockets" => RGBColor(255, 127, 14),
         _ => RGBColor(127, 127, 127),
     }
 }

@@ -20,6 +20,16 @@
 //! `--server-pid` may be repeated (every node, and Redis): their CPU times
 //! add up to the "server" CPU.
 //!
+//! `--rate R` opens the loop: instead of waiting for deliveries, the clients
+//! send R messages per second in all, each client every `clients / R`
+//! seconds on its own evenly spaced schedule (client i starts `i / R` s into
+//! the window), whatever the server answers. A message carries the time it
+//! was *due*, not the time it went out, so a load generator or server that
+//! falls behind shows in the latency instead of hiding it (no coordinated
+//! omission). `--inflight` is then unused; the window still bounds what is
+//! sent (R × duration). `compare` uses it for the latency at half of each
+//! server's maximum rate.
+//!
 //! `--protocol v1` runs the same exchange over `switchboard.v1`: each
 //! client offers the subprotocol and says `hello`, sends
 //! `{"type":"send","id":k,"targets":[j],"payload":…}` and reads an `ack`
@@ -73,6 +83,11 @@ pub(crate) struct RelayArgs {
     /// Concurrent handshakes while connecting.
     #[arg(long, default_value_t = 64)]
     pub(crate) connect_concurrency: usize,
+    /// Open loop: send this many messages per second in all, evenly spread
+    /// over the clients and over time, instead of keeping `--inflight`
+    /// messages undelivered per client.
+    #[arg(long)]
+    pub(crate) rate: Option<f64>,
     /// The client protocol: `plain` (the relay frame) or `v1`
     /// (`switchboard.v1`: hello, sends with ids, acks, envelopes).
     #[arg(long, value_enum, default_value_t = Protocol::Plain)]
@@ -112,6 +127,9 @@ pub(crate) struct RelayReport {
     pub(crate) first_error: Option<String>,
     /// Messages in flight per client.
     pub(crate) inflight: usize,
+    /// With `--rate`: the offered rate (messages per second, all clients).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) offered_rate: Option<f64>,
     /// Messages sent in the window.
     pub(crate) sent: u64,
     /// Messages delivered (by the end of the drain period).
@@ -173,6 +191,9 @@ impl RelayReport {
             },
             self.inflight
         );
+        if let Some(rate) = self.offered_rate {
+            println!("  open loop: {} messages/s offered", fmt_rate(rate));
+        }
         println!(
             "  sent {} delivered {} lost {} duplicated {} misdelivered {} unparsable {} connection errors {}",
             self.sent,
@@ -249,6 +270,8 @@ struct Shared {
     cross_node: AtomicU64,
     acks: AtomicU64,
     protocol: Protocol,
+    /// With `--rate`: seconds between two sends of one client.
+    send_interval: Option<Duration>,
     recorder: Recorder,
     /// With several nodes: cross-node and same-node latencies.
     cross_recorder: Recorder,
@@ -274,6 +297,13 @@ pub(crate) async fn run(args: &RelayArgs) -> Result<RelayReport> {
     if args.urls.is_empty() {
         bail!("give at least one --url");
     }
+    let send_interval = match args.rate {
+        Some(rate) if !(rate.is_finite() && rate > 0.0) => {
+            bail!("--rate {rate}: give a positive number of messages per second")
+        }
+        Some(rate) => Some(Duration::from_secs_f64(args.clients as f64 / rate)),
+        None => None,
+    };
     let urls = args
         .urls
         .iter()
@@ -294,6 +324,7 @@ pub(crate) async fn run(args: &RelayArgs) -> Result<RelayReport> {
         cross_node: AtomicU64::new(0),
         acks: AtomicU64::new(0),
         protocol: args.protocol,
+        send_interval,
         recorder: Recorder::new(8),
         cross_recorder: Recorder::new(8),
         same_recorder: Recorder::new(8),
@@ -396,6 +427,7 @@ pub(crate) async fn run(args: &RelayArgs) -> Result<RelayReport> {
         connection_errors: errors,
         first_error: progress.first_error(),
         inflight: args.inflight,
+        offered_rate: args.rate,
         sent,
         delivered,
         lost,
@@ -427,6 +459,7 @@ fn push_message(
     rng: &mut FastRng,
     protocol: Protocol,
     (i, seq, n): (usize, u64, usize),
+    sent_at_ns: u64,
 ) {
     let j = if seq == 0 {
         (i + 1) % n
@@ -441,8 +474,7 @@ fn push_message(
     }
     let _ = write!(
         text,
-        r#""targets":[{j}],"payload":{{"t":{},"from":{i},"seq":{seq}}}}}"#,
-        now_ns()
+        r#""targets":[{j}],"payload":{{"t":{sent_at_ns},"from":{i},"seq":{seq}}}}}"#
     );
     ws::encode_frame(out, ws::OP_TEXT, text.as_bytes(), rng.next_u64() as u32);
 }
@@ -466,6 +498,11 @@ async fn client(
     let mut next_probe = Instant::now();
     let permits = &shared.permits[i];
     let protocol = shared.protocol;
+    let interval = shared.send_interval;
+    // The open loop's schedule starts when the window opens; client i is
+    // offset by i/n of an interval so that sends spread evenly.
+    let mut next_send = Instant::now();
+    let mut schedule_started = false;
     if protocol == Protocol::V1 {
         ws::encode_frame(
             &mut out,
@@ -482,6 +519,13 @@ async fn client(
         }
         let probing = phase == Phase::Probe && !shared.probe_seen[i].load(Ordering::Relaxed);
         let running = phase == Phase::Run;
+        if running
+            && !schedule_started
+            && let Some(interval) = interval
+        {
+            schedule_started = true;
+            next_send = Instant::now() + interval.mul_f64(i as f64 / n as f64);
+        }
         tokio::select! {
             biased;
             changed = phase_rx.changed() => {
@@ -542,10 +586,28 @@ async fn client(
                             split.0.push(latency);
                         }
                     }
-                    shared.permits[d.from].add_permits(1);
+                    if shared.send_interval.is_none() {
+                        shared.permits[d.from].add_permits(1);
+                    }
                 }
             }
-            permit = permits.acquire(), if running => {
+            _ = tokio::time::sleep_until(next_send.into()), if running && interval.is_some() => {
+                // Open loop: every message that is due by now, each stamped
+                // with the time it was due.
+                let interval = interval.unwrap_or(Duration::MAX);
+                let now = Instant::now();
+                let mut batch = 0;
+                while next_send <= now {
+                    seq += 1;
+                    let late_ns = now.duration_since(next_send).as_nanos() as u64;
+                    let due_ns = now_ns().saturating_sub(late_ns);
+                    push_message(&mut out, &mut text, &mut rng, protocol, (i, seq, n), due_ns);
+                    next_send += interval;
+                    batch += 1;
+                }
+                shared.sent.fetch_add(batch, Ordering::Relaxed);
+            }
+            permit = permits.acquire(), if running && interval.is_none() => {
                 if let Ok(p) = permit {
                     p.forget();
                     let mut batch = 1;
@@ -555,13 +617,13 @@ async fn client(
                     }
                     for _ in 0..batch {
                         seq += 1;
-                        push_message(&mut out, &mut text, &mut rng, protocol, (i, seq, n));
+                        push_message(&mut out, &mut text, &mut rng, protocol, (i, seq, n), now_ns());
                     }
                     shared.sent.fetch_add(batch, Ordering::Relaxed);
                 }
             }
             _ = tokio::time::sleep_until(next_probe.into()), if probing => {
-                push_message(&mut out, &mut text, &mut rng, protocol, (i, 0, n));
+                push_message(&mut out, &mut text, &mut rng, protocol, (i, 0, n), now_ns());
                 next_probe = Instant::now() + Duration::from_millis(100);
             }
         }
