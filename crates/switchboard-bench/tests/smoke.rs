@@ -147,3 +147,136 @@ fn tungstenite_reference_echo_relay_fanout() -> Result<()> {
 fn fastwebsockets_reference_echo_relay_fanout() -> Result<()> {
     check_server(env!("CARGO_BIN_EXE_ref-fastwebsockets"))
 }
+
+/// Compiles `ref-uwebsockets` (C++) into a directory of its own with
+/// `switchboard-bench build-uws`, as `compare` does; a missing compiler or
+/// uWebSockets source fails the test.
+fn build_uwebsockets() -> Result<std::path::PathBuf> {
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("ref-uwebsockets-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let out = dir.join("ref-uwebsockets");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_switchboard-bench"))
+        .arg("build-uws")
+        .arg("--out")
+        .arg(&out)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("running switchboard-bench build-uws")?;
+    // C++ with LTO: ~10 s of CPU, far more on a busy machine.
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while child.try_wait()?.is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            bail!("build-uws took more than 600 s");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let output = child.wait_with_output()?;
+    ensure!(
+        output.status.success(),
+        "build-uws failed ({}):\n{}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    ensure!(out.is_file(), "build-uws wrote no {}", out.display());
+    Ok(out)
+}
+
+/// One HTTP/1.1 GET on a fresh connection; returns the status line.
+fn http_status(addr: &str, path: &str) -> Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )?;
+    let mut buf = [0u8; 256];
+    let n = s.read(&mut buf)?;
+    let text = String::from_utf8_lossy(&buf[..n]);
+    Ok(text.lines().next().unwrap_or_default().to_string())
+}
+
+/// The relay wire format of the C++ server in the cases the load generator
+/// never sends: string and number ids (`5` and `"5"` are one id), escaped
+/// ids, payloads of every JSON kind relayed byte for byte, frames that are
+/// not relay frames ignored, an id held by two connections.
+fn check_relay_format(addr: &str) -> Result<()> {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let connect = |id: &str| {
+            let url = format!("ws://{addr}/ws?id={id}");
+            async move {
+                let (ws, _) = tokio::time::timeout(
+                    Duration::from_secs(5),
+                    tokio_tungstenite::connect_async(url),
+                )
+                .await??;
+                anyhow::Ok(ws)
+            }
+        };
+        let mut a = connect("a").await?;
+        let mut five = connect("5").await?;
+        let mut five_again = connect("5").await?;
+        let next = |ws: &mut tokio_tungstenite::WebSocketStream<_>| {
+            let fut = ws.next();
+            async move {
+                match tokio::time::timeout(Duration::from_secs(5), fut).await {
+                    Ok(Some(Ok(Message::Text(t)))) => anyhow::Ok(t.to_string()),
+                    other => bail!("expected a text message, got {other:?}"),
+                }
+            }
+        };
+        let cases = [
+            (r#"{"targets":["5"],"payload":{"x":[1,"y",null]}}"#, r#"{"x":[1,"y",null]}"#),
+            (r#"{ "payload" : "s\"q\u00e9" , "targets" : [ 5 ] }"#, r#""s\"q\u00e9""#),
+            (r#"{"targets":[5,"nobody"],"payload":-1.5e3,"extra":{"k":[]}}"#, "-1.5e3"),
+        ];
+        for (frame, want) in cases {
+            a.send(Message::text(frame)).await?;
+            ensure!(next(&mut five).await? == want, "{frame}: first holder of id 5");
+            ensure!(next(&mut five_again).await? == want, "{frame}: second holder of id 5");
+        }
+        // Not relay frames: ignored, the next valid frame still arrives.
+        for bad in [
+            r#"{"targets":[5],"payload":}"#,
+            r#"{"targets":5,"payload":1}"#,
+            r#"{"payload":1}"#,
+            r#"{"targets":[5],"payload":1} trailing"#,
+            "not json",
+        ] {
+            a.send(Message::text(bad)).await?;
+        }
+        // An escaped id: "\u0061" is "a".
+        five.send(Message::text(r#"{"targets":["\u0061"],"payload":true}"#))
+            .await?;
+        ensure!(next(&mut a).await? == "true", "escaped target id");
+        a.send(Message::text(r#"{"targets":[5],"payload":"after"}"#))
+            .await?;
+        ensure!(next(&mut five).await? == r#""after""#, "valid frame after bad ones");
+        anyhow::Ok(())
+    })
+}
+
+#[test]
+fn uwebsockets_reference_echo_relay_fanout() -> Result<()> {
+    let bin = build_uwebsockets()?;
+    let bin = bin.to_str().context("non-UTF-8 path")?.to_string();
+    check_server(&bin)?;
+    let server = start(&bin)?;
+    assert!(
+        http_status(&server.addr, "/ws")?.contains(" 404 "),
+        "relay without ?id= must be refused"
+    );
+    assert!(http_status(&server.addr, "/heartbeat")?.contains(" 200 "));
+    assert!(http_status(&server.addr, "/elsewhere")?.contains(" 404 "));
+    check_relay_format(&server.addr)
+}
