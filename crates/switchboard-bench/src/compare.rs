@@ -742,12 +742,12 @@ pub(crate) async fn run(args: &CompareArgs) -> Result<CompareReport> {
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 let other = share_of_cpu(&m, "other_cpu_secs");
                 match other {
-                    Some(o) if o > args.disturbed_above && attempt <= args.retries => {
+                    Some(o) if o > args.disturbed_above && attempt <= plan.retries => {
                         println!(
                             "  disturbed: other processes used {:.0}% of a CPU during the window; \
                              repeating in 5 s ({attempt}/{})",
                             o * 100.0,
-                            args.retries
+                            plan.retries
                         );
                         attempt += 1;
                         tokio::time::sleep(Duration::from_secs(5)).await;
