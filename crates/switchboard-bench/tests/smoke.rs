@@ -22,8 +22,13 @@ impl Drop for Server {
 }
 
 fn start(bin: &str) -> Result<Server> {
+    start_with(bin, &[])
+}
+
+fn start_with(bin: &str, extra: &[&str]) -> Result<Server> {
     let mut child = Command::new(bin)
         .args(["--listen", "127.0.0.1:0"])
+        .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -236,14 +241,29 @@ fn check_relay_format(addr: &str) -> Result<()> {
             }
         };
         let cases = [
-            (r#"{"targets":["5"],"payload":{"x":[1,"y",null]}}"#, r#"{"x":[1,"y",null]}"#),
-            (r#"{ "payload" : "s\"q\u00e9" , "targets" : [ 5 ] }"#, r#""s\"q\u00e9""#),
-            (r#"{"targets":[5,"nobody"],"payload":-1.5e3,"extra":{"k":[]}}"#, "-1.5e3"),
+            (
+                r#"{"targets":["5"],"payload":{"x":[1,"y",null]}}"#,
+                r#"{"x":[1,"y",null]}"#,
+            ),
+            (
+                r#"{ "payload" : "s\"q\u00e9" , "targets" : [ 5 ] }"#,
+                r#""s\"q\u00e9""#,
+            ),
+            (
+                r#"{"targets":[5,"nobody"],"payload":-1.5e3,"extra":{"k":[]}}"#,
+                "-1.5e3",
+            ),
         ];
         for (frame, want) in cases {
             a.send(Message::text(frame)).await?;
-            ensure!(next(&mut five).await? == want, "{frame}: first holder of id 5");
-            ensure!(next(&mut five_again).await? == want, "{frame}: second holder of id 5");
+            ensure!(
+                next(&mut five).await? == want,
+                "{frame}: first holder of id 5"
+            );
+            ensure!(
+                next(&mut five_again).await? == want,
+                "{frame}: second holder of id 5"
+            );
         }
         // Not relay frames: ignored, the next valid frame still arrives.
         for bad in [
@@ -261,7 +281,10 @@ fn check_relay_format(addr: &str) -> Result<()> {
         ensure!(next(&mut a).await? == "true", "escaped target id");
         a.send(Message::text(r#"{"targets":[5],"payload":"after"}"#))
             .await?;
-        ensure!(next(&mut five).await? == r#""after""#, "valid frame after bad ones");
+        ensure!(
+            next(&mut five).await? == r#""after""#,
+            "valid frame after bad ones"
+        );
         anyhow::Ok(())
     })
 }
@@ -278,5 +301,9 @@ fn uwebsockets_reference_echo_relay_fanout() -> Result<()> {
     );
     assert!(http_status(&server.addr, "/heartbeat")?.contains(" 200 "));
     assert!(http_status(&server.addr, "/elsewhere")?.contains(" 404 "));
-    check_relay_format(&server.addr)
+    check_relay_format(&server.addr)?;
+    // The variant that sends to each target directly instead of publishing
+    // to per-id topics.
+    let direct = start_with(&bin, &["--direct"])?;
+    check_relay_format(&direct.addr)
 }
