@@ -7,7 +7,7 @@
 // Listens on 127.0.0.1, an ephemeral port; prints "listening on http://ADDR".
 'use strict';
 
-const uWS = require(process.env.UWS_PACKAGE || '@btc-vision/uwebsockets.js');
+const uWS = require(process.env.UWS_PACKAGE || '@trufflesuite/uws-js-unofficial');
 
 uWS
   .App()

@@ -24,7 +24,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../../.."
 SECS=${1:-5}
 ROUNDS=${2:-3}
-UWS_JS=${UWS_JS:-@btc-vision/uwebsockets.js@20.57.0}
+UWS_JS=${UWS_JS:-@trufflesuite/uws-js-unofficial@20.30.0-unofficial.0}
 
 [ "$(id -u)" = 0 ] || { echo "reference-check: needs root (unshare -n)" >&2; exit 1; }
 for tool in unshare ip taskset c++ node npm; do
