@@ -8,7 +8,8 @@
 #                       and an echo server on uWebSockets.js from npm
 #                           (node/uws-echo.js)
 #   ref-fastwebsockets  vs  fastwebsockets' own examples/echo_server.rs
-#                           (compiled from the crate's source in the registry)
+#                           (compiled from the crate's source in the registry),
+#                           as published and with TCP_NODELAY added
 #
 # Nothing of those examples is copied into this repository: they are built
 # in place from the packages cargo downloaded, under target/.
@@ -73,15 +74,26 @@ hyper = { version = "1", features = ["http1", "server"] }
 hyper-util = { version = "0.1", features = ["tokio"] }
 tokio = { version = "1", features = ["full"] }
 anyhow = "1"
+[[bin]]
+name = "fws-example-nodelay"
+path = "nodelay.rs"
 [profile.release]
 codegen-units = 4
 lto = "thin"
 [workspace]
 EOF
+# The same example with TCP_NODELAY on accepted sockets, as every server in
+# compare has (the example leaves Nagle's algorithm on): one line added by
+# sed at build time, into target/ only.
+sed 's/let (stream, _) = listener.accept().await?;/&\n      stream.set_nodelay(true)?;/' \
+  "$FWS/examples/echo_server.rs" >"$WORK/fws-example/nodelay.rs"
+grep -q set_nodelay "$WORK/fws-example/nodelay.rs" ||
+  { echo "reference-check: could not add set_nodelay to the example" >&2; exit 1; }
 echo "building fastwebsockets' examples/echo_server.rs from $FWS"
 CARGO_TARGET_DIR="$PWD/$WORK/fws-example/target" cargo build --release -q \
   --manifest-path "$WORK/fws-example/Cargo.toml"
 FWS_BIN=$WORK/fws-example/target/release/fws-example-echo
+FWS_NODELAY_BIN=$WORK/fws-example/target/release/fws-example-nodelay
 
 # name | command | fixed port (empty: ours print "listening on http://ADDR")
 SERVERS=(
@@ -90,6 +102,7 @@ SERVERS=(
   "uWebSockets.js|env NODE_PATH=$WORK/node/node_modules UWS_PACKAGE=${UWS_JS%@*} node crates/switchboard-bench/node/uws-echo.js|"
   "ref-fastwebsockets|$TARGET/release/ref-fastwebsockets --listen 127.0.0.1:0|"
   "fws-example-echo_server|$FWS_BIN|8080"
+  "fws-example-nodelay|$FWS_NODELAY_BIN|8080"
 )
 
 # One echo run against one server inside the namespace; prints
@@ -153,7 +166,8 @@ med = {key: statistics.median(v) for key, v in rows.items()}
 for (name, k), v in sorted(med.items(), key=lambda kv: (kv[0][1], kv[0][0])):
     print(f"  {name:24} {k}: {v:10.0f}")
 pairs = [("uws-example-EchoServer", "ref-uwebsockets"), ("uWebSockets.js", "ref-uwebsockets"),
-         ("fws-example-echo_server", "ref-fastwebsockets")]
+         ("fws-example-echo_server", "ref-fastwebsockets"),
+         ("fws-example-nodelay", "ref-fastwebsockets")]
 for other, ref in pairs:
     for k in ("k=1", "k=8"):
         if (other, k) in med and (ref, k) in med:

@@ -195,15 +195,29 @@ fn http_status(addr: &str, path: &str) -> Result<String> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr)?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(
-        s,
+    // One write: the request whole, as a client library sends it.
+    let request = format!(
         "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-    )?;
+    );
+    s.write_all(request.as_bytes())?;
     let mut buf = [0u8; 256];
     let n = s.read(&mut buf)?;
     let text = String::from_utf8_lossy(&buf[..n]);
     Ok(text.lines().next().unwrap_or_default().to_string())
+}
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// The next message, which must be text, within 5 s.
+async fn next_text(ws: &mut Ws) -> Result<String> {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    match tokio::time::timeout(Duration::from_secs(5), ws.next()).await {
+        Ok(Some(Ok(Message::Text(t)))) => Ok(t.to_string()),
+        other => bail!("expected a text message, got {other:?}"),
+    }
 }
 
 /// The relay wire format of the C++ server in the cases the load generator
@@ -211,7 +225,7 @@ fn http_status(addr: &str, path: &str) -> Result<String> {
 /// ids, payloads of every JSON kind relayed byte for byte, frames that are
 /// not relay frames ignored, an id held by two connections.
 fn check_relay_format(addr: &str) -> Result<()> {
-    use futures_util::{SinkExt, StreamExt};
+    use futures_util::SinkExt;
     use tokio_tungstenite::tungstenite::Message;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -231,15 +245,6 @@ fn check_relay_format(addr: &str) -> Result<()> {
         let mut a = connect("a").await?;
         let mut five = connect("5").await?;
         let mut five_again = connect("5").await?;
-        let next = |ws: &mut tokio_tungstenite::WebSocketStream<_>| {
-            let fut = ws.next();
-            async move {
-                match tokio::time::timeout(Duration::from_secs(5), fut).await {
-                    Ok(Some(Ok(Message::Text(t)))) => anyhow::Ok(t.to_string()),
-                    other => bail!("expected a text message, got {other:?}"),
-                }
-            }
-        };
         let cases = [
             (
                 r#"{"targets":["5"],"payload":{"x":[1,"y",null]}}"#,
@@ -257,11 +262,11 @@ fn check_relay_format(addr: &str) -> Result<()> {
         for (frame, want) in cases {
             a.send(Message::text(frame)).await?;
             ensure!(
-                next(&mut five).await? == want,
+                next_text(&mut five).await? == want,
                 "{frame}: first holder of id 5"
             );
             ensure!(
-                next(&mut five_again).await? == want,
+                next_text(&mut five_again).await? == want,
                 "{frame}: second holder of id 5"
             );
         }
@@ -278,11 +283,11 @@ fn check_relay_format(addr: &str) -> Result<()> {
         // An escaped id: "\u0061" is "a".
         five.send(Message::text(r#"{"targets":["\u0061"],"payload":true}"#))
             .await?;
-        ensure!(next(&mut a).await? == "true", "escaped target id");
+        ensure!(next_text(&mut a).await? == "true", "escaped target id");
         a.send(Message::text(r#"{"targets":[5],"payload":"after"}"#))
             .await?;
         ensure!(
-            next(&mut five).await? == r#""after""#,
+            next_text(&mut five).await? == r#""after""#,
             "valid frame after bad ones"
         );
         anyhow::Ok(())

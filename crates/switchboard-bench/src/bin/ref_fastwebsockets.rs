@@ -213,7 +213,17 @@ fn listen_addr() -> String {
     addr
 }
 
-#[tokio::main]
+// A current-thread runtime, as in fastwebsockets' own examples
+// (`examples/echo_server.rs`); `compare` pins every server to one CPU anyway.
+// scripts/reference-check.sh holds this server against that example (issue
+// #15, target 6): with TCP_NODELAY set on both, echo per server CPU-second
+// came out 0.98-1.00x of the example's (busy machine, 3 rounds of 3 s).
+// Without TCP_NODELAY (the example as published) Nagle's algorithm
+// coalesces the 8 in-flight echoes of a connection into fewer segments,
+// which made the example ~2.4x this server at 8 in flight (0.42x the other
+// way) and ~1.15x at 1; every server compared here sets TCP_NODELAY
+// (uWebSockets always does, Switchboard does), so this one keeps it.
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> std::io::Result<()> {
     let listener = TcpListener::bind(listen_addr()).await?;
     println!("listening on http://{}", listener.local_addr()?);
