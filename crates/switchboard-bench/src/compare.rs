@@ -1884,6 +1884,53 @@ mod tests {
     use super::*;
 
     #[test]
+    fn refuses_a_load_share_outside_0_to_1() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: CompareArgs,
+        }
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let dir = std::env::temp_dir().join(format!("sb-share-{}", std::process::id()));
+        for share in ["0", "1.5", "-0.5", "NaN"] {
+            let cli = <Cli as clap::Parser>::try_parse_from([
+                "compare",
+                "--no-build",
+                &format!("--relay-load-share={share}"),
+                "--workspace",
+                dir.to_str().expect("utf-8 temp dir"),
+            ])
+            .expect("parses");
+            let err = rt
+                .block_on(run(&cli.args))
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(
+                err.contains(&format!(
+                    "--relay-load-share {}",
+                    share.parse::<f64>().unwrap_or(0.0)
+                )) || err.contains("--relay-load-share NaN"),
+                "{share}: {err}"
+            );
+            assert!(err.contains("above 0 and at most 1"), "{share}: {err}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn rate_limited_keys_are_recognised() {
+        let key = rate_limited_key(1000, 0.5);
+        assert_eq!(key, "relay-n1000-at-50pct-of-max");
+        assert!(is_rate_limited_key(&key));
+        assert!(!is_rate_limited_key("relay-n1000"));
+        assert!(!is_rate_limited_key("relay-v1-n1000"));
+    }
+
+    #[test]
     fn finds_listening_address() {
         let line = "\u{1b}[2m2025-01-01T00:00:00Z\u{1b}[0m \u{1b}[32m INFO\u{1b}[0m switchboard: listening on http://127.0.0.1:41234";
         assert_eq!(

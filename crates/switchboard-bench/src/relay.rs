@@ -649,7 +649,34 @@ async fn client(
 
 #[cfg(test)]
 mod tests {
-    use super::target_of;
+    use super::{Protocol, RelayArgs, run, target_of};
+
+    #[test]
+    fn refuses_a_rate_that_is_not_positive() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        for rate in [0.0, -5.0, f64::NAN, f64::INFINITY] {
+            let args = RelayArgs {
+                urls: vec!["ws://127.0.0.1:9/ws".into()],
+                clients: 2,
+                inflight: 1,
+                duration: 0.1,
+                drain: 0.1,
+                server_pids: Vec::new(),
+                connect_concurrency: 1,
+                rate: Some(rate),
+                protocol: Protocol::Plain,
+            };
+            let err = rt.block_on(run(&args)).err().map(|e| e.to_string());
+            let err = err.unwrap_or_default();
+            assert!(
+                err.contains("--rate") && err.contains("positive number of messages per second"),
+                "rate {rate}: {err}"
+            );
+        }
+    }
 
     #[test]
     fn targets_are_peers_and_spread() {

@@ -121,6 +121,28 @@ fn check_server(bin: &str) -> Result<()> {
     assert_eq!(u(&relay, "delivered")?, u(&relay, "sent")?);
     assert_eq!(u(&relay, "misdelivered")?, 0);
 
+    // Open loop: 400 messages per second in all for 1 s, whatever the
+    // server answers (the window may overrun on a busy machine, hence the
+    // loose upper bound).
+    let paced = bench(&[
+        "relay",
+        "--url",
+        &relay_url,
+        "-n",
+        "8",
+        "--duration",
+        "1",
+        "--rate",
+        "400",
+        "--server-pid",
+        &pid,
+    ])?;
+    assert_eq!(paced["ok"], true, "{paced}");
+    assert_eq!(paced["offered_rate"], 400.0, "{paced}");
+    let sent = u(&paced, "sent")?;
+    assert!((300..=1200).contains(&sent), "sent {sent} at 400/s for 1 s");
+    assert_eq!(u(&paced, "lost")?, 0);
+
     let fanout = bench(&[
         "fanout", "--via", "relay", "--url", &relay_url, "-n", "20", "-m", "10",
     ])?;
