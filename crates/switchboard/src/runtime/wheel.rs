@@ -160,6 +160,7 @@ impl TimerWheel {
     }
 
     /// The wheel's tick: how late a deadline may fire.
+    #[cfg(test)]
     pub(crate) fn tick(&self) -> Duration {
         self.tick
     }
