@@ -961,8 +961,9 @@ async fn pings_keep_idle_clients_open_through_the_tunnel_timeout() {
         let redis = Redis::start();
         let (n1, n2, n3) = start_cluster(
             &redis,
-            // A pong timeout under the interval: the node's next ping
-            // comes max(ping_interval, pong_timeout) after a pong.
+            // A pong timeout under the interval (the next ping comes one
+            // interval after the pong either way, since the keepalive is
+            // re-armed on the read that answers a ping).
             &["--ping-interval", ping_interval, "--pong-timeout", "500ms"],
         )
         .await;
