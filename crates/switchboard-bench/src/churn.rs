@@ -98,11 +98,13 @@ async fn one(url: &WsUrl, i: usize, source_addrs: u8) -> Result<()> {
     let waited = tokio::time::timeout(Duration::from_secs(10), async {
         let mut closed = false;
         loop {
-            if reader.fill(&mut stream).await? == 0 {
-                if !closed {
-                    bail!("EOF before the server's close frame");
+            // `fill` reports EOF as an error: after the close frame it is
+            // the FIN we wait for.
+            if let Err(err) = reader.fill(&mut stream).await {
+                if closed {
+                    return Ok(());
                 }
-                return Ok(());
+                return Err(err.context("before the server's close frame"));
             }
             while let Some(message) = reader.next_message()? {
                 if let Message::Close = message {
