@@ -431,12 +431,10 @@ impl Backend for MemoryBackend {
         };
         if let Some(at) = entry.conns.iter().position(|c| c.id() == conn)
             && let Some(gone) = entry.conns.remove(at)
+            && gone.is_v1()
+            && let Some(inbox) = entry.inbox.as_mut()
         {
-            if gone.is_v1()
-                && let Some(inbox) = entry.inbox.as_mut()
-            {
-                inbox.detach(Instant::now());
-            }
+            inbox.detach(Instant::now());
         }
         if entry.conns.is_empty() && entry.inbox.is_none() {
             shard.remove(id);
