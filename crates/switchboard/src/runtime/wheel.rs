@@ -221,6 +221,12 @@ impl TimerWheel {
     /// the task's waker is in the wheel and returns `Pending`. An unarmed
     /// timer is always `Pending`. Takes no lock unless it registers the
     /// waker: once per arm, and again for a deadline beyond the ring.
+    ///
+    /// The waker is the one of the poll that registered; a later poll with
+    /// another waker is not seen (checking would take the lock on every
+    /// poll). Fine for a connection, which is always polled by its own
+    /// task (`handler::session::spawn`); a caller polling through a
+    /// combinator that changes wakers must set the timer again.
     pub(crate) fn poll(self: &Arc<Self>, timer: &mut Timer, cx: &mut Context<'_>) -> Poll<()> {
         if timer.tick == UNARMED {
             return Poll::Pending;
