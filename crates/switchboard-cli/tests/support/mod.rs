@@ -8,6 +8,7 @@
 #![allow(dead_code, unreachable_pub, missing_docs)]
 
 pub mod redis;
+pub mod redis_cluster;
 
 use std::io::{BufRead as _, Read as _};
 use std::net::SocketAddr;
