@@ -199,6 +199,50 @@ impl RedisCluster {
     }
 }
 
+impl RedisCluster {
+    /// Moves `slot` (and its keys) to the master on `to`, step by step as
+    /// `redis-cli --cluster reshard` does: `IMPORTING` on the target,
+    /// `MIGRATING` on the source, `MIGRATE` of the keys, then `SETSLOT
+    /// NODE` on both and on every other master. Clients meanwhile get
+    /// `ASK` for keys already moved, then `MOVED`.
+    pub fn migrate_slot(&self, slot: u16, to: u16) {
+        let from = self.master_of_slot(slot);
+        if from == to {
+            return;
+        }
+        let (from_id, to_id) = (self.node_id(from), self.node_id(to));
+        let slot_text = slot.to_string();
+        let ok = |port: u16, args: &[&str]| {
+            let reply = self.command(port, args);
+            assert!(!matches!(reply, Resp::Error(_)), ":{port} {args:?}: {reply:?}");
+            reply
+        };
+        ok(to, &["CLUSTER", "SETSLOT", &slot_text, "IMPORTING", &from_id]);
+        ok(from, &["CLUSTER", "SETSLOT", &slot_text, "MIGRATING", &to_id]);
+        for _ in 0..10_000 {
+            let Resp::Array(keys) = ok(from, &["CLUSTER", "GETKEYSINSLOT", &slot_text, "100"]) else {
+                panic!("GETKEYSINSLOT")
+            };
+            if keys.is_empty() {
+                break;
+            }
+            let keys: Vec<String> = keys.iter().map(Resp::text).collect();
+            let to_port = to.to_string();
+            let mut args = vec!["MIGRATE", "127.0.0.1", &to_port, "", "0", "5000", "KEYS"];
+            args.extend(keys.iter().map(String::as_str));
+            ok(from, &args);
+        }
+        for port in [to, from] {
+            ok(port, &["CLUSTER", "SETSLOT", &slot_text, "NODE", &to_id]);
+        }
+        for port in self.live_ports() {
+            if port != to && port != from && self.masters_seen_by(port).contains(&port) {
+                let _ = self.command(port, &["CLUSTER", "SETSLOT", &slot_text, "NODE", &to_id]);
+            }
+        }
+    }
+}
+
 fn spawn_server(dir: &TempDir) -> ClusterServer {
     let port = free_port();
     let bus = free_port();

@@ -10,7 +10,10 @@ pub const MIN_PRESENCE_TTL: Duration = Duration::from_secs(1);
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct RedisConfig {
-    /// `redis://[user:password@]host:port[/db]`.
+    /// `redis://[user:password@]host:port[/db]` for one Redis, or
+    /// `redis+cluster://[user:password@]host:port[,host:port…]`: seed nodes
+    /// of a Redis Cluster (any of its masters or replicas; the client
+    /// learns the rest from them).
     pub url: String,
     /// Prefix of every key and channel, so several clusters can share one
     /// Redis. Default `switchboard`.
@@ -44,9 +47,7 @@ impl RedisConfig {
 
     /// Checks every field; the error names the one to fix.
     pub fn validate(&self) -> Result<(), RedisConfigError> {
-        ::redis::Client::open(self.url.as_str()).map_err(|err| RedisConfigError::Url {
-            message: err.to_string(),
-        })?;
+        super::conn::RedisClient::open(&self.url)?;
         let node_ok = (1..=64).contains(&self.node_id.len())
             && self
                 .node_id

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use ::redis::aio::MultiplexedConnection;
+use super::conn::RedisConn;
 use ::redis::{PushInfo, PushKind, Value};
 use bytes::Bytes;
 use tokio::sync::mpsc;
@@ -232,7 +232,7 @@ impl Shared {
     /// live ones' deadlines until the next heartbeat read.
     async fn check_alive(
         &self,
-        conn: &mut MultiplexedConnection,
+        conn: &mut RedisConn,
         members: &[String],
     ) -> Result<HashSet<String>, ::redis::RedisError> {
         let (time, scores): (Value, Value) = ::redis::pipe()

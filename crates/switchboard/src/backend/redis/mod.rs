@@ -59,7 +59,6 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
-use ::redis::aio::MultiplexedConnection;
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::{Notify, mpsc, watch};
 
@@ -79,6 +78,7 @@ use crate::runtime::delivery::Envelope;
 use crate::runtime::mailbox::{ConnId, ConnRef};
 
 mod config;
+mod conn;
 mod dedup;
 mod delivery;
 mod gate;
@@ -96,6 +96,7 @@ mod v1_conns;
 mod wire;
 
 pub use config::{MIN_PRESENCE_TTL, RedisConfig, RedisConfigError, default_node_id};
+use conn::{RedisClient, RedisConn};
 use gate::Gate;
 use keys::Keys;
 use link::supervise;
@@ -144,7 +145,7 @@ pub enum RedisFailure {
 /// The current connection to Redis and the member name it registered.
 #[derive(Clone)]
 struct Link {
-    conn: MultiplexedConnection,
+    conn: RedisConn,
     member: Arc<str>,
 }
 
@@ -206,7 +207,7 @@ struct Shared {
     /// This `Shared` itself, for the tasks it starts.
     me: Weak<Shared>,
     config: RedisConfig,
-    client: ::redis::Client,
+    client: RedisClient,
     keys: Keys,
     /// `node_id#`: members named like this node (this process's, or a
     /// twin's).
@@ -445,15 +446,7 @@ impl RedisBackend {
         limits: &Limits,
     ) -> Result<Arc<Self>, RedisConfigError> {
         config.validate()?;
-        let mut info = ::redis::IntoConnectionInfo::into_connection_info(config.url.as_str())
-            .map_err(|err| RedisConfigError::Url {
-                message: err.to_string(),
-            })?;
-        // RESP3: pushes (messages) and replies share one connection.
-        info.redis.protocol = ::redis::ProtocolVersion::RESP3;
-        let client = ::redis::Client::open(info).map_err(|err| RedisConfigError::Url {
-            message: err.to_string(),
-        })?;
+        let client = RedisClient::open(&config.url)?;
         let (stop, _) = watch::channel(false);
         let (failure, _) = watch::channel(None);
         let instance = format!("{}#{}", config.node_id, link::random_token());
