@@ -78,13 +78,22 @@ impl Node {
         self.server.addr
     }
 
+    /// Waits until `/heartbeat` says ok; panics with the node's logs.
     async fn wait_healthy(&self, limit: Duration) {
-        let addr = self.addr();
-        wait_for(&format!("node {} healthy", self.name), limit, || async move {
-            let (status, body) = http(addr, "GET", "/heartbeat", None).await;
-            (status == 200 && body == r#"{"status":"ok"}"#).then_some(())
-        })
-        .await;
+        let deadline = Instant::now() + limit;
+        loop {
+            let (status, body) = http(self.addr(), "GET", "/heartbeat", None).await;
+            if status == 200 && body == r#"{"status":"ok"}"# {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {} not healthy after {limit:?}: {body}\n{}",
+                self.name,
+                self.server.log.lock().expect("log").join("\n")
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
     }
 
     async fn send(&self, targets: Value, payload: Value) -> Value {

@@ -98,7 +98,8 @@ impl RedisCluster {
                     info.contains("cluster_state:ok")
                         && info.contains(&format!("cluster_known_nodes:{}", self.servers.len()))
                 })
-            }) && self.masters_agree();
+            }) && self.masters_agree()
+                && self.replicas_synced();
             if ok {
                 return;
             }
@@ -126,7 +127,22 @@ impl RedisCluster {
                 masters
             })
             .collect();
-        views.windows(2).all(|w| w[0] == w[1]) && views.first().is_some_and(|v| v.len() == 3)
+        let live = self.live_ports();
+        views.windows(2).all(|w| w[0] == w[1])
+            && views
+                .first()
+                .is_some_and(|v| v.len() == 3 && v.iter().all(|m| live.contains(m)))
+    }
+
+    /// Whether every running replica has finished its sync with its
+    /// master (a replica that never synced cannot be promoted).
+    fn replicas_synced(&self) -> bool {
+        self.live_ports().into_iter().all(|port| {
+            command_at(port, &["INFO", "replication"]).is_ok_and(|info| {
+                let info = info.text();
+                info.contains("role:master") || info.contains("master_link_status:up")
+            })
+        })
     }
 
     /// The ports of the masters (with slots, not failed) that the server
@@ -253,6 +269,9 @@ fn spawn_server(dir: &TempDir) -> ClusterServer {
         .args(["--cluster-config-file", &dir.join(&format!("nodes-{port}.conf"))])
         .args(["--cluster-node-timeout", &NODE_TIMEOUT_MS.to_string()])
         .args(["--save", "", "--appendonly", "no"])
+        // A replica's first sync at once (the default waits 5 s for
+        // other replicas to share the transfer).
+        .args(["--repl-diskless-sync-delay", "0"])
         .args(["--dir", &dir.join("")])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
