@@ -23,11 +23,11 @@ use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
-use support::{
-    Client, Guard, STARTUP, Server, TempFile, WAIT, drain, http, next_message,
-    next_text, run_to_exit, switchboard, try_next, wait_for, ws_connect,
-};
 use support::redis::{Redis, Resp};
+use support::{
+    Client, Guard, STARTUP, Server, TempFile, WAIT, drain, http, next_message, next_text,
+    run_to_exit, switchboard, try_next, wait_for, ws_connect,
+};
 
 /// The presence TTL the nodes run with in these tests.
 const TTL: Duration = Duration::from_secs(2);
@@ -491,7 +491,6 @@ impl NodeOptions {
 // ---------------------------------------------------------------------------
 // Clients
 // ---------------------------------------------------------------------------
-
 
 /// Asserts that nothing more arrives within a short while (exactly once).
 async fn assert_quiet(client: &mut Client, who: &str) {

@@ -112,7 +112,6 @@ async fn cluster(redis: &Redis, v1: &str) -> (TempFile, [Node; 3]) {
     (config, [a, b, c])
 }
 
-
 // ---------------------------------------------------------------------------
 // v1 clients
 // ---------------------------------------------------------------------------
@@ -410,7 +409,10 @@ async fn a_flushed_redis_resets_the_inbox_and_closes_live_v1_clients_4101() {
     assert_eq!(ack["retained"], json!(["bob", "carol"]), "{ack}");
     assert_eq!(next_of(&mut carol, "msg").await["seq"], 1);
 
-    assert_eq!(redis.command_ok(&["FLUSHALL"]), Resp::Simple("OK".to_owned()));
+    assert_eq!(
+        redis.command_ok(&["FLUSHALL"]),
+        Resp::Simple("OK".to_owned())
+    );
     // carol's node notices the lost inbox at its next refresh at the
     // latest: "reconnect and resume".
     let code = match tokio::time::timeout(WAIT, carol.next()).await {
@@ -676,7 +678,8 @@ async fn three_senders_on_three_nodes_reach_one_receiver_gap_free_while_redis_co
                 // depending on the Redis version.
                 for kind in ["pubsub", "normal"] {
                     if let Resp::Int(n) =
-                        command_at(port, &["CLIENT", "KILL", "TYPE", kind]).expect("CLIENT KILL") {
+                        command_at(port, &["CLIENT", "KILL", "TYPE", kind]).expect("CLIENT KILL")
+                    {
                         killed += n;
                     }
                 }

@@ -312,7 +312,6 @@ impl Balancer {
 // Clients
 // ---------------------------------------------------------------------------
 
-
 /// How an upgrade through the balancer went.
 enum Upgrade {
     Open(Box<Ws>),

@@ -39,9 +39,19 @@ struct Node {
 
 impl Node {
     async fn start(url: &str, name: &str) -> Self {
-        let config = TempFile::config(
-            "[v1]\ninbox_ttl = \"60s\"\npresence_leave_delay = \"300ms\"\n",
-        );
+        let config =
+            TempFile::config("[v1]\ninbox_ttl = \"60s\"\npresence_leave_delay = \"300ms\"\n");
+        let node = Self {
+            name: name.to_owned(),
+            server: Server::spawn(Self::command(url, name, &config)),
+            _config: config,
+        };
+        node.wait_healthy(STARTUP).await;
+        node
+    }
+
+    /// The command line of node `name` on the cluster at `url`.
+    fn command(url: &str, name: &str, config: &TempFile) -> std::process::Command {
         let mut command = support::switchboard();
         command.args([
             "--listen",
@@ -65,13 +75,7 @@ impl Node {
             "--drain-grace",
             "0s",
         ]);
-        let node = Self {
-            name: name.to_owned(),
-            server: Server::spawn(command),
-            _config: config,
-        };
-        node.wait_healthy(STARTUP).await;
-        node
+        command
     }
 
     fn addr(&self) -> SocketAddr {
@@ -203,7 +207,8 @@ async fn assert_quiet(client: &mut Client, who: &str) {
 fn masters_with_keys(cluster: &RedisCluster) -> BTreeSet<u16> {
     let mut masters = BTreeSet::new();
     for port in cluster.live_ports() {
-        let Resp::Array(parts) = cluster.command(port, &["SCAN", "0", "MATCH", "sbrc*", "COUNT", "10000"])
+        let Resp::Array(parts) =
+            cluster.command(port, &["SCAN", "0", "MATCH", "sbrc*", "COUNT", "10000"])
         else {
             panic!("SCAN")
         };
@@ -263,7 +268,10 @@ async fn the_cross_node_suite_runs_on_a_redis_cluster() {
     for client in [&mut alice, &mut bob_b, &mut carol] {
         let frame = json!({"type": "subscribe", "topic": "news"}).to_string();
         client.send(WsMessage::text(frame)).await.expect("send");
-        assert_eq!(next_text(client).await, json!({"subscribed": "news"}).to_string());
+        assert_eq!(
+            next_text(client).await,
+            json!({"subscribed": "news"}).to_string()
+        );
     }
     let channel = format!("{PREFIX}:t:news");
     let owner = cluster.master_of_slot(cluster.slot_of(&channel));
@@ -285,7 +293,11 @@ async fn the_cross_node_suite_runs_on_a_redis_cluster() {
         serde_json::from_str::<Value>(&answer).expect("JSON"),
         json!({"recipients": 3})
     );
-    for (client, who) in [(&mut alice, "alice"), (&mut bob_b, "bob on b"), (&mut carol, "carol")] {
+    for (client, who) in [
+        (&mut alice, "alice"),
+        (&mut bob_b, "bob on b"),
+        (&mut carol, "carol"),
+    ] {
         assert_eq!(next_text(client).await, r#""extra""#, "{who}");
         assert_quiet(client, who).await;
     }
@@ -350,13 +362,21 @@ async fn the_cross_node_suite_runs_on_a_redis_cluster() {
     assert_eq!(back["resume"]["replayed"], 20, "{back}");
     for n in 1..=20u64 {
         let msg = next_frame(&mut dave).await;
-        assert_eq!((msg["seq"].clone(), msg["payload"].clone()), (json!(n), json!(n)), "{msg}");
+        assert_eq!(
+            (msg["seq"].clone(), msg["payload"].clone()),
+            (json!(n), json!(n)),
+            "{msg}"
+        );
     }
 
     // Topic presence across nodes: members on a and c, a watcher on b.
     for (node, id) in [(&a, "pm1"), (&c, "pm2")] {
         let (mut member, _) = node.hello(id, None).await;
-        send_frame(&mut member, &json!({"type": "subscribe", "id": 1, "topic": "room"})).await;
+        send_frame(
+            &mut member,
+            &json!({"type": "subscribe", "id": 1, "topic": "room"}),
+        )
+        .await;
         let ack = next_frame(&mut member).await;
         assert!(ack.get("error").is_none(), "{ack}");
         std::mem::forget(member);
@@ -380,6 +400,18 @@ async fn the_cross_node_suite_runs_on_a_redis_cluster() {
         ["pm1", "pm2", "watcher"].map(str::to_owned).into(),
         "{ack}"
     );
+    // A join on c reaches the watcher on b (the event is published by the
+    // script, on the topic's shard channel).
+    let (mut pm3, _) = c.hello("pm3", None).await;
+    send_frame(
+        &mut pm3,
+        &json!({"type": "subscribe", "id": 1, "topic": "room"}),
+    )
+    .await;
+    next_frame(&mut pm3).await;
+    let event = next_frame(&mut watcher).await;
+    assert_eq!(event["type"], "presence", "{event}");
+    assert_eq!(event["joins"][0]["id"], "pm3", "{event}");
 
     // The keys are spread over the masters, not on one.
     let masters = masters_with_keys(&cluster);
@@ -418,7 +450,12 @@ impl Load {
                         Err(_) => {}
                         Ok(Some(Ok(WsMessage::Text(text)))) => {
                             let n: u64 = text.parse().expect("a number payload");
-                            received.lock().expect("lock").entry(id.clone()).or_default().push(n);
+                            received
+                                .lock()
+                                .expect("lock")
+                                .entry(id.clone())
+                                .or_default()
+                                .push(n);
                         }
                         Ok(Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_)))) => {}
                         other => panic!("receiver {id} broke: {other:?}"),
@@ -583,27 +620,88 @@ async fn migrating_slots_under_load_loses_nothing() {
     keys.extend((0..6).map(|i| format!("{PREFIX}:loc:r{i}")));
     let masters = cluster.masters_seen_by(owner);
     let mut moved = 0;
+    let before = load.sent();
     for key in &keys {
         let slot = cluster.slot_of(key);
         let from = cluster.master_of_slot(slot);
-        let to = *masters.iter().find(|m| **m != from).expect("another master");
+        let to = *masters
+            .iter()
+            .find(|m| **m != from)
+            .expect("another master");
         cluster.migrate_slot(slot, to);
         moved += 1;
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // And a bulk reshard by redis-cli.
     let from = cluster.master_of_slot(0);
-    let to = *masters.iter().find(|m| **m != from).expect("another master");
+    let to = *masters
+        .iter()
+        .find(|m| **m != from)
+        .expect("another master");
     cluster.reshard(from, to, 300);
     cluster.wait_ok(Duration::from_secs(30));
     for node in [&a, &b, &c] {
         node.wait_healthy(Duration::from_secs(30)).await;
     }
+    let during = load.sent() - before;
     load.wait_all_delivered(50, Duration::from_secs(30)).await;
+    // Every node's inbox channel has its listener on the slot's new owner.
+    for key in keys.iter().filter(|k| k.contains(":n:")) {
+        let owner = cluster.master_of_slot(cluster.slot_of(key));
+        let listeners = support::redis::command_at(owner, &["PUBSUB", "SHARDNUMSUB", key])
+            .expect("PUBSUB SHARDNUMSUB");
+        assert!(
+            matches!(&listeners, Resp::Array(items) if items.get(1) == Some(&Resp::Int(1))),
+            "{key} on :{owner}: {listeners:?}"
+        );
+    }
+    let count_logs = |text: &str| -> Vec<usize> {
+        [&a, &b, &c]
+            .iter()
+            .map(|n| {
+                let log = n.server.log.lock().expect("log");
+                log.iter().filter(|l| l.contains(text)).count()
+            })
+            .collect()
+    };
+    let reconnects = count_logs("connected to redis");
+    let resubscribed = count_logs("subscribed again");
     let (sent, delivered, other) = load.finish().await;
     println!(
-        "{moved} slots migrated one by one and 300 resharded under load: {sent} sends, \
-         {delivered} deliveries reported and received once, {other} reported otherwise"
+        "{moved} slots migrated one by one and 300 resharded under load: {sent} sends \
+         ({during} during the migrations), {delivered} deliveries reported and received once, \
+         {other} reported otherwise; connections to the cluster per node: {reconnects:?}, \
+         shard channels subscribed again per node: {resubscribed:?}"
     );
-    assert!(sent > 100, "the load ran: {sent} sends");
+    // Each node's inbox channel moved at least once: each node followed.
+    assert!(
+        resubscribed.iter().all(|n| *n >= 1),
+        "every node subscribed its moved inbox channel again: {resubscribed:?}"
+    );
+    assert!(
+        during >= 10,
+        "the load ran during the migrations: {during} sends"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_process_with_a_node_id_in_use_on_the_cluster_refuses_to_start() {
+    let (cluster, [a, _b, _c]) = start().await;
+    let config = TempFile::config("");
+    let twin = Node::command(&cluster.url(), "a", &config);
+    let finished = tokio::task::spawn_blocking(move || support::run_to_exit(twin))
+        .await
+        .expect("the twin ran");
+    assert_eq!(
+        finished.code(),
+        Some(2),
+        "the second \"a\" must refuse to run; stderr:\n{}",
+        finished.stderr
+    );
+    assert!(
+        finished.stderr.contains("node id \"a\""),
+        "{}",
+        finished.stderr
+    );
+    a.wait_healthy(WAIT).await;
 }

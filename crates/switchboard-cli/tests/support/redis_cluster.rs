@@ -230,13 +230,23 @@ impl RedisCluster {
         let slot_text = slot.to_string();
         let ok = |port: u16, args: &[&str]| {
             let reply = self.command(port, args);
-            assert!(!matches!(reply, Resp::Error(_)), ":{port} {args:?}: {reply:?}");
+            assert!(
+                !matches!(reply, Resp::Error(_)),
+                ":{port} {args:?}: {reply:?}"
+            );
             reply
         };
-        ok(to, &["CLUSTER", "SETSLOT", &slot_text, "IMPORTING", &from_id]);
-        ok(from, &["CLUSTER", "SETSLOT", &slot_text, "MIGRATING", &to_id]);
+        ok(
+            to,
+            &["CLUSTER", "SETSLOT", &slot_text, "IMPORTING", &from_id],
+        );
+        ok(
+            from,
+            &["CLUSTER", "SETSLOT", &slot_text, "MIGRATING", &to_id],
+        );
         for _ in 0..10_000 {
-            let Resp::Array(keys) = ok(from, &["CLUSTER", "GETKEYSINSLOT", &slot_text, "100"]) else {
+            let Resp::Array(keys) = ok(from, &["CLUSTER", "GETKEYSINSLOT", &slot_text, "100"])
+            else {
                 panic!("GETKEYSINSLOT")
             };
             if keys.is_empty() {
@@ -266,7 +276,10 @@ fn spawn_server(dir: &TempDir) -> ClusterServer {
         .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
         .args(["--cluster-enabled", "yes"])
         .args(["--cluster-port", &bus.to_string()])
-        .args(["--cluster-config-file", &dir.join(&format!("nodes-{port}.conf"))])
+        .args([
+            "--cluster-config-file",
+            &dir.join(&format!("nodes-{port}.conf")),
+        ])
         .args(["--cluster-node-timeout", &NODE_TIMEOUT_MS.to_string()])
         .args(["--save", "", "--appendonly", "no"])
         // A replica's first sync at once (the default waits 5 s for
@@ -328,7 +341,8 @@ fn parse_nodes(text: &str) -> Vec<NodeLine> {
             Some(NodeLine {
                 port,
                 master: flags.contains("master"),
-                failed: flags.contains("fail") && !flags.contains("fail?") || flags.contains("noaddr"),
+                failed: flags.contains("fail") && !flags.contains("fail?")
+                    || flags.contains("noaddr"),
                 slots: ranges.iter().map(|r| r.clone().count()).sum(),
                 ranges,
             })

@@ -25,7 +25,7 @@ use ::redis::{
 use super::config::RedisConfigError;
 
 /// The scheme of a cluster URL: `redis+cluster://host:port,host:port`.
-pub const CLUSTER_SCHEME: &str = "redis+cluster://";
+pub(super) const CLUSTER_SCHEME: &str = "redis+cluster://";
 
 /// Number of hash slots of a Redis Cluster.
 const SLOTS: u16 = 16_384;
@@ -361,7 +361,10 @@ mod tests {
             let Err(RedisConfigError::Url { message }) = RedisClient::open(bad) else {
                 panic!("{bad} must be refused");
             };
-            assert!(message.contains("redis+cluster://[user:password@]host:port"), "{message}");
+            assert!(
+                message.contains("redis+cluster://[user:password@]host:port"),
+                "{message}"
+            );
         }
     }
 

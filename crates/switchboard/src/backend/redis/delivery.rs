@@ -28,11 +28,12 @@ type Located = Vec<(String, Vec<usize>)>;
 
 impl Shared {
     /// Called by the Redis connection's reader for every push, in order.
-    pub(super) fn on_push(&self, epoch: &Epoch, info: PushInfo) {
+    pub(super) fn on_push(&self, epoch: &Arc<Epoch>, info: PushInfo) {
         match info.kind {
             PushKind::Disconnection => {
                 epoch.lost.notify_one();
             }
+            PushKind::SUnsubscribe => self.on_shard_unsubscribed(epoch, info.data),
             PushKind::SMessage => {
                 let mut data = info.data.into_iter();
                 let (Some(Value::BulkString(channel)), Some(Value::BulkString(message))) =

@@ -89,6 +89,7 @@ mod nodes;
 mod presence;
 mod presence_members;
 mod replies;
+mod resubscribe;
 mod scripts;
 mod stats;
 mod topics;

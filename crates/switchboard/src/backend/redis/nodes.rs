@@ -7,8 +7,8 @@
 //! asks at most once every 2 seconds however many dashboards are open, and
 //! only while one is; the listing is bounded by `request_timeout`.
 
-use ::redis::Value;
 use super::conn::RedisConn;
+use ::redis::Value;
 
 use super::Shared;
 use super::keys::Keys;

@@ -27,8 +27,8 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use ::redis::Value;
 use super::conn::RedisConn;
+use ::redis::Value;
 
 use super::keys::Keys;
 use super::link::random_u32;

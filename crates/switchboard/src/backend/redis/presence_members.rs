@@ -51,8 +51,8 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use ::redis::Value;
 use super::conn::RedisConn;
+use ::redis::Value;
 use parking_lot::Mutex;
 use tokio::sync::{mpsc, oneshot};
 
@@ -870,10 +870,7 @@ impl Shared {
 
     /// Refreshes this instance's deadline and removes the presence of
     /// instances whose deadline has passed.
-    async fn presence_beat(
-        &self,
-        conn: &mut RedisConn,
-    ) -> Result<(), ::redis::RedisError> {
+    async fn presence_beat(&self, conn: &mut RedisConn) -> Result<(), ::redis::RedisError> {
         let ttl_ms = self.config.presence_ttl.as_millis() as u64;
         let instances = self.keys.presence_instances();
         let removed: i64 = ::redis::cmd("EVAL")
@@ -971,10 +968,7 @@ impl Shared {
     }
 
     /// Finalises the pending leaves that are due and that this node claims.
-    async fn presence_sweep(
-        &self,
-        conn: &mut RedisConn,
-    ) -> Result<(), ::redis::RedisError> {
+    async fn presence_sweep(&self, conn: &mut RedisConn) -> Result<(), ::redis::RedisError> {
         let pending = self.keys.presence_pending();
         let due: Value = ::redis::cmd("EVAL")
             .arg(DUE)
