@@ -705,3 +705,45 @@ async fn a_second_process_with_a_node_id_in_use_on_the_cluster_refuses_to_start(
     );
     a.wait_healthy(WAIT).await;
 }
+
+#[test]
+fn a_bad_cluster_url_exits_2_naming_redis_url_and_the_fix() {
+    for (url, why) in [
+        (
+            "redis+cluster://127.0.0.1:7000,,127.0.0.1:7001",
+            "a seed node is empty",
+        ),
+        (
+            "redis+cluster://127.0.0.1",
+            "seed node \"127.0.0.1\" needs host:port",
+        ),
+        ("redis+cluster://127.0.0.1:7000/2", "only database 0"),
+        ("redis+cluster://user:secret@127.0.0.1:x", "needs host:port"),
+    ] {
+        let mut command = support::switchboard();
+        command.args([
+            "--listen",
+            "127.0.0.1:0",
+            "--backend",
+            "redis",
+            "--redis-url",
+            url,
+        ]);
+        let finished = support::run_to_exit(command);
+        assert_eq!(finished.code(), Some(2), "{url}: {}", finished.stderr);
+        assert!(
+            finished.stderr.contains("redis.url")
+                && finished.stderr.contains(why)
+                && finished
+                    .stderr
+                    .contains("redis+cluster://[user:password@]host:port[,host:port"),
+            "{url}: {}",
+            finished.stderr
+        );
+        assert!(
+            !finished.stderr.contains("secret"),
+            "no password in errors: {}",
+            finished.stderr
+        );
+    }
+}

@@ -125,7 +125,7 @@ impl RedisClient {
 fn cluster_seeds(url: &str) -> Result<Vec<ConnectionInfo>, RedisConfigError> {
     let bad = |why: String| RedisConfigError::Url {
         message: format!(
-            "{url:?}: {why}; a cluster URL is redis+cluster://[user:password@]host:port[,host:port…] \
+            "{why}; a cluster URL is redis+cluster://[user:password@]host:port[,host:port…] \
              (seed nodes of one Redis Cluster, separated by commas, no database path)"
         ),
     };
