@@ -747,3 +747,129 @@ fn a_bad_cluster_url_exits_2_naming_redis_url_and_the_fix() {
         );
     }
 }
+
+// ---------------------------------------------------------------------------
+// Cost
+// ---------------------------------------------------------------------------
+
+/// Per-command call counts, `used_memory` and network bytes summed over
+/// the Redis servers on `ports`.
+#[derive(Default)]
+struct Usage {
+    calls: BTreeMap<String, u64>,
+    memory: i64,
+    bytes_in: i64,
+    bytes_out: i64,
+}
+
+impl Usage {
+    fn of(ports: &[u16]) -> Self {
+        let mut usage = Self::default();
+        for port in ports {
+            let info = |section: &str| {
+                support::redis::command_at(*port, &["INFO", section])
+                    .expect("INFO")
+                    .text()
+            };
+            let field = |text: &str, name: &str| -> i64 {
+                text.lines()
+                    .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+                    .and_then(|v| v.trim().parse().ok())
+                    .unwrap_or(0)
+            };
+            let (memory, stats) = (info("memory"), info("stats"));
+            usage.memory += field(&memory, "used_memory");
+            usage.bytes_in += field(&stats, "total_net_input_bytes");
+            usage.bytes_out += field(&stats, "total_net_output_bytes");
+            for line in info("commandstats").lines() {
+                let Some((name, rest)) = line
+                    .strip_prefix("cmdstat_")
+                    .and_then(|l| l.split_once(':'))
+                else {
+                    continue;
+                };
+                let calls: u64 = rest
+                    .strip_prefix("calls=")
+                    .and_then(|r| r.split(',').next())
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or(0);
+                *usage.calls.entry(name.to_owned()).or_default() += calls;
+            }
+        }
+        usage
+    }
+
+    /// Commands per `n` since `before` (the test's own INFO left out).
+    fn calls_since(&self, before: &Self, n: usize) -> String {
+        self.calls
+            .iter()
+            .filter(|(name, _)| !["info", "cluster|info", "cluster|nodes"].contains(&name.as_str()))
+            .filter_map(|(name, calls)| {
+                let delta = calls - before.calls.get(name).copied().unwrap_or(0);
+                (delta > 0).then(|| format!("{name} {:.2}", delta as f64 / n as f64))
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// Memory per connected ID, and commands, bytes and round-trip time per
+/// relayed message, for nodes a and b on `url`; Redis counted on `ports`.
+async fn measure(url: &str, ports: &[u16], label: &str) {
+    const IDS: usize = 2000;
+    const MESSAGES: usize = 1000;
+    let a = Node::start(url, "a").await;
+    let b = Node::start(url, "b").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = Usage::of(ports);
+    let mut clients = Vec::with_capacity(IDS);
+    for i in 0..IDS {
+        clients.push(ws_connect(a.addr(), &format!("/ws?id=user-{i:06}")).await);
+    }
+    wait_for("every ID listed", Duration::from_secs(30), || async {
+        let body = b.get("/api/ids?prefix=user-&limit=1").await;
+        (body["ids"].as_array().is_some_and(|i| !i.is_empty())).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let after = Usage::of(ports);
+    println!(
+        "{label}: {IDS} IDs connected: {:.0} B of Redis memory per ID; commands per ID: {}",
+        (after.memory - before.memory) as f64 / IDS as f64,
+        after.calls_since(&before, IDS)
+    );
+    let mut sender = ws_connect(a.addr(), "/ws?id=sender").await;
+    let mut receiver = ws_connect(b.addr(), "/ws?id=receiver").await;
+    a.wait_listed(&[("receiver", 1)]).await;
+    let before = Usage::of(ports);
+    let started = Instant::now();
+    for n in 0..MESSAGES {
+        let frame = json!({"targets": ["receiver"], "payload": n});
+        sender
+            .send(WsMessage::text(frame.to_string()))
+            .await
+            .expect("send");
+        assert_eq!(next_text(&mut receiver).await, n.to_string());
+    }
+    let elapsed = started.elapsed();
+    let after = Usage::of(ports);
+    println!(
+        "{label}: {MESSAGES} relay messages a → b one at a time: {:.0} µs per round trip; \
+         commands per message: {}; {:.0} B into and {:.0} B out of Redis per message",
+        elapsed.as_micros() as f64 / MESSAGES as f64,
+        after.calls_since(&before, MESSAGES),
+        (after.bytes_in - before.bytes_in) as f64 / MESSAGES as f64,
+        (after.bytes_out - before.bytes_out) as f64 / MESSAGES as f64,
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement for docs/scaling.md; run by hand"]
+async fn measure_cost_per_connection_and_message_single_vs_cluster() {
+    let single = support::redis::Redis::start();
+    measure(&single.url(), &[single.port], "one redis").await;
+    drop(single);
+    let cluster = RedisCluster::start();
+    let masters = cluster.masters_seen_by(cluster.live_ports()[0]);
+    measure(&cluster.url(), &masters, "cluster (3 masters, counted)").await;
+}
