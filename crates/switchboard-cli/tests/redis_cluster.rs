@@ -746,6 +746,17 @@ fn a_bad_cluster_url_exits_2_naming_redis_url_and_the_fix() {
             finished.stderr
         );
     }
+    let mut command = support::switchboard();
+    command.args(["--listen", "127.0.0.1:0", "--backend", "redis"]);
+    command.args(["--redis-url", "redis+cluster://127.0.0.1:7000"]);
+    command.args(["--redis-key-prefix", "{sb}"]);
+    let finished = support::run_to_exit(command);
+    assert_eq!(finished.code(), Some(2), "{}", finished.stderr);
+    assert!(
+        finished.stderr.contains("redis.key_prefix") && finished.stderr.contains("without {"),
+        "{}",
+        finished.stderr
+    );
 }
 
 // ---------------------------------------------------------------------------
