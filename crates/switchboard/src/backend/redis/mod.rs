@@ -1,6 +1,7 @@
 //! The Redis backend: several Switchboard nodes behind a load balancer,
-//! sharing one Redis (version 7 or later) as their backplane. Enabled by the
-//! cargo feature `redis`.
+//! sharing one Redis (version 7 or later), or a Redis Cluster
+//! (`redis+cluster://` URL), as their backplane. Enabled by the cargo
+//! feature `redis`.
 //!
 //! ```no_run
 //! use switchboard::{Hub, Limits};
@@ -22,8 +23,11 @@
 //! # Design (docs/scaling.md has the whole story and the measured costs)
 //!
 //! Local connections live in a [`MemoryBackend`]; Redis only carries what
-//! crosses nodes. Every command touches one key or one shard channel, so
-//! the same layout runs on a Redis Cluster (with a cluster-aware client).
+//! crosses nodes. Every command touches one key or one shard channel, and
+//! every Lua script the keys of one hash tag, so the same layout runs on a
+//! Redis Cluster: `conn.rs` connects to one Redis or to a cluster (whose
+//! client splits each pipeline per slot), `resubscribe.rs` follows shard
+//! channels whose slot moved.
 //!
 //! | what | Redis | written when |
 //! |------|-------|--------------|
