@@ -39,11 +39,20 @@ struct Node {
 
 impl Node {
     async fn start(url: &str, name: &str) -> Self {
+        Self::start_with(url, name, &[]).await
+    }
+
+    /// [`Self::start`] with `extra` command-line arguments.
+    async fn start_with(url: &str, name: &str, extra: &[&str]) -> Self {
         let config =
             TempFile::config("[v1]\ninbox_ttl = \"60s\"\npresence_leave_delay = \"300ms\"\n");
         let node = Self {
             name: name.to_owned(),
-            server: Server::spawn(Self::command(url, name, &config)),
+            server: Server::spawn({
+                let mut command = Self::command(url, name, &config);
+                command.args(extra);
+                command
+            }),
             _config: config,
         };
         node.wait_healthy(STARTUP).await;
@@ -883,4 +892,49 @@ async fn measure_cost_per_connection_and_message_single_vs_cluster() {
     let cluster = RedisCluster::start();
     let masters = cluster.masters_seen_by(cluster.live_ports()[0]);
     measure(&cluster.url(), &masters, "cluster (3 masters, counted)").await;
+}
+
+/// The close code that ends `client` within `WAIT` (read to the end).
+async fn close_code(client: &mut Client) -> u16 {
+    match support::next_message(client).await {
+        WsMessage::Close(Some(frame)) => {
+            support::drain(client).await;
+            u16::from(frame.code)
+        }
+        other => panic!("expected a close, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicate_id_policies_hold_across_nodes_on_a_cluster() {
+    let cluster = RedisCluster::start();
+    let url = cluster.url();
+    // replace-oldest: a newer connection on b closes the one on a (4001).
+    let (a, b) = tokio::join!(
+        Node::start_with(&url, "a", &["--duplicate-ids", "replace-oldest"]),
+        Node::start_with(&url, "b", &["--duplicate-ids", "replace-oldest"])
+    );
+    let mut old = ws_connect(a.addr(), "/ws?id=8").await;
+    a.wait_listed(&[("8", 1)]).await;
+    let mut new = ws_connect(b.addr(), "/ws?id=8").await;
+    assert_eq!(close_code(&mut old).await, 4001);
+    b.wait_listed(&[("8", 1)]).await;
+    let report = a.send(json!(["8"]), json!("newest")).await;
+    assert_eq!(report["delivered"], json!(["8"]), "{report}");
+    assert_eq!(next_text(&mut new).await, r#""newest""#);
+    drop((a, b));
+    // reject-new: an ID connected on c is refused on d (409).
+    let (c, d) = tokio::join!(
+        Node::start_with(&url, "c", &["--duplicate-ids", "reject-new"]),
+        Node::start_with(&url, "d", &["--duplicate-ids", "reject-new"])
+    );
+    let _first = ws_connect(c.addr(), "/ws?id=7").await;
+    d.wait_listed(&[("7", 1)]).await;
+    let refused = tokio_tungstenite::connect_async(format!("ws://{}/ws?id=7", d.addr())).await;
+    match refused {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status().as_u16(), 409);
+        }
+        other => panic!("expected 409, got {other:?}"),
+    }
 }
