@@ -938,7 +938,10 @@ async fn a_cluster_without_v1_clients_sends_no_payload_to_redis_for_inboxes() {
         assert_eq!(support::next_text(&mut bob).await, n.to_string());
     }
     let counts = command_counts(&redis);
-    for script in ["evalsha", "eval", "xadd"] {
+    // The inbox scripts run as EVALSHA and append with XADD. (Plain EVAL
+    // is the presence sweep, which runs every 250 ms whatever the clients:
+    // counting it made this test flaky.)
+    for script in ["evalsha", "xadd"] {
         assert_eq!(counts.get(script), None, "{script} was called: {counts:?}");
     }
     assert_eq!(redis.command_ok(&["EXISTS", "sbv1:v1"]), Resp::Int(0));
