@@ -7,7 +7,8 @@
 //! - [`reader`]: bytes in → messages and control frames, with the size
 //!   limits, UTF-8 checks and inflation;
 //! - [`writer`]: queued frames → as few system calls as possible;
-//! - [`rate`]: the per-connection message rate limit.
+//! - [`rate`]: the per-connection message rate limit;
+//! - [`wheel`]: one coarse timer wheel for every connection's keepalive.
 //!
 //! The task that runs a connection with these parts and calls its handler
 //! is one layer up, in `handler::session`, because it needs the hub.
@@ -16,4 +17,5 @@ pub(crate) mod delivery;
 pub(crate) mod mailbox;
 pub(crate) mod rate;
 pub(crate) mod reader;
+pub(crate) mod wheel;
 pub(crate) mod writer;
