@@ -7,7 +7,9 @@
 //! - [`reader`]: bytes in → messages and control frames, with the size
 //!   limits, UTF-8 checks and inflation;
 //! - [`writer`]: queued frames → as few system calls as possible;
-//! - [`rate`]: the per-connection message rate limit.
+//! - [`rate`]: the per-connection message rate limit;
+//! - [`wakes`]: wake-ups of recipients deferred to the end of a sender's
+//!   batch.
 //!
 //! The task that runs a connection with these parts and calls its handler
 //! is one layer up, in `handler::session`, because it needs the hub.
@@ -16,4 +18,5 @@ pub(crate) mod delivery;
 pub(crate) mod mailbox;
 pub(crate) mod rate;
 pub(crate) mod reader;
+pub(crate) mod wakes;
 pub(crate) mod writer;
