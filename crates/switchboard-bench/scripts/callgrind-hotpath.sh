@@ -20,7 +20,7 @@
 # system calls and wake-ups weigh less here than on a real run.
 #
 # Loopback only, a free port; the server is ended by its PID on exit.
-# SWITCHBOARD_BIN picks another server binary (e.g. a copy of the build
+# SB_SERVER_BIN picks another server binary (e.g. a copy of the build
 # before a change). Needs valgrind and the release builds (cargo build --release -p
 # switchboard-cli -p switchboard-bench).
 set -euo pipefail
@@ -28,7 +28,8 @@ cd "$(dirname "$0")/../../.."
 WORKLOAD=${1:?usage: callgrind-hotpath.sh relay|echo|fanout [OUT_DIR]}
 OUT=${2:-$(mktemp -d -t sb-callgrind-XXXXXX)}
 mkdir -p "$OUT"
-S=${SWITCHBOARD_BIN:-target/release/switchboard}
+# Not SWITCHBOARD_*: the server refuses unknown variables with that prefix.
+S=${SB_SERVER_BIN:-target/release/switchboard}
 B=target/release/switchboard-bench
 LOG=$OUT/server.log
 PID=
