@@ -224,12 +224,15 @@ fn syscalls_per_batch(threads: &[String], workload: &mut Workload) -> (f64, f64,
     )
 }
 
+/// Connects and warms up one workload.
+type Connect = fn(std::net::SocketAddr) -> Workload;
+
 #[test]
 fn hot_path_system_calls_per_batch_stay_bounded() {
     let server = Server::start();
     let threads = server_threads();
     let addr = server.addr;
-    let workloads: [(&str, fn(std::net::SocketAddr) -> Workload, f64, f64); 3] = [
+    let workloads: [(&str, Connect, f64, f64); 3] = [
         ("relay", Workload::relay, RELAY_IO_BOUND, RELAY_WAIT_BOUND),
         ("echo", Workload::echo, ECHO_IO_BOUND, ECHO_WAIT_BOUND),
         (
