@@ -2124,3 +2124,171 @@ async fn measure_redis_cost_per_connection_and_message() {
     println!("idle, 2 nodes, {window:?} (heartbeat every TTL/3 per node): {counts:?}");
     drop((clients, more));
 }
+
+// ---------------------------------------------------------------------------
+// duplicate_ids across nodes
+// ---------------------------------------------------------------------------
+
+/// Opens `/ws?id=<id>` on `node`; `Err(status)` when the upgrade is refused.
+async fn try_connect(node: &Node, id: &str, v1: bool) -> Result<Client, u16> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+    let mut request = format!("ws://{}/ws?id={id}", node.addr)
+        .into_client_request()
+        .expect("request");
+    if v1 {
+        request.headers_mut().insert(
+            "sec-websocket-protocol",
+            "switchboard.v1".parse().expect("header value"),
+        );
+    }
+    match tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(request))
+        .await
+        .expect("an answer to the upgrade in time")
+    {
+        Ok((client, _)) => Ok(client),
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            Err(response.status().as_u16())
+        }
+        Err(other) => panic!("upgrade to {} failed: {other}", node.name),
+    }
+}
+
+/// Whether `client` is still open after `wait`: `Some(code)` if it was
+/// closed meanwhile (then read to the end).
+async fn closed_within(client: &mut Client, wait: Duration) -> Option<u16> {
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        match tokio::time::timeout_at(deadline, client.next()).await {
+            Err(_) => return None,
+            Ok(Some(Ok(WsMessage::Close(frame)))) => {
+                drain(client).await;
+                return Some(frame.map_or(1005, |f| u16::from(f.code)));
+            }
+            Ok(Some(Ok(_))) => {}
+            Ok(other) => panic!("connection ended without a close frame: {other:?}"),
+        }
+    }
+}
+
+/// Two nodes running `duplicate_ids = policy`.
+async fn two_nodes_with(redis: &Redis, policy: &str) -> (Node, Node) {
+    let options = NodeOptions::new(redis).args(&["--duplicate-ids", policy]);
+    let (a, b) = tokio::join!(
+        Node::start_with("a", &options),
+        Node::start_with("b", &options)
+    );
+    (a, b)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reject_new_refuses_an_id_connected_on_another_node() {
+    let redis = Redis::start();
+    let (a, b) = two_nodes_with(&redis, "reject-new").await;
+
+    let mut first = try_connect(&a, "7", false)
+        .await
+        .expect("the first is accepted");
+    // Plain upgrade on the other node: 409 `id_in_use`.
+    assert_eq!(try_connect(&b, "7", false).await.err(), Some(409));
+    // A switchboard.v1 hello on the other node: closed 4409.
+    let mut v1 = try_connect(&b, "7", true).await.expect("v1 upgrade");
+    v1.send(WsMessage::text(
+        json!({"type": "hello", "id": 0}).to_string(),
+    ))
+    .await
+    .expect("hello");
+    expect_close(&mut v1, CloseCode::Library(4409)).await;
+    // The first connection was not disturbed, and stays the one that
+    // receives.
+    let report = b.send(json!(["7"]), json!("still here")).await;
+    assert_eq!(report["delivered"], json!(["7"]), "{report}");
+    assert_eq!(next_text(&mut first).await, r#""still here""#);
+
+    // Once it is gone, the other node accepts the ID.
+    first.close(None).await.expect("close");
+    drain(&mut first).await;
+    wait_for("b accepts 7 once a has let it go", WAIT, || async {
+        try_connect(&b, "7", false).await.ok()
+    })
+    .await;
+
+    // Newcomers racing on both nodes: never both kept (both may be
+    // refused: each writes its presence before it reads the other's).
+    for round in 0..20 {
+        let id = format!("race-{round}");
+        let (on_a, on_b) = tokio::join!(try_connect(&a, &id, false), try_connect(&b, &id, false));
+        assert!(
+            !(on_a.is_ok() && on_b.is_ok()),
+            "round {round}: both nodes accepted {id}"
+        );
+        for refused in [&on_a, &on_b].into_iter().filter_map(|r| r.as_ref().err()) {
+            assert_eq!(*refused, 409, "round {round}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replace_oldest_closes_the_older_connection_on_another_node() {
+    let redis = Redis::start();
+    let (a, b) = two_nodes_with(&redis, "replace-oldest").await;
+
+    let mut old = try_connect(&a, "8", false).await.expect("connect on a");
+    a.wait_listed(&[("8", 1)]).await;
+    let mut new = try_connect(&b, "8", false).await.expect("connect on b");
+    expect_close(&mut old, CloseCode::Library(4001)).await;
+    b.wait_listed(&[("8", 1)]).await;
+    let report = a.send(json!(["8"]), json!("to the newest")).await;
+    assert_eq!(report["delivered"], json!(["8"]), "{report}");
+    assert_eq!(next_text(&mut new).await, r#""to the newest""#);
+
+    // The same for switchboard.v1 clients: the older one is closed 4001.
+    let mut new_v1 = try_connect(&a, "9", true).await.expect("v1 on a");
+    new_v1
+        .send(WsMessage::text(
+            json!({"type": "hello", "id": 0}).to_string(),
+        ))
+        .await
+        .expect("hello");
+    assert_eq!(
+        serde_json::from_str::<Value>(&next_text(&mut new_v1).await).expect("JSON")["type"],
+        "welcome"
+    );
+    let mut newer = try_connect(&b, "9", false).await.expect("plain on b");
+    expect_close(&mut new_v1, CloseCode::Library(4001)).await;
+    assert_eq!(
+        closed_within(&mut newer, Duration::from_millis(500)).await,
+        None
+    );
+
+    // Newcomers racing on both nodes: exactly one is kept, whichever was
+    // stamped last, and it is the one that receives.
+    for round in 0..8 {
+        let id = format!("race-{round}");
+        let (on_a, on_b) = tokio::join!(try_connect(&a, &id, false), try_connect(&b, &id, false));
+        let (mut on_a, mut on_b) = (on_a.expect("a accepts"), on_b.expect("b accepts"));
+        let wait = REQUEST_TIMEOUT + Duration::from_millis(500);
+        let (closed_a, closed_b) = tokio::join!(
+            closed_within(&mut on_a, wait),
+            closed_within(&mut on_b, wait)
+        );
+        let survivors = [&closed_a, &closed_b]
+            .iter()
+            .filter(|c| c.is_none())
+            .count();
+        assert_eq!(
+            survivors, 1,
+            "round {round}: closes on a {closed_a:?}, on b {closed_b:?}"
+        );
+        for code in [closed_a, closed_b].into_iter().flatten() {
+            assert_eq!(code, 4001, "round {round}");
+        }
+        let survivor = if closed_a.is_none() {
+            &mut on_a
+        } else {
+            &mut on_b
+        };
+        let report = a.send(json!([id]), json!(round)).await;
+        assert_eq!(report["delivered"], json!([id]), "round {round}: {report}");
+        assert_eq!(next_text(survivor).await, round.to_string());
+    }
+}

@@ -73,6 +73,7 @@ impl Shared {
                     dropped: header.x,
                     retained: header.n,
                     count: header.c,
+                    newest: header.o,
                 },
             );
             return;
@@ -88,6 +89,7 @@ impl Shared {
                     dropped: Vec::new(),
                     retained: Vec::new(),
                     count: 0,
+                    newest: 0,
                 },
             );
             return;
@@ -163,7 +165,13 @@ impl Shared {
                     code,
                     reason: Cow::Owned(reason),
                 };
-                ack.c = self.local.disconnect_now(&id, &frame);
+                ack.c = if header.o == 0 {
+                    self.local.disconnect_now(&id, &frame)
+                } else {
+                    let (closed, newest) = self.close_older(&id, header.o, &frame);
+                    ack.o = newest;
+                    closed
+                };
             }
             Kind::Ack => return,
         }

@@ -81,6 +81,7 @@ use crate::runtime::mailbox::{ConnId, ConnRef};
 mod config;
 mod dedup;
 mod delivery;
+mod duplicates;
 mod gate;
 mod inbox;
 mod keys;
@@ -245,6 +246,9 @@ struct Shared {
     v1_seen_until: Mutex<Option<Instant>>,
     /// Topic presence across nodes (`presence_members.rs`).
     presence: PresenceMembers,
+    /// `duplicate_ids` across nodes: the stamps of this node's connections
+    /// (`duplicates.rs`).
+    stamps: duplicates::Stamps,
 }
 
 /// Removes a pending request when the request ends, however it ends.
@@ -485,6 +489,7 @@ impl RedisBackend {
             scripts: Scripts::default(),
             v1: RwLock::new(V1Conns::default()),
             v1_seen_until: Mutex::new(None),
+            stamps: duplicates::Stamps::default(),
         });
         let supervisor = tokio::spawn(supervise(Arc::clone(&shared)));
         tokio::spawn(v1_conns::keep_inboxes(
@@ -575,10 +580,20 @@ impl Backend for RedisBackend {
 
     fn unregister(&self, id: &ClientId, conn: ConnId) {
         self.shared.local.unregister(id, conn);
+        self.shared.stamps.forget(conn);
         self.shared.mark_id(id);
         if let Some((id, true)) = self.shared.remove_gate(conn) {
             self.shared.spawn_detach(id);
         }
+    }
+
+    // `duplicates.rs`: stamps, and a close of the older connections.
+    fn settle_duplicate_ids<'a>(
+        &'a self,
+        id: &'a ClientId,
+        conn: ConnId,
+    ) -> BoxFuture<'a, Result<(), RegisterError>> {
+        Box::pin(self.shared.settle_duplicate_ids(id, conn, false))
     }
 
     fn subscribe(&self, topic: &Topic, conn: &ConnRef) {
