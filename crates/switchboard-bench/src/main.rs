@@ -44,6 +44,7 @@
 //! All traffic goes to loopback addresses only; URLs that resolve elsewhere
 //! are refused.
 
+mod churn;
 mod common;
 mod compare;
 mod echo;
@@ -86,6 +87,8 @@ enum Command {
     Fanout(fanout::FanoutArgs),
     /// Open and hold N idle connections; memory per connection.
     Hold(hold::HoldArgs),
+    /// Open and close N connections; server CPU per upgrade and close.
+    Churn(churn::ChurnArgs),
     /// Keep N connections churning; does the server's memory return to its
     /// baseline?
     Soak(soak::SoakArgs),
@@ -158,6 +161,11 @@ async fn run(command: Command) -> Result<bool> {
         }
         Command::Hold(a) => {
             let r = hold::run(&a).await?;
+            r.print();
+            finish(&r, r.ok)
+        }
+        Command::Churn(a) => {
+            let r = churn::run(&a).await?;
             r.print();
             finish(&r, r.ok)
         }

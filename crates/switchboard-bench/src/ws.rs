@@ -29,7 +29,8 @@ pub(crate) const OP_TEXT: u8 = 0x1;
 /// Opcode of a binary frame.
 pub(crate) const OP_BINARY: u8 = 0x2;
 const OP_CONTINUATION: u8 = 0x0;
-const OP_CLOSE: u8 = 0x8;
+/// Opcode of a close frame.
+pub(crate) const OP_CLOSE: u8 = 0x8;
 const OP_PING: u8 = 0x9;
 const OP_PONG: u8 = 0xA;
 

@@ -13,8 +13,7 @@ mod support;
 use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, BufReader, Write as _};
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -24,9 +23,10 @@ use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
+use support::redis::{Redis, Resp};
 use support::{
-    Client, Guard, STARTUP, Server, TempFile, WAIT, drain, free_port, http, next_message,
-    next_text, run_to_exit, switchboard, try_next, ws_connect,
+    Client, Guard, STARTUP, Server, TempFile, WAIT, drain, http, next_message, next_text,
+    run_to_exit, switchboard, try_next, wait_for, ws_connect,
 };
 
 /// The presence TTL the nodes run with in these tests.
@@ -38,121 +38,8 @@ const REQUEST_TIMEOUT: Duration = Duration::from_millis(1000);
 // Processes
 // ---------------------------------------------------------------------------
 
-/// `redis-server` from `PATH`. Fails (never skips) when it is missing, in
-/// CI and outside it: these tests are the only proof that scale-out works.
-fn redis_server() -> PathBuf {
-    let found = std::env::var_os("PATH").and_then(|path| {
-        std::env::split_paths(&path)
-            .map(|dir| dir.join("redis-server"))
-            .find(|candidate| candidate.is_file())
-    });
-    let ci = std::env::var("CI").is_ok_and(|v| v == "true");
-    let Some(path) = found else {
-        panic!(
-            "redis-server is not installed (not found in PATH){}: the cluster tests need a real \
-             Redis 7. Install it with `apt-get install -y redis-server` (.ci/run does this).",
-            if ci { " and CI=true" } else { "" }
-        );
-    };
-    let version = Command::new(&path)
-        .arg("--version")
-        .output()
-        .expect("run redis-server --version");
-    let text = String::from_utf8_lossy(&version.stdout);
-    let major: u32 = text
-        .split_once("v=")
-        .and_then(|(_, rest)| rest.split('.').next())
-        .and_then(|major| major.parse().ok())
-        .unwrap_or_else(|| panic!("cannot read the version of redis-server: {text}"));
-    assert!(
-        major >= 7,
-        "redis-server {text} is too old: sharded pub/sub needs Redis 7"
-    );
-    path
-}
-
-/// A `redis-server` on a loopback port, with no persistence.
-struct Redis {
-    proc: Option<Guard>,
-    port: u16,
-}
-
+/// What these tests read of the shared Redis.
 impl Redis {
-    fn start() -> Self {
-        Self::start_on(free_port())
-    }
-
-    fn start_on(port: u16) -> Self {
-        let child = Command::new(redis_server())
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                std::env::temp_dir().to_str().expect("temp dir is UTF-8"),
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn redis-server");
-        let mut redis = Self {
-            proc: Some(Guard(child)),
-            port,
-        };
-        let deadline = Instant::now() + STARTUP;
-        loop {
-            if let Ok(reply) = redis.try_command(&["PING"]) {
-                assert_eq!(reply, Resp::Simple("PONG".to_owned()));
-                return redis;
-            }
-            if let Some(proc) = redis.proc.as_mut()
-                && let Some(status) = proc.wait_timeout(Duration::ZERO)
-            {
-                panic!("redis-server on port {port} exited at startup: {status}");
-            }
-            assert!(
-                Instant::now() < deadline,
-                "redis-server on port {port} did not answer PING"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
-    }
-
-    /// Stops the server (SIGKILL: no goodbye to its clients) and waits.
-    fn stop(&mut self) {
-        if let Some(mut proc) = self.proc.take() {
-            proc.signal("-KILL");
-            proc.wait_timeout(WAIT).expect("redis-server exits");
-        }
-    }
-
-    fn try_command(&self, args: &[&str]) -> std::io::Result<Resp> {
-        let mut stream = std::net::TcpStream::connect(("127.0.0.1", self.port))?;
-        stream.set_read_timeout(Some(WAIT))?;
-        let mut request = format!("*{}\r\n", args.len());
-        for arg in args {
-            request.push_str(&format!("${}\r\n{arg}\r\n", arg.len()));
-        }
-        stream.write_all(request.as_bytes())?;
-        let mut reader = BufReader::new(stream);
-        read_resp(&mut reader)
-    }
-
-    fn command(&self, args: &[&str]) -> Resp {
-        self.try_command(args)
-            .unwrap_or_else(|e| panic!("redis {args:?}: {e}"))
-    }
-
     /// Every key matching `pattern` (`SCAN`, bounded).
     fn keys(&self, pattern: &str) -> Vec<String> {
         let mut keys = Vec::new();
@@ -213,65 +100,6 @@ impl Redis {
         }
         traces
     }
-}
-
-/// A RESP2 reply, enough for these tests.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Resp {
-    Simple(String),
-    Error(String),
-    Int(i64),
-    Bulk(Option<String>),
-    Array(Vec<Resp>),
-}
-
-impl Resp {
-    fn int(&self) -> i64 {
-        match self {
-            Self::Int(n) => *n,
-            other => panic!("expected an integer reply, got {other:?}"),
-        }
-    }
-
-    fn text(&self) -> String {
-        match self {
-            Self::Bulk(Some(text)) | Self::Simple(text) => text.clone(),
-            other => panic!("expected a string reply, got {other:?}"),
-        }
-    }
-}
-
-fn read_resp(reader: &mut impl BufRead) -> std::io::Result<Resp> {
-    let mut line = String::new();
-    reader.read_line(&mut line)?;
-    let line = line.trim_end_matches("\r\n");
-    let bad = || std::io::Error::new(std::io::ErrorKind::InvalidData, "bad RESP");
-    let (kind, rest) = line.split_at_checked(1).ok_or_else(bad)?;
-    Ok(match kind {
-        "+" => Resp::Simple(rest.to_owned()),
-        "-" => Resp::Error(rest.to_owned()),
-        ":" => Resp::Int(rest.parse().map_err(|_| bad())?),
-        "$" => {
-            let len: i64 = rest.parse().map_err(|_| bad())?;
-            if len < 0 {
-                Resp::Bulk(None)
-            } else {
-                let mut buf = vec![0; len as usize + 2];
-                reader.read_exact(&mut buf)?;
-                buf.truncate(len as usize);
-                Resp::Bulk(Some(String::from_utf8_lossy(&buf).into_owned()))
-            }
-        }
-        "*" => {
-            let len: i64 = rest.parse().map_err(|_| bad())?;
-            let mut items = Vec::new();
-            for _ in 0..len.max(0) {
-                items.push(read_resp(reader)?);
-            }
-            Resp::Array(items)
-        }
-        _ => return Err(bad()),
-    })
 }
 
 /// A TCP proxy between nodes and Redis that a test can cut (every
@@ -663,25 +491,6 @@ impl NodeOptions {
 // ---------------------------------------------------------------------------
 // Clients
 // ---------------------------------------------------------------------------
-
-/// Polls `check` every 25 ms until it returns `Some`, for at most `limit`.
-async fn wait_for<T, F, Fut>(what: &str, limit: Duration, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {limit:?}: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-}
 
 /// Asserts that nothing more arrives within a short while (exactly once).
 async fn assert_quiet(client: &mut Client, who: &str) {

@@ -37,21 +37,30 @@ pub struct Limits {
     /// Largest single frame a client may send. Default 64 KiB; refused (1009)
     /// from its header, before its payload is buffered.
     pub max_frame_size: usize,
-    /// Messages a connection may have queued for sending. Default 1,024.
-    /// Memory: 48 bytes per queued frame plus its payload, which is shared
-    /// with every other recipient of the same message.
+    /// Messages a connection may have queued for sending. Default 1,024
+    /// (values above `u32::MAX` count as `u32::MAX`). Memory: 48 bytes per
+    /// queued frame plus its payload, which is shared with every other
+    /// recipient of the same message.
     pub max_queued_messages: usize,
-    /// Bytes a connection may have queued for sending. Default 1 MiB. When
+    /// Bytes a connection may have queued for sending. Default 1 MiB
+    /// (values above 4 GiB count as 4 GiB). When
     /// either queue limit is hit the client is too slow: it is closed with
     /// 1008 and the message is reported as dropped. This bounds what a client
     /// that stops reading can cost the server.
     pub max_queued_bytes: usize,
     /// Send a ping when nothing was received for this long. Default 25 s
     /// (under the 30 s idle cut of common proxies). Zero disables pings.
+    /// Deadlines are kept in one timer wheel per hub, whose tick is an
+    /// eighth of the shorter of this and `pong_timeout`, at most 250 ms:
+    /// a ping goes out up to one tick late (never early). Memory: 16 B in
+    /// each connection's task and 16 B per connection in the wheel while
+    /// armed (no tokio timer per connection).
     #[serde(with = "duration")]
     pub ping_interval: Duration,
     /// Close a connection that sends nothing for this long after a ping.
-    /// Default 10 s.
+    /// Default 10 s. Fires up to one wheel tick late, like `ping_interval`;
+    /// any byte from the client answers the ping, and the next one is due
+    /// `ping_interval` after it. Memory: shares the keepalive timer above.
     #[serde(with = "duration")]
     pub pong_timeout: Duration,
     /// After sending a close frame, wait this long for the client's before

@@ -290,6 +290,40 @@ async fn a_client_that_never_answers_is_dropped_by_keepalive() {
     assert_eq!(reason, "keepalive timeout: no pong in time");
 }
 
+/// After a pong the next ping comes `ping_interval` after the client was
+/// last heard from, even with a pong timeout longer than the interval.
+/// Before the keepalive deadline was re-armed on the read that answered a
+/// ping, it stayed at "ping sent + pong timeout", so the next ping came
+/// max(ping_interval, pong_timeout) later: here 2 s instead of 200 ms.
+#[tokio::test]
+async fn after_a_pong_the_next_ping_comes_one_interval_later() {
+    let interval = Duration::from_millis(200);
+    let server = TestServer::with_limits(limits_with(|limits| {
+        limits.ping_interval = interval;
+        limits.pong_timeout = Duration::from_secs(2);
+    }))
+    .await;
+    let mut client = raw::RawWs::connect(server.addr, "/echo").await;
+    let mut pings = Vec::new();
+    for _ in 0..3 {
+        let ping = client
+            .try_read_frame(Duration::from_secs(5))
+            .await
+            .expect("a ping");
+        assert_eq!((ping.opcode, ping.payload.len()), (0x9, 0));
+        pings.push(Instant::now());
+        client.send(&raw::masked(0x8A, b"")).await;
+    }
+    for pair in pings.windows(2) {
+        let gap = pair[1] - pair[0];
+        assert!(
+            gap < interval + Duration::from_millis(600),
+            "the next ping came {gap:?} after the previous one was answered at once (ping_interval 200 ms, pong_timeout 2 s)"
+        );
+    }
+    assert_eq!(server.hub.metrics().errors(ErrorKind::KeepaliveTimeout), 0);
+}
+
 /// The client IDs `GET /api/connections` lists.
 async fn client_ids(server: &TestServer) -> Vec<String> {
     let listing = raw::http_get(server.addr, "/api/connections").await;

@@ -11,6 +11,7 @@ use std::time::Duration;
 use parking_lot::{Mutex, RwLock};
 use tokio::time::Instant;
 
+use super::conns::Conns;
 use super::dedup::DedupStore;
 use super::inbox::{IdInbox, InboxLimits, new_epoch};
 use super::listing::{Page, PageBuilder, PageQuery, TopicInfo};
@@ -42,7 +43,7 @@ const SWEEP_EVERY: Duration = Duration::from_millis(100);
 /// connections happen under one lock: seq order is delivery order.
 #[derive(Default)]
 struct Entry {
-    conns: Vec<ConnRef>,
+    conns: Conns,
     inbox: Option<Box<IdInbox>>,
 }
 
@@ -265,7 +266,7 @@ impl MemoryBackend {
     }
 
     /// The duplicate-ID policy, for a connection about to join `conns`.
-    fn admit(&self, id: &ClientId, conns: &mut Vec<ConnRef>) -> Result<(), RegisterError> {
+    fn admit(&self, id: &ClientId, conns: &mut Conns) -> Result<(), RegisterError> {
         match self.policy {
             DuplicateIds::Allow => {}
             DuplicateIds::RejectNew if !conns.is_empty() => {
@@ -273,9 +274,8 @@ impl MemoryBackend {
             }
             DuplicateIds::RejectNew => {}
             DuplicateIds::ReplaceOldest => {
-                if !conns.is_empty() {
-                    // Oldest first: connections are appended in order.
-                    let oldest = conns.remove(0);
+                // Oldest first: connections are appended in order.
+                if let Some(oldest) = conns.remove(0) {
                     oldest.close(CloseFrame::new(
                         CloseCode::REPLACED,
                         "replaced by a newer connection with the same client id",
@@ -354,7 +354,7 @@ impl MemoryBackend {
             .shard(id)
             .lock()
             .get(id)
-            .map(|entry| entry.conns.clone())
+            .map(|entry| entry.conns.to_vec())
             .unwrap_or_default();
         for conn in &conns {
             conn.close(frame.clone());
@@ -591,13 +591,12 @@ impl Backend for MemoryBackend {
         let Some(entry) = shard.get_mut(id) else {
             return;
         };
-        if let Some(at) = entry.conns.iter().position(|c| c.id() == conn) {
-            let gone = entry.conns.remove(at);
-            if gone.is_v1()
-                && let Some(inbox) = entry.inbox.as_mut()
-            {
-                inbox.detach(Instant::now());
-            }
+        if let Some(at) = entry.conns.iter().position(|c| c.id() == conn)
+            && let Some(gone) = entry.conns.remove(at)
+            && gone.is_v1()
+            && let Some(inbox) = entry.inbox.as_mut()
+        {
+            inbox.detach(Instant::now());
         }
         if entry.conns.is_empty() && entry.inbox.is_none() {
             shard.remove(id);

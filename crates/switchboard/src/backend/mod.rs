@@ -15,6 +15,7 @@ use crate::protocol::close::CloseFrame;
 use crate::runtime::delivery::Envelope;
 use crate::runtime::mailbox::{ConnId, ConnRef};
 
+pub(crate) mod conns;
 pub(crate) mod dedup;
 pub(crate) mod inbox;
 pub(crate) mod listing;

@@ -6,7 +6,10 @@
 //! readable, socket writable (only while bytes are pending), mailbox
 //! non-empty, and one timer — so an idle connection is one parked future
 //! and holds no buffer: reads go through a per-thread scratch buffer and
-//! only the bytes of an unfinished frame are kept per connection.
+//! only the bytes of an unfinished frame are kept per connection. The
+//! keepalive timer of an open connection is a place in the hub's shared
+//! timer wheel ([`TimerWheel`]), 16 B here; only the closing phases, which
+//! are short and boxed, hold a tokio `Sleep` of their own.
 
 use std::collections::VecDeque;
 use std::future::{Future, poll_fn};
@@ -37,6 +40,7 @@ use crate::runtime::mailbox::{Item, Mailbox, Taken};
 use crate::runtime::rate::{Rate, TokenBucket};
 use crate::runtime::reader::{Incoming, Reader};
 use crate::runtime::wakes;
+use crate::runtime::wheel::Timer;
 use crate::runtime::writer::{Writer, Written};
 
 /// Stop handling frames, reading and taking from the mailbox while this many
@@ -69,14 +73,21 @@ enum Phase {
 
 struct Closing {
     sent: CloseFrame,
-    /// When we stop waiting for the client's close frame.
-    deadline: Instant,
+    /// When we stop waiting for the client's close frame. A `Sleep` of
+    /// its own (boxed with the phase, so no idle connection pays for it):
+    /// close deadlines are exact, unlike the wheel's keepalive ticks.
+    deadline: Pin<Box<Sleep>>,
 }
 
 struct Finishing {
     closed: Closed,
     /// When we stop flushing.
-    deadline: Instant,
+    deadline: Pin<Box<Sleep>>,
+}
+
+/// A close deadline `close_timeout` from now.
+fn close_deadline(close_timeout: Duration) -> Pin<Box<Sleep>> {
+    Box::pin(tokio::time::sleep(close_timeout))
 }
 
 /// What woke the connection task.
@@ -113,10 +124,6 @@ pub(crate) fn spawn<S, H>(
     tokio::spawn(driver.run());
 }
 
-fn far_future(now: Instant) -> Instant {
-    now + Duration::from_secs(86_400 * 365)
-}
-
 struct Driver<S, H: Handler> {
     io: S,
     reader: Reader,
@@ -124,8 +131,12 @@ struct Driver<S, H: Handler> {
     phase: Phase,
     /// When the client last sent anything; any byte proves it alive.
     last_seen: Instant,
-    /// When we sent a ping that no byte has answered yet.
-    ping_sent: Option<Instant>,
+    /// The keepalive deadline in the hub's timer wheel: `last_seen +
+    /// ping_interval` (time to ping), or while `awaiting_pong` the ping's
+    /// time + `pong_timeout` (time to give up).
+    keepalive: Timer,
+    /// We sent a ping that no byte has answered yet.
+    awaiting_pong: bool,
     handler: Arc<H>,
     /// Taken by `on_close`.
     state: Option<H::State>,
@@ -149,6 +160,20 @@ struct Driver<S, H: Handler> {
     _admission: Admission,
     /// `limits.max_message_rate`.
     rate: TokenBucket,
+}
+
+impl<S, H: Handler> Drop for Driver<S, H> {
+    /// A task dropped before it ended (its runtime shut down) takes its
+    /// waker out of the wheel, which would otherwise keep the task's memory
+    /// until the timer fired.
+    fn drop(&mut self) {
+        if self.keepalive.is_armed() {
+            let Self {
+                conn, keepalive, ..
+            } = self;
+            conn.hub().timers().cancel(keepalive);
+        }
+    }
 }
 
 /// Runs one handler callback through `pumped`, catching a panic. It
@@ -203,7 +228,8 @@ where
             writer: Writer::new(deflate),
             phase: Phase::Open,
             last_seen: Instant::now(),
-            ping_sent: None,
+            keepalive: Timer::default(),
+            awaiting_pong: false,
             handler,
             state: Some(state),
             mailbox: Arc::clone(&conn.mailbox),
@@ -225,11 +251,9 @@ where
     #[allow(clippy::manual_async_fn)] // on purpose: see above
     fn run(mut self) -> impl Future<Output = ()> + Send {
         async move {
-            let now = Instant::now();
-            let sleep = tokio::time::sleep_until(far_future(now));
-            tokio::pin!(sleep);
-            self.arm_keepalive(sleep.as_mut(), now);
-            let closed = self.drive(sleep).await;
+            self.arm_keepalive();
+            let closed = self.drive().await;
+            self.disarm_keepalive();
             // Whatever ended it (EOF, a socket error, a deadline), nothing
             // queued from now on will be written: refuse pushes at once, so
             // senders see `dropped` rather than `delivered` while `finish`
@@ -257,18 +281,15 @@ where
     /// The main loop: returns how the connection ended. A `fn` returning an
     /// `async move` block, like `process_frames`.
     #[allow(clippy::manual_async_fn)] // on purpose: see `run`
-    fn drive<'a>(
-        &'a mut self,
-        mut sleep: Pin<&'a mut Sleep>,
-    ) -> impl Future<Output = Closed> + Send + 'a {
+    fn drive(&mut self) -> impl Future<Output = Closed> + Send + '_ {
         async move {
             if let Some(outcome) = Box::pin(self.call_open()).await {
-                self.apply(outcome, sleep.as_mut());
+                self.apply(outcome);
             }
             loop {
                 // Handle every complete frame already buffered.
-                if let Some(closed) = self.process_frames(sleep.as_mut()).await {
-                    self.enter_finishing(closed, sleep.as_mut());
+                if let Some(closed) = self.process_frames().await {
+                    self.enter_finishing(closed);
                 }
                 // The recipients of the messages it handled at once. (Not
                 // `let closed = ….await` above: an `Option` bound there
@@ -279,10 +300,16 @@ where
                     return self.take_finishing();
                 }
 
-                let taken = match poll_fn(|cx| self.poll_event(cx, sleep.as_mut())).await {
+                let taken = match poll_fn(|cx| self.poll_event(cx)).await {
                     Event::Read => {
                         self.last_seen = Instant::now();
-                        self.ping_sent = None;
+                        if self.awaiting_pong {
+                            // Answered: the next ping is due one interval
+                            // from now, which may be before the pong
+                            // deadline the timer waits for.
+                            self.awaiting_pong = false;
+                            self.arm_keepalive();
+                        }
                         continue;
                     }
                     Event::Eof => {
@@ -305,12 +332,12 @@ where
                     Event::Flushed | Event::Resume => continue,
                     // Frames from other connections are the common case and need
                     // no await; only `Info` messages call the handler.
-                    Event::Mailbox(taken) => match self.take_frames(taken, sleep.as_mut()) {
+                    Event::Mailbox(taken) => match self.take_frames(taken) {
                         Some(taken) => taken,
                         None => continue,
                     },
                     Event::Timer => {
-                        if let Some(closed) = self.on_timer(sleep.as_mut()) {
+                        if let Some(closed) = self.on_timer() {
                             return closed;
                         }
                         continue;
@@ -318,7 +345,7 @@ where
                 };
                 // `taken` is only moved, never borrowed, so it is not stored in
                 // the task across this await.
-                Box::pin(self.take_mailbox(taken, sleep.as_mut())).await;
+                Box::pin(self.take_mailbox(taken)).await;
             }
         }
     }
@@ -326,11 +353,7 @@ where
     /// Polls for the next event, writing pending bytes meanwhile. A plain
     /// `fn` polled through `poll_fn` rather than an `async fn`: the latter
     /// would store its arguments in the connection's task a second time.
-    fn poll_event(
-        &mut self,
-        cx: &mut Context<'_>,
-        mut sleep: Pin<&mut Sleep>,
-    ) -> Poll<Event<H::Info>> {
+    fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Event<H::Info>> {
         // Once closing, the deadline is checked on every event, against the
         // clock. The timer below is polled only when nothing else is ready,
         // which a client keeping the socket readable (a ping stream that
@@ -393,7 +416,12 @@ where
                 Poll::Pending => {}
             }
         }
-        if sleep.as_mut().poll(cx).is_ready() {
+        let timer = match &mut self.phase {
+            Phase::Open => self.conn.hub().timers().poll(&mut self.keepalive, cx),
+            Phase::Closing(closing) => closing.deadline.as_mut().poll(cx),
+            Phase::Finishing(finishing) => finishing.deadline.as_mut().poll(cx),
+        };
+        if timer.is_ready() {
             return Poll::Ready(Event::Timer);
         }
         Poll::Pending
@@ -403,8 +431,8 @@ where
     fn closing_deadline(&self) -> Option<Instant> {
         match &self.phase {
             Phase::Open => None,
-            Phase::Closing(closing) => Some(closing.deadline),
-            Phase::Finishing(finishing) => Some(finishing.deadline),
+            Phase::Closing(closing) => Some(closing.deadline.deadline()),
+            Phase::Finishing(finishing) => Some(finishing.deadline.deadline()),
         }
     }
 
@@ -415,10 +443,7 @@ where
     /// at `run`, and so that only the handler call is awaited: whatever is
     /// still in scope at an await is stored in every connection's task.
     #[allow(clippy::manual_async_fn)] // on purpose: see above
-    fn process_frames<'a>(
-        &'a mut self,
-        mut sleep: Pin<&'a mut Sleep>,
-    ) -> impl Future<Output = Option<Closed>> + Send + 'a {
+    fn process_frames(&mut self) -> impl Future<Output = Option<Closed>> + Send + '_ {
         async move {
             self.frames_paused = false;
             if let Phase::Finishing(_) = self.phase {
@@ -470,13 +495,10 @@ where
                                 }
                                 Rate::Abusive => {
                                     self.metrics().error(ErrorKind::RateLimited);
-                                    self.start_close(
-                                        CloseFrame::new(
-                                            CloseCode::POLICY_VIOLATION,
-                                            "message rate limit exceeded (limits.max_message_rate)",
-                                        ),
-                                        sleep.as_mut(),
-                                    );
+                                    self.start_close(CloseFrame::new(
+                                        CloseCode::POLICY_VIOLATION,
+                                        "message rate limit exceeded (limits.max_message_rate)",
+                                    ));
                                     continue;
                                 }
                             }
@@ -512,7 +534,7 @@ where
                 'handled: {
                     let message = match self.message_now(message) {
                         Ok(Some(outcome)) => {
-                            self.apply(outcome, sleep.as_mut());
+                            self.apply(outcome);
                             break 'handled;
                         }
                         Ok(None) => break 'handled,
@@ -522,7 +544,7 @@ where
                     // messages handled at once before it.
                     wakes::flush();
                     if let Some(outcome) = Box::pin(self.call_message(message)).await {
-                        self.apply(outcome, sleep.as_mut());
+                        self.apply(outcome);
                     }
                 }
                 // One read can hold a thousand small messages, each of which may
@@ -539,7 +561,7 @@ where
         }
     }
 
-    async fn take_mailbox(&mut self, taken: Taken<H::Info>, mut sleep: Pin<&mut Sleep>) {
+    async fn take_mailbox(&mut self, taken: Taken<H::Info>) {
         let Taken { items, close, .. } = taken;
         for item in items {
             if !matches!(self.phase, Phase::Open) {
@@ -550,23 +572,19 @@ where
                 Item::Frame(frame) | Item::Tagged(frame, _) => self.writer.push(frame),
                 Item::Info(info) => {
                     if let Some(outcome) = Box::pin(self.call_info(info)).await {
-                        self.apply(outcome, sleep.as_mut());
+                        self.apply(outcome);
                     }
                 }
             }
         }
-        self.take_close(close, sleep);
+        self.take_close(close);
     }
 
     /// Takes a batch from the mailbox without awaiting: tells the client
     /// about dropped frames, then queues the frames and takes the close.
     /// A batch ending with an `Info` is handed back for `take_mailbox`,
     /// which calls the handler.
-    fn take_frames(
-        &mut self,
-        mut taken: Taken<H::Info>,
-        sleep: Pin<&mut Sleep>,
-    ) -> Option<Taken<H::Info>> {
+    fn take_frames(&mut self, mut taken: Taken<H::Info>) -> Option<Taken<H::Info>> {
         if taken.dropped > 0 {
             self.metrics().dropped_messages.add(taken.dropped);
             self.writer
@@ -577,84 +595,98 @@ where
             return Some(taken);
         }
         queue_frames(&mut self.writer, taken.items);
-        self.take_close(taken.close, sleep);
+        self.take_close(taken.close);
         None
     }
 
-    fn take_close(&mut self, close: Option<CloseFrame>, sleep: Pin<&mut Sleep>) {
+    fn take_close(&mut self, close: Option<CloseFrame>) {
         if let Some(frame) = close {
             if frame.code == CloseCode::POLICY_VIOLATION {
                 self.metrics().error(ErrorKind::QueueOverflow);
             }
-            self.start_close(frame, sleep);
+            self.start_close(frame);
         }
     }
 
     /// Keepalive and close deadlines. Returns `Some` when the connection
-    /// must end now. Every path re-arms the timer: an elapsed `Sleep` left
-    /// as it is would wake the task again at once, forever.
-    fn on_timer(&mut self, mut sleep: Pin<&mut Sleep>) -> Option<Closed> {
+    /// must end now.
+    fn on_timer(&mut self) -> Option<Closed> {
         let now = Instant::now();
         match &self.phase {
             Phase::Closing(closing) => {
-                if now >= closing.deadline {
+                if now >= closing.deadline.deadline() {
                     self.timed_out = true;
                     return Some(Closed::ByServer(closing.sent.clone()));
                 }
-                sleep.as_mut().reset(closing.deadline);
             }
             Phase::Finishing(finishing) => {
-                let deadline = finishing.deadline;
-                if now >= deadline {
+                if now >= finishing.deadline.deadline() {
                     self.timed_out = true;
                     return Some(self.take_finishing());
                 }
-                sleep.as_mut().reset(deadline);
             }
             Phase::Open => {
-                let s = self.limits();
-                let (ping_interval, pong_timeout) = (s.ping_interval, s.pong_timeout);
-                if !ping_interval.is_zero() && now >= self.last_seen + ping_interval {
-                    match self.ping_sent {
-                        Some(sent) if now >= sent + pong_timeout => {
-                            self.metrics().error(ErrorKind::KeepaliveTimeout);
-                            let frame = CloseFrame::new(
-                                CloseCode::GOING_AWAY,
-                                "keepalive timeout: no pong in time",
-                            );
-                            self.writer.push(close_frame(&frame));
-                            self.enter_finishing(
-                                Closed::Abnormal("keepalive timeout: no pong in time".to_owned()),
-                                sleep,
-                            );
-                            return None;
-                        }
-                        Some(_) => {}
-                        None => {
-                            self.writer.push(WireFrame::new(OpCode::Ping, Bytes::new()));
-                            self.ping_sent = Some(now);
-                        }
-                    }
+                let ping_interval = self.limits().ping_interval;
+                if ping_interval.is_zero() {
+                    return None;
                 }
-                self.arm_keepalive(sleep, now);
+                if self.awaiting_pong {
+                    // The wheel fires a timer at its deadline, never
+                    // before: the pong timeout has passed with no byte.
+                    self.metrics().error(ErrorKind::KeepaliveTimeout);
+                    let frame = CloseFrame::new(
+                        CloseCode::GOING_AWAY,
+                        "keepalive timeout: no pong in time",
+                    );
+                    self.writer.push(close_frame(&frame));
+                    self.enter_finishing(Closed::Abnormal(
+                        "keepalive timeout: no pong in time".to_owned(),
+                    ));
+                    return None;
+                }
+                if now >= self.last_seen + ping_interval {
+                    self.writer.push(WireFrame::new(OpCode::Ping, Bytes::new()));
+                    self.awaiting_pong = true;
+                    let at = now + self.limits().pong_timeout;
+                    self.set_keepalive(at);
+                } else {
+                    // Heard from the client since the timer was set.
+                    self.arm_keepalive();
+                }
             }
         }
         None
     }
 
-    fn arm_keepalive(&self, sleep: Pin<&mut Sleep>, now: Instant) {
-        let s = self.limits();
-        let at = if s.ping_interval.is_zero() {
-            far_future(now)
-        } else if let Some(sent) = self.ping_sent {
-            sent + s.pong_timeout
-        } else {
-            self.last_seen + s.ping_interval
-        };
-        sleep.reset(at);
+    /// Sets the keepalive timer to `ping_interval` after the client was
+    /// last heard from (nothing when pings are off).
+    fn arm_keepalive(&mut self) {
+        let ping_interval = self.limits().ping_interval;
+        if ping_interval.is_zero() {
+            return;
+        }
+        self.set_keepalive(self.last_seen + ping_interval);
     }
 
-    fn apply(&mut self, outcome: Outcome, sleep: Pin<&mut Sleep>) {
+    fn set_keepalive(&mut self, at: Instant) {
+        let Self {
+            conn, keepalive, ..
+        } = self;
+        conn.hub().timers().set(keepalive, at);
+    }
+
+    /// Takes the keepalive timer out of the wheel: the connection is
+    /// closing, or ending.
+    fn disarm_keepalive(&mut self) {
+        if self.keepalive.is_armed() {
+            let Self {
+                conn, keepalive, ..
+            } = self;
+            conn.hub().timers().cancel(keepalive);
+        }
+    }
+
+    fn apply(&mut self, outcome: Outcome) {
         match outcome {
             Outcome::Continue => {}
             Outcome::Reply(message) => self.writer.push(message.into_frame()),
@@ -669,29 +701,29 @@ where
                     self.writer.push(frame);
                 }
             }
-            Outcome::Stop(frame) => self.start_close(frame, sleep),
+            Outcome::Stop(frame) => self.start_close(frame),
         }
     }
 
     /// Sends our close frame and waits for the client's (RFC 6455 §7.1.2).
-    fn start_close(&mut self, frame: CloseFrame, sleep: Pin<&mut Sleep>) {
+    fn start_close(&mut self, frame: CloseFrame) {
         if !matches!(self.phase, Phase::Open) {
             return;
         }
         self.mailbox.mark_closing();
+        self.disarm_keepalive();
         self.writer.push(close_frame(&frame));
-        let deadline = Instant::now() + self.limits().close_timeout;
-        sleep.reset(deadline);
+        let deadline = close_deadline(self.limits().close_timeout);
         self.phase = Phase::Closing(Box::new(Closing {
             sent: frame,
             deadline,
         }));
     }
 
-    fn enter_finishing(&mut self, closed: Closed, sleep: Pin<&mut Sleep>) {
+    fn enter_finishing(&mut self, closed: Closed) {
         self.mailbox.mark_closing();
-        let deadline = Instant::now() + self.limits().close_timeout;
-        sleep.reset(deadline);
+        self.disarm_keepalive();
+        let deadline = close_deadline(self.limits().close_timeout);
         self.phase = Phase::Finishing(Box::new(Finishing { closed, deadline }));
     }
 
@@ -1083,24 +1115,25 @@ mod size_tests {
         let echo = echo.run();
         let (relay_size, echo_size) = (std::mem::size_of_val(&relay), std::mem::size_of_val(&echo));
         println!(
-            "relay future {relay_size} B, echo future {echo_size} B; Driver {} B (Reader {}, Writer {}, Phase {}, Conn {}), Sleep {} B",
+            "relay future {relay_size} B, echo future {echo_size} B; Driver {} B (Reader {}, Writer {}, Phase {}, Conn {}, keepalive Timer {})",
             std::mem::size_of::<Driver<tokio::net::TcpStream, Relay>>(),
             std::mem::size_of::<Reader>(),
             std::mem::size_of::<Writer>(),
             std::mem::size_of::<Phase>(),
             std::mem::size_of::<Conn<()>>(),
-            std::mem::size_of::<Sleep>(),
+            std::mem::size_of::<Timer>(),
         );
         // tokio 1.54 stores a task as one 128-byte-aligned cell: the future
         // plus 104 B of header and trailer (measured by spawning futures of
-        // known sizes under a counting allocator). Up to 536 B the cell is
-        // 640 B; one byte more and every connection costs 768 B. Future
-        // sizes can move with the compiler version: if this fails after a
-        // toolchain or tokio upgrade, measure again (docs/design.md) before
-        // raising the bound.
+        // known sizes under a counting allocator). Up to 408 B the cell is
+        // 512 B; one byte more and every connection costs 640 B (it did
+        // until the keepalive `Sleep`, 112 B, moved to the hub's timer
+        // wheel). Future sizes can move with the compiler version: if this
+        // fails after a toolchain or tokio upgrade, measure again
+        // (docs/design.md) before raising the bound.
         assert!(
-            relay_size <= 536,
-            "the relay connection future grew to {relay_size} B, past the 640 B task cell"
+            relay_size <= 408,
+            "the relay connection future grew to {relay_size} B, past the 512 B task cell"
         );
     }
 }

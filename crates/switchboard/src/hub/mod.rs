@@ -17,6 +17,7 @@ use crate::protocol::close::CloseFrame;
 use crate::protocol::frame::WireFrame;
 use crate::runtime::delivery::Envelope;
 use crate::runtime::mailbox::{ConnId, ConnRef};
+use crate::runtime::wheel::TimerWheel;
 
 mod admission;
 pub(crate) mod drain;
@@ -52,6 +53,8 @@ struct HubInner {
     refusals: RefusalLog,
     /// Set once a drain starts (`Hub::drain`).
     drain: DrainState,
+    /// Every connection's keepalive deadline, in one coarse wheel.
+    timers: Arc<TimerWheel>,
 }
 
 /// Builds a [`Hub`] with a backend and security settings:
@@ -86,8 +89,13 @@ impl HubBuilder {
                 &self.limits.v1,
             ))
         });
+        let timers = Arc::new(TimerWheel::for_keepalive(
+            self.limits.ping_interval,
+            self.limits.pong_timeout,
+        ));
         Hub {
             inner: Arc::new(HubInner {
+                timers,
                 backend,
                 limits: self.limits,
                 security: self.security,
@@ -129,6 +137,11 @@ impl Hub {
 
     pub(crate) fn ip_limiter(&self) -> &IpLimiter {
         &self.inner.ip_limiter
+    }
+
+    /// The keepalive timer wheel every connection of this hub shares.
+    pub(crate) fn timers(&self) -> &Arc<TimerWheel> {
+        &self.inner.timers
     }
 
     pub(crate) fn expiry(&self) -> &Arc<Expiry> {

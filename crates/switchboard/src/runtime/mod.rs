@@ -9,7 +9,8 @@
 //! - [`writer`]: queued frames → as few system calls as possible;
 //! - [`rate`]: the per-connection message rate limit;
 //! - [`wakes`]: wake-ups of recipients deferred to the end of a sender's
-//!   batch.
+//!   batch;
+//! - [`wheel`]: one coarse timer wheel for every connection's keepalive.
 //!
 //! The task that runs a connection with these parts and calls its handler
 //! is one layer up, in `handler::session`, because it needs the hub.
@@ -19,4 +20,5 @@ pub(crate) mod mailbox;
 pub(crate) mod rate;
 pub(crate) mod reader;
 pub(crate) mod wakes;
+pub(crate) mod wheel;
 pub(crate) mod writer;

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use ::redis::aio::MultiplexedConnection;
+use super::conn::RedisConn;
 use ::redis::{PushInfo, PushKind, Value};
 use bytes::Bytes;
 use tokio::sync::mpsc;
@@ -28,11 +28,12 @@ type Located = Vec<(String, Vec<usize>)>;
 
 impl Shared {
     /// Called by the Redis connection's reader for every push, in order.
-    pub(super) fn on_push(&self, epoch: &Epoch, info: PushInfo) {
+    pub(super) fn on_push(&self, epoch: &Arc<Epoch>, info: PushInfo) {
         match info.kind {
             PushKind::Disconnection => {
                 epoch.lost.notify_one();
             }
+            PushKind::SUnsubscribe => self.on_shard_unsubscribed(epoch, info.data),
             PushKind::SMessage => {
                 let mut data = info.data.into_iter();
                 let (Some(Value::BulkString(channel)), Some(Value::BulkString(message))) =
@@ -240,7 +241,7 @@ impl Shared {
     /// live ones' deadlines until the next heartbeat read.
     async fn check_alive(
         &self,
-        conn: &mut MultiplexedConnection,
+        conn: &mut RedisConn,
         members: &[String],
     ) -> Result<HashSet<String>, ::redis::RedisError> {
         let (time, scores): (Value, Value) = ::redis::pipe()
