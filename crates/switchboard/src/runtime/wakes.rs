@@ -10,7 +10,7 @@
 //! in one go and writes them with one `send(2)`. Measured with
 //! `tests/syscalls.rs`, 50 messages per read, each to the same 100
 //! receivers: 550 socket calls per batch with a wake-up per message,
-//! 103–111 deferred (one `send(2)` per receiver per batch).
+//! 103–130 deferred (about one `send(2)` per receiver per batch).
 //!
 //! The wakers wait in a per-thread list. It is filled only inside
 //! [`deferring`], a synchronous scope (a handler's
