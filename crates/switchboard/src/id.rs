@@ -79,11 +79,27 @@ fn check(kind: &'static str, name: &str, allowed: &'static str) -> Result<(), Na
     Ok(())
 }
 
+/// The characters a client ID may have besides ASCII letters and digits.
+const CLIENT_ID_PUNCTUATION: &str = "-_.:@";
+
 impl ClientId {
     /// Checks and wraps a client ID.
     pub fn new(id: &str) -> Result<Self, NameError> {
-        check("client id", id, "-_.:@")?;
+        Self::check(id)?;
         Ok(Self(Arc::from(id)))
+    }
+
+    /// Checks that `id` is a valid client ID, without making one: what the
+    /// relay's hot path does with the targets of a message, which it looks
+    /// up by name (see [`Borrow<str>`](#impl-Borrow%3Cstr%3E-for-ClientId)).
+    pub(crate) fn check(id: &str) -> Result<(), NameError> {
+        check("client id", id, CLIENT_ID_PUNCTUATION)
+    }
+
+    /// Wraps text that [`check`](Self::check) accepted.
+    pub(crate) fn from_checked(id: &str) -> Self {
+        debug_assert!(Self::check(id).is_ok(), "{id:?} was not checked");
+        Self(Arc::from(id))
     }
 
     /// The ID as a string.
@@ -92,44 +108,73 @@ impl ClientId {
     }
 }
 
+/// A client ID, looked up by its text: a map keyed by `ClientId` can be
+/// searched with a `&str`. `ClientId`'s `Hash`, `Eq` and `Ord` are those
+/// of the text (derived through `Arc<str>`), as `Borrow` requires.
+impl std::borrow::Borrow<str> for ClientId {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
 impl From<u64> for ClientId {
     fn from(n: u64) -> Self {
-        let mut buf = [0u8; 20];
-        Self(Arc::from(decimal(n, &mut buf)))
+        Self(Arc::from(Digits::unsigned(n).as_str()))
     }
 }
 
 impl From<i64> for ClientId {
     fn from(n: i64) -> Self {
-        if n >= 0 {
-            return Self::from(n as u64);
-        }
-        let mut buf = [0u8; 21];
-        let digits = decimal(n.unsigned_abs(), &mut buf[1..]).len();
-        let start = 20 - digits;
-        buf[start] = b'-';
-        Self(Arc::from(
-            std::str::from_utf8(&buf[start..]).unwrap_or_default(),
-        ))
+        Self(Arc::from(Digits::signed(n).as_str()))
     }
 }
 
-/// Writes `n` in decimal at the end of `buf` (at least 20 bytes) and
-/// returns the digits: one allocation per ID (the `Arc`), not two as with
-/// `to_string()`. Relay frames name targets by number, so this runs once per
-/// target per message.
-fn decimal(mut n: u64, buf: &mut [u8]) -> &str {
-    let mut at = buf.len();
-    loop {
-        at -= 1;
-        buf[at] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
+/// A 64-bit integer written in decimal, inline: the client ID a relay
+/// target written as a number names, without an allocation. Relay frames
+/// name targets by number, so this runs once per target per message; the
+/// hot path looks the ID up by these digits, and only a target that must
+/// be kept becomes a [`ClientId`] (one allocation, the `Arc`).
+#[derive(Clone, Copy)]
+pub(crate) struct Digits {
+    /// The text, right-aligned: 20 bytes hold `u64::MAX` and `i64::MIN`.
+    buf: [u8; 20],
+    /// Where it starts in `buf`.
+    start: u8,
+}
+
+impl Digits {
+    pub(crate) fn unsigned(mut n: u64) -> Self {
+        let mut buf = [0u8; 20];
+        let mut at = buf.len();
+        loop {
+            at -= 1;
+            buf[at] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        Self {
+            buf,
+            start: at as u8,
         }
     }
-    // Only ASCII digits were written.
-    std::str::from_utf8(&buf[at..]).unwrap_or_default()
+
+    pub(crate) fn signed(n: i64) -> Self {
+        let mut digits = Self::unsigned(n.unsigned_abs());
+        if n < 0 {
+            // At most 19 digits for a negative i64: room for the sign.
+            digits.start -= 1;
+            digits.buf[usize::from(digits.start)] = b'-';
+        }
+        digits
+    }
+
+    /// The decimal text, as a client ID would hold it.
+    pub(crate) fn as_str(&self) -> &str {
+        // Only ASCII digits and a sign were written.
+        std::str::from_utf8(&self.buf[usize::from(self.start)..]).unwrap_or_default()
+    }
 }
 
 impl Topic {
@@ -181,6 +226,31 @@ mod tests {
         for n in [i64::MIN, -1, 0, 5, i64::MAX] {
             assert_eq!(ClientId::from(n).as_str(), n.to_string());
         }
+    }
+
+    #[test]
+    fn digits_are_the_decimal_text() {
+        for n in [0u64, 7, 10, 99, 1234567890, u64::MAX] {
+            assert_eq!(Digits::unsigned(n).as_str(), n.to_string());
+        }
+        for n in [i64::MIN, i64::MIN + 1, -10, -1, 0, 1, i64::MAX] {
+            assert_eq!(Digits::signed(n).as_str(), n.to_string());
+        }
+    }
+
+    /// A registry keyed by `ClientId` is searched by `&str` on the relay's
+    /// hot path: both must hash alike under any hasher.
+    #[test]
+    fn a_client_id_hashes_as_its_text() {
+        use std::hash::BuildHasher;
+        let hasher = std::collections::hash_map::RandomState::new();
+        for id in ["1", "alice", "user@example.com", "-7"] {
+            let client = ClientId::new(id).expect("valid");
+            assert_eq!(hasher.hash_one(&client), hasher.hash_one(id));
+        }
+        let mut map = std::collections::HashMap::new();
+        map.insert(ClientId::from(42u64), 1);
+        assert_eq!(map.get("42"), Some(&1));
     }
 
     #[test]

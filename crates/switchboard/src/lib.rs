@@ -92,10 +92,10 @@ pub use auth::Security;
 #[cfg(feature = "redis")]
 pub use backend::redis::{self, RedisBackend, RedisConfig};
 pub use backend::{
-    Attached, Backend, BackendHealth, ClientInfo, DEFAULT_PAGE_LIMIT, Dedup, Departure,
+    Attached, Backend, BackendHealth, ClientInfo, DEFAULT_PAGE_LIMIT, Dedup, Departure, Immediate,
     MAX_META_BYTES, MAX_PAGE_LIMIT, NodeInfo, Page, PageQuery, PresenceMember, PresenceMode,
-    PresenceSnapshot, RegisterError, Replay, ResumePoint, ResumeStatus, Retained, SendReport,
-    TopicInfo, memory::MemoryBackend,
+    PresenceSnapshot, RegisterError, Replay, ResumePoint, ResumeStatus, Retained, SendCounts,
+    SendReport, TopicInfo, memory::MemoryBackend,
 };
 pub use handler::{Closed, Conn, Handler, Outcome, Subprotocol, TooManyTopics};
 #[cfg(feature = "tls")]

@@ -17,6 +17,7 @@ use crate::http_error::HttpError;
 use crate::hub::Hub;
 use crate::id::{ClientId, Topic};
 use crate::metrics::ErrorKind;
+use crate::protocol::frame::WireFrame;
 use crate::protocol::message::Message;
 use crate::runtime::delivery::{Envelope, Format, v1_error};
 
@@ -37,6 +38,16 @@ impl Handler for Echo {
 
     async fn on_message(&self, _: &mut (), message: Message, _: &mut Conn<()>) -> Outcome {
         Outcome::Reply(message)
+    }
+
+    /// Every message is answered at once: no boxed future per message.
+    fn on_message_now(
+        &self,
+        _: &mut (),
+        message: Message,
+        _: &mut Conn<()>,
+    ) -> Result<Outcome, Message> {
+        Ok(Outcome::Reply(message))
     }
 }
 
@@ -275,56 +286,60 @@ impl Handler for Relay {
                 }
             };
         }
-        let permissions = &state.permissions;
-        let text = match message {
-            Message::Text(text) => text,
-            Message::Binary(_) => {
-                return error_reply(
-                    conn.hub(),
-                    &RequestError::new(
-                        "binary_not_supported",
-                        "/ws takes JSON text frames: {\"targets\":[…],\"payload\":…}",
-                    ),
-                );
-            }
-        };
-        let request = match relay::parse(text.as_bytes(), conn.hub().limits().max_targets) {
+        let request = match plain_request(&state.permissions, &message, conn.hub()) {
             Ok(request) => request,
-            Err(err) => return error_reply(conn.hub(), &err),
+            Err(refusal) => return refusal,
         };
-        if !permissions.is_unrestricted()
-            && let Some(refusal) = refuse(permissions, &request, conn.hub())
-        {
-            return refusal;
-        }
         match request {
             Request::Send { targets, payload } => {
-                let frame = Hub::encode_text(Bytes::copy_from_slice(payload.get().as_bytes()));
-                conn.hub().send(&targets.ids, &frame).await;
+                // A backend that waits (Redis) keeps the IDs.
+                conn.hub()
+                    .send(&targets.client_ids(), &payload_frame(payload))
+                    .await;
                 Outcome::Continue
             }
             Request::Publish { topic, payload } => {
-                let frame = Hub::encode_text(Bytes::copy_from_slice(payload.get().as_bytes()));
-                conn.hub().publish(&topic, &frame).await;
+                conn.hub().publish(&topic, &payload_frame(payload)).await;
                 Outcome::Continue
             }
-            Request::Subscribe(topic) => match conn.join(topic.clone()) {
-                Ok(_) => Outcome::reply_text(
-                    serde_json::json!({ "subscribed": topic.as_str() }).to_string(),
-                ),
-                Err(err) => {
-                    conn.hub().metrics().error(ErrorKind::TooManyTopics);
-                    Outcome::reply_text(
-                        RequestError::new("too_many_topics", err.to_string()).to_json(),
-                    )
-                }
-            },
-            Request::Unsubscribe(topic) => {
-                conn.leave(&topic);
-                let ack = serde_json::json!({ "unsubscribed": topic.as_str() }).to_string();
-                Outcome::reply_text(ack)
-            }
+            other => topic_request(other, conn),
         }
+    }
+
+    /// The plain relay with a backend that never waits (the in-memory
+    /// one): the whole frame is handled here, without `on_message`'s boxed
+    /// future; sends look their targets up by text (no `ClientId`s) and
+    /// make no report. `switchboard.v1` connections and backends that wait
+    /// go to `on_message`.
+    fn on_message_now(
+        &self,
+        state: &mut Self::State,
+        message: Message,
+        conn: &mut Conn<()>,
+    ) -> Result<Outcome, Message> {
+        if state.v1.is_some() || conn.hub().backend().immediate().is_none() {
+            return Err(message);
+        }
+        let hub = conn.hub();
+        let request = match plain_request(&state.permissions, &message, hub) {
+            Ok(request) => request,
+            Err(refusal) => return Ok(refusal),
+        };
+        Ok(match request {
+            Request::Send { targets, payload } => {
+                if let Some(immediate) = hub.backend().immediate() {
+                    hub.send_at_once(immediate, &targets.names(), payload_frame(payload));
+                }
+                Outcome::Continue
+            }
+            Request::Publish { topic, payload } => {
+                if let Some(immediate) = hub.backend().immediate() {
+                    hub.publish_at_once(immediate, &topic, payload_frame(payload));
+                }
+                Outcome::Continue
+            }
+            other => topic_request(other, conn),
+        })
     }
 
     /// A v1 connection's presence memberships end now or after the leave
@@ -337,6 +352,64 @@ impl Handler for Relay {
     }
 }
 
+/// A plain relay frame, parsed and allowed; or the error frame that
+/// answers it.
+fn plain_request<'a>(
+    permissions: &Permissions,
+    message: &'a Message,
+    hub: &Hub,
+) -> Result<Request<'a>, Outcome> {
+    let text = match message {
+        Message::Text(text) => text,
+        Message::Binary(_) => {
+            return Err(error_reply(
+                hub,
+                &RequestError::new(
+                    "binary_not_supported",
+                    "/ws takes JSON text frames: {\"targets\":[…],\"payload\":…}",
+                ),
+            ));
+        }
+    };
+    let request = relay::parse_text(text.as_str(), hub.limits().max_targets)
+        .map_err(|err| error_reply(hub, &err))?;
+    if !permissions.is_unrestricted()
+        && let Some(refusal) = refuse(permissions, &request, hub)
+    {
+        return Err(refusal);
+    }
+    Ok(request)
+}
+
+/// The frame of a relayed payload: the sender's exact JSON text, copied
+/// out of the read buffer (sharing it would keep the whole read alive for
+/// as long as the slowest recipient holds the frame).
+fn payload_frame(payload: &serde_json::value::RawValue) -> WireFrame {
+    Hub::encode_text(Bytes::copy_from_slice(payload.get().as_bytes()))
+}
+
+/// A subscribe or unsubscribe frame, answered.
+fn topic_request(request: Request<'_>, conn: &mut Conn<()>) -> Outcome {
+    match request {
+        Request::Subscribe(topic) => match conn.join(topic.clone()) {
+            Ok(_) => {
+                Outcome::reply_text(serde_json::json!({ "subscribed": topic.as_str() }).to_string())
+            }
+            Err(err) => {
+                conn.hub().metrics().error(ErrorKind::TooManyTopics);
+                Outcome::reply_text(RequestError::new("too_many_topics", err.to_string()).to_json())
+            }
+        },
+        Request::Unsubscribe(topic) => {
+            conn.leave(&topic);
+            let ack = serde_json::json!({ "unsubscribed": topic.as_str() }).to_string();
+            Outcome::reply_text(ack)
+        }
+        // Sends and publishes are the callers' own.
+        Request::Send { .. } | Request::Publish { .. } => Outcome::Continue,
+    }
+}
+
 /// The first error frame the client's permissions call for, if any.
 fn refuse(permissions: &Permissions, request: &Request<'_>, hub: &Hub) -> Option<Outcome> {
     let (code, message) = match request {
@@ -345,7 +418,7 @@ fn refuse(permissions: &Permissions, request: &Request<'_>, hub: &Hub) -> Option
                 .ids
                 .iter()
                 .enumerate()
-                .find(|(_, id)| !permissions.may_send_to(id))?;
+                .find(|(_, id)| !permissions.may_send_to(&id.to_client_id()))?;
             let i = targets.position_of(i);
             (
                 "forbidden_target",

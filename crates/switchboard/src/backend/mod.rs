@@ -70,6 +70,40 @@ pub struct SendReport {
     pub connections: usize,
 }
 
+/// What a send did, counted rather than listed: for a sender that reads
+/// no per-target lists (the plain relay). Each target counts in one of
+/// `delivered`, `offline` and `dropped`, as in a [`SendReport`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SendCounts {
+    /// Targets with at least one connection that accepted the frame.
+    pub delivered: usize,
+    /// Targets with no live connection.
+    pub offline: usize,
+    /// Targets whose every connection refused the frame.
+    pub dropped: usize,
+    /// Connections the message was queued to, over all targets.
+    pub connections: usize,
+}
+
+/// Delivery that never waits, offered by a backend whose IDs and topics
+/// are all in this process (the in-memory backend) through
+/// [`Backend::immediate`].
+///
+/// Why a second way to send: [`Backend::send`] returns a boxed future and
+/// a report of lists, three allocations per message that a backend which
+/// never waits and a sender that reads no lists do not need (heaptrack on
+/// `tests/allocations.rs`). The plain relay uses this when it is offered.
+pub trait Immediate: Send + Sync {
+    /// [`Backend::send`], at once: numbers `message` in each target's inbox
+    /// (if it has one), queues it to every connection of every target,
+    /// named by its text, and counts what happened.
+    fn send_counted(&self, targets: &[&str], message: &Envelope) -> SendCounts;
+    /// [`Backend::publish`], at once: queues `message` to every subscriber
+    /// of its topic; returns how many connections it was queued to.
+    fn publish_counted(&self, message: &Envelope) -> usize;
+}
+
 /// One client ID's live connections, for `GET /api/connections`.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
 #[non_exhaustive]
@@ -174,6 +208,12 @@ pub trait Backend: Send + Sync + 'static {
     /// Queues `message` to every subscriber of `topic`; returns how many
     /// connections it was queued to.
     fn publish<'a>(&'a self, topic: &'a Topic, message: &'a Arc<Envelope>) -> BoxFuture<'a, usize>;
+    /// Delivery that never waits, for a backend that can always deliver
+    /// without waiting (all its IDs and topics are in this process); see
+    /// [`Immediate`]. The default: `None` (use `send` and `publish`).
+    fn immediate(&self) -> Option<&dyn Immediate> {
+        None
+    }
     /// Lists every client ID registered on this node.
     fn clients(&self) -> BoxFuture<'_, Vec<ClientInfo>>;
     /// Closes every connection of `id` with `frame`, on every node; returns

@@ -134,6 +134,31 @@ pub trait Handler: Send + Sync + 'static {
         conn: &mut Conn<Self::Info>,
     ) -> impl Future<Output = Outcome> + Send;
 
+    /// The fast path of [`on_message`](Self::on_message), for a handler
+    /// that can often answer without awaiting anything: handles `message`
+    /// at once and returns `Ok(outcome)`, or hands it back unhandled as
+    /// `Err(message)`, and then `on_message` gets it. The default hands
+    /// every message back.
+    ///
+    /// Why: `on_message`'s future is boxed, so that the connection's task
+    /// stays small while idle — one allocation and a round of polling per
+    /// message. A message handled here costs neither, and the connection
+    /// wakes the connections it queued frames to once per read instead of
+    /// once per message (measured on the relay: 9.24 → 2.24 allocations
+    /// per relayed message, see `tests/allocations.rs`).
+    ///
+    /// Must do what `on_message` would, in the same order: the connection
+    /// calls exactly one of the two for each message.
+    fn on_message_now(
+        &self,
+        state: &mut Self::State,
+        message: Message,
+        conn: &mut Conn<Self::Info>,
+    ) -> Result<Outcome, Message> {
+        let _ = (state, conn);
+        Err(message)
+    }
+
     /// A message arrived through a [`ConnHandle`](crate::ConnHandle).
     /// Default: nothing.
     fn on_info(

@@ -39,6 +39,7 @@ use crate::runtime::delivery::{Format, Gap, v1_error, v1_request_id};
 use crate::runtime::mailbox::{Item, Mailbox, Taken};
 use crate::runtime::rate::{Rate, TokenBucket};
 use crate::runtime::reader::{Incoming, Reader};
+use crate::runtime::wakes;
 use crate::runtime::wheel::Timer;
 use crate::runtime::writer::{Writer, Written};
 
@@ -290,6 +291,11 @@ where
                 if let Some(closed) = self.process_frames().await {
                     self.enter_finishing(closed);
                 }
+                // The recipients of the messages it handled at once. (Not
+                // `let closed = ….await` above: an `Option` bound there
+                // would stay alive, stored in the task, across the awaits
+                // below.)
+                wakes::flush();
                 if matches!(self.phase, Phase::Finishing(_)) && self.writer.is_empty() {
                     return self.take_finishing();
                 }
@@ -363,6 +369,9 @@ where
         {
             return Poll::Ready(Event::Timer);
         }
+        // Nothing deferred may wait while this task does (see `wakes`):
+        // a no-op unless a path above forgot its flush.
+        wakes::flush();
         let metrics = self.conn.hub().metrics();
         if !self.writer.is_empty() {
             let mut written = Written::default();
@@ -518,14 +527,35 @@ where
                         }
                     }
                 };
-                if let Some(outcome) = Box::pin(self.call_message(message)).await {
-                    self.apply(outcome);
+                // Matched in a `let`, apart from the await: a value still
+                // alive at an await is stored in every connection's task
+                // (a `match` scrutinee lives to the end of the `match`, an
+                // `Option` to the end of its scope).
+                'handled: {
+                    let message = match self.message_now(message) {
+                        Ok(Some(outcome)) => {
+                            self.apply(outcome);
+                            break 'handled;
+                        }
+                        Ok(None) => break 'handled,
+                        Err(message) => message,
+                    };
+                    // The handler may wait: wake the recipients of the
+                    // messages handled at once before it.
+                    wakes::flush();
+                    if let Some(outcome) = Box::pin(self.call_message(message)).await {
+                        self.apply(outcome);
+                    }
                 }
                 // One read can hold a thousand small messages, each of which may
                 // queue frames to other connections. Spend tokio's cooperative
                 // budget so that a burst yields now and then, letting the
                 // recipients drain their mailboxes instead of overflowing them
-                // while this task hogs the worker.
+                // while this task hogs the worker; they are woken before
+                // it yields.
+                if !tokio::task::coop::has_budget_remaining() {
+                    wakes::flush();
+                }
                 tokio::task::consume_budget().await;
             }
         }
@@ -716,6 +746,31 @@ where
     async fn call_message(&mut self, message: Message) -> Option<Outcome> {
         call_handler!(self, |handler, state, conn| handler
             .on_message(state, message, conn))
+    }
+
+    /// The handler's [`on_message_now`](Handler::on_message_now), with the
+    /// wake-ups of the connections it queues frames to deferred (see
+    /// `wakes`): `Err(message)` when the handler handed the message back
+    /// for `on_message`. Like `call_message`, `Ok(None)` when the state is
+    /// gone, and a panic becomes `Stop(1011)`.
+    fn message_now(&mut self, message: Message) -> Result<Option<Outcome>, Message> {
+        let Self {
+            handler,
+            state,
+            conn,
+            ..
+        } = self;
+        let Some(state) = state.as_mut() else {
+            return Ok(None);
+        };
+        let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            wakes::deferring(|| handler.on_message_now(state, message, conn))
+        }));
+        match result {
+            Ok(Err(message)) => Err(message),
+            Ok(Ok(outcome)) => Ok(self.after_callback(Ok(outcome), Delivered::default())),
+            Err(panic) => Ok(self.after_callback(Err(panic), Delivered::default())),
+        }
     }
 
     async fn call_info(&mut self, info: H::Info) -> Option<Outcome> {

@@ -9,7 +9,7 @@ use bytes::Bytes;
 
 use crate::auth::{IpLimiter, Security};
 use crate::backend::memory::MemoryBackend;
-use crate::backend::{Backend, SendReport};
+use crate::backend::{Backend, Immediate, SendCounts, SendReport};
 use crate::id::{ClientId, Topic};
 use crate::limits::Limits;
 use crate::metrics::Metrics;
@@ -201,6 +201,38 @@ impl Hub {
         m.dropped_messages.add(report.dropped.len() as u64);
         m.unconfirmed_targets.add(report.unconfirmed.len() as u64);
         report
+    }
+
+    /// [`send`](Self::send) through the backend's delivery that never
+    /// waits (see [`Immediate`]), to targets named by their text: no boxed
+    /// future, no report lists, no `Arc` for the message. Counted in the
+    /// metrics like `deliver`.
+    pub(crate) fn send_at_once(
+        &self,
+        immediate: &dyn Immediate,
+        targets: &[&str],
+        frame: WireFrame,
+    ) -> SendCounts {
+        let counts = immediate.send_counted(targets, &Envelope::of_frame(frame));
+        let m = self.metrics();
+        m.deliveries.add(counts.connections as u64);
+        m.offline_targets.add(counts.offline as u64);
+        m.dropped_messages.add(counts.dropped as u64);
+        counts
+    }
+
+    /// [`publish`](Self::publish) through the backend's delivery that never
+    /// waits (see [`Immediate`]).
+    pub(crate) fn publish_at_once(
+        &self,
+        immediate: &dyn Immediate,
+        topic: &Topic,
+        frame: WireFrame,
+    ) -> usize {
+        let message = Envelope::of_frame(frame).on_topic(topic.clone());
+        let n = immediate.publish_counted(&message);
+        self.metrics().publish_deliveries.add(n as u64);
+        n
     }
 
     /// Publishes `frame` to every subscriber of `topic`; returns the number

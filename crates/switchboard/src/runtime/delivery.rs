@@ -93,6 +93,22 @@ impl Envelope {
         }
     }
 
+    /// The same message, to be shared on its own (an inbox keeps it): the
+    /// payload and the plain frame are shared, the other frames are made
+    /// again when needed.
+    pub(crate) fn duplicate(&self) -> Self {
+        Self {
+            payload: self.payload.clone(),
+            binary: self.binary,
+            from: self.from.clone(),
+            mid: self.mid.clone(),
+            topic: self.topic.clone(),
+            plain: self.plain.clone(),
+            text: OnceLock::new(),
+            v1_pub: OnceLock::new(),
+        }
+    }
+
     /// Sets the sender.
     pub fn from(mut self, sender: Option<ClientId>) -> Self {
         self.from = sender;

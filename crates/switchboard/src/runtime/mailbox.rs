@@ -298,7 +298,9 @@ impl<I: Send + 'static> Mailbox<I> {
             queue.waker.take()
         };
         if let Some(w) = waker {
-            w.wake();
+            // Deferred while the sender handles a read's messages at once
+            // (see `wakes`): the recipient then takes them in one go.
+            super::wakes::wake(w);
         }
         Ok(())
     }

@@ -8,6 +8,8 @@
 //!   limits, UTF-8 checks and inflation;
 //! - [`writer`]: queued frames → as few system calls as possible;
 //! - [`rate`]: the per-connection message rate limit;
+//! - [`wakes`]: wake-ups of recipients deferred to the end of a sender's
+//!   batch;
 //! - [`wheel`]: one coarse timer wheel for every connection's keepalive.
 //!
 //! The task that runs a connection with these parts and calls its handler
@@ -17,5 +19,6 @@ pub(crate) mod delivery;
 pub(crate) mod mailbox;
 pub(crate) mod rate;
 pub(crate) mod reader;
+pub(crate) mod wakes;
 pub(crate) mod wheel;
 pub(crate) mod writer;
