@@ -118,7 +118,7 @@ impl From<i64> for ClientId {
 /// returns the digits: one allocation per ID (the `Arc`), not two as with
 /// `to_string()`. Relay frames name targets by number, so this runs once per
 /// target per message.
-pub(crate) fn decimal(mut n: u64, buf: &mut [u8]) -> &str {
+fn decimal(mut n: u64, buf: &mut [u8]) -> &str {
     let mut at = buf.len();
     loop {
         at -= 1;

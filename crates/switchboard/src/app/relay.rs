@@ -148,25 +148,23 @@ impl Targets {
                 *slot |= RETAINED;
             }
         }
-        let mut first = true;
-        for (name, mask, want, always) in [
-            ("delivered", OUTCOME, DELIVERED, true),
-            ("dropped", OUTCOME, DROPPED, true),
-            ("offline", OUTCOME, OFFLINE, true),
-            ("retained", RETAINED, RETAINED, false),
-            ("unconfirmed", OUTCOME, UNCONFIRMED, false),
+        // Each list: its opening (the first, always written, without a
+        // comma), which of the state bits pick its members, and whether an
+        // empty one is written (as its opening and `]`).
+        for (open, mask, want, always) in [
+            ("\"delivered\":[", OUTCOME, DELIVERED, true),
+            (",\"dropped\":[", OUTCOME, DROPPED, true),
+            (",\"offline\":[", OUTCOME, OFFLINE, true),
+            (",\"retained\":[", RETAINED, RETAINED, false),
+            (",\"unconfirmed\":[", OUTCOME, UNCONFIRMED, false),
         ] {
-            let mut open = false;
+            let mut members = 0;
             for &(written, id) in &self.listed {
                 if state.get(id).is_none_or(|s| s & mask != want) {
                     continue;
                 }
-                if open {
-                    out.push(',');
-                } else {
-                    open_list(out, name, &mut first);
-                    open = true;
-                }
+                out.push_str(if members == 0 { open } else { "," });
+                members += 1;
                 match written {
                     Written::Unsigned(n) => push_u64(out, n),
                     Written::Signed(n) => {
@@ -178,11 +176,10 @@ impl Targets {
                     Written::String => push_json_str(out, self.ids[id].as_str()),
                 }
             }
-            if !open && always {
-                open_list(out, name, &mut first);
-                open = true;
-            }
-            if open {
+            if members > 0 || always {
+                if members == 0 {
+                    out.push_str(open);
+                }
                 out.push(']');
             }
         }
@@ -196,17 +193,6 @@ impl Targets {
             .position(|&(_, listed)| listed == id)
             .unwrap_or(id)
     }
-}
-
-/// `"name":[` of a report list, after a comma unless it is the first.
-fn open_list(out: &mut String, name: &str, first: &mut bool) {
-    if !*first {
-        out.push(',');
-    }
-    *first = false;
-    out.push('"');
-    out.push_str(name);
-    out.push_str("\":[");
 }
 
 /// One parsed relay frame.
@@ -398,6 +384,22 @@ pub(crate) fn parse_targets(raw: Option<&RawValue>, max: usize) -> Result<Target
         }
     })?;
     Ok(parsed)
+}
+
+/// `targets` read where it stands by a caller's own deserializer (the
+/// switchboard.v1 `send` fast path), with [`parse_targets`]' checks; its
+/// errors are serde's, so the caller falls back to [`parse_targets`] for
+/// the message.
+pub(crate) struct TargetsSeed {
+    pub(crate) max: usize,
+}
+
+impl<'de> de::DeserializeSeed<'de> for TargetsSeed {
+    type Value = Targets;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Targets, D::Error> {
+        d.deserialize_seq(TargetsVisitor { max: self.max })
+    }
 }
 
 struct TargetsVisitor {

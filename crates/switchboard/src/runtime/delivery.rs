@@ -358,10 +358,11 @@ pub(crate) fn v1_error(id: Option<u64>, code: &str, message: &str, temporary: bo
     out
 }
 
-/// Appends `n` in decimal, without `fmt`'s machinery (acks and envelopes
-/// write a few numbers per message).
+/// Appends `n` in decimal, without `fmt`'s machinery: acks and envelopes
+/// write a few numbers per message (callgrind: ~190 instructions each with
+/// a digit loop and a UTF-8 check, a third of that with `itoa`).
 pub(crate) fn push_u64(out: &mut String, n: u64) {
-    out.push_str(crate::id::decimal(n, &mut [0u8; 20]));
+    out.push_str(itoa::Buffer::new().format(n));
 }
 
 /// The longest text [`scratch_bytes`] keeps its thread's buffer for; a

@@ -2,7 +2,8 @@
 //! client that opted in with the subprotocol `switchboard.v1` says hello,
 //! resumes from its inbox, and gets exactly one answer per request.
 //!
-//! - [`request`]: the client's frames, parsed;
+//! - [`request`]: the client's frames, parsed (the usual `send` first by
+//!   `send_frame`, in one pass);
 //! - [`reply`]: the server's answers, encoded;
 //! - this module: what each request does, on the connection's own task.
 //!
@@ -30,6 +31,7 @@ use crate::runtime::delivery::{Envelope, Format, scratch_bytes, v1_error};
 mod presence;
 pub(crate) mod reply;
 pub(crate) mod request;
+mod send_frame;
 
 use presence::Presence;
 use request::{Kind, Request};
@@ -85,7 +87,10 @@ impl V1 {
     /// Handles one text frame.
     pub(crate) async fn on_text(&mut self, text: &str, conn: &mut Conn<()>) -> Outcome {
         let hub = conn.hub();
-        let request = match request::parse(text, hub.limits().max_targets) {
+        let max_targets = hub.limits().max_targets;
+        let request = match send_frame::parse(text, max_targets)
+            .map_or_else(|| request::parse(text, max_targets), Ok)
+        {
             Ok(request) => request,
             Err(refused) if !self.ready => {
                 return bad_hello(&format!(
