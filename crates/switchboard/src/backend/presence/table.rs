@@ -83,7 +83,12 @@ impl PresenceTable {
     pub(crate) fn join(&self, topic: &Topic, id: &ClientId, meta: Option<Arc<str>>) {
         let inner = &self.inner;
         let mut topics = inner.topics.lock();
-        let entry = topics.entry(topic.clone()).or_default();
+        // Looked up before it is made: the topic usually exists, and its
+        // name then is not cloned.
+        let entry = match topics.get_mut(topic) {
+            Some(entry) => entry,
+            None => topics.entry(topic.clone()).or_default(),
+        };
         let change = match entry.members.get_mut(id) {
             Some(member) => {
                 member.conns += 1;
@@ -137,7 +142,13 @@ impl PresenceTable {
             );
             return;
         }
-        inner.remove(&mut topics, topic, id);
+        // The entry in hand, not looked up again (`Inner::remove`): an
+        // unsubscribe is half of all churn.
+        entry.members.remove(id);
+        inner.emit(topic, entry, id, Change::Left);
+        if entry.members.is_empty() {
+            topics.remove(topic);
+        }
     }
 
     /// Sends `topic`'s presence frames to `conn` from now on, and returns
