@@ -5,7 +5,9 @@
 //! (allocating `type` and `mid`); for a send that cost ~1,300 instructions
 //! more than the plain relay's parse (callgrind, relay over v1).
 //!
-//! Anything this path does not take — another type, a field a send does not
+//! It takes frames that start `{"type":"send",` (as the docs and the
+//! benchmark write them). Anything this path does not take — another type,
+//! other field orders, a field a send does not
 //! have, a duplicate, a bad value — is left to `request::parse`, which
 //! reads the frame again and names the problem: this path never refuses,
 //! so both paths accept the same frames and errors stay as they were.
@@ -20,9 +22,18 @@ use super::request::{Kind, MAX_MID_LEN, Request};
 use crate::app::relay::{Targets, TargetsSeed};
 use crate::runtime::delivery::MAX_REQUEST_ID;
 
+/// How a send this path takes starts: the order docs/protocol-v1.md
+/// writes it in. Other frames go straight to `request::parse`: finding out
+/// here that a frame is not a send cost a serde error, ~2,400 instructions
+/// per subscribe (callgrind, tests/presence_cost.rs), more than it saves.
+const SEND_START: &str = r#"{"type":"send","#;
+
 /// `input` as a `send` request, or `None` when it is anything else or
 /// anything is wrong with it (for `request::parse` to answer).
 pub(crate) fn parse(input: &str, max_targets: usize) -> Option<Request<'_>> {
+    if !input.starts_with(SEND_START) {
+        return None;
+    }
     let mut de = serde_json::Deserializer::from_str(input);
     let send = de.deserialize_map(SendVisitor { max_targets }).ok()?;
     de.end().ok()?;
@@ -151,9 +162,9 @@ mod tests {
     fn takes_sends_as_the_full_parser_reads_them() {
         for input in [
             r#"{"type":"send","id":1,"targets":[2],"payload":{"t":1,"s":"x"}}"#,
-            r#"{"payload":[1,2],"targets":["a","b",3,"a"],"mid":"m-1","type":"send"}"#,
-            r#" { "type" : "send" , "targets" : [ 1 ] , "payload" : null , "extra" : {"x":[1]} } "#,
-            r#"{"type":"s\u0065nd","mid":"m\u002d2","targets":[-5],"payload":"\u00e9"}"#,
+            r#"{"type":"send","payload":[1,2],"targets":["a","b",3,"a"],"mid":"m-1"}"#,
+            r#"{"type":"send", "targets" : [ 1 ] , "payload" : null , "extra" : {"x":[1]} } "#,
+            r#"{"type":"send","mid":"m\u002d2","targets":[-5],"payload":"\u00e9"}"#,
             r#"{"type":"send","id":9007199254740991,"targets":[1],"payload":0}"#,
         ] {
             let fast = parse(input, 10).unwrap_or_else(|| panic!("not taken: {input}"));
@@ -170,6 +181,8 @@ mod tests {
             r#"{"type":"send","targets":[1]}"#,
             r#"{"type":"send","payload":1}"#,
             r#"{"targets":[1],"payload":1}"#,
+            r#"{"id":1,"type":"send","targets":[1],"payload":1}"#,
+            r#" {"type":"send","targets":[1],"payload":1}"#,
             r#"{"type":"send","type":"send","targets":[1],"payload":1}"#,
             r#"{"type":"send","targets":[1],"payload":1,"payload":2}"#,
             r#"{"type":"send","id":-1,"targets":[1],"payload":1}"#,

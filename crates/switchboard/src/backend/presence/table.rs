@@ -9,6 +9,7 @@
 //! timer entry of about 100 bytes until it is due.
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry as MemberEntry;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 
@@ -89,8 +90,10 @@ impl PresenceTable {
             Some(entry) => entry,
             None => topics.entry(topic.clone()).or_default(),
         };
-        let change = match entry.members.get_mut(id) {
-            Some(member) => {
+        // One lookup for both cases (the ID is hashed once).
+        let change = match entry.members.entry(id.clone()) {
+            MemberEntry::Occupied(mut occupied) => {
+                let member = occupied.get_mut();
                 member.conns += 1;
                 member.leaving = 0;
                 if member.meta == meta {
@@ -99,16 +102,13 @@ impl PresenceTable {
                 member.meta.clone_from(&meta);
                 Change::Updated(meta)
             }
-            None => {
-                entry.members.insert(
-                    id.clone(),
-                    Member {
-                        conns: 1,
-                        since_ms: crate::backend::unix_ms(std::time::SystemTime::now()),
-                        meta: meta.clone(),
-                        leaving: 0,
-                    },
-                );
+            MemberEntry::Vacant(vacant) => {
+                vacant.insert(Member {
+                    conns: 1,
+                    since_ms: crate::backend::unix_ms(std::time::SystemTime::now()),
+                    meta: meta.clone(),
+                    leaving: 0,
+                });
                 Change::Joined(meta)
             }
         };
@@ -123,9 +123,10 @@ impl PresenceTable {
         let Some(entry) = topics.get_mut(topic) else {
             return;
         };
-        let Some(member) = entry.members.get_mut(id) else {
+        let MemberEntry::Occupied(mut occupied) = entry.members.entry(id.clone()) else {
             return;
         };
+        let member = occupied.get_mut();
         member.conns = member.conns.saturating_sub(1);
         if member.conns > 0 {
             return;
@@ -144,7 +145,7 @@ impl PresenceTable {
         }
         // The entry in hand, not looked up again (`Inner::remove`): an
         // unsubscribe is half of all churn.
-        entry.members.remove(id);
+        occupied.remove();
         inner.emit(topic, entry, id, Change::Left);
         if entry.members.is_empty() {
             topics.remove(topic);
