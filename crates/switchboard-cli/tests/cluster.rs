@@ -13,8 +13,7 @@ mod support;
 use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, BufReader, Write as _};
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -24,9 +23,10 @@ use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
+use support::redis::{Redis, Resp};
 use support::{
-    Client, Guard, STARTUP, Server, TempFile, WAIT, drain, free_port, http, next_message,
-    next_text, run_to_exit, switchboard, try_next, ws_connect,
+    Client, Guard, STARTUP, Server, TempFile, WAIT, drain, http, next_message, next_text,
+    run_to_exit, switchboard, try_next, wait_for, ws_connect,
 };
 
 /// The presence TTL the nodes run with in these tests.
@@ -38,121 +38,8 @@ const REQUEST_TIMEOUT: Duration = Duration::from_millis(1000);
 // Processes
 // ---------------------------------------------------------------------------
 
-/// `redis-server` from `PATH`. Fails (never skips) when it is missing, in
-/// CI and outside it: these tests are the only proof that scale-out works.
-fn redis_server() -> PathBuf {
-    let found = std::env::var_os("PATH").and_then(|path| {
-        std::env::split_paths(&path)
-            .map(|dir| dir.join("redis-server"))
-            .find(|candidate| candidate.is_file())
-    });
-    let ci = std::env::var("CI").is_ok_and(|v| v == "true");
-    let Some(path) = found else {
-        panic!(
-            "redis-server is not installed (not found in PATH){}: the cluster tests need a real \
-             Redis 7. Install it with `apt-get install -y redis-server` (.ci/run does this).",
-            if ci { " and CI=true" } else { "" }
-        );
-    };
-    let version = Command::new(&path)
-        .arg("--version")
-        .output()
-        .expect("run redis-server --version");
-    let text = String::from_utf8_lossy(&version.stdout);
-    let major: u32 = text
-        .split_once("v=")
-        .and_then(|(_, rest)| rest.split('.').next())
-        .and_then(|major| major.parse().ok())
-        .unwrap_or_else(|| panic!("cannot read the version of redis-server: {text}"));
-    assert!(
-        major >= 7,
-        "redis-server {text} is too old: sharded pub/sub needs Redis 7"
-    );
-    path
-}
-
-/// A `redis-server` on a loopback port, with no persistence.
-struct Redis {
-    proc: Option<Guard>,
-    port: u16,
-}
-
+/// What these tests read of the shared Redis.
 impl Redis {
-    fn start() -> Self {
-        Self::start_on(free_port())
-    }
-
-    fn start_on(port: u16) -> Self {
-        let child = Command::new(redis_server())
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                std::env::temp_dir().to_str().expect("temp dir is UTF-8"),
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn redis-server");
-        let mut redis = Self {
-            proc: Some(Guard(child)),
-            port,
-        };
-        let deadline = Instant::now() + STARTUP;
-        loop {
-            if let Ok(reply) = redis.try_command(&["PING"]) {
-                assert_eq!(reply, Resp::Simple("PONG".to_owned()));
-                return redis;
-            }
-            if let Some(proc) = redis.proc.as_mut()
-                && let Some(status) = proc.wait_timeout(Duration::ZERO)
-            {
-                panic!("redis-server on port {port} exited at startup: {status}");
-            }
-            assert!(
-                Instant::now() < deadline,
-                "redis-server on port {port} did not answer PING"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
-    }
-
-    /// Stops the server (SIGKILL: no goodbye to its clients) and waits.
-    fn stop(&mut self) {
-        if let Some(mut proc) = self.proc.take() {
-            proc.signal("-KILL");
-            proc.wait_timeout(WAIT).expect("redis-server exits");
-        }
-    }
-
-    fn try_command(&self, args: &[&str]) -> std::io::Result<Resp> {
-        let mut stream = std::net::TcpStream::connect(("127.0.0.1", self.port))?;
-        stream.set_read_timeout(Some(WAIT))?;
-        let mut request = format!("*{}\r\n", args.len());
-        for arg in args {
-            request.push_str(&format!("${}\r\n{arg}\r\n", arg.len()));
-        }
-        stream.write_all(request.as_bytes())?;
-        let mut reader = BufReader::new(stream);
-        read_resp(&mut reader)
-    }
-
-    fn command(&self, args: &[&str]) -> Resp {
-        self.try_command(args)
-            .unwrap_or_else(|e| panic!("redis {args:?}: {e}"))
-    }
-
     /// Every key matching `pattern` (`SCAN`, bounded).
     fn keys(&self, pattern: &str) -> Vec<String> {
         let mut keys = Vec::new();
@@ -213,65 +100,6 @@ impl Redis {
         }
         traces
     }
-}
-
-/// A RESP2 reply, enough for these tests.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Resp {
-    Simple(String),
-    Error(String),
-    Int(i64),
-    Bulk(Option<String>),
-    Array(Vec<Resp>),
-}
-
-impl Resp {
-    fn int(&self) -> i64 {
-        match self {
-            Self::Int(n) => *n,
-            other => panic!("expected an integer reply, got {other:?}"),
-        }
-    }
-
-    fn text(&self) -> String {
-        match self {
-            Self::Bulk(Some(text)) | Self::Simple(text) => text.clone(),
-            other => panic!("expected a string reply, got {other:?}"),
-        }
-    }
-}
-
-fn read_resp(reader: &mut impl BufRead) -> std::io::Result<Resp> {
-    let mut line = String::new();
-    reader.read_line(&mut line)?;
-    let line = line.trim_end_matches("\r\n");
-    let bad = || std::io::Error::new(std::io::ErrorKind::InvalidData, "bad RESP");
-    let (kind, rest) = line.split_at_checked(1).ok_or_else(bad)?;
-    Ok(match kind {
-        "+" => Resp::Simple(rest.to_owned()),
-        "-" => Resp::Error(rest.to_owned()),
-        ":" => Resp::Int(rest.parse().map_err(|_| bad())?),
-        "$" => {
-            let len: i64 = rest.parse().map_err(|_| bad())?;
-            if len < 0 {
-                Resp::Bulk(None)
-            } else {
-                let mut buf = vec![0; len as usize + 2];
-                reader.read_exact(&mut buf)?;
-                buf.truncate(len as usize);
-                Resp::Bulk(Some(String::from_utf8_lossy(&buf).into_owned()))
-            }
-        }
-        "*" => {
-            let len: i64 = rest.parse().map_err(|_| bad())?;
-            let mut items = Vec::new();
-            for _ in 0..len.max(0) {
-                items.push(read_resp(reader)?);
-            }
-            Resp::Array(items)
-        }
-        _ => return Err(bad()),
-    })
 }
 
 /// A TCP proxy between nodes and Redis that a test can cut (every
@@ -663,25 +491,6 @@ impl NodeOptions {
 // ---------------------------------------------------------------------------
 // Clients
 // ---------------------------------------------------------------------------
-
-/// Polls `check` every 25 ms until it returns `Some`, for at most `limit`.
-async fn wait_for<T, F, Fut>(what: &str, limit: Duration, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {limit:?}: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-}
 
 /// Asserts that nothing more arrives within a short while (exactly once).
 async fn assert_quiet(client: &mut Client, who: &str) {
@@ -2123,4 +1932,172 @@ async fn measure_redis_cost_per_connection_and_message() {
     let (counts, _) = monitor.stop();
     println!("idle, 2 nodes, {window:?} (heartbeat every TTL/3 per node): {counts:?}");
     drop((clients, more));
+}
+
+// ---------------------------------------------------------------------------
+// duplicate_ids across nodes
+// ---------------------------------------------------------------------------
+
+/// Opens `/ws?id=<id>` on `node`; `Err(status)` when the upgrade is refused.
+async fn try_connect(node: &Node, id: &str, v1: bool) -> Result<Client, u16> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+    let mut request = format!("ws://{}/ws?id={id}", node.addr)
+        .into_client_request()
+        .expect("request");
+    if v1 {
+        request.headers_mut().insert(
+            "sec-websocket-protocol",
+            "switchboard.v1".parse().expect("header value"),
+        );
+    }
+    match tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(request))
+        .await
+        .expect("an answer to the upgrade in time")
+    {
+        Ok((client, _)) => Ok(client),
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            Err(response.status().as_u16())
+        }
+        Err(other) => panic!("upgrade to {} failed: {other}", node.name),
+    }
+}
+
+/// Whether `client` is still open after `wait`: `Some(code)` if it was
+/// closed meanwhile (then read to the end).
+async fn closed_within(client: &mut Client, wait: Duration) -> Option<u16> {
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        match tokio::time::timeout_at(deadline, client.next()).await {
+            Err(_) => return None,
+            Ok(Some(Ok(WsMessage::Close(frame)))) => {
+                drain(client).await;
+                return Some(frame.map_or(1005, |f| u16::from(f.code)));
+            }
+            Ok(Some(Ok(_))) => {}
+            Ok(other) => panic!("connection ended without a close frame: {other:?}"),
+        }
+    }
+}
+
+/// Two nodes running `duplicate_ids = policy`.
+async fn two_nodes_with(redis: &Redis, policy: &str) -> (Node, Node) {
+    let options = NodeOptions::new(redis).args(&["--duplicate-ids", policy]);
+    let (a, b) = tokio::join!(
+        Node::start_with("a", &options),
+        Node::start_with("b", &options)
+    );
+    (a, b)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reject_new_refuses_an_id_connected_on_another_node() {
+    let redis = Redis::start();
+    let (a, b) = two_nodes_with(&redis, "reject-new").await;
+
+    let mut first = try_connect(&a, "7", false)
+        .await
+        .expect("the first is accepted");
+    // Plain upgrade on the other node: 409 `id_in_use`.
+    assert_eq!(try_connect(&b, "7", false).await.err(), Some(409));
+    // A switchboard.v1 hello on the other node: closed 4409.
+    let mut v1 = try_connect(&b, "7", true).await.expect("v1 upgrade");
+    v1.send(WsMessage::text(
+        json!({"type": "hello", "id": 0}).to_string(),
+    ))
+    .await
+    .expect("hello");
+    expect_close(&mut v1, CloseCode::Library(4409)).await;
+    // The first connection was not disturbed, and stays the one that
+    // receives.
+    let report = b.send(json!(["7"]), json!("still here")).await;
+    assert_eq!(report["delivered"], json!(["7"]), "{report}");
+    assert_eq!(next_text(&mut first).await, r#""still here""#);
+
+    // Once it is gone, the other node accepts the ID.
+    first.close(None).await.expect("close");
+    drain(&mut first).await;
+    wait_for("b accepts 7 once a has let it go", WAIT, || async {
+        try_connect(&b, "7", false).await.ok()
+    })
+    .await;
+
+    // Newcomers racing on both nodes: never both kept (both may be
+    // refused: each writes its presence before it reads the other's).
+    for round in 0..20 {
+        let id = format!("race-{round}");
+        let (on_a, on_b) = tokio::join!(try_connect(&a, &id, false), try_connect(&b, &id, false));
+        assert!(
+            !(on_a.is_ok() && on_b.is_ok()),
+            "round {round}: both nodes accepted {id}"
+        );
+        for refused in [&on_a, &on_b].into_iter().filter_map(|r| r.as_ref().err()) {
+            assert_eq!(*refused, 409, "round {round}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replace_oldest_closes_the_older_connection_on_another_node() {
+    let redis = Redis::start();
+    let (a, b) = two_nodes_with(&redis, "replace-oldest").await;
+
+    let mut old = try_connect(&a, "8", false).await.expect("connect on a");
+    a.wait_listed(&[("8", 1)]).await;
+    let mut new = try_connect(&b, "8", false).await.expect("connect on b");
+    expect_close(&mut old, CloseCode::Library(4001)).await;
+    b.wait_listed(&[("8", 1)]).await;
+    let report = a.send(json!(["8"]), json!("to the newest")).await;
+    assert_eq!(report["delivered"], json!(["8"]), "{report}");
+    assert_eq!(next_text(&mut new).await, r#""to the newest""#);
+
+    // The same for switchboard.v1 clients: the older one is closed 4001.
+    let mut new_v1 = try_connect(&a, "9", true).await.expect("v1 on a");
+    new_v1
+        .send(WsMessage::text(
+            json!({"type": "hello", "id": 0}).to_string(),
+        ))
+        .await
+        .expect("hello");
+    assert_eq!(
+        serde_json::from_str::<Value>(&next_text(&mut new_v1).await).expect("JSON")["type"],
+        "welcome"
+    );
+    let mut newer = try_connect(&b, "9", false).await.expect("plain on b");
+    expect_close(&mut new_v1, CloseCode::Library(4001)).await;
+    assert_eq!(
+        closed_within(&mut newer, Duration::from_millis(500)).await,
+        None
+    );
+
+    // Newcomers racing on both nodes: exactly one is kept, whichever was
+    // stamped last, and it is the one that receives.
+    for round in 0..8 {
+        let id = format!("race-{round}");
+        let (on_a, on_b) = tokio::join!(try_connect(&a, &id, false), try_connect(&b, &id, false));
+        let (mut on_a, mut on_b) = (on_a.expect("a accepts"), on_b.expect("b accepts"));
+        let wait = REQUEST_TIMEOUT + Duration::from_millis(500);
+        let (closed_a, closed_b) = tokio::join!(
+            closed_within(&mut on_a, wait),
+            closed_within(&mut on_b, wait)
+        );
+        let survivors = [&closed_a, &closed_b]
+            .iter()
+            .filter(|c| c.is_none())
+            .count();
+        assert_eq!(
+            survivors, 1,
+            "round {round}: closes on a {closed_a:?}, on b {closed_b:?}"
+        );
+        for code in [closed_a, closed_b].into_iter().flatten() {
+            assert_eq!(code, 4001, "round {round}");
+        }
+        let survivor = if closed_a.is_none() {
+            &mut on_a
+        } else {
+            &mut on_b
+        };
+        let report = a.send(json!([id]), json!(round)).await;
+        assert_eq!(report["delivered"], json!([id]), "round {round}: {report}");
+        assert_eq!(next_text(survivor).await, round.to_string());
+    }
 }

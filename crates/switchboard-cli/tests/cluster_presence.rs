@@ -11,9 +11,6 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader, Write as _};
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt as _, StreamExt as _};
@@ -22,93 +19,14 @@ use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 
-use support::{Client, Guard, STARTUP, Server, TempFile, WAIT, free_port, http, switchboard};
+use support::redis::Redis;
+use support::{Client, STARTUP, Server, TempFile, WAIT, http, switchboard};
 
 /// The nodes' presence TTL.
 const TTL: Duration = Duration::from_secs(2);
 /// The leave delay the nodes run with (`[v1] presence_leave_delay`).
 const LEAVE_DELAY: Duration = Duration::from_secs(2);
 const TOPIC: &str = "room/7";
-
-fn redis_server() -> PathBuf {
-    let found = std::env::var_os("PATH").and_then(|path| {
-        std::env::split_paths(&path)
-            .map(|dir| dir.join("redis-server"))
-            .find(|candidate| candidate.is_file())
-    });
-    found.unwrap_or_else(|| {
-        panic!(
-            "redis-server is not installed (not found in PATH): the cluster presence tests need \
-             a real Redis 7. Install it with `apt-get install -y redis-server` (scripts/test does this)."
-        )
-    })
-}
-
-/// A `redis-server` on a free loopback port, without persistence.
-struct Redis {
-    _proc: Guard,
-    port: u16,
-}
-
-impl Redis {
-    fn start() -> Self {
-        Self::start_on(free_port())
-    }
-
-    /// SIGKILLs the server and starts an empty one on the same port (all
-    /// data lost, as a Redis without persistence restarting).
-    fn restart(self) -> Self {
-        let port = self.port;
-        let mut proc = self._proc;
-        proc.signal("-KILL");
-        proc.wait_timeout(WAIT).expect("redis-server exits");
-        Self::start_on(port)
-    }
-
-    fn start_on(port: u16) -> Self {
-        let child = Command::new(redis_server())
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn redis-server");
-        let redis = Self {
-            _proc: Guard(child),
-            port,
-        };
-        let deadline = Instant::now() + STARTUP;
-        while !redis.pings() {
-            assert!(
-                Instant::now() < deadline,
-                "redis-server on port {port} did not answer PING"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        redis
-    }
-
-    fn pings(&self) -> bool {
-        let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", self.port)) else {
-            return false;
-        };
-        let _ = stream.set_read_timeout(Some(WAIT));
-        if stream.write_all(b"PING\r\n").is_err() {
-            return false;
-        }
-        let mut line = String::new();
-        BufReader::new(stream).read_line(&mut line).is_ok() && line.starts_with("+PONG")
-    }
-}
 
 /// One `switchboard` process of the cluster.
 struct Node {
@@ -131,7 +49,7 @@ impl Node {
             "--backend",
             "redis",
             "--redis-url",
-            &format!("redis://127.0.0.1:{}/", redis.port),
+            &redis.url(),
             "--node-id",
             name,
             "--redis-key-prefix",
@@ -442,31 +360,6 @@ async fn a_sigkilled_nodes_members_leave_once_cluster_wide_within_ttl_plus_delay
         ],
         "{body}"
     );
-}
-
-impl Redis {
-    /// `INFO memory`'s `used_memory`, in bytes.
-    fn used_memory(&self) -> i64 {
-        let mut stream =
-            std::net::TcpStream::connect(("127.0.0.1", self.port)).expect("connect to redis");
-        stream.set_read_timeout(Some(WAIT)).expect("timeout");
-        stream.write_all(b"INFO memory\r\n").expect("send INFO");
-        let mut reader = BufReader::new(stream);
-        let mut header = String::new();
-        reader.read_line(&mut header).expect("INFO reply");
-        let len: usize = header
-            .trim_start_matches('$')
-            .trim()
-            .parse()
-            .expect("a bulk reply");
-        let mut body = vec![0; len + 2];
-        std::io::Read::read_exact(&mut reader, &mut body).expect("INFO body");
-        String::from_utf8_lossy(&body)
-            .lines()
-            .find_map(|line| line.strip_prefix("used_memory:"))
-            .and_then(|v| v.trim().parse().ok())
-            .expect("used_memory in INFO memory")
-    }
 }
 
 /// What a presence member costs in Redis: `used_memory` growth while 500

@@ -14,7 +14,7 @@
 mod support;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+use std::io::{BufRead as _, BufReader};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -30,7 +30,10 @@ use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 
-use support::{Guard, STARTUP, Server, TempFile, WAIT, free_port, http, switchboard, try_next};
+use support::redis::Redis;
+use support::{
+    Guard, STARTUP, Server, TempFile, WAIT, free_port, http, switchboard, try_next, wait_for,
+};
 
 /// The documented example, read at build time: the file the docs show is
 /// the file tested.
@@ -85,68 +88,11 @@ fn collect(
     rx
 }
 
-/// A `redis-server` on a loopback port, with no persistence.
-struct Redis {
-    _proc: Guard,
-    port: u16,
-}
-
 impl Redis {
-    fn start() -> Self {
-        let port = free_port();
-        let child = Command::new(executable("redis-server", "redis-server"))
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .arg("--dir")
-            .arg(std::env::temp_dir())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn redis-server");
-        let redis = Self {
-            _proc: Guard(child),
-            port,
-        };
-        let deadline = Instant::now() + STARTUP;
-        while !redis
-            .command("PING")
-            .is_ok_and(|reply| reply == "+PONG\r\n")
-        {
-            assert!(
-                Instant::now() < deadline,
-                "redis-server on port {port} did not answer PING"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        redis
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
-    }
-
-    /// One inline command; the raw reply (the replies used here are short
-    /// and come in one read).
-    fn command(&self, line: &str) -> std::io::Result<String> {
-        let mut stream = std::net::TcpStream::connect(("127.0.0.1", self.port))?;
-        stream.set_read_timeout(Some(WAIT))?;
-        stream.write_all(format!("{line}\r\n").as_bytes())?;
-        let mut buf = [0u8; 1024];
-        let n = stream.read(&mut buf)?;
-        Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
-    }
-
     /// How many nodes subscribe to the topic's shard channel.
     fn topic_nodes(&self, topic: &str) -> u64 {
-        let reply = self
-            .command(&format!("PUBSUB SHARDNUMSUB sblb:t:{topic}"))
-            .expect("PUBSUB SHARDNUMSUB");
-        reply
-            .lines()
-            .find_map(|line| line.strip_prefix(':'))
-            .and_then(|n| n.parse().ok())
-            .unwrap_or_else(|| panic!("PUBSUB SHARDNUMSUB reply: {reply:?}"))
+        let subscribers = self.shard_subscribers(&format!("sblb:t:{topic}"));
+        u64::try_from(subscribers).expect("a count")
     }
 }
 
@@ -365,25 +311,6 @@ impl Balancer {
 // ---------------------------------------------------------------------------
 // Clients
 // ---------------------------------------------------------------------------
-
-/// Polls `check` every 25 ms until it returns `Some`, for at most `limit`.
-async fn wait_for<T, F, Fut>(what: &str, limit: Duration, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {limit:?}: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-}
 
 /// How an upgrade through the balancer went.
 enum Upgrade {

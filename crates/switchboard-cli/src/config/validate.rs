@@ -314,7 +314,9 @@ fn backend_config(kind: BackendKind, redis: &RedisSettings) -> Result<BackendCon
         let key = match err {
             RedisConfigError::Url { .. } => "redis.url",
             RedisConfigError::NodeId(_) => "node_id",
-            RedisConfigError::KeyPrefix(_) => "redis.key_prefix",
+            RedisConfigError::KeyPrefix(_) | RedisConfigError::KeyPrefixHashTag(_) => {
+                "redis.key_prefix"
+            }
             RedisConfigError::PresenceTtl(_) => "redis.presence_ttl",
             RedisConfigError::RequestTimeout(_) => "redis.request_timeout",
             _ => "redis",

@@ -7,6 +7,9 @@
 //! and uses only part of this module.
 #![allow(dead_code, unreachable_pub, missing_docs)]
 
+pub mod redis;
+pub mod redis_cluster;
+
 use std::io::{BufRead as _, Read as _};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -520,4 +523,23 @@ where
         while let Some(Ok(_)) = client.next().await {}
     })
     .await;
+}
+
+/// Polls `check` every 25 ms until it returns `Some`, for at most `limit`.
+pub async fn wait_for<T, F, Fut>(what: &str, limit: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?}: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
 }

@@ -237,16 +237,18 @@ impl Handler for Relay {
                 v1: Some(v1),
             });
         }
-        conn.register(id).map_err(|err| match err {
-            RegisterError::AlreadyConnected(_) => {
-                HttpError::new(StatusCode::CONFLICT, "id_in_use", err.to_string())
-            }
-            RegisterError::Unavailable(_) => HttpError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "backend_unavailable",
-                err.to_string(),
-            ),
-        })?;
+        conn.register_cluster_wide(id)
+            .await
+            .map_err(|err| match err {
+                RegisterError::AlreadyConnected(_) => {
+                    HttpError::new(StatusCode::CONFLICT, "id_in_use", err.to_string())
+                }
+                RegisterError::Unavailable(_) => HttpError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "backend_unavailable",
+                    err.to_string(),
+                ),
+            })?;
         Ok(RelayState {
             permissions,
             v1: None,

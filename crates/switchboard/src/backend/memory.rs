@@ -336,6 +336,50 @@ impl MemoryBackend {
         conns.len()
     }
 
+    /// The duplicate-ID policy this backend applies.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) fn duplicate_ids(&self) -> DuplicateIds {
+        self.policy
+    }
+
+    /// The connections of `id` on this node.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) fn connections_of(&self, id: &ClientId) -> Vec<ConnId> {
+        self.shard(id)
+            .lock()
+            .get(id)
+            .map(|entry| entry.conns.iter().map(ConnRef::id).collect())
+            .unwrap_or_default()
+    }
+
+    /// Closes the connections of `id` for which `close` says yes, with
+    /// `frame`; returns how many.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) fn disconnect_where(
+        &self,
+        id: &ClientId,
+        frame: &CloseFrame,
+        mut close: impl FnMut(ConnId) -> bool,
+    ) -> usize {
+        let conns: Vec<ConnRef> = self
+            .shard(id)
+            .lock()
+            .get(id)
+            .map(|entry| {
+                entry
+                    .conns
+                    .iter()
+                    .filter(|conn| close(conn.id()))
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default();
+        for conn in &conns {
+            conn.close(frame.clone());
+        }
+        conns.len()
+    }
+
     /// `id`'s connections on this node and when the oldest was accepted
     /// (Unix ms), or `None` when it has none.
     #[cfg_attr(not(feature = "redis"), allow(dead_code))]

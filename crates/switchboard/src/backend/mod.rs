@@ -143,6 +143,21 @@ pub trait Backend: Send + Sync + 'static {
     fn register(&self, id: &ClientId, conn: &ConnRef) -> Result<(), RegisterError>;
     /// Removes connection `conn` from `id`; a no-op if it is not there.
     fn unregister(&self, id: &ClientId, conn: ConnId);
+    /// Applies the duplicate-ID policy across nodes to `conn`, which
+    /// [`register`](Self::register) has just added under `id` (that call
+    /// applied it on this node). Under `reject-new`, `Err` when another
+    /// node has `id`: the caller then drops the connection (which
+    /// unregisters it). Under `replace-oldest`, older connections of `id`
+    /// on other nodes are closed with 4001, and `conn` itself if a newer
+    /// one raced it. The default, for a single-node backend: nothing to do.
+    fn settle_duplicate_ids<'a>(
+        &'a self,
+        id: &'a ClientId,
+        conn: ConnId,
+    ) -> BoxFuture<'a, Result<(), RegisterError>> {
+        let _ = (id, conn);
+        Box::pin(std::future::ready(Ok(())))
+    }
     /// Subscribes `conn` to `topic`.
     fn subscribe(&self, topic: &Topic, conn: &ConnRef);
     /// Unsubscribes connection `conn` from `topic`.

@@ -106,6 +106,23 @@ impl<I: Send + 'static> Conn<I> {
         Ok(())
     }
 
+    /// [`register`](Self::register), then the duplicate-ID policy across
+    /// nodes when the backend has several (with Redis: a round trip or
+    /// two, only under `reject-new` and `replace-oldest`; see
+    /// [`Backend::settle_duplicate_ids`](crate::Backend::settle_duplicate_ids)).
+    /// On `Err` the connection is registered under no ID.
+    pub async fn register_cluster_wide(&mut self, id: ClientId) -> Result<(), RegisterError> {
+        self.register(id.clone())?;
+        let hub = self.hub.clone();
+        let backend = hub.backend();
+        if let Err(err) = backend.settle_duplicate_ids(&id, self.id()).await {
+            backend.unregister(&id, self.id());
+            self.client_id = None;
+            return Err(err);
+        }
+        Ok(())
+    }
+
     /// Subscribes this connection to `topic`; publishes to it reach this
     /// client as frames, without passing through the handler. Returns
     /// whether it was newly joined (`false`: it was joined already).

@@ -10,7 +10,10 @@ pub const MIN_PRESENCE_TTL: Duration = Duration::from_secs(1);
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct RedisConfig {
-    /// `redis://[user:password@]host:port[/db]`.
+    /// `redis://[user:password@]host:port[/db]` for one Redis, or
+    /// `redis+cluster://[user:password@]host:port[,host:port…]`: seed nodes
+    /// of a Redis Cluster (any of its masters or replicas; the client
+    /// learns the rest from them).
     pub url: String,
     /// Prefix of every key and channel, so several clusters can share one
     /// Redis. Default `switchboard`.
@@ -44,9 +47,7 @@ impl RedisConfig {
 
     /// Checks every field; the error names the one to fix.
     pub fn validate(&self) -> Result<(), RedisConfigError> {
-        ::redis::Client::open(self.url.as_str()).map_err(|err| RedisConfigError::Url {
-            message: err.to_string(),
-        })?;
+        super::conn::RedisClient::open(&self.url)?;
         let node_ok = (1..=64).contains(&self.node_id.len())
             && self
                 .node_id
@@ -59,6 +60,13 @@ impl RedisConfig {
             && self.key_prefix.chars().all(|c| c.is_ascii_graphic());
         if !prefix_ok {
             return Err(RedisConfigError::KeyPrefix(self.key_prefix.clone()));
+        }
+        // On a cluster, a brace in the prefix would become every key's hash
+        // tag: all keys in one slot, and the keys meant to share a slot
+        // (`{P:ids:<member>}:gc` with its hash) in different ones.
+        let cluster = self.url.starts_with(super::conn::CLUSTER_SCHEME);
+        if cluster && self.key_prefix.contains(['{', '}']) {
+            return Err(RedisConfigError::KeyPrefixHashTag(self.key_prefix.clone()));
         }
         if self.presence_ttl < MIN_PRESENCE_TTL {
             return Err(RedisConfigError::PresenceTtl(self.presence_ttl));
@@ -109,6 +117,12 @@ pub enum RedisConfigError {
     /// The key prefix is empty, too long, or has spaces or control characters.
     #[error("invalid key prefix {0:?}: use 1 to 64 printable ASCII characters, no spaces")]
     KeyPrefix(String),
+    /// The key prefix has a brace while the URL names a Redis Cluster.
+    #[error(
+        "invalid key prefix {0:?} for a redis cluster: braces would make it every key's hash \
+         tag (all keys in one slot); use a prefix without {{ or }}"
+    )]
+    KeyPrefixHashTag(String),
     /// The presence TTL is under [`MIN_PRESENCE_TTL`].
     #[error("presence ttl {0:?} is too short: use at least 1s")]
     PresenceTtl(Duration),
@@ -137,6 +151,14 @@ mod tests {
             bad.validate(),
             Err(RedisConfigError::KeyPrefix(_))
         ));
+        let mut braces = RedisConfig::new("redis+cluster://127.0.0.1:7000");
+        braces.key_prefix = "{sb}".to_owned();
+        assert!(matches!(
+            braces.validate(),
+            Err(RedisConfigError::KeyPrefixHashTag(_))
+        ));
+        braces.url = "redis://127.0.0.1:6379/".to_owned();
+        assert_eq!(braces.validate(), Ok(()), "one redis has no slots");
         let mut bad = ok;
         bad.presence_ttl = Duration::from_millis(500);
         assert!(matches!(

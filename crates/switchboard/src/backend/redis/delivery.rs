@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use ::redis::aio::MultiplexedConnection;
+use super::conn::RedisConn;
 use ::redis::{PushInfo, PushKind, Value};
 use bytes::Bytes;
 use tokio::sync::mpsc;
@@ -28,11 +28,12 @@ type Located = Vec<(String, Vec<usize>)>;
 
 impl Shared {
     /// Called by the Redis connection's reader for every push, in order.
-    pub(super) fn on_push(&self, epoch: &Epoch, info: PushInfo) {
+    pub(super) fn on_push(&self, epoch: &Arc<Epoch>, info: PushInfo) {
         match info.kind {
             PushKind::Disconnection => {
                 epoch.lost.notify_one();
             }
+            PushKind::SUnsubscribe => self.on_shard_unsubscribed(epoch, info.data),
             PushKind::SMessage => {
                 let mut data = info.data.into_iter();
                 let (Some(Value::BulkString(channel)), Some(Value::BulkString(message))) =
@@ -73,6 +74,7 @@ impl Shared {
                     dropped: header.x,
                     retained: header.n,
                     count: header.c,
+                    newest: header.o,
                 },
             );
             return;
@@ -88,6 +90,7 @@ impl Shared {
                     dropped: Vec::new(),
                     retained: Vec::new(),
                     count: 0,
+                    newest: 0,
                 },
             );
             return;
@@ -163,7 +166,13 @@ impl Shared {
                     code,
                     reason: Cow::Owned(reason),
                 };
-                ack.c = self.local.disconnect_now(&id, &frame);
+                ack.c = if header.o == 0 {
+                    self.local.disconnect_now(&id, &frame)
+                } else {
+                    let (closed, newest) = self.close_older(&id, header.o, &frame);
+                    ack.o = newest;
+                    closed
+                };
             }
             Kind::Ack => return,
         }
@@ -232,7 +241,7 @@ impl Shared {
     /// live ones' deadlines until the next heartbeat read.
     async fn check_alive(
         &self,
-        conn: &mut MultiplexedConnection,
+        conn: &mut RedisConn,
         members: &[String],
     ) -> Result<HashSet<String>, ::redis::RedisError> {
         let (time, scores): (Value, Value) = ::redis::pipe()

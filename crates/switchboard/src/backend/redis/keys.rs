@@ -53,6 +53,11 @@ impl Keys {
     pub(super) fn inbox_stream(&self, id: &str) -> String {
         format!("{}:{{id:{id}}}:inbox", self.prefix)
     }
+    /// `P:{id:<id>}:stamp`: the stamp of the ID's newest connection under
+    /// `duplicate_ids = "replace-oldest"` (`duplicates.rs`).
+    pub(super) fn id_stamp(&self, id: &str) -> String {
+        format!("{}:{{id:{id}}}:stamp", self.prefix)
+    }
     /// `P:{id:<sender>}:mid:<mid>`: the report of sender's send `mid`.
     pub(super) fn mid(&self, sender: &str, mid: &str) -> String {
         format!("{}:{{id:{sender}}}:mid:{mid}", self.prefix)

@@ -9,8 +9,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Instant;
 
-use ::redis::aio::MultiplexedConnection;
-use ::redis::{AsyncConnectionConfig, PushInfo, Value};
+use super::conn::RedisConn;
+use ::redis::{PushInfo, Value};
 use tokio::sync::{Notify, mpsc, watch};
 
 use super::presence::{collect_garbage, heartbeat, leave, write_presence};
@@ -133,14 +133,7 @@ pub(super) async fn connect(
             Ok(())
         }
     };
-    let config = AsyncConnectionConfig::new()
-        .set_connection_timeout(timeout)
-        .set_response_timeout(timeout)
-        .set_push_sender(on_push);
-    let mut conn = shared
-        .client
-        .get_multiplexed_async_connection_with_config(&config)
-        .await?;
+    let mut conn = shared.client.connect(timeout, on_push).await?;
     let (ended_tx, ended_rx) = watch::channel(false);
     let mut session = Session {
         link: Link {
@@ -229,7 +222,7 @@ pub(super) async fn connect(
 /// member sees the first.
 async fn find_twin(
     shared: &Shared,
-    conn: &mut MultiplexedConnection,
+    conn: &mut RedisConn,
     members: &[(String, u64)],
 ) -> Result<Option<String>, ::redis::RedisError> {
     let candidates: Vec<&String> = members
@@ -265,7 +258,7 @@ async fn find_twin(
 /// connection's epoch.
 pub(super) async fn acker(
     shared: Arc<Shared>,
-    mut conn: MultiplexedConnection,
+    mut conn: RedisConn,
     mut rx: mpsc::Receiver<(String, Vec<u8>)>,
     mut ended: watch::Receiver<bool>,
 ) {

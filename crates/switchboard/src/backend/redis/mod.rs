@@ -1,6 +1,7 @@
 //! The Redis backend: several Switchboard nodes behind a load balancer,
-//! sharing one Redis (version 7 or later) as their backplane. Enabled by the
-//! cargo feature `redis`.
+//! sharing one Redis (version 7 or later), or a Redis Cluster
+//! (`redis+cluster://` URL), as their backplane. Enabled by the cargo
+//! feature `redis`.
 //!
 //! ```no_run
 //! use switchboard::{Hub, Limits};
@@ -22,8 +23,11 @@
 //! # Design (docs/scaling.md has the whole story and the measured costs)
 //!
 //! Local connections live in a [`MemoryBackend`]; Redis only carries what
-//! crosses nodes. Every command touches one key or one shard channel, so
-//! the same layout runs on a Redis Cluster (with a cluster-aware client).
+//! crosses nodes. Every command touches one key or one shard channel, and
+//! every Lua script the keys of one hash tag, so the same layout runs on a
+//! Redis Cluster: `conn.rs` connects to one Redis or to a cluster (whose
+//! client splits each pipeline per slot), `resubscribe.rs` follows shard
+//! channels whose slot moved.
 //!
 //! | what | Redis | written when |
 //! |------|-------|--------------|
@@ -59,7 +63,6 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
-use ::redis::aio::MultiplexedConnection;
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::{Notify, mpsc, watch};
 
@@ -79,8 +82,10 @@ use crate::runtime::delivery::Envelope;
 use crate::runtime::mailbox::{ConnId, ConnRef};
 
 mod config;
+mod conn;
 mod dedup;
 mod delivery;
+mod duplicates;
 mod gate;
 mod inbox;
 mod keys;
@@ -89,6 +94,7 @@ mod nodes;
 mod presence;
 mod presence_members;
 mod replies;
+mod resubscribe;
 mod scripts;
 mod stats;
 mod topics;
@@ -96,6 +102,7 @@ mod v1_conns;
 mod wire;
 
 pub use config::{MIN_PRESENCE_TTL, RedisConfig, RedisConfigError, default_node_id};
+use conn::{RedisClient, RedisConn};
 use gate::Gate;
 use keys::Keys;
 use link::supervise;
@@ -144,7 +151,7 @@ pub enum RedisFailure {
 /// The current connection to Redis and the member name it registered.
 #[derive(Clone)]
 struct Link {
-    conn: MultiplexedConnection,
+    conn: RedisConn,
     member: Arc<str>,
 }
 
@@ -206,7 +213,7 @@ struct Shared {
     /// This `Shared` itself, for the tasks it starts.
     me: Weak<Shared>,
     config: RedisConfig,
-    client: ::redis::Client,
+    client: RedisClient,
     keys: Keys,
     /// `node_id#`: members named like this node (this process's, or a
     /// twin's).
@@ -245,6 +252,9 @@ struct Shared {
     v1_seen_until: Mutex<Option<Instant>>,
     /// Topic presence across nodes (`presence_members.rs`).
     presence: PresenceMembers,
+    /// `duplicate_ids` across nodes: the stamps of this node's connections
+    /// (`duplicates.rs`).
+    stamps: duplicates::Stamps,
 }
 
 /// Removes a pending request when the request ends, however it ends.
@@ -445,15 +455,7 @@ impl RedisBackend {
         limits: &Limits,
     ) -> Result<Arc<Self>, RedisConfigError> {
         config.validate()?;
-        let mut info = ::redis::IntoConnectionInfo::into_connection_info(config.url.as_str())
-            .map_err(|err| RedisConfigError::Url {
-                message: err.to_string(),
-            })?;
-        // RESP3: pushes (messages) and replies share one connection.
-        info.redis.protocol = ::redis::ProtocolVersion::RESP3;
-        let client = ::redis::Client::open(info).map_err(|err| RedisConfigError::Url {
-            message: err.to_string(),
-        })?;
+        let client = RedisClient::open(&config.url)?;
         let (stop, _) = watch::channel(false);
         let (failure, _) = watch::channel(None);
         let instance = format!("{}#{}", config.node_id, link::random_token());
@@ -485,6 +487,7 @@ impl RedisBackend {
             scripts: Scripts::default(),
             v1: RwLock::new(V1Conns::default()),
             v1_seen_until: Mutex::new(None),
+            stamps: duplicates::Stamps::default(),
         });
         let supervisor = tokio::spawn(supervise(Arc::clone(&shared)));
         tokio::spawn(v1_conns::keep_inboxes(
@@ -575,10 +578,20 @@ impl Backend for RedisBackend {
 
     fn unregister(&self, id: &ClientId, conn: ConnId) {
         self.shared.local.unregister(id, conn);
+        self.shared.stamps.forget(conn);
         self.shared.mark_id(id);
         if let Some((id, true)) = self.shared.remove_gate(conn) {
             self.shared.spawn_detach(id);
         }
+    }
+
+    // `duplicates.rs`: stamps, and a close of the older connections.
+    fn settle_duplicate_ids<'a>(
+        &'a self,
+        id: &'a ClientId,
+        conn: ConnId,
+    ) -> BoxFuture<'a, Result<(), RegisterError>> {
+        Box::pin(self.shared.settle_duplicate_ids(id, conn, false))
     }
 
     fn subscribe(&self, topic: &Topic, conn: &ConnRef) {

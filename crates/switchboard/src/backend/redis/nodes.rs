@@ -7,8 +7,8 @@
 //! asks at most once every 2 seconds however many dashboards are open, and
 //! only while one is; the listing is bounded by `request_timeout`.
 
+use super::conn::RedisConn;
 use ::redis::Value;
-use ::redis::aio::MultiplexedConnection;
 
 use super::Shared;
 use super::keys::Keys;
@@ -57,7 +57,7 @@ impl Shared {
 
 /// The IDs of `member` and their connections, from its presence hash.
 async fn count_member(
-    conn: &mut MultiplexedConnection,
+    conn: &mut RedisConn,
     keys: &Keys,
     member: &str,
 ) -> Result<(u64, u64), ::redis::RedisError> {

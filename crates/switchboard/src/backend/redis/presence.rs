@@ -27,8 +27,8 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use super::conn::RedisConn;
 use ::redis::Value;
-use ::redis::aio::MultiplexedConnection;
 
 use super::keys::Keys;
 use super::link::random_u32;
@@ -204,7 +204,7 @@ pub(super) async fn collect_garbage(
 /// it cannot outlive this).
 pub(super) async fn remove_member(
     shared: &Shared,
-    conn: &mut MultiplexedConnection,
+    conn: &mut RedisConn,
     member: &str,
     mut beating: Option<&mut Session>,
 ) -> Result<(), ::redis::RedisError> {
@@ -250,7 +250,7 @@ pub(super) async fn remove_member(
 /// that session's heartbeat going.
 async fn sweep(
     shared: &Shared,
-    conn: &mut MultiplexedConnection,
+    conn: &mut RedisConn,
     key: &str,
     member: &str,
     mut beating: Option<&mut Session>,
@@ -359,7 +359,7 @@ pub(super) async fn leave(shared: &Shared, session: &Session) {
 
 /// Redis's clock and every member of `P:nodes` with its deadline.
 pub(super) async fn read_nodes(
-    conn: &mut MultiplexedConnection,
+    conn: &mut RedisConn,
     keys: &Keys,
 ) -> Result<(u64, Vec<(String, u64)>), ::redis::RedisError> {
     let (time, nodes): (Value, Value) = ::redis::pipe()

@@ -51,8 +51,8 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
+use super::conn::RedisConn;
 use ::redis::Value;
-use ::redis::aio::MultiplexedConnection;
 use parking_lot::Mutex;
 use tokio::sync::{mpsc, oneshot};
 
@@ -643,7 +643,7 @@ impl Shared {
     /// resync wrote up to (changes at or below it are written already).
     async fn presence_apply(
         &self,
-        conn: &mut MultiplexedConnection,
+        conn: &mut RedisConn,
         op: Op,
         subscribed: &mut HashSet<Topic>,
         resynced: u64,
@@ -777,7 +777,7 @@ impl Shared {
     /// Schedules `id`'s leave of `topic` at `since_ms` + the leave delay.
     async fn presence_pending(
         &self,
-        conn: &mut MultiplexedConnection,
+        conn: &mut RedisConn,
         topic: &Topic,
         id: &ClientId,
         since_ms: i64,
@@ -796,7 +796,7 @@ impl Shared {
     /// number of the last local change written.
     async fn presence_resync(
         &self,
-        conn: &mut MultiplexedConnection,
+        conn: &mut RedisConn,
         subscribed: &mut HashSet<Topic>,
     ) -> Result<u64, ::redis::RedisError> {
         let ttl_ms = self.config.presence_ttl.as_millis() as u64;
@@ -870,10 +870,7 @@ impl Shared {
 
     /// Refreshes this instance's deadline and removes the presence of
     /// instances whose deadline has passed.
-    async fn presence_beat(
-        &self,
-        conn: &mut MultiplexedConnection,
-    ) -> Result<(), ::redis::RedisError> {
+    async fn presence_beat(&self, conn: &mut RedisConn) -> Result<(), ::redis::RedisError> {
         let ttl_ms = self.config.presence_ttl.as_millis() as u64;
         let instances = self.keys.presence_instances();
         let removed: i64 = ::redis::cmd("EVAL")
@@ -971,10 +968,7 @@ impl Shared {
     }
 
     /// Finalises the pending leaves that are due and that this node claims.
-    async fn presence_sweep(
-        &self,
-        conn: &mut MultiplexedConnection,
-    ) -> Result<(), ::redis::RedisError> {
+    async fn presence_sweep(&self, conn: &mut RedisConn) -> Result<(), ::redis::RedisError> {
         let pending = self.keys.presence_pending();
         let due: Value = ::redis::cmd("EVAL")
             .arg(DUE)

@@ -7,7 +7,7 @@
 
 use std::sync::Arc;
 
-use ::redis::aio::MultiplexedConnection;
+use super::conn::RedisConn;
 use parking_lot::Mutex;
 
 use super::Shared;
@@ -141,7 +141,7 @@ impl Scripts {
     /// The loaded scripts, loading them if needed (or if `reload`).
     pub(super) async fn get(
         &self,
-        conn: &mut MultiplexedConnection,
+        conn: &mut RedisConn,
         reload: bool,
     ) -> Result<Arc<Shas>, ::redis::RedisError> {
         if !reload && let Some(shas) = self.shas.lock().clone() {
@@ -182,7 +182,7 @@ impl Scripts {
 /// needed and once more if Redis answers `NOSCRIPT`.
 pub(super) async fn with_scripts<T: ::redis::FromRedisValue>(
     shared: &Shared,
-    conn: &mut MultiplexedConnection,
+    conn: &mut RedisConn,
     build: impl Fn(&Shas) -> ::redis::Pipeline,
 ) -> Result<T, ::redis::RedisError> {
     let shas = shared.scripts.get(conn, false).await?;

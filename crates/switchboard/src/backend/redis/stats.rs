@@ -19,6 +19,7 @@ pub(super) struct Stats {
     pub(super) invalid: Counter,
     pub(super) remote_deliveries: Counter,
     pub(super) unconfirmed_publishes: Counter,
+    pub(super) shard_resubscribes: Counter,
     pub(super) expired_drops: Counter,
     pub(super) v1_fills: Counter,
     pub(super) v1_skipped: Counter,
@@ -120,6 +121,12 @@ impl Stats {
             "counter",
             "Topic publishes that could not reach or hear from every node.",
             s.unconfirmed_publishes.get().to_string(),
+        );
+        line(
+            "switchboard_redis_shard_resubscribes_total",
+            "counter",
+            "Shard channels subscribed again after a Redis Cluster moved their slot.",
+            s.shard_resubscribes.get().to_string(),
         );
         line(
             "switchboard_redis_unresponsive_nodes",

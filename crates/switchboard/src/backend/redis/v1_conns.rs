@@ -47,6 +47,7 @@ impl Shared {
         };
         let generation = self.mark_id(id);
         self.wait_flushed(generation).await;
+        self.settle_duplicate_ids(id, conn.id(), true).await?;
         let read = self.attach_inbox(&link, id, resume);
         let attached = match tokio::time::timeout(self.config.request_timeout, read).await {
             Ok(Ok(attached)) => attached,

@@ -60,6 +60,15 @@ pub(super) struct Header<'a> {
     /// Ack: connections reached (send, publish) or closed. Close: the code.
     #[serde(default)]
     pub(super) c: usize,
+    /// Close under `duplicate_ids = "replace-oldest"` (`duplicates.rs`):
+    /// close only the connections stamped before this (0: close every
+    /// connection). Its ack: the newest stamp the answering node kept.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub(super) o: u64,
+}
+
+fn is_zero(value: &u64) -> bool {
+    *value == 0
 }
 
 impl<'a> Header<'a> {
@@ -79,6 +88,7 @@ impl<'a> Header<'a> {
             s: None,
             m: None,
             c: 0,
+            o: 0,
         }
     }
 
@@ -118,6 +128,8 @@ pub(super) struct Reply {
     pub(super) dropped: Vec<usize>,
     pub(super) retained: Vec<usize>,
     pub(super) count: usize,
+    /// A replace-oldest close's answer: the newest stamp kept there.
+    pub(super) newest: u64,
 }
 
 #[cfg(test)]
