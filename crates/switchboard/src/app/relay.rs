@@ -114,7 +114,8 @@ impl Targets {
     /// state per ID kept on the stack for up to 16 IDs: a v1 relay sends
     /// one ack per message, and building each target as a
     /// `serde_json::Value` cost ~3,200 instructions per single-target
-    /// ack (callgrind), half the gap between v1 and the plain relay.
+    /// ack (callgrind), over a third of what a v1 message cost beyond a
+    /// plain one; ~620 so.
     pub(crate) fn write_report_lists(&self, report: &SendReport, out: &mut String) {
         const DELIVERED: u8 = 0;
         const DROPPED: u8 = 1;
