@@ -946,11 +946,17 @@ struct Inboxes {
     replayed: AtomicU64,
 }
 
+/// The topic the rolling-restart receivers are members of, whose presence
+/// the watchers follow.
+const MEMBERS_TOPIC: &str = "members";
+
 /// A v1 receiver `id` that stays connected through the balancer: on a
 /// `drain` frame it keeps reading until its `reconnect_in_ms`, then
 /// closes and reconnects 300 ms later; on any close it reconnects. Every hello after
 /// the first resumes from the last seq it received, and must be
-/// `recovered`; seqs must follow each other with no gap.
+/// `recovered`; seqs must follow each other with no gap. After every
+/// welcome it subscribes to [`MEMBERS_TOPIC`] again (a resume restores the
+/// inbox, not subscriptions), so it stays a presence member there.
 async fn v1_receiver(addr: SocketAddr, id: String, inboxes: Arc<Inboxes>, stop: Arc<AtomicBool>) {
     let mut resume: Option<(Value, u64)> = None;
     while !stop.load(Ordering::Relaxed) {
@@ -1021,7 +1027,16 @@ async fn v1_receiver(addr: SocketAddr, id: String, inboxes: Arc<Inboxes>, stop: 
                     resume = Some((epoch, seq));
                     inboxes.connects.fetch_add(1, Ordering::Relaxed);
                     welcomed = true;
+                    let subscribe = json!({"type": "subscribe", "id": 1, "topic": MEMBERS_TOPIC});
+                    if ws
+                        .send(WsMessage::text(subscribe.to_string()))
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
                 }
+                Some("ack") => assert!(value.get("error").is_none(), "{id}: {value}"),
                 Some("drain") => {
                     let delay = value["reconnect_in_ms"].as_u64().expect("reconnect_in_ms");
                     leave_at = Some(tokio::time::Instant::now() + Duration::from_millis(delay));
@@ -1031,6 +1046,105 @@ async fn v1_receiver(addr: SocketAddr, id: String, inboxes: Arc<Inboxes>, stop: 
                     record(&id, frame.as_str(), &mut resume, &inboxes);
                 }
                 _ => panic!("{id}: unexpected frame {value}"),
+            }
+        }
+    }
+}
+
+/// What the presence watchers of the rolling restart saw.
+#[derive(Default)]
+struct Watched {
+    /// Joins and leaves of the receivers, and snapshots that lacked one:
+    /// each a flap the leave delay should have hidden.
+    flaps: Mutex<Vec<String>>,
+    /// Snapshots received (one per subscribe, so per (re)connect).
+    snapshots: AtomicU64,
+    /// `presence` frames received.
+    frames: AtomicU64,
+}
+
+/// A presence watcher connected to one node directly (not through the
+/// balancer), so that while one node restarts the others' watchers keep
+/// watching: after every (re)connect it subscribes to [`MEMBERS_TOPIC`]
+/// with full presence and records every join or leave of a `receivers` ID,
+/// and every snapshot that lacks one, until `stop`. Reconnects (to the
+/// same address, which its node comes back on) after a drain or a close.
+async fn presence_watcher(
+    addr: SocketAddr,
+    name: String,
+    receivers: Vec<String>,
+    watched: Arc<Watched>,
+    stop: Arc<AtomicBool>,
+) {
+    let is_receiver = |id: &Value| receivers.iter().any(|r| id == r.as_str());
+    while !stop.load(Ordering::Relaxed) {
+        let mut request = format!("ws://{addr}/ws?id={name}")
+            .into_client_request()
+            .expect("request");
+        request.headers_mut().insert(
+            "sec-websocket-protocol",
+            HeaderValue::from_static("switchboard.v1"),
+        );
+        let mut ws =
+            match tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(request)).await {
+                Ok(Ok((ws, _))) => ws,
+                // The node is down (restarting) or refusing (draining).
+                _ => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+        let hello = r#"{"type":"hello","id":0}"#;
+        let subscribe =
+            json!({"type": "subscribe", "id": 1, "topic": MEMBERS_TOPIC, "presence": "full"});
+        if ws.send(WsMessage::text(hello)).await.is_err()
+            || ws
+                .send(WsMessage::text(subscribe.to_string()))
+                .await
+                .is_err()
+        {
+            continue;
+        }
+        while !stop.load(Ordering::Relaxed) {
+            let text = match tokio::time::timeout(Duration::from_millis(50), ws.next()).await {
+                Err(_) => continue,
+                Ok(Some(Ok(WsMessage::Text(text)))) => text,
+                Ok(Some(Ok(WsMessage::Close(_)) | Err(_)) | None) => break,
+                Ok(Some(Ok(_))) => continue,
+            };
+            let value: Value = serde_json::from_str(text.as_str()).expect("a JSON frame");
+            match value["type"].as_str() {
+                Some("ack") if value["id"] == 1 => {
+                    let members = value["presence"]["members"]
+                        .as_array()
+                        .unwrap_or_else(|| panic!("{name}: a snapshot: {value}"));
+                    let missing: Vec<&String> = receivers
+                        .iter()
+                        .filter(|r| !members.iter().any(|m| m["id"] == r.as_str()))
+                        .collect();
+                    if !missing.is_empty() {
+                        watched.flaps.lock().expect("flaps lock").push(format!(
+                            "{name}: snapshot at rev {} lacks {missing:?}",
+                            value["presence"]["rev"]
+                        ));
+                    }
+                    watched.snapshots.fetch_add(1, Ordering::Relaxed);
+                }
+                Some("presence") => {
+                    watched.frames.fetch_add(1, Ordering::Relaxed);
+                    for list in ["joins", "leaves"] {
+                        for member in value[list].as_array().into_iter().flatten() {
+                            if is_receiver(&member["id"]) {
+                                watched.flaps.lock().expect("flaps lock").push(format!(
+                                    "{name}: {list} {} at rev {}",
+                                    member["id"], value["rev"]
+                                ));
+                            }
+                        }
+                    }
+                }
+                Some("welcome" | "drain" | "ack") => {}
+                _ => panic!("{name}: unexpected frame {value}"),
             }
         }
     }
@@ -1154,7 +1268,10 @@ async fn v1_sender(
 /// Redis: receivers resume from their last seq wherever the balancer puts
 /// them, and every message whose ack said `delivered` or `retained` is
 /// received exactly once, live or replayed, with no gap in the seqs and
-/// every resume `recovered`.
+/// every resume `recovered`. The receivers are presence members of a
+/// topic watched on every node, and their drains and moves cause no
+/// presence join or leave there (the leave delay hides them: with
+/// `presence_leave_delay = "0s"` this check fails).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rolling_restart_loses_no_acked_v1_message() {
     let redis = Redis::start();
@@ -1177,6 +1294,31 @@ async fn a_rolling_restart_loses_no_acked_v1_message() {
     }
     wait_for("every receiver welcomed", WAIT, || async {
         (inboxes.connects.load(Ordering::Relaxed) >= receivers.len() as u64).then_some(())
+    })
+    .await;
+    let presence_path = format!("/api/presence/{MEMBERS_TOPIC}");
+    wait_for("every receiver a presence member", WAIT, || async {
+        let (status, body) = http(nodes[0].addr(), "GET", &presence_path, None).await;
+        let body: Value = serde_json::from_str(&body).expect("JSON");
+        (status == 200 && body["count"].as_u64() >= Some(receivers.len() as u64)).then_some(())
+    })
+    .await;
+    // One watcher per node, connected to it directly: while a node
+    // restarts, the other two watch (and its own reconnects).
+    let watched = Arc::new(Watched::default());
+    let stop_watching = Arc::new(AtomicBool::new(false));
+    let mut watching = Vec::new();
+    for node in &nodes {
+        watching.push(tokio::spawn(presence_watcher(
+            node.addr(),
+            format!("watch-{}", node.name),
+            receivers.clone(),
+            Arc::clone(&watched),
+            Arc::clone(&stop_watching),
+        )));
+    }
+    wait_for("a snapshot at every watcher", WAIT, || async {
+        (watched.snapshots.load(Ordering::Relaxed) >= nodes.len() as u64).then_some(())
     })
     .await;
     // The senders stop first, so that the receivers are still there to
@@ -1246,6 +1388,14 @@ async fn a_rolling_restart_loses_no_acked_v1_message() {
     while !all_received() && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
+    // The watching ends before the receivers stop (their ends are leaves).
+    stop_watching.store(true, Ordering::Relaxed);
+    for task in watching {
+        tokio::time::timeout(WAIT, task)
+            .await
+            .expect("a watcher stops")
+            .expect("watcher task");
+    }
     stop.store(true, Ordering::Relaxed);
     for task in receiving {
         tokio::time::timeout(WAIT, task)
@@ -1278,6 +1428,17 @@ async fn a_rolling_restart_loses_no_acked_v1_message() {
     assert!(
         recovered >= receivers.len() as u64,
         "only {recovered} resumes"
+    );
+    let flaps = watched.flaps.lock().expect("flaps lock");
+    eprintln!(
+        "presence over the roll: {} snapshots and {} presence frames at the watchers, {} flaps of drained receivers",
+        watched.snapshots.load(Ordering::Relaxed),
+        watched.frames.load(Ordering::Relaxed),
+        flaps.len()
+    );
+    assert!(
+        flaps.is_empty(),
+        "drained receivers showed in presence as leaving or joining: {flaps:?}"
     );
     assert!(acked.len() > 150, "only {} acked", acked.len());
     assert!(

@@ -274,7 +274,7 @@ impl Handler for Relay {
     ) -> Outcome {
         if let Some(v1) = state.v1.as_mut() {
             return match message {
-                Message::Text(text) => v1.on_text(text.as_bytes(), conn).await,
+                Message::Text(text) => v1.on_text(text.as_str(), conn).await,
                 Message::Binary(_) => {
                     conn.hub().metrics().error(ErrorKind::BadRequest);
                     Outcome::reply_text(v1_error(

@@ -2,7 +2,8 @@
 //! client that opted in with the subprotocol `switchboard.v1` says hello,
 //! resumes from its inbox, and gets exactly one answer per request.
 //!
-//! - [`request`]: the client's frames, parsed;
+//! - [`request`]: the client's frames, parsed (the usual `send` first by
+//!   `send_frame`, in one pass);
 //! - [`reply`]: the server's answers, encoded;
 //! - this module: what each request does, on the connection's own task.
 //!
@@ -25,11 +26,12 @@ use crate::id::{ClientId, Topic};
 use crate::metrics::ErrorKind;
 use crate::protocol::close::{CloseCode, CloseFrame};
 use crate::protocol::frame::WireFrame;
-use crate::runtime::delivery::{Envelope, Format, v1_error};
+use crate::runtime::delivery::{Envelope, Format, scratch_bytes, v1_error};
 
 mod presence;
 pub(crate) mod reply;
 pub(crate) mod request;
+mod send_frame;
 
 use presence::Presence;
 use request::{Kind, Request};
@@ -83,9 +85,12 @@ impl V1 {
     }
 
     /// Handles one text frame.
-    pub(crate) async fn on_text(&mut self, text: &[u8], conn: &mut Conn<()>) -> Outcome {
+    pub(crate) async fn on_text(&mut self, text: &str, conn: &mut Conn<()>) -> Outcome {
         let hub = conn.hub();
-        let request = match request::parse(text, hub.limits().max_targets) {
+        let max_targets = hub.limits().max_targets;
+        let request = match send_frame::parse(text, max_targets)
+            .map_or_else(|| request::parse(text, max_targets), Ok)
+        {
             Ok(request) => request,
             Err(refused) if !self.ready => {
                 return bad_hello(&format!(
@@ -211,11 +216,16 @@ impl V1 {
             .from(Some(self.client_id.clone()))
             .mid(mid);
         let report = hub.deliver(&targets.ids, &Arc::new(message)).await;
-        let lists = targets.report_lists(&report);
         if let Some(guard) = pending {
+            let lists = targets.report_lists(&report);
             guard.done(&lists);
+            return ack(id, |out| reply::sent(out, mid, &lists, false));
         }
-        ack(id, |out| reply::sent(out, mid, &lists, false))
+        // The usual send: the lists go straight into the ack's frame.
+        ack(id, |out| {
+            reply::sent_head(out, mid);
+            targets.write_report_lists(&report, out);
+        })
     }
 
     async fn publish(
@@ -423,11 +433,11 @@ fn ack(id: Option<u64>, fields: impl FnOnce(&mut String)) -> Outcome {
     if id.is_none() {
         return Outcome::Continue;
     }
-    let mut out = String::with_capacity(128);
-    reply::ack_head(&mut out, id);
-    fields(&mut out);
-    out.push('}');
-    Outcome::reply_text(out)
+    Outcome::Send(WireFrame::text(scratch_bytes(|out| {
+        reply::ack_head(out, id);
+        fields(out);
+        out.push('}');
+    })))
 }
 
 /// A refused request: an ack with the error for a request with an id, an

@@ -65,7 +65,8 @@ impl Presence {
     /// The connection left `topic` on purpose: its membership ends now.
     pub(crate) fn leave(&mut self, topic: &Topic) {
         let backend = self.hub.backend();
-        if self.watching.remove(topic) {
+        // Most connections watch nothing: no hashing of the topic then.
+        if !self.watching.is_empty() && self.watching.remove(topic) {
             backend.presence_unwatch(topic, self.conn);
         }
         if self.member_of.remove(topic) {

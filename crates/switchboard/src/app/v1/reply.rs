@@ -9,13 +9,14 @@ use crate::backend::presence::frame::push_snapshot;
 use crate::backend::{Attached, PresenceMode, PresenceSnapshot};
 use crate::handler::Conn;
 use crate::id::{ClientId, Topic};
-use crate::runtime::delivery::push_json_str;
+use crate::runtime::delivery::{push_json_str, push_u64};
 
 /// `{"type":"ack","id":N` — the caller appends `,`-led fields and `}`.
 pub(crate) fn ack_head(out: &mut String, id: Option<u64>) {
     out.push_str(r#"{"type":"ack""#);
     if let Some(id) = id {
-        let _ = write!(out, r#","id":{id}"#);
+        out.push_str(r#","id":"#);
+        push_u64(out, id);
     }
 }
 
@@ -70,15 +71,21 @@ pub(crate) fn welcome(
 /// A send's ack fields: its `mid`, the report's lists, and whether it was
 /// a duplicate.
 pub(crate) fn sent(out: &mut String, mid: Option<&str>, lists: &str, duplicate: bool) {
+    sent_head(out, mid);
+    out.push_str(lists);
+    if duplicate {
+        out.push_str(r#","duplicate":true"#);
+    }
+}
+
+/// A send's ack fields before its report's lists: its `mid`, and the comma
+/// the lists follow.
+pub(crate) fn sent_head(out: &mut String, mid: Option<&str>) {
     if let Some(mid) = mid {
         out.push_str(r#","mid":"#);
         push_json_str(out, mid);
     }
     out.push(',');
-    out.push_str(lists);
-    if duplicate {
-        out.push_str(r#","duplicate":true"#);
-    }
 }
 
 pub(crate) fn published(out: &mut String, recipients: usize) {

@@ -9,7 +9,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use crate::app::relay::{
-    RequestError, Targets, object, parse_targets, parse_topic, present, require_payload,
+    RequestError, Targets, object_str, parse_targets, parse_topic, present, require_payload,
 };
 use crate::backend::{MAX_META_BYTES, PresenceMode, ResumePoint};
 use crate::id::Topic;
@@ -98,9 +98,10 @@ struct Fields<'a> {
 
 const TYPES: &str = "\"hello\", \"send\", \"publish\", \"subscribe\", \"unsubscribe\", \"presence_get\", \"replay\" or \"refresh\"";
 
-/// Parses one client frame; `max_targets` bounds a send's target list.
-pub(crate) fn parse(input: &[u8], max_targets: usize) -> Result<Request<'_>, Refused> {
-    let fields: Fields<'_> = object(input).map_err(|error| Refused { id: None, error })?;
+/// Parses one client frame (a text frame's text); `max_targets` bounds a
+/// send's target list.
+pub(crate) fn parse(input: &str, max_targets: usize) -> Result<Request<'_>, Refused> {
+    let fields: Fields<'_> = object_str(input).map_err(|error| Refused { id: None, error })?;
     let id = fields
         .id
         .map(request_id)
@@ -308,14 +309,14 @@ mod tests {
     use super::*;
 
     fn code(input: &str) -> (Option<u64>, &'static str) {
-        let refused = parse(input.as_bytes(), 10).expect_err(input);
+        let refused = parse(input, 10).expect_err(input);
         (refused.id, refused.error.code)
     }
 
     #[test]
     fn parses_each_request() {
         let hello = parse(
-            br#"{"type":"hello","id":1,"resume":{"epoch":"e","seq":7}}"#,
+            r#"{"type":"hello","id":1,"resume":{"epoch":"e","seq":7}}"#,
             10,
         )
         .expect("hello");
@@ -327,7 +328,7 @@ mod tests {
             }
         ));
         let send = parse(
-            br#"{"type":"send","id":2,"mid":"m-1","targets":[1,"a"],"payload":{"x":1}}"#,
+            r#"{"type":"send","id":2,"mid":"m-1","targets":[1,"a"],"payload":{"x":1}}"#,
             10,
         )
         .expect("send");
@@ -343,20 +344,20 @@ mod tests {
         assert_eq!(targets.ids.len(), 2);
         assert_eq!(payload.get(), r#"{"x":1}"#);
         assert!(matches!(
-            parse(br#"{"type":"replay","from":3,"to":9}"#, 10)
+            parse(r#"{"type":"replay","from":3,"to":9}"#, 10)
                 .expect("replay")
                 .kind,
             Kind::Replay { from: 3, to: 9 }
         ));
         assert!(matches!(
-            parse(br#"{"type":"subscribe","topic":"t"}"#, 10)
+            parse(r#"{"type":"subscribe","topic":"t"}"#, 10)
                 .expect("sub")
                 .kind,
             Kind::Subscribe { presence: None, .. }
         ));
         assert!(matches!(
             parse(
-                br#"{"type":"subscribe","topic":"t","presence":"count","meta":{"n":1}}"#,
+                r#"{"type":"subscribe","topic":"t","presence":"count","meta":{"n":1}}"#,
                 10
             )
             .expect("sub")
@@ -368,7 +369,7 @@ mod tests {
             }
         ));
         assert!(matches!(
-            parse(br#"{"type":"presence_get","topic":"t"}"#, 10)
+            parse(r#"{"type":"presence_get","topic":"t"}"#, 10)
                 .expect("presence_get")
                 .kind,
             Kind::PresenceGet {

@@ -9,6 +9,7 @@
 //! timer entry of about 100 bytes until it is due.
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry as MemberEntry;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 
@@ -83,9 +84,16 @@ impl PresenceTable {
     pub(crate) fn join(&self, topic: &Topic, id: &ClientId, meta: Option<Arc<str>>) {
         let inner = &self.inner;
         let mut topics = inner.topics.lock();
-        let entry = topics.entry(topic.clone()).or_default();
-        let change = match entry.members.get_mut(id) {
-            Some(member) => {
+        // Looked up before it is made: the topic usually exists, and its
+        // name then is not cloned.
+        let entry = match topics.get_mut(topic) {
+            Some(entry) => entry,
+            None => topics.entry(topic.clone()).or_default(),
+        };
+        // One lookup for both cases (the ID is hashed once).
+        let change = match entry.members.entry(id.clone()) {
+            MemberEntry::Occupied(mut occupied) => {
+                let member = occupied.get_mut();
                 member.conns += 1;
                 member.leaving = 0;
                 if member.meta == meta {
@@ -94,16 +102,13 @@ impl PresenceTable {
                 member.meta.clone_from(&meta);
                 Change::Updated(meta)
             }
-            None => {
-                entry.members.insert(
-                    id.clone(),
-                    Member {
-                        conns: 1,
-                        since_ms: crate::backend::unix_ms(std::time::SystemTime::now()),
-                        meta: meta.clone(),
-                        leaving: 0,
-                    },
-                );
+            MemberEntry::Vacant(vacant) => {
+                vacant.insert(Member {
+                    conns: 1,
+                    since_ms: crate::backend::unix_ms(std::time::SystemTime::now()),
+                    meta: meta.clone(),
+                    leaving: 0,
+                });
                 Change::Joined(meta)
             }
         };
@@ -118,9 +123,10 @@ impl PresenceTable {
         let Some(entry) = topics.get_mut(topic) else {
             return;
         };
-        let Some(member) = entry.members.get_mut(id) else {
+        let MemberEntry::Occupied(mut occupied) = entry.members.entry(id.clone()) else {
             return;
         };
+        let member = occupied.get_mut();
         member.conns = member.conns.saturating_sub(1);
         if member.conns > 0 {
             return;
@@ -137,7 +143,13 @@ impl PresenceTable {
             );
             return;
         }
-        inner.remove(&mut topics, topic, id);
+        // The entry in hand, not looked up again (`Inner::remove`): an
+        // unsubscribe is half of all churn.
+        occupied.remove();
+        inner.emit(topic, entry, id, Change::Left);
+        if entry.members.is_empty() {
+            topics.remove(topic);
+        }
     }
 
     /// Sends `topic`'s presence frames to `conn` from now on, and returns
