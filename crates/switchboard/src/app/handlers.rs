@@ -306,19 +306,29 @@ impl Handler for Relay {
         }
     }
 
-    /// The plain relay with a backend that never waits (the in-memory
-    /// one): the whole frame is handled here, without `on_message`'s boxed
-    /// future; sends look their targets up by text (no `ClientId`s) and
-    /// make no report. `switchboard.v1` connections and backends that wait
-    /// go to `on_message`.
+    /// The relay with a backend that never waits (the in-memory one): the
+    /// whole frame is handled here, without `on_message`'s boxed future.
+    /// Plain sends look their targets up by text (no `ClientId`s) and make
+    /// no report; `switchboard.v1` sends are numbered, delivered and
+    /// acknowledged in one call (`V1::on_text_now`). Other v1 requests,
+    /// and every frame with a backend that waits, go to `on_message`.
     fn on_message_now(
         &self,
         state: &mut Self::State,
         message: Message,
         conn: &mut Conn<()>,
     ) -> Result<Outcome, Message> {
-        if state.v1.is_some() || conn.hub().backend().immediate().is_none() {
+        let Some(immediate) = conn.hub().backend().immediate() else {
             return Err(message);
+        };
+        if let Some(v1) = state.v1.as_mut() {
+            let Message::Text(text) = &message else {
+                return Err(message);
+            };
+            return match v1.on_text_now(text.as_str(), immediate, conn) {
+                Some(outcome) => Ok(outcome),
+                None => Err(message),
+            };
         }
         let hub = conn.hub();
         let request = match plain_request(&state.permissions, &message, hub) {

@@ -23,7 +23,7 @@ use serde::de::{self, Deserializer, SeqAccess, Visitor};
 use serde_json::value::RawValue;
 use smallvec::SmallVec;
 
-use crate::backend::SendReport;
+use crate::backend::{SendReport, TargetOutcomes};
 use crate::id::{ClientId, Digits, NameError, Topic};
 use crate::runtime::delivery::{push_json_str, push_u64};
 
@@ -243,58 +243,49 @@ impl<'de, T: TargetId<'de>> Targets<T> {
     }
 
     /// [`report_lists`](Self::report_lists), appended to `out` (a v1 ack
-    /// writes them straight into its frame). Written by hand, one byte of
-    /// state per ID kept on the stack for up to 16 IDs: a v1 relay sends
-    /// one ack per message, and building each target as a
-    /// `serde_json::Value` cost ~3,200 instructions per single-target
-    /// ack (callgrind), over a third of what a v1 message cost beyond a
-    /// plain one; ~620 so.
+    /// writes them straight into its frame).
     pub(crate) fn write_report_lists(&self, report: &SendReport, out: &mut String) {
-        const DELIVERED: u8 = 0;
-        const DROPPED: u8 = 1;
-        const OFFLINE: u8 = 2;
-        const UNCONFIRMED: u8 = 3;
-        const OUTCOME: u8 = 3;
-        const RETAINED: u8 = 4;
-        let n = self.ids.len();
-        let mut on_stack = [UNCONFIRMED; 16];
-        let mut on_heap;
-        let state: &mut [u8] = if n <= on_stack.len() {
-            &mut on_stack[..n]
-        } else {
-            on_heap = vec![UNCONFIRMED; n];
-            &mut on_heap
-        };
-        for (list, indexes) in [
-            (DELIVERED, &report.delivered),
-            (OFFLINE, &report.offline),
-            (DROPPED, &report.dropped),
-            (UNCONFIRMED, &report.unconfirmed),
-        ] {
-            for &i in indexes {
-                if let Some(slot) = state.get_mut(i) {
-                    *slot = list;
-                }
-            }
-        }
-        for &i in &report.retained {
-            if let Some(slot) = state.get_mut(i) {
-                *slot |= RETAINED;
-            }
-        }
+        self.write_outcome_lists(&TargetOutcomes::from_report(report, self.ids.len()), out);
+    }
+
+    /// [`report_lists`](Self::report_lists) from each ID's outcome, as a
+    /// backend that delivers at once reports it.
+    pub(crate) fn outcome_lists(&self, outcomes: &TargetOutcomes) -> String {
+        let mut out = String::with_capacity(48 + 8 * self.listed.len());
+        self.write_outcome_lists(outcomes, &mut out);
+        out
+    }
+
+    /// [`outcome_lists`](Self::outcome_lists), appended to `out`. Written
+    /// by hand from one byte of state per ID: a v1 relay sends one ack per
+    /// message, and building each target as a `serde_json::Value` cost
+    /// ~3,200 instructions per single-target ack (callgrind), over a third
+    /// of what a v1 message cost beyond a plain one; ~620 so.
+    pub(crate) fn write_outcome_lists(&self, outcomes: &TargetOutcomes, out: &mut String) {
+        use crate::backend::TargetOutcome::{Delivered, Dropped, Offline, Unconfirmed};
         // Each list: its opening (the first, always written, without a
-        // comma), which of the state bits pick its members, and whether an
-        // empty one is written (as its opening and `]`).
-        for (open, mask, want, always) in [
-            ("\"delivered\":[", OUTCOME, DELIVERED, true),
-            (",\"dropped\":[", OUTCOME, DROPPED, true),
-            (",\"offline\":[", OUTCOME, OFFLINE, true),
-            (",\"retained\":[", RETAINED, RETAINED, false),
-            (",\"unconfirmed\":[", OUTCOME, UNCONFIRMED, false),
-        ] {
+        // comma), which IDs are its members, and whether an empty one is
+        // written (as its opening and `]`).
+        let member = |list: usize, id: usize| match list {
+            0 => outcomes.outcome(id) == Delivered,
+            1 => outcomes.outcome(id) == Dropped,
+            2 => outcomes.outcome(id) == Offline,
+            3 => outcomes.retained(id),
+            _ => outcomes.outcome(id) == Unconfirmed,
+        };
+        for (list, (open, always)) in [
+            ("\"delivered\":[", true),
+            (",\"dropped\":[", true),
+            (",\"offline\":[", true),
+            (",\"retained\":[", false),
+            (",\"unconfirmed\":[", false),
+        ]
+        .into_iter()
+        .enumerate()
+        {
             let mut members = 0;
             for &(written, id) in &self.listed {
-                if state.get(id).is_none_or(|s| s & mask != want) {
+                if !member(list, id) {
                     continue;
                 }
                 out.push_str(if members == 0 { open } else { "," });
