@@ -273,16 +273,25 @@ impl<'de, T: TargetId<'de>> Targets<T> {
             3 => outcomes.retained(id),
             _ => outcomes.outcome(id) == Unconfirmed,
         };
-        for (list, (open, always)) in [
-            ("\"delivered\":[", true),
-            (",\"dropped\":[", true),
-            (",\"offline\":[", true),
-            (",\"retained\":[", false),
-            (",\"unconfirmed\":[", false),
+        // A list known to be empty is written (or skipped) without a pass
+        // over the targets: most acks have one or two non-empty lists.
+        for (list, (open, always, count)) in [
+            ("\"delivered\":[", true, outcomes.delivered()),
+            (",\"dropped\":[", true, outcomes.dropped()),
+            (",\"offline\":[", true, outcomes.offline()),
+            (",\"retained\":[", false, outcomes.retained_count()),
+            (",\"unconfirmed\":[", false, outcomes.unconfirmed()),
         ]
         .into_iter()
         .enumerate()
         {
+            if count == 0 {
+                if always {
+                    out.push_str(open);
+                    out.push(']');
+                }
+                continue;
+            }
             let mut members = 0;
             for &(written, id) in &self.listed {
                 if !member(list, id) {
@@ -538,15 +547,16 @@ pub(crate) fn parse_targets<'a, T: TargetId<'a>>(
 /// switchboard.v1 `send` fast path), with [`parse_targets`]' checks; its
 /// errors are serde's, so the caller falls back to [`parse_targets`] for
 /// the message.
-pub(crate) struct TargetsSeed {
+pub(crate) struct TargetsSeed<T> {
     pub(crate) max: usize,
+    pub(crate) ids: PhantomData<T>,
 }
 
-impl<'de> de::DeserializeSeed<'de> for TargetsSeed {
-    type Value = Targets;
+impl<'de, T: TargetId<'de>> de::DeserializeSeed<'de> for TargetsSeed<T> {
+    type Value = Targets<T>;
 
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Targets, D::Error> {
-        d.deserialize_seq(TargetsVisitor::<ClientId> {
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Targets<T>, D::Error> {
+        d.deserialize_seq(TargetsVisitor::<T> {
             max: self.max,
             ids: PhantomData,
         })

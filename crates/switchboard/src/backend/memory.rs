@@ -496,7 +496,7 @@ impl Immediate for MemoryBackend {
         self.publish_now(message)
     }
 
-    fn send_outcomes(&self, targets: &[ClientId], message: &Arc<Envelope>) -> TargetOutcomes {
+    fn send_outcomes(&self, targets: &[&str], message: &Arc<Envelope>) -> TargetOutcomes {
         let mut outcomes = TargetOutcomes::new(targets.len());
         self.send_each(targets, &mut Shared::Arc(message), &mut outcomes);
         outcomes

@@ -107,7 +107,8 @@ pub trait Immediate: Send + Sync {
     /// future and report lists, and the await that sent the ack in a
     /// write of its own, were what a v1 send cost beyond a plain one
     /// (docs/design.md, "Per-message costs").
-    fn send_outcomes(&self, targets: &[ClientId], message: &Arc<Envelope>) -> TargetOutcomes;
+    /// Targets are named by their text, as in `send_counted`.
+    fn send_outcomes(&self, targets: &[&str], message: &Arc<Envelope>) -> TargetOutcomes;
     /// [`Backend::dedup`], at once.
     fn dedup_now(&self, sender: &ClientId, mid: &str) -> Dedup;
     /// [`Backend::publish`], at once: queues `message` to every subscriber

@@ -64,6 +64,7 @@ pub struct TargetOutcomes {
     offline: usize,
     dropped: usize,
     unconfirmed: usize,
+    retained: usize,
 }
 
 impl TargetOutcomes {
@@ -76,6 +77,7 @@ impl TargetOutcomes {
             offline: 0,
             dropped: 0,
             unconfirmed: targets,
+            retained: 0,
         }
     }
 
@@ -122,8 +124,11 @@ impl TargetOutcomes {
 
     /// Records that target `i`'s inbox kept the message.
     pub fn set_retained(&mut self, i: usize) {
-        if let Some(state) = self.states.get_mut(i) {
+        if let Some(state) = self.states.get_mut(i)
+            && *state & RETAINED == 0
+        {
             *state |= RETAINED;
+            self.retained += 1;
         }
     }
 
@@ -157,6 +162,16 @@ impl TargetOutcomes {
     /// Connections the message was queued to, over all targets.
     pub fn connections(&self) -> usize {
         self.connections
+    }
+
+    /// Targets delivered.
+    pub fn delivered(&self) -> usize {
+        self.len() - self.offline - self.dropped - self.unconfirmed
+    }
+
+    /// Targets whose inbox kept the message.
+    pub fn retained_count(&self) -> usize {
+        self.retained
     }
 
     /// Targets offline.
@@ -211,6 +226,8 @@ mod tests {
             ]
         );
         assert!(by_hand.retained(1) && by_hand.retained(3) && !by_hand.retained(0));
+        by_hand.set_retained(3);
+        assert_eq!((by_hand.delivered(), by_hand.retained_count()), (2, 2));
         assert_eq!(
             (
                 by_hand.offline(),

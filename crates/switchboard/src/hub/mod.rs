@@ -228,7 +228,7 @@ impl Hub {
     pub(crate) fn deliver_at_once(
         &self,
         immediate: &dyn Immediate,
-        targets: &[ClientId],
+        targets: &[&str],
         message: &Arc<Envelope>,
     ) -> TargetOutcomes {
         let outcomes = immediate.send_outcomes(targets, message);

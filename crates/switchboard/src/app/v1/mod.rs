@@ -17,7 +17,7 @@ use std::time::SystemTime;
 use bytes::Bytes;
 use serde_json::value::RawValue;
 
-use crate::app::relay::{RequestError, Targets};
+use crate::app::relay::{RequestError, TargetName, Targets};
 use crate::auth::Permissions;
 use crate::backend::{Dedup, Immediate, PresenceMode, RegisterError, ResumePoint, TargetOutcomes};
 use crate::handler::{Closed, Conn, Outcome};
@@ -176,7 +176,7 @@ impl V1 {
             }
         }
         let message = self.message(mid, payload);
-        let outcomes = hub.deliver_at_once(immediate, &targets.ids, &message);
+        let outcomes = hub.deliver_at_once(immediate, &targets.names(), &message);
         Some(sent(id, mid, &targets, &outcomes, pending))
     }
 
@@ -237,7 +237,7 @@ impl V1 {
         &mut self,
         id: Option<u64>,
         mid: Option<&str>,
-        targets: &Targets,
+        targets: &Targets<TargetName<'_>>,
         payload: &RawValue,
         conn: &mut Conn<()>,
     ) -> Outcome {
@@ -253,7 +253,8 @@ impl V1 {
                 seen => return not_new(id, mid, seen),
             }
         }
-        let report = hub.deliver(&targets.ids, &self.message(mid, payload)).await;
+        let ids = targets.client_ids();
+        let report = hub.deliver(&ids, &self.message(mid, payload)).await;
         let outcomes = TargetOutcomes::from_report(&report, targets.ids.len());
         sent(id, mid, targets, &outcomes, pending)
     }
@@ -476,7 +477,7 @@ fn ack(id: Option<u64>, fields: impl FnOnce(&mut String)) -> Outcome {
 fn sent(
     id: Option<u64>,
     mid: Option<&str>,
-    targets: &Targets,
+    targets: &Targets<TargetName<'_>>,
     outcomes: &TargetOutcomes,
     pending: Option<DedupGuard>,
 ) -> Outcome {
@@ -524,7 +525,10 @@ fn bad_hello(reason: &str) -> Outcome {
 }
 
 /// The first target the client's token does not allow, as the refusal.
-fn forbidden_target(permissions: &Permissions, targets: &Targets) -> Option<RequestError> {
+fn forbidden_target(
+    permissions: &Permissions,
+    targets: &Targets<TargetName<'_>>,
+) -> Option<RequestError> {
     if permissions.is_unrestricted() {
         return None;
     }
@@ -532,7 +536,7 @@ fn forbidden_target(permissions: &Permissions, targets: &Targets) -> Option<Requ
         .ids
         .iter()
         .enumerate()
-        .find(|(_, id)| !permissions.may_send_to(id))?;
+        .find(|(_, id)| !permissions.may_send_to(&id.to_client_id()))?;
     Some(RequestError::new(
         "forbidden_target",
         format!(
