@@ -606,3 +606,45 @@ impl Drop for DedupGuard {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::NamePattern;
+
+    /// Targets named by their text (numbers as digits) are checked against
+    /// `sb_targets` as the IDs they name, and the refusal points at the
+    /// first listing of the first forbidden one.
+    #[test]
+    fn forbidden_targets_are_found_by_their_text() {
+        let patterns = ["bob", "team-*", "7"].map(|p| NamePattern::new(p).expect("pattern"));
+        let permissions = Permissions {
+            targets: Some(patterns.to_vec()),
+            ..Permissions::default()
+        };
+        let allowed = send_frame::parse(
+            r#"{"type":"send","targets":["bob",7,"team-a","7"],"payload":1}"#,
+            10,
+        )
+        .expect("send");
+        let Kind::Send { targets, .. } = allowed.kind else {
+            panic!("not a send");
+        };
+        assert!(forbidden_target(&permissions, &targets).is_none());
+        let refused = send_frame::parse(
+            r#"{"type":"send","targets":["bob",8,"carol",8],"payload":1}"#,
+            10,
+        )
+        .expect("send");
+        let Kind::Send { targets, .. } = refused.kind else {
+            panic!("not a send");
+        };
+        let error = forbidden_target(&permissions, &targets).expect("refused");
+        assert_eq!(error.code, "forbidden_target");
+        assert!(
+            error.message.starts_with("targets[1] (8)"),
+            "{}",
+            error.message
+        );
+    }
+}
