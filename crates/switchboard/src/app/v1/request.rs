@@ -26,6 +26,10 @@ pub(crate) struct Request<'a> {
     pub(crate) kind: Kind<'a>,
 }
 
+/// A send's targets are inline, as in the plain relay's `Request`: a
+/// request lives on the stack for one frame, and boxing it would be the
+/// allocation the inline lists avoid.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub(crate) enum Kind<'a> {
     Hello {
