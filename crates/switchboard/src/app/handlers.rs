@@ -384,8 +384,8 @@ fn plain_request<'a>(
 /// The frame of a relayed payload: the sender's exact JSON text, copied
 /// out of the read buffer (sharing it would keep the whole read alive for
 /// as long as the slowest recipient holds the frame).
-fn payload_frame(payload: &serde_json::value::RawValue) -> WireFrame {
-    Hub::encode_text(Bytes::copy_from_slice(payload.get().as_bytes()))
+fn payload_frame(payload: &str) -> WireFrame {
+    Hub::encode_text(Bytes::copy_from_slice(payload.as_bytes()))
 }
 
 /// A subscribe or unsubscribe frame, answered.
