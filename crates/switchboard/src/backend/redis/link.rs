@@ -69,6 +69,9 @@ pub(super) async fn supervise(shared: Arc<Shared>) {
                 *shared.link.write() = Some(session.link.clone());
                 tracing::info!(node = %shared.config.node_id, member = %session.link.member, "connected to redis");
                 let ended = run(&shared, &mut session, &mut stop).await;
+                if let Some(generation) = session.link.tracking {
+                    shared.loc_cache.deactivate(generation);
+                }
                 *shared.link.write() = None;
                 shared.stop_recording();
                 session.epoch.ended.store(true, Ordering::Release);
@@ -122,6 +125,7 @@ pub(super) async fn connect(
         lost: Notify::new(),
         acks: acks_tx,
         alive_until_ms: AtomicU64::new(0),
+        tracking: AtomicU64::new(0),
     });
     let weak: Weak<Shared> = Arc::downgrade(shared);
     let on_push = {
@@ -139,6 +143,7 @@ pub(super) async fn connect(
         link: Link {
             conn: conn.clone(),
             member: Arc::clone(&member),
+            tracking: None,
         },
         epoch: Arc::clone(&epoch),
         subscribed: HashSet::new(),
@@ -153,6 +158,23 @@ pub(super) async fn connect(
             .arg(format!("switchboard:{member}"))
             .exec_async(&mut conn)
             .await?;
+        // Redis tells this connection when a location it read for the
+        // cache changes (`loc_cache.rs`); only reads sent right after
+        // `CLIENT CACHING YES` are tracked (`OPTIN`).
+        let tracked = shared.loc_cache.enabled()
+            && match ::redis::cmd("CLIENT")
+                .arg("TRACKING")
+                .arg("ON")
+                .arg("OPTIN")
+                .exec_async(&mut conn)
+                .await
+            {
+                Ok(()) => true,
+                Err(error) => {
+                    tracing::warn!(node = %shared.config.node_id, "redis refused client tracking, no location cache: {error}");
+                    false
+                }
+            };
         // The inbox before the heartbeat: a member other nodes can see
         // always has a listener while its connection lives (which is how a
         // twin tells a running process from a dead one, below).
@@ -201,9 +223,13 @@ pub(super) async fn connect(
                 .exec_async(&mut conn)
                 .await?;
         }
-        Ok::<_, ConnectError>(())
+        Ok::<_, ConnectError>(tracked)
     };
-    setup.await?;
+    if setup.await? {
+        let generation = shared.loc_cache.activate();
+        session.link.tracking = Some(generation);
+        epoch.tracking.store(generation, Ordering::Release);
+    }
     let acker_shared = Arc::clone(shared);
     tokio::spawn(acker(acker_shared, conn, acks_rx, ended_rx));
     Ok(session)
