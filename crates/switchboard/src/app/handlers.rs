@@ -337,12 +337,10 @@ impl Handler for Relay {
                         Outcome::Continue
                     })
                 }
-                Request::Publish { topic, payload } => {
-                    hub.backend().immediate().map(|immediate| {
-                        hub.publish_at_once(immediate, &topic, payload_frame(payload));
-                        Outcome::Continue
-                    })
-                }
+                Request::Publish { topic, payload } => hub.backend().immediate().map(|immediate| {
+                    hub.publish_at_once(immediate, &topic, payload_frame(payload));
+                    Outcome::Continue
+                }),
                 other => Some(topic_request(other, conn)),
             }
         };

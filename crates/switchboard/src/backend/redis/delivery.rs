@@ -417,10 +417,8 @@ impl Shared {
                 // invalidation may still be in flight behind the
                 // numbering's reply).
                 if !self.v1_known() {
-                    let (must, found) = tokio::join!(
-                        self.must_number(&link),
-                        self.locate(&link, targets, false)
-                    );
+                    let (must, found) =
+                        tokio::join!(self.must_number(&link), self.locate(&link, targets, false));
                     if !must? {
                         return Ok::<_, ::redis::RedisError>((vec![Numbering::NoInbox; n], found?));
                     }

@@ -299,7 +299,10 @@ mod tests {
         cache.finish("a", &fills[0], members(&["x"]));
         assert!(cache.get("a").is_some());
         cache.deactivate(old);
-        assert!(cache.get("a").is_some(), "an old generation changes nothing");
+        assert!(
+            cache.get("a").is_some(),
+            "an old generation changes nothing"
+        );
         cache.deactivate(new);
         assert!(cache.get("a").is_none());
     }

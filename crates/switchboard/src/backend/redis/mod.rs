@@ -632,7 +632,9 @@ impl Backend for RedisBackend {
     // through their sequence gates): then the send would not touch Redis.
     fn immediate_send(&self, targets: &[&str]) -> Option<&dyn super::Immediate> {
         let shared = &self.shared;
-        if shared.v1_known() || !shared.loc_cache.v1_absent() || !shared.v1.read().by_conn.is_empty()
+        if shared.v1_known()
+            || !shared.loc_cache.v1_absent()
+            || !shared.v1.read().by_conn.is_empty()
         {
             return None;
         }
