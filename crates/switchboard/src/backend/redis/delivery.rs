@@ -59,7 +59,15 @@ impl Shared {
                     }
                     return;
                 }
-                self.on_message(epoch, &channel, Bytes::from(message));
+                // One message, or several in a batch (`batch.rs`).
+                match super::batch::split(Bytes::from(message)) {
+                    Some(messages) => {
+                        for message in messages {
+                            self.on_message(epoch, &channel, message);
+                        }
+                    }
+                    None => self.stats.invalid.add(1),
+                }
             }
             _ => {}
         }
@@ -332,6 +340,35 @@ impl Shared {
         }
     }
 
+    /// [`publish_each`](Self::publish_each) through the connection's
+    /// outbox (`outbox.rs`): batched with what other sends publish to the
+    /// same nodes meanwhile.
+    async fn publish_batched(
+        &self,
+        link: &Link,
+        messages: Vec<(String, Vec<u8>)>,
+    ) -> Vec<Option<i64>> {
+        let mut answers = Vec::with_capacity(messages.len());
+        for (member, body) in messages {
+            let (done, answer) = tokio::sync::oneshot::channel();
+            let outgoing = super::outbox::Outgoing {
+                channel: self.keys.node_channel(&member),
+                body,
+                done,
+            };
+            // A closed outbox: its connection has ended.
+            answers.push(link.outbox.send(outgoing).is_ok().then_some(answer));
+        }
+        let mut counts = Vec::with_capacity(answers.len());
+        for answer in answers {
+            counts.push(match answer {
+                Some(answer) => answer.await.ok().flatten(),
+                None => None,
+            });
+        }
+        counts
+    }
+
     /// Collects `expected` replies until `deadline`.
     pub(super) async fn collect(
         &self,
@@ -516,7 +553,7 @@ impl Shared {
                 })
                 .collect();
             self.count_published(Kind::Send, messages.len());
-            let counts = tokio::time::timeout_at(deadline, self.publish_each(&link, messages))
+            let counts = tokio::time::timeout_at(deadline, self.publish_batched(&link, messages))
                 .await
                 .unwrap_or_else(|_| vec![None; located.len()]);
             // Member → (answers it owes, its targets).

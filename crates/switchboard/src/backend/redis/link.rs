@@ -13,6 +13,7 @@ use super::conn::RedisConn;
 use ::redis::{PushInfo, Value};
 use tokio::sync::{Notify, mpsc, watch};
 
+use super::outbox;
 use super::presence::{collect_garbage, heartbeat, leave, write_presence};
 use super::replies::number;
 use super::topics::subscribe_topics;
@@ -119,6 +120,7 @@ pub(super) async fn connect(
 ) -> Result<Session, ConnectError> {
     let timeout = shared.config.request_timeout;
     let (acks_tx, acks_rx) = mpsc::channel(ACK_QUEUE);
+    let (outbox_tx, outbox_rx) = mpsc::unbounded_channel();
     let epoch = Arc::new(Epoch {
         member: Arc::clone(&member),
         ended: AtomicBool::new(false),
@@ -144,6 +146,7 @@ pub(super) async fn connect(
             conn: conn.clone(),
             member: Arc::clone(&member),
             tracking: None,
+            outbox: outbox_tx,
         },
         epoch: Arc::clone(&epoch),
         subscribed: HashSet::new(),
@@ -231,6 +234,12 @@ pub(super) async fn connect(
         epoch.tracking.store(generation, Ordering::Release);
     }
     let acker_shared = Arc::clone(shared);
+    tokio::spawn(outbox::run(
+        Arc::clone(shared),
+        conn.clone(),
+        outbox_rx,
+        ended_rx.clone(),
+    ));
     tokio::spawn(acker(acker_shared, conn, acks_rx, ended_rx));
     Ok(session)
 }
@@ -298,10 +307,12 @@ pub(super) async fn acker(
             n = rx.recv_many(&mut batch, 256) => if n == 0 { return },
         }
         shared.count_published(Kind::Ack, batch.len());
+        // The answers to one node in one `SPUBLISH` (`batch.rs`).
         let mut pipe = ::redis::pipe();
-        for (channel, message) in batch.drain(..) {
-            pipe.cmd("SPUBLISH").arg(channel).arg(message).ignore();
-        }
+        super::batch::group(&batch, |channel, body, _| {
+            pipe.cmd("SPUBLISH").arg(channel).arg(body).ignore();
+        });
+        batch.clear();
         // A failure is the sender's timeout: it reports its targets
         // unconfirmed. The connection's loss is noticed by the supervisor.
         let _ = tokio::time::timeout(timeout, pipe.exec_async(&mut conn)).await;

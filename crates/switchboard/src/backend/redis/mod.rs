@@ -81,6 +81,7 @@ use crate::protocol::close::CloseFrame;
 use crate::runtime::delivery::Envelope;
 use crate::runtime::mailbox::{ConnId, ConnRef};
 
+mod batch;
 mod config;
 mod conn;
 mod dedup;
@@ -92,6 +93,7 @@ mod keys;
 mod link;
 mod loc_cache;
 mod nodes;
+mod outbox;
 mod presence;
 mod presence_members;
 mod replies;
@@ -157,6 +159,8 @@ struct Link {
     /// The location cache's generation for this connection, when Redis
     /// tracks what it reads (`loc_cache.rs`).
     tracking: Option<u64>,
+    /// Sends to other nodes, published in batches (`outbox.rs`).
+    outbox: mpsc::UnboundedSender<outbox::Outgoing>,
 }
 
 /// One connection's life: its member name, whether it is over, and the
