@@ -2309,3 +2309,49 @@ async fn a_redis_restart_empties_the_location_cache() {
     assert_eq!(next_text(&mut later).await, r#""api""#);
     drop(redis);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_cross_node_sends_share_spublishes_and_each_arrives_once_in_order() {
+    const SENDERS: usize = 40;
+    const EACH: usize = 25;
+    let redis = Redis::start();
+    let a = Node::start(&redis, "a").await;
+    let b = Node::start(&redis, "b").await;
+    let mut senders = Vec::new();
+    let mut receivers = Vec::new();
+    for k in 0..SENDERS {
+        senders.push(a.connect(&format!("/ws?id=s{k}")).await);
+        receivers.push(b.connect(&format!("/ws?id=r{k}")).await);
+    }
+    let listed: Vec<(String, u64)> = (0..SENDERS).map(|k| (format!("r{k}"), 1)).collect();
+    let listed: Vec<(&str, u64)> = listed.iter().map(|(id, n)| (id.as_str(), *n)).collect();
+    a.wait_listed(&listed).await;
+    let spublish = command_calls(&redis, "spublish");
+    // Every sender writes all its frames at once: the node handles each
+    // connection's frames one at a time, the 40 connections concurrently.
+    for (k, sender) in senders.iter_mut().enumerate() {
+        for m in 0..EACH {
+            let frame = json!({"targets": [format!("r{k}")], "payload": m}).to_string();
+            sender.send(WsMessage::text(frame)).await.expect("send");
+        }
+    }
+    for receiver in &mut receivers {
+        for m in 0..EACH {
+            assert_eq!(next_text(receiver).await, m.to_string());
+        }
+    }
+    for (k, receiver) in receivers.iter_mut().enumerate() {
+        assert_quiet(receiver, &format!("r{k}")).await;
+    }
+    let messages = (SENDERS * EACH) as i64;
+    let published = command_calls(&redis, "spublish") - spublish;
+    eprintln!(
+        "{messages} cross-node sends and their answers: {published} SPUBLISH ({:.2} per message)",
+        published as f64 / messages as f64
+    );
+    // Without batching: one for each send and one for each answer.
+    assert!(
+        published < messages * 2 * 3 / 4,
+        "{published} SPUBLISH for {messages} sends"
+    );
+}
