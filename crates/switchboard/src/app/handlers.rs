@@ -318,29 +318,34 @@ impl Handler for Relay {
         message: Message,
         conn: &mut Conn<()>,
     ) -> Result<Outcome, Message> {
-        if state.v1.is_some() || conn.hub().backend().immediate().is_none() {
+        if state.v1.is_some() {
             return Err(message);
         }
-        let hub = conn.hub();
-        let request = match plain_request(&state.permissions, &message, hub) {
-            Ok(request) => request,
-            Err(refusal) => return Ok(refusal),
-        };
-        Ok(match request {
-            Request::Send { targets, payload } => {
-                if let Some(immediate) = hub.backend().immediate() {
-                    hub.send_at_once(immediate, &targets.names(), payload_frame(payload));
+        // `None`: a backend that may wait (Redis, when its location cache
+        // does not answer for every target; its publishes) handles the
+        // frame in `on_message`, which parses it again.
+        let handled = {
+            let hub = conn.hub();
+            let request = match plain_request(&state.permissions, &message, hub) {
+                Ok(request) => request,
+                Err(refusal) => return Ok(refusal),
+            };
+            match request {
+                Request::Send { targets, payload } => {
+                    let names = targets.names();
+                    hub.backend().immediate_send(&names).map(|immediate| {
+                        hub.send_at_once(immediate, &names, payload_frame(payload));
+                        Outcome::Continue
+                    })
                 }
-                Outcome::Continue
-            }
-            Request::Publish { topic, payload } => {
-                if let Some(immediate) = hub.backend().immediate() {
+                Request::Publish { topic, payload } => hub.backend().immediate().map(|immediate| {
                     hub.publish_at_once(immediate, &topic, payload_frame(payload));
-                }
-                Outcome::Continue
+                    Outcome::Continue
+                }),
+                other => Some(topic_request(other, conn)),
             }
-            other => topic_request(other, conn),
-        })
+        };
+        handled.ok_or(message)
     }
 
     /// A v1 connection's presence memberships end now or after the leave
