@@ -1,6 +1,7 @@
 //! Writing: frames queued for one connection, written with as few system
 //! calls as possible.
 
+use std::cell::Cell;
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
@@ -25,6 +26,20 @@ const MAX_IOV: usize = 64;
 /// of nanoseconds. The buffer lives on the stack of a synchronous function,
 /// so it does not grow any connection's task.
 const COPY_WRITE_LIMIT: usize = 2048;
+
+/// The largest queue buffer (in frames) kept as a thread's spare: 64
+/// `WireFrame`s of 80 B, 5 KiB per worker thread.
+const SPARE_QUEUE_MAX: usize = 64;
+
+thread_local! {
+    /// One emptied queue buffer per thread, handed to the next connection
+    /// that queues a frame. Why: a connection frees its queue when it has
+    /// written everything (an idle connection keeps none), so with one
+    /// message in flight every message paid for a queue allocation and its
+    /// free (callgrind, echo 100 × 1: ~330 of ~3,900 instructions per
+    /// message went to the queue growing from empty).
+    static SPARE_QUEUE: Cell<Option<VecDeque<WireFrame>>> = const { Cell::new(None) };
+}
 
 /// Bytes and whole frames written, for the metrics (`bytes_out`,
 /// `frames_out`). Tallied by the caller, which cannot always reach the
@@ -89,6 +104,11 @@ impl Writer {
             };
         }
         self.backlog += frame.wire_len();
+        if self.queue.capacity() == 0
+            && let Some(spare) = SPARE_QUEUE.take()
+        {
+            self.queue = spare;
+        }
         self.queue.push_back(frame);
     }
 
@@ -112,8 +132,12 @@ impl Writer {
             written.bytes += n as u64;
             written.frames += self.consume(n);
         }
-        // Frees the queue's buffer: an idle connection keeps none.
-        self.queue = VecDeque::new();
+        // An idle connection keeps no queue buffer: it goes to the
+        // thread's spare, for the next connection that queues a frame.
+        let queue = std::mem::take(&mut self.queue);
+        if (1..=SPARE_QUEUE_MAX).contains(&queue.capacity()) {
+            SPARE_QUEUE.set(Some(queue));
+        }
         Pin::new(io).poll_flush(cx)
     }
 
