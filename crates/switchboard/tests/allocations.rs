@@ -109,5 +109,6 @@ const ECHO_BOUND: f64 = 0.1;
 /// the receivers woken, and their queues grown, once per message).
 /// 35.06 with the payload's shared copy in one allocation (it was two);
 /// 25.05 with the writers' emptied queue buffers reused from the thread's
-/// spare.
-const FANOUT_BOUND: f64 = 28.0;
+/// spare; 15.05 with the target lists and the duplicate check sized once
+/// from a count of the list's commas.
+const FANOUT_BOUND: f64 = 17.0;
