@@ -19,6 +19,7 @@ use crate::id::{ClientId, Topic};
 use crate::metrics::ErrorKind;
 use crate::protocol::frame::WireFrame;
 use crate::protocol::message::Message;
+use crate::protocol::shared_copy::shared_copy;
 use crate::runtime::delivery::{Envelope, Format, v1_error};
 
 /// `/echo`: sends every text and binary message back unchanged (the
@@ -388,9 +389,10 @@ fn plain_request<'a>(
 
 /// The frame of a relayed payload: the sender's exact JSON text, copied
 /// out of the read buffer (sharing it would keep the whole read alive for
-/// as long as the slowest recipient holds the frame).
-fn payload_frame(payload: &serde_json::value::RawValue) -> WireFrame {
-    Hub::encode_text(Bytes::copy_from_slice(payload.get().as_bytes()))
+/// as long as the slowest recipient holds the frame), in one allocation
+/// that every recipient's frame shares (`shared_copy`).
+fn payload_frame(payload: &str) -> WireFrame {
+    Hub::encode_text(shared_copy(payload.as_bytes()))
 }
 
 /// A subscribe or unsubscribe frame, answered.
