@@ -2355,3 +2355,28 @@ async fn concurrent_cross_node_sends_share_spublishes_and_each_arrives_once_in_o
         "{published} SPUBLISH for {messages} sends"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_location_cache_off_every_send_reads_the_locations() {
+    let redis = Redis::start();
+    let options = NodeOptions::new(&redis).args(&["--redis-location-cache", "0"]);
+    let a = Node::start_with("a", &options).await;
+    let mut a1 = a.connect("/ws?id=a1").await;
+    let mut a2 = a.connect("/ws?id=a2").await;
+    a.wait_listed(&[("a1", 1), ("a2", 1)]).await;
+    relay_and_receive(&mut a1, &mut a2, json!(["a2"]), 1).await;
+    let smembers = command_calls(&redis, "smembers");
+    relay_and_receive(&mut a1, &mut a2, json!(["a2"]), 20).await;
+    assert_eq!(command_calls(&redis, "smembers") - smembers, 20);
+    assert_eq!(
+        a.metric("switchboard_redis_location_cache_entries").await,
+        0
+    );
+    // A value that is not a count is refused, naming the flag.
+    let mut command = switchboard();
+    command.args(["--backend", "redis", "--redis-url", &redis.url()]);
+    command.args(["--redis-location-cache", "lots"]);
+    let (code, stderr) = run_to_exit(command).into_code_and_stderr();
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("--redis-location-cache"), "{stderr}");
+}

@@ -52,10 +52,14 @@
 //! with the same node ID is told apart by its token, and refuses to run
 //! (see [`RedisBackend::failed`]).
 //!
-//! A send looks up each target's members (`SMEMBERS`, pipelined), publishes
-//! one message per member node (`SPUBLISH`), and waits for each node's
-//! answer (what it delivered, dropped or found offline) up to
-//! `request_timeout`. A target whose node cannot be reached or does not
+//! A send looks up each target's members (`SMEMBERS`, pipelined, unless
+//! the location cache has them: `loc_cache.rs`, kept up to date by Redis
+//! client-side caching), publishes one message per member node (through
+//! the connection's outbox, `outbox.rs`, which puts what concurrent sends
+//! have for one node in one `SPUBLISH`: `batch.rs`), and waits for each
+//! node's answer (what it delivered, dropped or found offline) up to
+//! `request_timeout`. A plain relay send whose cached targets are all on
+//! this node is delivered at once ([`Backend::immediate_send`]). A target whose node cannot be reached or does not
 //! answer is reported `unconfirmed`, never silently lost.
 
 use std::collections::{HashMap, HashSet};
