@@ -9,7 +9,8 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use crate::app::relay::{
-    RequestError, Targets, object_str, parse_targets, parse_topic, present, require_payload,
+    RequestError, TargetName, Targets, object_str, parse_targets, parse_topic, present,
+    require_payload,
 };
 use crate::backend::{MAX_META_BYTES, PresenceMode, ResumePoint};
 use crate::id::Topic;
@@ -32,7 +33,9 @@ pub(crate) enum Kind<'a> {
     },
     Send {
         mid: Option<Cow<'a, str>>,
-        targets: Targets,
+        /// Named by their text (borrowed from the frame, or a number's
+        /// digits): a send at once makes no `ClientId` per target.
+        targets: Targets<TargetName<'a>>,
         payload: &'a RawValue,
     },
     Publish {
