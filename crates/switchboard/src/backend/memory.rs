@@ -16,7 +16,7 @@ use super::dedup::DedupStore;
 use super::inbox::{IdInbox, InboxLimits, new_epoch};
 use super::listing::{Page, PageBuilder, PageQuery, TopicInfo};
 use super::presence::table::PresenceTable;
-use super::presence::{Departure, PresenceMode, PresenceSettings, PresenceSnapshot};
+use super::presence::{Departure, Done, PresenceMode, PresenceSettings, PresenceSnapshot};
 use super::{
     Attached, Backend, ClientInfo, Dedup, Immediate, RegisterError, Replay, ResumePoint,
     SendCounts, SendReport, TargetOutcome, TargetOutcomes,
@@ -713,7 +713,7 @@ impl Backend for MemoryBackend {
         meta: Option<Arc<str>>,
     ) -> BoxFuture<'a, ()> {
         self.presence.join(topic, member, meta);
-        Box::pin(std::future::ready(()))
+        Box::pin(Done)
     }
 
     fn presence_leave(&self, topic: &Topic, member: &ClientId, departure: Departure) {

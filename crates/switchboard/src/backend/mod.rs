@@ -226,6 +226,15 @@ pub trait Backend: Send + Sync + 'static {
     fn immediate(&self) -> Option<&dyn Immediate> {
         None
     }
+    /// Delivery that never waits for a send to `targets` (named by their
+    /// text), for a backend that can sometimes deliver without waiting: the
+    /// Redis backend when its location cache says every target is on this
+    /// node or nowhere. `None`: use `send`. The default:
+    /// [`immediate`](Self::immediate).
+    fn immediate_send(&self, targets: &[&str]) -> Option<&dyn Immediate> {
+        let _ = targets;
+        self.immediate()
+    }
     /// Lists every client ID registered on this node.
     fn clients(&self) -> BoxFuture<'_, Vec<ClientInfo>>;
     /// Closes every connection of `id` with `frame`, on every node; returns
