@@ -428,7 +428,10 @@ async fn presence_cost_on_subscribe_churn() {
     println!(
         "{} joins per phase, {repeats} repeats, load average now {}",
         CLIENTS * rounds,
-        load.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
+        load.split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
     );
     for m in 0..3 {
         let mut r = rates[m].clone();
