@@ -277,7 +277,9 @@ impl<S: BuildHasher + Send + Sync + 'static> Inner<S> {
             Entry::Vacant(vacant) => vacant
                 .insert(TopicEntry {
                     topic: topic.clone(),
-                    rev: 0,
+                    // What a snapshot said while the topic had no entry,
+                    // so that its first frame follows that snapshot.
+                    rev: self.revs.load(Ordering::Relaxed),
                     members: HashTable::new(),
                     watched: None,
                 })
@@ -495,7 +497,9 @@ mod tests {
         table.leave(&topic(), &id("a"), Departure::Now);
         assert_eq!(table.stats().2, 1, "the watcher stays with no member");
         table.unwatch(&topic(), watcher.id());
-        assert_eq!(table.stats(), (0, 0, 0, 0), "the topic's entry is gone");
+        let (members, topics, watchers, _flush_due) = table.stats();
+        assert_eq!((members, topics, watchers), (0, 0, 0), "the entry is gone");
+        assert!(table.inner.topics.lock().is_empty(), "no entry is left");
         let later = table.snapshot(&topic(), PresenceMode::Count);
         assert!(later.rev > snap.rev, "revisions still increase");
     }
