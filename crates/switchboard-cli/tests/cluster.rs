@@ -2101,3 +2101,282 @@ async fn replace_oldest_closes_the_older_connection_on_another_node() {
         assert_eq!(next_text(survivor).await, round.to_string());
     }
 }
+
+// ---------------------------------------------------------------------------
+// The location cache (client-side caching of `P:loc:<id>` and `P:v1`)
+// ---------------------------------------------------------------------------
+
+/// How many times Redis ran `command` (`INFO commandstats`), 0 if never.
+fn command_calls(redis: &Redis, command: &str) -> i64 {
+    let Resp::Bulk(Some(info)) = redis.command(&["INFO", "commandstats"]) else {
+        panic!("INFO commandstats reply")
+    };
+    let prefix = format!("cmdstat_{command}:calls=");
+    info.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|rest| rest.split(',').next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+impl Node {
+    /// Waits until `/heartbeat` says degraded (Redis lost).
+    async fn wait_degraded(&self) {
+        let addr = self.addr;
+        wait_for(
+            &format!("node {} degraded", self.name),
+            WAIT,
+            || async move {
+                let (_, body) = http(addr, "GET", "/heartbeat", None).await;
+                body.contains(r#""status":"degraded""#).then_some(())
+            },
+        )
+        .await;
+    }
+}
+
+/// Sends `count` relay frames from `from` to `targets` and reads them all
+/// at `to`, in order.
+async fn relay_and_receive(from: &mut Client, to: &mut Client, targets: Value, count: usize) {
+    for k in 0..count {
+        let frame = json!({"targets": targets, "payload": k}).to_string();
+        from.send(WsMessage::text(frame)).await.expect("send");
+    }
+    for k in 0..count {
+        assert_eq!(next_text(to).await, k.to_string());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cached_local_send_asks_redis_nothing_and_a_cached_offline_id_connecting_elsewhere_is_found()
+ {
+    let redis = Redis::start();
+    let a = Node::start(&redis, "a").await;
+    let b = Node::start(&redis, "b").await;
+    let mut a1 = a.connect("/ws?id=a1").await;
+    let mut a2 = a.connect("/ws?id=a2").await;
+    a.wait_listed(&[("a1", 1), ("a2", 1)]).await;
+    // The first send reads `a2`'s and `ghost`'s locations (and `P:v1`).
+    relay_and_receive(&mut a1, &mut a2, json!(["a2", "ghost"]), 1).await;
+    assert!(a.metric("switchboard_redis_location_cache_entries").await >= 2);
+
+    let before = |name| command_calls(&redis, name);
+    let (smembers, get, spublish) = (before("smembers"), before("get"), before("spublish"));
+    relay_and_receive(&mut a1, &mut a2, json!(["a2", "ghost"]), 200).await;
+    let report = a.send(json!(["a2", "ghost"]), json!("api")).await;
+    assert_eq!(
+        report,
+        json!({"delivered": ["a2"], "offline": ["ghost"], "dropped": []})
+    );
+    assert_eq!(next_text(&mut a2).await, r#""api""#);
+    // A count, not a time: 201 sends whose targets are cached as on this
+    // node or nowhere asked Redis nothing.
+    assert_eq!(command_calls(&redis, "smembers") - smembers, 0);
+    assert_eq!(command_calls(&redis, "get") - get, 0);
+    assert_eq!(command_calls(&redis, "spublish") - spublish, 0);
+
+    // `ghost`, cached as nowhere, connects on b: Redis invalidates a's
+    // entry when b writes the location, and the next send finds it.
+    let mut ghost = b.connect("/ws?id=ghost").await;
+    wait_for("ghost's location in redis", WAIT, || async {
+        (!redis.set("sbtest:loc:ghost").is_empty()).then_some(())
+    })
+    .await;
+    // Redis wrote the invalidation to a's connection before it answered
+    // the read above; a reads it within this.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    a1.send(WsMessage::text(
+        json!({"targets": ["ghost"], "payload": "found"}).to_string(),
+    ))
+    .await
+    .expect("send");
+    assert_eq!(next_text(&mut ghost).await, r#""found""#);
+    let report = a.send(json!(["ghost", "a2"]), json!("both")).await;
+    assert_eq!(
+        report,
+        json!({"delivered": ["ghost", "a2"], "offline": [], "dropped": []})
+    );
+    assert_eq!(next_text(&mut ghost).await, r#""both""#);
+    assert_eq!(next_text(&mut a2).await, r#""both""#);
+
+    // And it leaves: the next send reports it offline again.
+    ghost.close(None).await.expect("close");
+    drain(&mut ghost).await;
+    wait_for("ghost's location gone", WAIT, || async {
+        redis.set("sbtest:loc:ghost").is_empty().then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let report = a.send(json!(["ghost"]), json!("gone")).await;
+    assert_eq!(
+        report,
+        json!({"delivered": [], "offline": ["ghost"], "dropped": []})
+    );
+    assert_quiet(&mut a2, "a2").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cached_location_whose_node_is_killed_is_never_reported_delivered() {
+    let redis = Redis::start();
+    let a = Node::start(&redis, "a").await;
+    let mut b = Node::start(&redis, "b").await;
+    let mut victim = b.connect("/ws?id=victim").await;
+    a.wait_listed(&[("victim", 1)]).await;
+    let report = a.send(json!(["victim"]), json!("cached")).await;
+    assert_eq!(report["delivered"], json!(["victim"]), "{report}");
+    assert_eq!(next_text(&mut victim).await, r#""cached""#);
+    let smembers = command_calls(&redis, "smembers");
+    let report = a.send(json!(["victim"]), json!("again")).await;
+    assert_eq!(report["delivered"], json!(["victim"]), "{report}");
+    assert_eq!(
+        command_calls(&redis, "smembers") - smembers,
+        0,
+        "the location came from the cache"
+    );
+
+    b.proc.signal("-KILL");
+    b.exit_within(WAIT);
+    // The cached member has no listener: unconfirmed, never delivered;
+    // offline once its presence has expired.
+    let report = a.send(json!(["victim"]), json!(1)).await;
+    assert_eq!(
+        report,
+        json!({"delivered": [], "offline": [], "dropped": [], "unconfirmed": ["victim"]})
+    );
+    wait_for(
+        "victim offline",
+        TTL + Duration::from_millis(1500),
+        || async {
+            let report = a.send(json!(["victim"]), json!(2)).await;
+            assert_eq!(report["delivered"], json!([]), "{report}");
+            (report["offline"] == json!(["victim"])).then_some(())
+        },
+    )
+    .await;
+    // The survivor's cleanup deletes the location: the cache follows.
+    wait_for("victim's location removed", TTL * 4, || async {
+        (redis.command(&["EXISTS", "sbtest:loc:victim"]).int() == 0).then_some(())
+    })
+    .await;
+    let report = a.send(json!(["victim"]), json!(3)).await;
+    assert_eq!(
+        report,
+        json!({"delivered": [], "offline": ["victim"], "dropped": []})
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_restart_empties_the_location_cache() {
+    let mut redis = Redis::start();
+    let port = redis.port;
+    let a = Node::start(&redis, "a").await;
+    let b = Node::start(&redis, "b").await;
+    let mut a1 = a.connect("/ws?id=a1").await;
+    a.wait_listed(&[("a1", 1)]).await;
+    // a caches `later` as nowhere.
+    let report = a.send(json!(["later", "a1"]), json!("x")).await;
+    assert_eq!(
+        report,
+        json!({"delivered": ["a1"], "offline": ["later"], "dropped": []})
+    );
+    assert_eq!(next_text(&mut a1).await, r#""x""#);
+    assert!(a.metric("switchboard_redis_location_cache_entries").await >= 2);
+
+    // Redis goes away; `later` connects to b meanwhile; Redis comes back
+    // empty (no invalidation will ever say `later` moved).
+    redis.stop();
+    a.wait_degraded().await;
+    assert_eq!(
+        a.metric("switchboard_redis_location_cache_entries").await,
+        0
+    );
+    let mut later = b.connect("/ws?id=later").await;
+    let redis = Redis::start_on(port);
+    a.wait_healthy().await;
+    b.wait_healthy().await;
+    a.wait_listed(&[("a1", 1), ("later", 1)]).await;
+    a1.send(WsMessage::text(
+        json!({"targets": ["later", "a1"], "payload": "after"}).to_string(),
+    ))
+    .await
+    .expect("send");
+    assert_eq!(next_text(&mut later).await, r#""after""#);
+    assert_eq!(next_text(&mut a1).await, r#""after""#);
+    let report = a.send(json!(["later"]), json!("api")).await;
+    assert_eq!(
+        report,
+        json!({"delivered": ["later"], "offline": [], "dropped": []})
+    );
+    assert_eq!(next_text(&mut later).await, r#""api""#);
+    drop(redis);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_cross_node_sends_share_spublishes_and_each_arrives_once_in_order() {
+    const SENDERS: usize = 40;
+    const EACH: usize = 25;
+    let redis = Redis::start();
+    let a = Node::start(&redis, "a").await;
+    let b = Node::start(&redis, "b").await;
+    let mut senders = Vec::new();
+    let mut receivers = Vec::new();
+    for k in 0..SENDERS {
+        senders.push(a.connect(&format!("/ws?id=s{k}")).await);
+        receivers.push(b.connect(&format!("/ws?id=r{k}")).await);
+    }
+    let listed: Vec<(String, u64)> = (0..SENDERS).map(|k| (format!("r{k}"), 1)).collect();
+    let listed: Vec<(&str, u64)> = listed.iter().map(|(id, n)| (id.as_str(), *n)).collect();
+    a.wait_listed(&listed).await;
+    let spublish = command_calls(&redis, "spublish");
+    // Every sender writes all its frames at once: the node handles each
+    // connection's frames one at a time, the 40 connections concurrently.
+    for (k, sender) in senders.iter_mut().enumerate() {
+        for m in 0..EACH {
+            let frame = json!({"targets": [format!("r{k}")], "payload": m}).to_string();
+            sender.send(WsMessage::text(frame)).await.expect("send");
+        }
+    }
+    for receiver in &mut receivers {
+        for m in 0..EACH {
+            assert_eq!(next_text(receiver).await, m.to_string());
+        }
+    }
+    for (k, receiver) in receivers.iter_mut().enumerate() {
+        assert_quiet(receiver, &format!("r{k}")).await;
+    }
+    let messages = (SENDERS * EACH) as i64;
+    let published = command_calls(&redis, "spublish") - spublish;
+    eprintln!(
+        "{messages} cross-node sends and their answers: {published} SPUBLISH ({:.2} per message)",
+        published as f64 / messages as f64
+    );
+    // Without batching: one for each send and one for each answer.
+    assert!(
+        published < messages * 2 * 3 / 4,
+        "{published} SPUBLISH for {messages} sends"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_location_cache_off_every_send_reads_the_locations() {
+    let redis = Redis::start();
+    let options = NodeOptions::new(&redis).args(&["--redis-location-cache", "0"]);
+    let a = Node::start_with("a", &options).await;
+    let mut a1 = a.connect("/ws?id=a1").await;
+    let mut a2 = a.connect("/ws?id=a2").await;
+    a.wait_listed(&[("a1", 1), ("a2", 1)]).await;
+    relay_and_receive(&mut a1, &mut a2, json!(["a2"]), 1).await;
+    let smembers = command_calls(&redis, "smembers");
+    relay_and_receive(&mut a1, &mut a2, json!(["a2"]), 20).await;
+    assert_eq!(command_calls(&redis, "smembers") - smembers, 20);
+    assert_eq!(
+        a.metric("switchboard_redis_location_cache_entries").await,
+        0
+    );
+    // A value that is not a count is refused, naming the flag.
+    let mut command = switchboard();
+    command.args(["--backend", "redis", "--redis-url", &redis.url()]);
+    command.args(["--redis-location-cache", "lots"]);
+    let (code, stderr) = run_to_exit(command).into_code_and_stderr();
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("--redis-location-cache"), "{stderr}");
+}

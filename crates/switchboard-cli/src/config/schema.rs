@@ -200,6 +200,7 @@ pub(crate) struct RedisTable {
     pub(crate) presence_ttl: Option<Duration>,
     #[serde(default, deserialize_with = "opt_duration")]
     pub(crate) request_timeout: Option<Duration>,
+    pub(crate) location_cache: Option<usize>,
 }
 
 /// A duration written as the flags take it: `"25s"`, `"500ms"`, `"0"`.

@@ -99,6 +99,16 @@ pub(crate) struct Cli {
     /// other nodes, may take [default: 2s].
     #[arg(long, env = "SWITCHBOARD_REDIS_REQUEST_TIMEOUT", value_parser = duration, value_name = "DURATION", help_heading = "Cluster")]
     pub(crate) redis_request_timeout: Option<Duration>,
+    /// How many IDs' locations a node keeps from Redis until Redis says
+    /// they changed (client-side caching; about 100 B each; 0: off; not
+    /// used on a Redis Cluster) [default: 100000].
+    #[arg(
+        long,
+        env = "SWITCHBOARD_REDIS_LOCATION_CACHE",
+        value_name = "ENTRIES",
+        help_heading = "Cluster"
+    )]
+    pub(crate) redis_location_cache: Option<usize>,
 
     /// Largest message a client may send, in bytes [default: 65536].
     #[arg(
@@ -526,6 +536,7 @@ pub(crate) struct RedisSettings {
     pub(crate) key_prefix: Option<String>,
     pub(crate) presence_ttl: Option<Duration>,
     pub(crate) request_timeout: Option<Duration>,
+    pub(crate) location_cache: Option<usize>,
 }
 
 /// `[auth]`; `None` keeps the library's default.
@@ -662,6 +673,7 @@ impl Cli {
                 key_prefix: self.redis_key_prefix.or(redis.key_prefix),
                 presence_ttl: self.redis_presence_ttl.or(redis.presence_ttl),
                 request_timeout: self.redis_request_timeout.or(redis.request_timeout),
+                location_cache: self.redis_location_cache.or(redis.location_cache),
             },
             auth: AuthSettings {
                 mode: self.auth_mode.or(auth.mode).unwrap_or(AuthMode::None),

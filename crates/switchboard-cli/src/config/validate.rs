@@ -310,6 +310,9 @@ fn backend_config(kind: BackendKind, redis: &RedisSettings) -> Result<BackendCon
     if let Some(timeout) = redis.request_timeout {
         config.request_timeout = timeout;
     }
+    if let Some(entries) = redis.location_cache {
+        config.location_cache_entries = entries;
+    }
     config.validate().map_err(|err| {
         let key = match err {
             RedisConfigError::Url { .. } => "redis.url",

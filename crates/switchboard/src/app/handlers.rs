@@ -19,6 +19,7 @@ use crate::id::{ClientId, Topic};
 use crate::metrics::ErrorKind;
 use crate::protocol::frame::WireFrame;
 use crate::protocol::message::Message;
+use crate::protocol::shared_copy::shared_copy;
 use crate::runtime::delivery::{Envelope, Format, v1_error};
 
 /// `/echo`: sends every text and binary message back unchanged (the
@@ -306,40 +307,58 @@ impl Handler for Relay {
         }
     }
 
-    /// The plain relay with a backend that never waits (the in-memory
-    /// one): the whole frame is handled here, without `on_message`'s boxed
-    /// future; sends look their targets up by text (no `ClientId`s) and
-    /// make no report. `switchboard.v1` connections and backends that wait
-    /// go to `on_message`.
+    /// The relay when the backend can answer without waiting (the
+    /// in-memory one; the Redis one for plain sends whose targets its
+    /// location cache places on this node or nowhere): the whole frame is
+    /// handled here, without `on_message`'s boxed future. Plain sends look
+    /// their targets up by text (no `ClientId`s) and make no report;
+    /// `switchboard.v1` sends on the in-memory backend are numbered,
+    /// delivered and acknowledged in one call (`V1::on_text_now`). Other
+    /// v1 requests, and every frame a backend must wait for, go to
+    /// `on_message`.
     fn on_message_now(
         &self,
         state: &mut Self::State,
         message: Message,
         conn: &mut Conn<()>,
     ) -> Result<Outcome, Message> {
-        if state.v1.is_some() || conn.hub().backend().immediate().is_none() {
-            return Err(message);
+        if let Some(v1) = state.v1.as_mut() {
+            let Some(immediate) = conn.hub().backend().immediate() else {
+                return Err(message);
+            };
+            let Message::Text(text) = &message else {
+                return Err(message);
+            };
+            return match v1.on_text_now(text.as_str(), immediate, conn) {
+                Some(outcome) => Ok(outcome),
+                None => Err(message),
+            };
         }
-        let hub = conn.hub();
-        let request = match plain_request(&state.permissions, &message, hub) {
-            Ok(request) => request,
-            Err(refusal) => return Ok(refusal),
-        };
-        Ok(match request {
-            Request::Send { targets, payload } => {
-                if let Some(immediate) = hub.backend().immediate() {
-                    hub.send_at_once(immediate, &targets.names(), payload_frame(payload));
+        // `None`: a backend that may wait (Redis, when its location cache
+        // does not answer for every target; its publishes) handles the
+        // frame in `on_message`, which parses it again.
+        let handled = {
+            let hub = conn.hub();
+            let request = match plain_request(&state.permissions, &message, hub) {
+                Ok(request) => request,
+                Err(refusal) => return Ok(refusal),
+            };
+            match request {
+                Request::Send { targets, payload } => {
+                    let names = targets.names();
+                    hub.backend().immediate_send(&names).map(|immediate| {
+                        hub.send_at_once(immediate, &names, payload_frame(payload));
+                        Outcome::Continue
+                    })
                 }
-                Outcome::Continue
-            }
-            Request::Publish { topic, payload } => {
-                if let Some(immediate) = hub.backend().immediate() {
+                Request::Publish { topic, payload } => hub.backend().immediate().map(|immediate| {
                     hub.publish_at_once(immediate, &topic, payload_frame(payload));
-                }
-                Outcome::Continue
+                    Outcome::Continue
+                }),
+                other => Some(topic_request(other, conn)),
             }
-            other => topic_request(other, conn),
-        })
+        };
+        handled.ok_or(message)
     }
 
     /// A v1 connection's presence memberships end now or after the leave
@@ -383,9 +402,10 @@ fn plain_request<'a>(
 
 /// The frame of a relayed payload: the sender's exact JSON text, copied
 /// out of the read buffer (sharing it would keep the whole read alive for
-/// as long as the slowest recipient holds the frame).
-fn payload_frame(payload: &serde_json::value::RawValue) -> WireFrame {
-    Hub::encode_text(Bytes::copy_from_slice(payload.get().as_bytes()))
+/// as long as the slowest recipient holds the frame), in one allocation
+/// that every recipient's frame shares (`shared_copy`).
+fn payload_frame(payload: &str) -> WireFrame {
+    Hub::encode_text(shared_copy(payload.as_bytes()))
 }
 
 /// A subscribe or unsubscribe frame, answered.

@@ -29,6 +29,7 @@ pub mod api;
 pub(crate) mod browse;
 pub(crate) mod dashboard;
 pub mod handlers;
+pub(crate) mod json_scan;
 pub mod openapi;
 pub mod relay;
 pub(crate) mod schemas;

@@ -23,9 +23,13 @@ use serde::de::{self, Deserializer, SeqAccess, Visitor};
 use serde_json::value::RawValue;
 use smallvec::SmallVec;
 
-use crate::backend::SendReport;
+use crate::backend::{SendReport, TargetOutcomes};
 use crate::id::{ClientId, Digits, NameError, Topic};
 use crate::runtime::delivery::{push_json_str, push_u64};
+
+#[cfg(test)]
+mod differential;
+mod fast;
 
 /// A relay or API request that could not be used: a stable `code` and a
 /// message that names what to fix. Sent to a WebSocket client as the text
@@ -243,58 +247,58 @@ impl<'de, T: TargetId<'de>> Targets<T> {
     }
 
     /// [`report_lists`](Self::report_lists), appended to `out` (a v1 ack
-    /// writes them straight into its frame). Written by hand, one byte of
-    /// state per ID kept on the stack for up to 16 IDs: a v1 relay sends
-    /// one ack per message, and building each target as a
-    /// `serde_json::Value` cost ~3,200 instructions per single-target
-    /// ack (callgrind), over a third of what a v1 message cost beyond a
-    /// plain one; ~620 so.
+    /// writes them straight into its frame).
     pub(crate) fn write_report_lists(&self, report: &SendReport, out: &mut String) {
-        const DELIVERED: u8 = 0;
-        const DROPPED: u8 = 1;
-        const OFFLINE: u8 = 2;
-        const UNCONFIRMED: u8 = 3;
-        const OUTCOME: u8 = 3;
-        const RETAINED: u8 = 4;
-        let n = self.ids.len();
-        let mut on_stack = [UNCONFIRMED; 16];
-        let mut on_heap;
-        let state: &mut [u8] = if n <= on_stack.len() {
-            &mut on_stack[..n]
-        } else {
-            on_heap = vec![UNCONFIRMED; n];
-            &mut on_heap
-        };
-        for (list, indexes) in [
-            (DELIVERED, &report.delivered),
-            (OFFLINE, &report.offline),
-            (DROPPED, &report.dropped),
-            (UNCONFIRMED, &report.unconfirmed),
-        ] {
-            for &i in indexes {
-                if let Some(slot) = state.get_mut(i) {
-                    *slot = list;
-                }
-            }
-        }
-        for &i in &report.retained {
-            if let Some(slot) = state.get_mut(i) {
-                *slot |= RETAINED;
-            }
-        }
+        self.write_outcome_lists(&TargetOutcomes::from_report(report, self.ids.len()), out);
+    }
+
+    /// [`report_lists`](Self::report_lists) from each ID's outcome, as a
+    /// backend that delivers at once reports it.
+    pub(crate) fn outcome_lists(&self, outcomes: &TargetOutcomes) -> String {
+        let mut out = String::with_capacity(48 + 8 * self.listed.len());
+        self.write_outcome_lists(outcomes, &mut out);
+        out
+    }
+
+    /// [`outcome_lists`](Self::outcome_lists), appended to `out`. Written
+    /// by hand from one byte of state per ID: a v1 relay sends one ack per
+    /// message, and building each target as a `serde_json::Value` cost
+    /// ~3,200 instructions per single-target ack (callgrind), over a third
+    /// of what a v1 message cost beyond a plain one; ~620 so.
+    pub(crate) fn write_outcome_lists(&self, outcomes: &TargetOutcomes, out: &mut String) {
+        use crate::backend::TargetOutcome::{Delivered, Dropped, Offline, Unconfirmed};
         // Each list: its opening (the first, always written, without a
-        // comma), which of the state bits pick its members, and whether an
-        // empty one is written (as its opening and `]`).
-        for (open, mask, want, always) in [
-            ("\"delivered\":[", OUTCOME, DELIVERED, true),
-            (",\"dropped\":[", OUTCOME, DROPPED, true),
-            (",\"offline\":[", OUTCOME, OFFLINE, true),
-            (",\"retained\":[", RETAINED, RETAINED, false),
-            (",\"unconfirmed\":[", OUTCOME, UNCONFIRMED, false),
-        ] {
+        // comma), which IDs are its members, and whether an empty one is
+        // written (as its opening and `]`).
+        let member = |list: usize, id: usize| match list {
+            0 => outcomes.outcome(id) == Delivered,
+            1 => outcomes.outcome(id) == Dropped,
+            2 => outcomes.outcome(id) == Offline,
+            3 => outcomes.retained(id),
+            _ => outcomes.outcome(id) == Unconfirmed,
+        };
+        // A list known to be empty is written (or skipped) without a pass
+        // over the targets: most acks have one or two non-empty lists.
+        for (list, (open, always, count)) in [
+            ("\"delivered\":[", true, outcomes.delivered()),
+            (",\"dropped\":[", true, outcomes.dropped()),
+            (",\"offline\":[", true, outcomes.offline()),
+            (",\"retained\":[", false, outcomes.retained_count()),
+            (",\"unconfirmed\":[", false, outcomes.unconfirmed()),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            if count == 0 {
+                if always {
+                    out.push_str(open);
+                    out.push(']');
+                }
+                continue;
+            }
             let mut members = 0;
             for &(written, id) in &self.listed {
-                if state.get(id).is_none_or(|s| s & mask != want) {
+                if !member(list, id) {
                     continue;
                 }
                 out.push_str(if members == 0 { open } else { "," });
@@ -333,19 +337,20 @@ impl<'de, T: TargetId<'de>> Targets<T> {
 ///
 /// A send's targets are inline (about 240 B): the request lives on the
 /// stack for one message, and boxing it would be the allocation the
-/// inline lists avoid.
+/// inline lists avoid. A `payload` is the exact JSON text the sender wrote
+/// (checked to be valid JSON, without whitespace around it).
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub(crate) enum Request<'a> {
     Send {
         targets: Targets<TargetName<'a>>,
-        payload: &'a RawValue,
+        payload: &'a str,
     },
     Subscribe(Topic),
     Unsubscribe(Topic),
     Publish {
         topic: Topic,
-        payload: &'a RawValue,
+        payload: &'a str,
     },
 }
 
@@ -378,7 +383,25 @@ pub(crate) fn parse(input: &[u8], max_targets: usize) -> Result<Request<'_>, Req
 /// [`parse`] for a text frame, whose UTF-8 the reader has checked: read as
 /// a `&str`, serde_json does not check it again (callgrind: `from_utf8`
 /// was 5.7% of the relay's instructions, about 540 per message).
+///
+/// A send or publish is read first by the relay's own scanner ([`fast`]),
+/// in one pass; anything it does not accept — every bad frame, and the
+/// rare shapes it leaves out — is read again by serde_json
+/// ([`parse_text_serde`]), whose answer (a request or an error) is the one
+/// given. The two agree on every frame the scanner accepts
+/// (`tests::the_scanner_agrees_with_serde_json`).
 pub(crate) fn parse_text(input: &str, max_targets: usize) -> Result<Request<'_>, RequestError> {
+    match fast::parse(input, max_targets) {
+        Some(request) => Ok(request),
+        None => parse_text_serde(input, max_targets),
+    }
+}
+
+/// [`parse_text`] through serde_json only.
+pub(crate) fn parse_text_serde(
+    input: &str,
+    max_targets: usize,
+) -> Result<Request<'_>, RequestError> {
     let fields = object_str(input)?;
     parse_fields(fields, max_targets)
 }
@@ -396,13 +419,13 @@ fn parse_fields(fields: Fields<'_>, max_targets: usize) -> Result<Request<'_>, R
     match kind.as_deref() {
         None | Some("send") => Ok(Request::Send {
             targets: parse_targets(fields.targets, max_targets)?,
-            payload: require_payload(fields.payload)?,
+            payload: require_payload(fields.payload)?.get(),
         }),
         Some("subscribe") => Ok(Request::Subscribe(parse_topic(fields.topic)?)),
         Some("unsubscribe") => Ok(Request::Unsubscribe(parse_topic(fields.topic)?)),
         Some("publish") => Ok(Request::Publish {
             topic: parse_topic(fields.topic)?,
-            payload: require_payload(fields.payload)?,
+            payload: require_payload(fields.payload)?.get(),
         }),
         Some(other) => Err(RequestError::new(
             "unknown_type",
@@ -547,15 +570,16 @@ pub(crate) fn parse_targets<'a, T: TargetId<'a>>(
 /// switchboard.v1 `send` fast path), with [`parse_targets`]' checks; its
 /// errors are serde's, so the caller falls back to [`parse_targets`] for
 /// the message.
-pub(crate) struct TargetsSeed {
+pub(crate) struct TargetsSeed<T> {
     pub(crate) max: usize,
+    pub(crate) ids: PhantomData<T>,
 }
 
-impl<'de> de::DeserializeSeed<'de> for TargetsSeed {
-    type Value = Targets;
+impl<'de, T: TargetId<'de>> de::DeserializeSeed<'de> for TargetsSeed<T> {
+    type Value = Targets<T>;
 
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Targets, D::Error> {
-        d.deserialize_seq(TargetsVisitor::<ClientId> {
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Targets<T>, D::Error> {
+        d.deserialize_seq(TargetsVisitor::<T> {
             max: self.max,
             ids: PhantomData,
         })
@@ -575,8 +599,7 @@ impl<'de, T: TargetId<'de>> Visitor<'de> for TargetsVisitor<T> {
     }
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Targets<T>, A::Error> {
-        let mut out = Targets::default();
-        let mut seen = std::collections::HashMap::new();
+        let mut out = TargetsBuilder::new(self.max);
         let mut index = 0usize;
         while let Some(target) = seq.next_element::<Target<'de>>().map_err(|e| {
             de::Error::custom(format!(
@@ -593,36 +616,87 @@ impl<'de, T: TargetId<'de>> Visitor<'de> for TargetsVisitor<T> {
                 Target::Float(n) => return Err(de::Error::custom(not_an_id_number(index, n))),
             };
             index += 1;
-            // Each ID gets a message once, however often it is listed; a
-            // repeat is only remembered for the report. A linear scan is
-            // fastest for the usual handful of targets; a fan-out to
-            // thousands switches to a map (a scan would cost n²/2
-            // comparisons: 2 million for 2,000 targets).
-            let known = if out.ids.len() < 16 {
-                out.ids.iter().position(|known| *known == id)
-            } else {
-                if seen.is_empty() {
-                    seen.extend(out.ids.iter().cloned().zip(0..));
-                }
-                seen.get(&id).copied()
-            };
-            if let Some(at) = known {
-                out.listed.push((written, at));
-                continue;
-            }
-            if out.ids.len() == self.max {
-                return Err(de::Error::custom(format!(
+            out.push(id, written).map_err(|TooManyTargets| {
+                de::Error::custom(format!(
                     "too many targets: the limit is {} (limits.max_targets)",
                     self.max
-                )));
-            }
-            if !seen.is_empty() {
-                seen.insert(id.clone(), out.ids.len());
-            }
-            out.listed.push((written, out.ids.len()));
-            out.ids.push(id);
+                ))
+            })?;
         }
-        Ok(out)
+        Ok(out.targets)
+    }
+}
+
+/// More distinct targets than `limits.max_targets`.
+pub(crate) struct TooManyTargets;
+
+/// Builds [`Targets`] one listed target at a time: the serde visitor and
+/// the relay's own scanner ([`fast`]) share it, so both deduplicate alike.
+pub(crate) struct TargetsBuilder<T> {
+    pub(crate) targets: Targets<T>,
+    max: usize,
+    /// The IDs' positions, once there are too many for a linear scan.
+    seen: std::collections::HashMap<T, usize>,
+    /// How many targets the list is expected to hold, to size the lists
+    /// and the map once.
+    expected: usize,
+}
+
+impl<T: Clone + Eq + Hash> TargetsBuilder<T> {
+    pub(crate) fn new(max: usize) -> Self {
+        Self::expecting(max, 0)
+    }
+
+    /// A builder for a list of about `expected` targets (a hint: more or
+    /// fewer work too). Why: a fan-out's list grew its two lists and its
+    /// map a dozen times, and each growth of the map hashed every ID
+    /// again; with 2,000 targets each ID was hashed ~3.8 times
+    /// (callgrind).
+    pub(crate) fn expecting(max: usize, expected: usize) -> Self {
+        let expected = expected.min(max.saturating_add(1));
+        let mut targets = Targets::default();
+        if expected > INLINE_TARGETS {
+            targets.ids.reserve_exact(expected);
+            targets.listed.reserve_exact(expected);
+        }
+        Self {
+            targets,
+            max,
+            seen: std::collections::HashMap::new(),
+            expected,
+        }
+    }
+
+    /// Adds the next listed target.
+    pub(crate) fn push(&mut self, id: T, written: Written) -> Result<(), TooManyTargets> {
+        let out = &mut self.targets;
+        // Each ID gets a message once, however often it is listed; a
+        // repeat is only remembered for the report. A linear scan is
+        // fastest for the usual handful of targets; a fan-out to
+        // thousands switches to a map (a scan would cost n²/2
+        // comparisons: 2 million for 2,000 targets).
+        let known = if out.ids.len() < 16 {
+            out.ids.iter().position(|known| *known == id)
+        } else {
+            if self.seen.is_empty() {
+                self.seen.reserve(self.expected.max(2 * out.ids.len()));
+                self.seen.extend(out.ids.iter().cloned().zip(0..));
+            }
+            self.seen.get(&id).copied()
+        };
+        if let Some(at) = known {
+            out.listed.push((written, at));
+            return Ok(());
+        }
+        if out.ids.len() == self.max {
+            return Err(TooManyTargets);
+        }
+        if !self.seen.is_empty() {
+            self.seen.insert(id.clone(), out.ids.len());
+        }
+        out.listed.push((written, out.ids.len()));
+        out.ids.push(id);
+        Ok(())
     }
 }
 
@@ -697,8 +771,12 @@ fn truncate(s: &str) -> String {
 mod tests {
     use super::*;
 
+    /// The error code of a bad frame, the same as a text frame (through
+    /// the relay's scanner) and as bytes (serde_json only).
     fn code(input: &str) -> &'static str {
-        parse(input.as_bytes(), 10).expect_err(input).code
+        let err = parse(input.as_bytes(), 10).expect_err(input);
+        assert_eq!(parse_text(input, 10).expect_err(input), err, "{input}");
+        err.code
     }
 
     #[test]
@@ -711,7 +789,7 @@ mod tests {
         };
         let ids: Vec<&str> = targets.ids.iter().map(TargetId::text).collect();
         assert_eq!(ids, ["2", "alice", "-3"]);
-        assert_eq!(payload.get(), r#"{"a": [1, 2]}"#);
+        assert_eq!(payload, r#"{"a": [1, 2]}"#);
         let listed: Vec<(usize, serde_json::Value)> = targets.listed().collect();
         assert_eq!(
             listed,
@@ -906,7 +984,7 @@ mod tests {
         else {
             panic!("null payload refused");
         };
-        assert_eq!(payload.get(), "null");
+        assert_eq!(payload, "null");
     }
 
     #[test]
@@ -959,7 +1037,7 @@ mod tests {
         ));
         assert!(matches!(
             parse(br#"{"type":"publish","topic":"news","payload":"hi"}"#, 10),
-            Ok(Request::Publish { payload, .. }) if payload.get() == "\"hi\""
+            Ok(Request::Publish { payload, .. }) if payload == "\"hi\""
         ));
     }
 }
@@ -994,7 +1072,7 @@ mod props {
             let Ok(Request::Send { targets: parsed, payload: raw }) = parse(frame.as_bytes(), 100) else {
                 return Err(TestCaseError::fail(format!("not a send: {frame}")));
             };
-            prop_assert_eq!(raw.get(), payload.as_str());
+            prop_assert_eq!(raw, payload.as_str());
             let mut unique = ids.clone();
             unique.dedup_by(|a, b| a == b);
             let mut seen = std::collections::HashSet::new();

@@ -8,3 +8,4 @@ pub(crate) mod deflate;
 pub(crate) mod frame;
 pub(crate) mod handshake;
 pub(crate) mod message;
+pub(crate) mod shared_copy;

@@ -31,7 +31,18 @@ impl Shared {
     pub(super) fn on_push(&self, epoch: &Arc<Epoch>, info: PushInfo) {
         match info.kind {
             PushKind::Disconnection => {
+                let generation = epoch.tracking.load(Ordering::Acquire);
+                if generation != 0 {
+                    self.loc_cache.deactivate(generation);
+                }
                 epoch.lost.notify_one();
+            }
+            PushKind::Invalidate => {
+                self.loc_cache.invalidate(
+                    &info.data,
+                    |key| self.keys.loc_id_of(key),
+                    |key| self.keys.is_v1_flag(key),
+                );
             }
             PushKind::SUnsubscribe => self.on_shard_unsubscribed(epoch, info.data),
             PushKind::SMessage => {
@@ -48,7 +59,15 @@ impl Shared {
                     }
                     return;
                 }
-                self.on_message(epoch, &channel, Bytes::from(message));
+                // One message, or several in a batch (`batch.rs`).
+                match super::batch::split(Bytes::from(message)) {
+                    Some(messages) => {
+                        for message in messages {
+                            self.on_message(epoch, &channel, message);
+                        }
+                    }
+                    None => self.stats.invalid.add(1),
+                }
             }
             _ => {}
         }
@@ -200,22 +219,51 @@ impl Shared {
     }
 
     /// The members other than this node's that have each target, as a list
-    /// of (member, target indexes); `Err` when Redis cannot answer.
+    /// of (member, target indexes); `Err` when Redis cannot answer. Targets
+    /// in the location cache (`loc_cache.rs`) are not read again, unless
+    /// `fresh` (a send that numbered first: see [`Shared::send`]).
     pub(super) async fn locate(
         &self,
         link: &Link,
         targets: &[ClientId],
+        fresh: bool,
     ) -> Result<Located, ::redis::RedisError> {
-        let mut pipe = ::redis::pipe();
-        for id in targets {
-            pipe.cmd("SMEMBERS").arg(self.keys.loc(id.as_str()));
+        let mut by_member: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+        let mut misses: Vec<usize> = Vec::with_capacity(if fresh { targets.len() } else { 0 });
+        for (i, id) in targets.iter().enumerate() {
+            match self.loc_cache.get(id.as_str()).filter(|_| !fresh) {
+                Some(members) => {
+                    for member in members.iter() {
+                        by_member.entry(member.to_string()).or_default().push(i);
+                    }
+                }
+                None => misses.push(i),
+            }
         }
         let mut conn = link.conn.clone();
-        let replies: Vec<Value> = pipe.query_async(&mut conn).await?;
-        let mut by_member: BTreeMap<String, Vec<usize>> = BTreeMap::new();
-        for (i, reply) in replies.into_iter().enumerate() {
-            for member in strings(reply) {
-                if !self.is_own(&member) {
+        if !misses.is_empty() {
+            let fills = self
+                .loc_cache
+                .begin(link.tracking, misses.iter().map(|&i| targets[i].as_str()));
+            let mut pipe = ::redis::pipe();
+            for &i in &misses {
+                if fills.is_some() {
+                    // Tracked: Redis tells us when this key changes.
+                    pipe.cmd("CLIENT").arg("CACHING").arg("YES").ignore();
+                }
+                pipe.cmd("SMEMBERS").arg(self.keys.loc(targets[i].as_str()));
+            }
+            let replies: Vec<Value> = pipe.query_async(&mut conn).await?;
+            for (k, (&i, reply)) in misses.iter().zip(replies).enumerate() {
+                let others: Vec<String> = strings(reply)
+                    .into_iter()
+                    .filter(|member| !self.is_own(member))
+                    .collect();
+                if let Some(fill) = fills.as_ref().and_then(|fills| fills.get(k)) {
+                    let members = others.iter().map(|m| Arc::from(m.as_str())).collect();
+                    self.loc_cache.finish(targets[i].as_str(), fill, members);
+                }
+                for member in others {
                     by_member.entry(member).or_default().push(i);
                 }
             }
@@ -290,6 +338,35 @@ impl Shared {
             Ok(counts) => counts.into_iter().map(Some).collect(),
             Err(_) => vec![None; n],
         }
+    }
+
+    /// [`publish_each`](Self::publish_each) through the connection's
+    /// outbox (`outbox.rs`): batched with what other sends publish to the
+    /// same nodes meanwhile.
+    async fn publish_batched(
+        &self,
+        link: &Link,
+        messages: Vec<(String, Vec<u8>)>,
+    ) -> Vec<Option<i64>> {
+        let mut answers = Vec::with_capacity(messages.len());
+        for (member, body) in messages {
+            let (done, answer) = tokio::sync::oneshot::channel();
+            let outgoing = super::outbox::Outgoing {
+                channel: self.keys.node_channel(&member),
+                body,
+                done,
+            };
+            // A closed outbox: its connection has ended.
+            answers.push(link.outbox.send(outgoing).is_ok().then_some(answer));
+        }
+        let mut counts = Vec::with_capacity(answers.len());
+        for answer in answers {
+            counts.push(match answer {
+                Some(answer) => answer.await.ok().flatten(),
+                None => None,
+            });
+        }
+        counts
     }
 
     /// Collects `expected` replies until `deadline`.
@@ -372,17 +449,20 @@ impl Shared {
                 // order): a node whose hello read the inbox after this
                 // numbering had written its presence before, so it is
                 // found; one that read it before gets the message from
-                // its replay.
+                // its replay. So a numbered send reads its targets'
+                // locations from Redis, not from the cache (whose
+                // invalidation may still be in flight behind the
+                // numbering's reply).
                 if !self.v1_known() {
                     let (must, found) =
-                        tokio::join!(self.must_number(&link), self.locate(&link, targets));
+                        tokio::join!(self.must_number(&link), self.locate(&link, targets, false));
                     if !must? {
                         return Ok::<_, ::redis::RedisError>((vec![Numbering::NoInbox; n], found?));
                     }
                 }
                 let (numbered, found) = tokio::join!(
                     self.number(&link, targets, message),
-                    self.locate(&link, targets)
+                    self.locate(&link, targets, true)
                 );
                 Ok((numbered?, found?))
             };
@@ -473,7 +553,7 @@ impl Shared {
                 })
                 .collect();
             self.count_published(Kind::Send, messages.len());
-            let counts = tokio::time::timeout_at(deadline, self.publish_each(&link, messages))
+            let counts = tokio::time::timeout_at(deadline, self.publish_batched(&link, messages))
                 .await
                 .unwrap_or_else(|_| vec![None; located.len()]);
             // Member → (answers it owes, its targets).
@@ -542,7 +622,7 @@ impl Shared {
         let deadline = tokio::time::Instant::now() + self.config.request_timeout;
         let link = self.link()?;
         let located =
-            tokio::time::timeout_at(deadline, self.locate(&link, std::slice::from_ref(id)))
+            tokio::time::timeout_at(deadline, self.locate(&link, std::slice::from_ref(id), true))
                 .await
                 .ok()?
                 .ok()?;

@@ -149,7 +149,8 @@ impl Shared {
             self.wait_flushed(generation).await;
         }
         let located =
-            tokio::time::timeout_at(deadline, self.locate(&link, std::slice::from_ref(id))).await;
+            tokio::time::timeout_at(deadline, self.locate(&link, std::slice::from_ref(id), true))
+                .await;
         let Ok(Ok(located)) = located else {
             return Ok(());
         };

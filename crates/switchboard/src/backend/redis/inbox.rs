@@ -265,13 +265,22 @@ impl Shared {
         if self.v1_known() {
             return Ok(true);
         }
+        if self.loc_cache.v1_absent() {
+            // Read absent on this connection and not written since.
+            return Ok(false);
+        }
         let mut conn = link.conn.clone();
-        let found: Option<String> = ::redis::cmd("GET")
-            .arg(self.keys.v1_flag())
-            .query_async(&mut conn)
-            .await?;
-        if found.is_some() {
-            self.v1_seen();
+        let fill = self.loc_cache.begin_flag(link.tracking);
+        let mut pipe = ::redis::pipe();
+        if fill.is_some() {
+            pipe.cmd("CLIENT").arg("CACHING").arg("YES").ignore();
+        }
+        pipe.cmd("GET").arg(self.keys.v1_flag());
+        let (found,): (Option<String>,) = pipe.query_async(&mut conn).await?;
+        match (&found, fill) {
+            (Some(_), _) => self.v1_seen(),
+            (None, Some(fill)) => self.loc_cache.finish_flag_absent(&fill),
+            (None, None) => {}
         }
         Ok(found.is_some())
     }

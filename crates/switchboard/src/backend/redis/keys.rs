@@ -25,6 +25,16 @@ impl Keys {
     pub(super) fn loc(&self, id: &str) -> String {
         format!("{}:loc:{id}", self.prefix)
     }
+    /// The ID whose location key is `key` (`P:loc:<id>`), for the
+    /// location cache's invalidations.
+    pub(super) fn loc_id_of<'a>(&self, key: &'a [u8]) -> Option<&'a str> {
+        let rest = key.strip_prefix(self.prefix.as_bytes())?;
+        std::str::from_utf8(rest.strip_prefix(b":loc:")?).ok()
+    }
+    /// Whether `key` is `P:v1`.
+    pub(super) fn is_v1_flag(&self, key: &[u8]) -> bool {
+        key.strip_prefix(self.prefix.as_bytes()) == Some(b":v1")
+    }
     pub(super) fn gc(&self, member: &str) -> String {
         format!("{}:gc:{member}", self.prefix)
     }

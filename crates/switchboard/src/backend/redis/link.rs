@@ -13,6 +13,7 @@ use super::conn::RedisConn;
 use ::redis::{PushInfo, Value};
 use tokio::sync::{Notify, mpsc, watch};
 
+use super::outbox;
 use super::presence::{collect_garbage, heartbeat, leave, write_presence};
 use super::replies::number;
 use super::topics::subscribe_topics;
@@ -69,6 +70,9 @@ pub(super) async fn supervise(shared: Arc<Shared>) {
                 *shared.link.write() = Some(session.link.clone());
                 tracing::info!(node = %shared.config.node_id, member = %session.link.member, "connected to redis");
                 let ended = run(&shared, &mut session, &mut stop).await;
+                if let Some(generation) = session.link.tracking {
+                    shared.loc_cache.deactivate(generation);
+                }
                 *shared.link.write() = None;
                 shared.stop_recording();
                 session.epoch.ended.store(true, Ordering::Release);
@@ -116,12 +120,14 @@ pub(super) async fn connect(
 ) -> Result<Session, ConnectError> {
     let timeout = shared.config.request_timeout;
     let (acks_tx, acks_rx) = mpsc::channel(ACK_QUEUE);
+    let (outbox_tx, outbox_rx) = mpsc::unbounded_channel();
     let epoch = Arc::new(Epoch {
         member: Arc::clone(&member),
         ended: AtomicBool::new(false),
         lost: Notify::new(),
         acks: acks_tx,
         alive_until_ms: AtomicU64::new(0),
+        tracking: AtomicU64::new(0),
     });
     let weak: Weak<Shared> = Arc::downgrade(shared);
     let on_push = {
@@ -139,6 +145,8 @@ pub(super) async fn connect(
         link: Link {
             conn: conn.clone(),
             member: Arc::clone(&member),
+            tracking: None,
+            outbox: outbox_tx,
         },
         epoch: Arc::clone(&epoch),
         subscribed: HashSet::new(),
@@ -153,6 +161,23 @@ pub(super) async fn connect(
             .arg(format!("switchboard:{member}"))
             .exec_async(&mut conn)
             .await?;
+        // Redis tells this connection when a location it read for the
+        // cache changes (`loc_cache.rs`); only reads sent right after
+        // `CLIENT CACHING YES` are tracked (`OPTIN`).
+        let tracked = shared.loc_cache.enabled()
+            && match ::redis::cmd("CLIENT")
+                .arg("TRACKING")
+                .arg("ON")
+                .arg("OPTIN")
+                .exec_async(&mut conn)
+                .await
+            {
+                Ok(()) => true,
+                Err(error) => {
+                    tracing::warn!(node = %shared.config.node_id, "redis refused client tracking, no location cache: {error}");
+                    false
+                }
+            };
         // The inbox before the heartbeat: a member other nodes can see
         // always has a listener while its connection lives (which is how a
         // twin tells a running process from a dead one, below).
@@ -201,10 +226,20 @@ pub(super) async fn connect(
                 .exec_async(&mut conn)
                 .await?;
         }
-        Ok::<_, ConnectError>(())
+        Ok::<_, ConnectError>(tracked)
     };
-    setup.await?;
+    if setup.await? {
+        let generation = shared.loc_cache.activate();
+        session.link.tracking = Some(generation);
+        epoch.tracking.store(generation, Ordering::Release);
+    }
     let acker_shared = Arc::clone(shared);
+    tokio::spawn(outbox::run(
+        Arc::clone(shared),
+        conn.clone(),
+        outbox_rx,
+        ended_rx.clone(),
+    ));
     tokio::spawn(acker(acker_shared, conn, acks_rx, ended_rx));
     Ok(session)
 }
@@ -272,10 +307,12 @@ pub(super) async fn acker(
             n = rx.recv_many(&mut batch, 256) => if n == 0 { return },
         }
         shared.count_published(Kind::Ack, batch.len());
+        // The answers to one node in one `SPUBLISH` (`batch.rs`).
         let mut pipe = ::redis::pipe();
-        for (channel, message) in batch.drain(..) {
-            pipe.cmd("SPUBLISH").arg(channel).arg(message).ignore();
-        }
+        super::batch::group(&batch, |channel, body, _| {
+            pipe.cmd("SPUBLISH").arg(channel).arg(body).ignore();
+        });
+        batch.clear();
         // A failure is the sender's timeout: it reports its targets
         // unconfirmed. The connection's loss is noticed by the supervisor.
         let _ = tokio::time::timeout(timeout, pipe.exec_async(&mut conn)).await;

@@ -52,10 +52,14 @@
 //! with the same node ID is told apart by its token, and refuses to run
 //! (see [`RedisBackend::failed`]).
 //!
-//! A send looks up each target's members (`SMEMBERS`, pipelined), publishes
-//! one message per member node (`SPUBLISH`), and waits for each node's
-//! answer (what it delivered, dropped or found offline) up to
-//! `request_timeout`. A target whose node cannot be reached or does not
+//! A send looks up each target's members (`SMEMBERS`, pipelined, unless
+//! the location cache has them: `loc_cache.rs`, kept up to date by Redis
+//! client-side caching), publishes one message per member node (through
+//! the connection's outbox, `outbox.rs`, which puts what concurrent sends
+//! have for one node in one `SPUBLISH`: `batch.rs`), and waits for each
+//! node's answer (what it delivered, dropped or found offline) up to
+//! `request_timeout`. A plain relay send whose cached targets are all on
+//! this node is delivered at once ([`Backend::immediate_send`]). A target whose node cannot be reached or does not
 //! answer is reported `unconfirmed`, never silently lost.
 
 use std::collections::{HashMap, HashSet};
@@ -81,6 +85,7 @@ use crate::protocol::close::CloseFrame;
 use crate::runtime::delivery::Envelope;
 use crate::runtime::mailbox::{ConnId, ConnRef};
 
+mod batch;
 mod config;
 mod conn;
 mod dedup;
@@ -90,7 +95,9 @@ mod gate;
 mod inbox;
 mod keys;
 mod link;
+mod loc_cache;
 mod nodes;
+mod outbox;
 mod presence;
 mod presence_members;
 mod replies;
@@ -153,6 +160,11 @@ pub enum RedisFailure {
 struct Link {
     conn: RedisConn,
     member: Arc<str>,
+    /// The location cache's generation for this connection, when Redis
+    /// tracks what it reads (`loc_cache.rs`).
+    tracking: Option<u64>,
+    /// Sends to other nodes, published in batches (`outbox.rs`).
+    outbox: mpsc::UnboundedSender<outbox::Outgoing>,
 }
 
 /// One connection's life: its member name, whether it is over, and the
@@ -169,6 +181,9 @@ struct Epoch {
     /// its TTL does not deliver, when it resumes, what was reported to the
     /// senders as not delivered).
     alive_until_ms: AtomicU64,
+    /// The location cache's generation for this connection (0: not
+    /// tracked), so that losing it empties the cache.
+    tracking: AtomicU64,
 }
 
 /// What changed locally since the last flush, while connected. A set (each
@@ -252,6 +267,8 @@ struct Shared {
     v1_seen_until: Mutex<Option<Instant>>,
     /// Topic presence across nodes (`presence_members.rs`).
     presence: PresenceMembers,
+    /// Where other nodes' IDs are, as last read (`loc_cache.rs`).
+    loc_cache: loc_cache::LocCache,
     /// `duplicate_ids` across nodes: the stamps of this node's connections
     /// (`duplicates.rs`).
     stamps: duplicates::Stamps,
@@ -465,6 +482,11 @@ impl RedisBackend {
             node_prefix: format!("{}#", config.node_id),
             own_prefix: format!("{instance}."),
             presence: PresenceMembers::new(instance, PresenceSettings::from(&limits.v1)),
+            loc_cache: loc_cache::LocCache::new(if client.is_cluster() {
+                0
+            } else {
+                config.location_cache_entries
+            }),
             epochs: AtomicU32::new(0),
             config,
             client,
@@ -610,6 +632,27 @@ impl Backend for RedisBackend {
         message: &'a Arc<Envelope>,
     ) -> BoxFuture<'a, SendReport> {
         Box::pin(self.shared.send(targets, message))
+    }
+
+    // At once when the location cache says every target is on this node
+    // or nowhere, no ID of the cluster retains (`P:v1` read absent), and
+    // this node has no `switchboard.v1` connection (whose messages go
+    // through their sequence gates): then the send would not touch Redis.
+    fn immediate_send(&self, targets: &[&str]) -> Option<&dyn super::Immediate> {
+        let shared = &self.shared;
+        if shared.v1_known()
+            || !shared.loc_cache.v1_absent()
+            || !shared.v1.read().by_conn.is_empty()
+        {
+            return None;
+        }
+        let mut elsewhere = false;
+        let known = shared
+            .loc_cache
+            .all_known(targets.iter().copied(), |_, members| {
+                elsewhere |= !members.is_empty();
+            });
+        (known && !elsewhere).then_some(&shared.local as &dyn super::Immediate)
     }
 
     fn publish<'a>(&'a self, topic: &'a Topic, message: &'a Arc<Envelope>) -> BoxFuture<'a, usize> {

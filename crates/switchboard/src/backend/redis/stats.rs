@@ -75,6 +75,12 @@ impl Stats {
             s.connection_failures.get().to_string(),
         );
         line(
+            "switchboard_redis_location_cache_entries",
+            "gauge",
+            "IDs whose location this node holds from Redis until Redis says it changed (client-side caching).",
+            shared.loc_cache.len().to_string(),
+        );
+        line(
             "switchboard_cluster_nodes",
             "gauge",
             "Nodes alive in the last heartbeat read, this one included.",
