@@ -433,11 +433,11 @@ async fn presence_cost_on_subscribe_churn() {
             .collect::<Vec<_>>()
             .join(" ")
     );
-    for m in 0..3 {
-        let mut r = rates[m].clone();
+    for (mode, rates) in Mode::ALL.iter().zip(&rates) {
+        let mut r = rates.clone();
         println!(
             "{:<28} median {:>8.0} joins per CPU-second (min {:.0}, max {:.0})",
-            Mode::ALL[m].name(),
+            mode.name(),
             median(&mut r),
             r[0],
             r[r.len() - 1]

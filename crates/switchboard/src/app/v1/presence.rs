@@ -95,8 +95,8 @@ impl Drop for Presence {
 /// comparing names while it holds at most [`FEW_TOPICS`], a hash set
 /// beyond. Most connections are in a few topics, and comparing a few short
 /// names costs less than one SipHash of one (callgrind, subscribe churn:
-/// the set's hashing was 150 of presence's 2,770 instructions per
-/// subscribe+unsubscribe pair).
+/// a hash set cost two SipHashes of about 160 instructions per
+/// subscribe+unsubscribe pair; the list's insert costs 40).
 #[derive(Debug, Default)]
 struct TopicSet {
     few: Vec<Topic>,
