@@ -5,9 +5,16 @@
 #
 #   crates/switchboard-bench/scripts/callgrind-hotpath.sh WORKLOAD [OUT_DIR]
 #
-# WORKLOAD: relay (100 clients x 4 in flight), echo (100 connections x 1
-# in flight, 32 B text) or fanout (one relay frame to 2,000 subscribers, one
-# publish in flight).
+# WORKLOAD: relay (100 clients x 4 in flight), relay-v1 (the same over
+# switchboard.v1: hello, sends with ids, an ack per send, msg envelopes
+# numbered in each receiver's inbox), echo (100 connections x 1 in flight,
+# 32 B text) or fanout (one relay frame to 2,000 subscribers, one publish
+# in flight).
+#
+# Besides instructions per frame written, the relay workloads print
+# instructions per relayed delivery (`switchboard_relay_deliveries_total`):
+# a v1 send writes an ack besides its delivery, so per delivery is the
+# figure that compares v1 with plain.
 #
 # How: the release server runs under `valgrind --tool=callgrind`; the load
 # generator runs twice against it, a short run then a long one, and the
@@ -25,7 +32,7 @@
 # switchboard-cli -p switchboard-bench).
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
-WORKLOAD=${1:?usage: callgrind-hotpath.sh relay|echo|fanout [OUT_DIR]}
+WORKLOAD=${1:?usage: callgrind-hotpath.sh relay|relay-v1|echo|fanout [OUT_DIR]}
 OUT=${2:-$(mktemp -d -t sb-callgrind-XXXXXX)}
 mkdir -p "$OUT"
 # Not SWITCHBOARD_*: the server refuses unknown variables with that prefix.
@@ -48,12 +55,20 @@ frames_out() {
   curl -sf "http://$ADDR/metrics" | awk '$1 == "switchboard_frames_out_total" {print $2}'
 }
 
+deliveries() {
+  curl -sf "http://$ADDR/metrics" | awk '$1 == "switchboard_relay_deliveries_total" {print $2}'
+}
+
 # Runs the load generator for a short (1) or long (2) run.
 load() {
   local long=$1
   case "$WORKLOAD" in
   relay)
     "$B" --threads 1 relay --url "ws://$ADDR/ws" -n 100 -k 4 --drain 10 \
+      --duration "$([ "$long" = 2 ] && echo 12 || echo 4)"
+    ;;
+  relay-v1)
+    "$B" --threads 1 relay --url "ws://$ADDR/ws" -n 100 -k 4 --drain 10 --protocol v1 \
       --duration "$([ "$long" = 2 ] && echo 12 || echo 4)"
     ;;
   echo)
@@ -65,7 +80,7 @@ load() {
       -m "$([ "$long" = 2 ] && echo 60 || echo 20)"
     ;;
   *)
-    echo "unknown workload $WORKLOAD: use relay, echo or fanout" >&2
+    echo "unknown workload $WORKLOAD: use relay, relay-v1, echo or fanout" >&2
     exit 2
     ;;
   esac
@@ -88,21 +103,28 @@ dump() {
 }
 
 F0=$(frames_out)
+D0=$(deliveries)
 dump >/dev/null # startup
 load 1 | tail -1 >"$OUT/short.json"
 F1=$(frames_out)
+D1=$(deliveries)
 I1=$(dump)
 load 2 | tail -1 >"$OUT/long.json"
 F2=$(frames_out)
+D2=$(deliveries)
 I2=$(dump)
 LONG_DUMP=$(ls -t "$OUT"/callgrind.out.* | head -1)
-python3 - "$WORKLOAD" "$F0" "$F1" "$F2" "$I1" "$I2" "$OUT" "$LONG_DUMP" <<'EOF'
+python3 - "$WORKLOAD" "$F0" "$F1" "$F2" "$I1" "$I2" "$OUT" "$LONG_DUMP" "$D0" "$D1" "$D2" <<'EOF'
 import json, sys
-workload, f0, f1, f2, i1, i2, out, dump = sys.argv[1:]
-f0, f1, f2, i1, i2 = map(int, (f0, f1, f2, i1, i2))
+workload, f0, f1, f2, i1, i2, out, dump, d0, d1, d2 = sys.argv[1:]
+f0, f1, f2, i1, i2, d0, d1, d2 = map(int, (f0, f1, f2, i1, i2, d0, d1, d2))
 short, long_ = (f1 - f0), (f2 - f1)
 ok = all(json.load(open(f"{out}/{n}.json"))["ok"] for n in ("short", "long"))
 per = (i2 - i1) / (long_ - short)
-print(f"{workload}: short run {short} frames {i1} Ir, long run {long_} frames {i2} Ir; "
-      f"{per:,.0f} instructions per frame written (load generator ok={ok}); dump {dump}")
+line = (f"{workload}: short run {short} frames {i1} Ir, long run {long_} frames {i2} Ir; "
+        f"{per:,.0f} instructions per frame written")
+dshort, dlong = (d1 - d0), (d2 - d1)
+if workload.startswith("relay") and dlong != dshort:
+    line += f", {(i2 - i1) / (dlong - dshort):,.0f} per relayed delivery ({dlong} in the long run)"
+print(f"{line} (load generator ok={ok}); dump {dump}")
 EOF

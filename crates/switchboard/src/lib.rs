@@ -95,7 +95,7 @@ pub use backend::{
     Attached, Backend, BackendHealth, ClientInfo, DEFAULT_PAGE_LIMIT, Dedup, Departure, Immediate,
     MAX_META_BYTES, MAX_PAGE_LIMIT, NodeInfo, Page, PageQuery, PresenceMember, PresenceMode,
     PresenceSnapshot, RegisterError, Replay, ResumePoint, ResumeStatus, Retained, SendCounts,
-    SendReport, TopicInfo, memory::MemoryBackend,
+    SendReport, TargetOutcome, TargetOutcomes, TopicInfo, memory::MemoryBackend,
 };
 pub use handler::{Closed, Conn, Handler, Outcome, Subprotocol, TooManyTopics};
 #[cfg(feature = "tls")]

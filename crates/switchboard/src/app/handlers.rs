@@ -307,19 +307,32 @@ impl Handler for Relay {
         }
     }
 
-    /// The plain relay with a backend that never waits (the in-memory
-    /// one): the whole frame is handled here, without `on_message`'s boxed
-    /// future; sends look their targets up by text (no `ClientId`s) and
-    /// make no report. `switchboard.v1` connections and backends that wait
-    /// go to `on_message`.
+    /// The relay when the backend can answer without waiting (the
+    /// in-memory one; the Redis one for plain sends whose targets its
+    /// location cache places on this node or nowhere): the whole frame is
+    /// handled here, without `on_message`'s boxed future. Plain sends look
+    /// their targets up by text (no `ClientId`s) and make no report;
+    /// `switchboard.v1` sends on the in-memory backend are numbered,
+    /// delivered and acknowledged in one call (`V1::on_text_now`). Other
+    /// v1 requests, and every frame a backend must wait for, go to
+    /// `on_message`.
     fn on_message_now(
         &self,
         state: &mut Self::State,
         message: Message,
         conn: &mut Conn<()>,
     ) -> Result<Outcome, Message> {
-        if state.v1.is_some() {
-            return Err(message);
+        if let Some(v1) = state.v1.as_mut() {
+            let Some(immediate) = conn.hub().backend().immediate() else {
+                return Err(message);
+            };
+            let Message::Text(text) = &message else {
+                return Err(message);
+            };
+            return match v1.on_text_now(text.as_str(), immediate, conn) {
+                Some(outcome) => Ok(outcome),
+                None => Err(message),
+            };
         }
         // `None`: a backend that may wait (Redis, when its location cache
         // does not answer for every target; its publishes) handles the

@@ -23,7 +23,7 @@ use serde::de::{self, Deserializer, SeqAccess, Visitor};
 use serde_json::value::RawValue;
 use smallvec::SmallVec;
 
-use crate::backend::SendReport;
+use crate::backend::{SendReport, TargetOutcomes};
 use crate::id::{ClientId, Digits, NameError, Topic};
 use crate::runtime::delivery::{push_json_str, push_u64};
 
@@ -247,58 +247,58 @@ impl<'de, T: TargetId<'de>> Targets<T> {
     }
 
     /// [`report_lists`](Self::report_lists), appended to `out` (a v1 ack
-    /// writes them straight into its frame). Written by hand, one byte of
-    /// state per ID kept on the stack for up to 16 IDs: a v1 relay sends
-    /// one ack per message, and building each target as a
-    /// `serde_json::Value` cost ~3,200 instructions per single-target
-    /// ack (callgrind), over a third of what a v1 message cost beyond a
-    /// plain one; ~620 so.
+    /// writes them straight into its frame).
     pub(crate) fn write_report_lists(&self, report: &SendReport, out: &mut String) {
-        const DELIVERED: u8 = 0;
-        const DROPPED: u8 = 1;
-        const OFFLINE: u8 = 2;
-        const UNCONFIRMED: u8 = 3;
-        const OUTCOME: u8 = 3;
-        const RETAINED: u8 = 4;
-        let n = self.ids.len();
-        let mut on_stack = [UNCONFIRMED; 16];
-        let mut on_heap;
-        let state: &mut [u8] = if n <= on_stack.len() {
-            &mut on_stack[..n]
-        } else {
-            on_heap = vec![UNCONFIRMED; n];
-            &mut on_heap
-        };
-        for (list, indexes) in [
-            (DELIVERED, &report.delivered),
-            (OFFLINE, &report.offline),
-            (DROPPED, &report.dropped),
-            (UNCONFIRMED, &report.unconfirmed),
-        ] {
-            for &i in indexes {
-                if let Some(slot) = state.get_mut(i) {
-                    *slot = list;
-                }
-            }
-        }
-        for &i in &report.retained {
-            if let Some(slot) = state.get_mut(i) {
-                *slot |= RETAINED;
-            }
-        }
+        self.write_outcome_lists(&TargetOutcomes::from_report(report, self.ids.len()), out);
+    }
+
+    /// [`report_lists`](Self::report_lists) from each ID's outcome, as a
+    /// backend that delivers at once reports it.
+    pub(crate) fn outcome_lists(&self, outcomes: &TargetOutcomes) -> String {
+        let mut out = String::with_capacity(48 + 8 * self.listed.len());
+        self.write_outcome_lists(outcomes, &mut out);
+        out
+    }
+
+    /// [`outcome_lists`](Self::outcome_lists), appended to `out`. Written
+    /// by hand from one byte of state per ID: a v1 relay sends one ack per
+    /// message, and building each target as a `serde_json::Value` cost
+    /// ~3,200 instructions per single-target ack (callgrind), over a third
+    /// of what a v1 message cost beyond a plain one; ~620 so.
+    pub(crate) fn write_outcome_lists(&self, outcomes: &TargetOutcomes, out: &mut String) {
+        use crate::backend::TargetOutcome::{Delivered, Dropped, Offline, Unconfirmed};
         // Each list: its opening (the first, always written, without a
-        // comma), which of the state bits pick its members, and whether an
-        // empty one is written (as its opening and `]`).
-        for (open, mask, want, always) in [
-            ("\"delivered\":[", OUTCOME, DELIVERED, true),
-            (",\"dropped\":[", OUTCOME, DROPPED, true),
-            (",\"offline\":[", OUTCOME, OFFLINE, true),
-            (",\"retained\":[", RETAINED, RETAINED, false),
-            (",\"unconfirmed\":[", OUTCOME, UNCONFIRMED, false),
-        ] {
+        // comma), which IDs are its members, and whether an empty one is
+        // written (as its opening and `]`).
+        let member = |list: usize, id: usize| match list {
+            0 => outcomes.outcome(id) == Delivered,
+            1 => outcomes.outcome(id) == Dropped,
+            2 => outcomes.outcome(id) == Offline,
+            3 => outcomes.retained(id),
+            _ => outcomes.outcome(id) == Unconfirmed,
+        };
+        // A list known to be empty is written (or skipped) without a pass
+        // over the targets: most acks have one or two non-empty lists.
+        for (list, (open, always, count)) in [
+            ("\"delivered\":[", true, outcomes.delivered()),
+            (",\"dropped\":[", true, outcomes.dropped()),
+            (",\"offline\":[", true, outcomes.offline()),
+            (",\"retained\":[", false, outcomes.retained_count()),
+            (",\"unconfirmed\":[", false, outcomes.unconfirmed()),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            if count == 0 {
+                if always {
+                    out.push_str(open);
+                    out.push(']');
+                }
+                continue;
+            }
             let mut members = 0;
             for &(written, id) in &self.listed {
-                if state.get(id).is_none_or(|s| s & mask != want) {
+                if !member(list, id) {
                     continue;
                 }
                 out.push_str(if members == 0 { open } else { "," });
@@ -570,15 +570,16 @@ pub(crate) fn parse_targets<'a, T: TargetId<'a>>(
 /// switchboard.v1 `send` fast path), with [`parse_targets`]' checks; its
 /// errors are serde's, so the caller falls back to [`parse_targets`] for
 /// the message.
-pub(crate) struct TargetsSeed {
+pub(crate) struct TargetsSeed<T> {
     pub(crate) max: usize,
+    pub(crate) ids: PhantomData<T>,
 }
 
-impl<'de> de::DeserializeSeed<'de> for TargetsSeed {
-    type Value = Targets;
+impl<'de, T: TargetId<'de>> de::DeserializeSeed<'de> for TargetsSeed<T> {
+    type Value = Targets<T>;
 
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Targets, D::Error> {
-        d.deserialize_seq(TargetsVisitor::<ClientId> {
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Targets<T>, D::Error> {
+        d.deserialize_seq(TargetsVisitor::<T> {
             max: self.max,
             ids: PhantomData,
         })
@@ -636,14 +637,33 @@ pub(crate) struct TargetsBuilder<T> {
     max: usize,
     /// The IDs' positions, once there are too many for a linear scan.
     seen: std::collections::HashMap<T, usize>,
+    /// How many targets the list is expected to hold, to size the lists
+    /// and the map once.
+    expected: usize,
 }
 
 impl<T: Clone + Eq + Hash> TargetsBuilder<T> {
     pub(crate) fn new(max: usize) -> Self {
+        Self::expecting(max, 0)
+    }
+
+    /// A builder for a list of about `expected` targets (a hint: more or
+    /// fewer work too). Why: a fan-out's list grew its two lists and its
+    /// map a dozen times, and each growth of the map hashed every ID
+    /// again; with 2,000 targets each ID was hashed ~3.8 times
+    /// (callgrind).
+    pub(crate) fn expecting(max: usize, expected: usize) -> Self {
+        let expected = expected.min(max.saturating_add(1));
+        let mut targets = Targets::default();
+        if expected > INLINE_TARGETS {
+            targets.ids.reserve_exact(expected);
+            targets.listed.reserve_exact(expected);
+        }
         Self {
-            targets: Targets::default(),
+            targets,
             max,
             seen: std::collections::HashMap::new(),
+            expected,
         }
     }
 
@@ -659,6 +679,7 @@ impl<T: Clone + Eq + Hash> TargetsBuilder<T> {
             out.ids.iter().position(|known| *known == id)
         } else {
             if self.seen.is_empty() {
+                self.seen.reserve(self.expected.max(2 * out.ids.len()));
                 self.seen.extend(out.ids.iter().cloned().zip(0..));
             }
             self.seen.get(&id).copied()

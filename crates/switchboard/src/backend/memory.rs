@@ -16,10 +16,10 @@ use super::dedup::DedupStore;
 use super::inbox::{IdInbox, InboxLimits, new_epoch};
 use super::listing::{Page, PageBuilder, PageQuery, TopicInfo};
 use super::presence::table::PresenceTable;
-use super::presence::{Departure, PresenceMode, PresenceSettings, PresenceSnapshot};
+use super::presence::{Departure, Done, PresenceMode, PresenceSettings, PresenceSnapshot};
 use super::{
     Attached, Backend, ClientInfo, Dedup, Immediate, RegisterError, Replay, ResumePoint,
-    SendCounts, SendReport,
+    SendCounts, SendReport, TargetOutcome, TargetOutcomes,
 };
 use crate::BoxFuture;
 use crate::id::{ClientId, Topic};
@@ -495,6 +495,16 @@ impl Immediate for MemoryBackend {
     fn publish_counted(&self, message: &Envelope) -> usize {
         self.publish_now(message)
     }
+
+    fn send_outcomes(&self, targets: &[&str], message: &Arc<Envelope>) -> TargetOutcomes {
+        let mut outcomes = TargetOutcomes::new(targets.len());
+        self.send_each(targets, &mut Shared::Arc(message), &mut outcomes);
+        outcomes
+    }
+
+    fn dedup_now(&self, sender: &ClientId, mid: &str) -> Dedup {
+        self.dedup.begin(sender, mid)
+    }
 }
 
 /// FNV-1a (64-bit), for picking a shard; see `MemoryBackend::shard`.
@@ -538,8 +548,9 @@ impl Shared<'_> {
     }
 }
 
-/// Where a send records each target's outcome: a full [`SendReport`], or
-/// [`SendCounts`] for a sender that reads no lists.
+/// Where a send records each target's outcome: a full [`SendReport`],
+/// [`TargetOutcomes`] for a v1 sender's ack, or [`SendCounts`] for a
+/// sender that reads no lists.
 trait Tally {
     fn offline(&mut self, target: usize);
     fn dropped(&mut self, target: usize);
@@ -560,6 +571,22 @@ impl Tally for SendReport {
     }
     fn retained(&mut self, target: usize) {
         self.retained.push(target);
+    }
+}
+
+impl Tally for TargetOutcomes {
+    fn offline(&mut self, target: usize) {
+        self.set(target, TargetOutcome::Offline);
+    }
+    fn dropped(&mut self, target: usize) {
+        self.set(target, TargetOutcome::Dropped);
+    }
+    fn delivered(&mut self, target: usize, connections: usize) {
+        self.add_connections(connections);
+        self.set(target, TargetOutcome::Delivered);
+    }
+    fn retained(&mut self, target: usize) {
+        self.set_retained(target);
     }
 }
 
@@ -668,7 +695,7 @@ impl Backend for MemoryBackend {
     }
 
     fn dedup<'a>(&'a self, sender: &'a ClientId, mid: &'a str) -> BoxFuture<'a, Dedup> {
-        Box::pin(std::future::ready(self.dedup.begin(sender, mid)))
+        Box::pin(std::future::ready(self.dedup_now(sender, mid)))
     }
 
     fn dedup_done(&self, sender: &ClientId, mid: &str, report: Arc<str>) {
@@ -686,7 +713,7 @@ impl Backend for MemoryBackend {
         meta: Option<Arc<str>>,
     ) -> BoxFuture<'a, ()> {
         self.presence.join(topic, member, meta);
-        Box::pin(std::future::ready(()))
+        Box::pin(Done)
     }
 
     fn presence_leave(&self, topic: &Topic, member: &ClientId, departure: Departure) {

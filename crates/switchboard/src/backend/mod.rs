@@ -20,11 +20,13 @@ pub(crate) mod dedup;
 pub(crate) mod inbox;
 pub(crate) mod listing;
 pub(crate) mod memory;
+pub(crate) mod outcomes;
 pub(crate) mod presence;
 
 pub use dedup::Dedup;
 pub use inbox::{Attached, Replay, ResumePoint, ResumeStatus, Retained};
 pub use listing::{DEFAULT_PAGE_LIMIT, MAX_PAGE_LIMIT, NodeInfo, Page, PageQuery, TopicInfo};
+pub use outcomes::{TargetOutcome, TargetOutcomes};
 pub use presence::{Departure, MAX_META_BYTES, PresenceMember, PresenceMode, PresenceSnapshot};
 #[cfg(feature = "redis")]
 pub mod redis;
@@ -99,6 +101,16 @@ pub trait Immediate: Send + Sync {
     /// (if it has one), queues it to every connection of every target,
     /// named by its text, and counts what happened.
     fn send_counted(&self, targets: &[&str], message: &Envelope) -> SendCounts;
+    /// [`Backend::send`] for a `switchboard.v1` sender, at once: as
+    /// `send_counted`, and each target's outcome and whether its inbox
+    /// kept the message, for the sender's ack. Why not `send`: its boxed
+    /// future and report lists, and the await that sent the ack in a
+    /// write of its own, were what a v1 send cost beyond a plain one
+    /// (docs/design.md, "Per-message costs").
+    /// Targets are named by their text, as in `send_counted`.
+    fn send_outcomes(&self, targets: &[&str], message: &Arc<Envelope>) -> TargetOutcomes;
+    /// [`Backend::dedup`], at once.
+    fn dedup_now(&self, sender: &ClientId, mid: &str) -> Dedup;
     /// [`Backend::publish`], at once: queues `message` to every subscriber
     /// of its topic; returns how many connections it was queued to.
     fn publish_counted(&self, message: &Envelope) -> usize;

@@ -9,7 +9,7 @@ use bytes::Bytes;
 
 use crate::auth::{IpLimiter, Security};
 use crate::backend::memory::MemoryBackend;
-use crate::backend::{Backend, Immediate, SendCounts, SendReport};
+use crate::backend::{Backend, Immediate, SendCounts, SendReport, TargetOutcomes};
 use crate::id::{ClientId, Topic};
 use crate::limits::Limits;
 use crate::metrics::Metrics;
@@ -219,6 +219,25 @@ impl Hub {
         m.offline_targets.add(counts.offline as u64);
         m.dropped_messages.add(counts.dropped as u64);
         counts
+    }
+
+    /// [`deliver`](Self::deliver) through the backend's delivery that never
+    /// waits (see [`Immediate::send_outcomes`]): each target's outcome for
+    /// a `switchboard.v1` ack, without a boxed future or report lists.
+    /// Counted in the metrics like `deliver`.
+    pub(crate) fn deliver_at_once(
+        &self,
+        immediate: &dyn Immediate,
+        targets: &[&str],
+        message: &Arc<Envelope>,
+    ) -> TargetOutcomes {
+        let outcomes = immediate.send_outcomes(targets, message);
+        let m = self.metrics();
+        m.deliveries.add(outcomes.connections() as u64);
+        m.offline_targets.add(outcomes.offline() as u64);
+        m.dropped_messages.add(outcomes.dropped() as u64);
+        m.unconfirmed_targets.add(outcomes.unconfirmed() as u64);
+        outcomes
     }
 
     /// [`publish`](Self::publish) through the backend's delivery that never

@@ -156,7 +156,7 @@ fn value(rng: &mut Rng, depth: usize, out: &mut String) {
                     out.push_str(ws(rng));
                 }
                 if rng.chance(30) {
-                    out.push_str("1"); // a key that is not a string
+                    out.push('1'); // a key that is not a string
                 } else {
                     out.push_str(rng.pick(&[r#""k""#, r#""a""#, r#""k""#, r#""\u006b""#]));
                 }
@@ -255,9 +255,8 @@ fn frame(rng: &mut Rng) -> String {
     if rng.chance(5) {
         fields.push("topic");
     }
-    for _ in 0..rng.below(3) {
-        fields.push("other");
-    }
+    let others = rng.below(3);
+    fields.extend(std::iter::repeat_n("other", others));
     if rng.chance(12) {
         fields.push(rng.pick(&["targets", "payload", "type", "topic"])); // a duplicate
     }
@@ -385,7 +384,7 @@ fn check(input: &str, max: usize) -> bool {
 
 #[test]
 fn the_scanner_agrees_with_serde_json() {
-    let mut rng = Rng(0x5EED_0F_5C4A_4E55);
+    let mut rng = Rng(0x5EED_0F5C_4A4E_5512);
     let (mut total, mut valid, mut scanned) = (0usize, 0usize, 0usize);
     for round in 0..40_000 {
         let mut input = frame(&mut rng);

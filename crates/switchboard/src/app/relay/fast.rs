@@ -133,7 +133,15 @@ fn parse_targets(
     if bytes.get(start) != Some(&b'[') {
         return None;
     }
-    let mut out = TargetsBuilder::new(max);
+    // The commas before the first `]`: one fewer than the targets, unless
+    // a string target holds one (a hint only).
+    let expected = bytes[start..]
+        .iter()
+        .take_while(|&&b| b != b']')
+        .filter(|&&b| b == b',')
+        .count()
+        + 1;
+    let mut out = TargetsBuilder::expecting(max, expected);
     let mut at = skip_ws(bytes, start + 1);
     if bytes.get(at) == Some(&b']') {
         return Some((out.targets, at + 1));

@@ -17,9 +17,9 @@ use std::time::SystemTime;
 use bytes::Bytes;
 use serde_json::value::RawValue;
 
-use crate::app::relay::{RequestError, Targets};
+use crate::app::relay::{RequestError, TargetName, Targets};
 use crate::auth::Permissions;
-use crate::backend::{Dedup, PresenceMode, RegisterError, ResumePoint};
+use crate::backend::{Dedup, Immediate, PresenceMode, RegisterError, ResumePoint, TargetOutcomes};
 use crate::handler::{Closed, Conn, Outcome};
 use crate::hub::Hub;
 use crate::id::{ClientId, Topic};
@@ -136,6 +136,60 @@ impl V1 {
         }
     }
 
+    /// [`on_text`](Self::on_text) for the frame that needs no await when
+    /// the backend delivers at once (`immediate`, the in-memory backend):
+    /// a `send`, once the hello is answered. Numbering, inbox, delivery,
+    /// the `mid` lookup and the report happen in this one call, and the
+    /// ack goes into the connection's own outgoing queue, so that the acks
+    /// and deliveries of one read share its writes. `None`: anything else
+    /// (another request, a frame `send_frame` does not take, no hello
+    /// yet), for `on_text`.
+    pub(crate) fn on_text_now(
+        &mut self,
+        text: &str,
+        immediate: &dyn Immediate,
+        conn: &Conn<()>,
+    ) -> Option<Outcome> {
+        if !self.ready {
+            return None;
+        }
+        let hub = conn.hub();
+        let Request { id, kind } = send_frame::parse(text, hub.limits().max_targets)?;
+        let Kind::Send {
+            mid,
+            targets,
+            payload,
+        } = kind
+        else {
+            return None;
+        };
+        let mid = mid.as_deref();
+        if let Some(refusal) = forbidden_target(&self.permissions, &targets) {
+            hub.metrics().error(ErrorKind::Forbidden);
+            return Some(error(id, &refusal));
+        }
+        let mut pending = None;
+        if let Some(mid) = mid {
+            match immediate.dedup_now(&self.client_id, mid) {
+                Dedup::New => pending = Some(DedupGuard::new(hub, &self.client_id, mid)),
+                seen => return Some(not_new(id, mid, seen)),
+            }
+        }
+        let message = self.message(mid, payload);
+        let outcomes = hub.deliver_at_once(immediate, &targets.names(), &message);
+        Some(sent(id, mid, &targets, &outcomes, pending))
+    }
+
+    /// The message of a send: the payload copied out of the read buffer,
+    /// the sender, the `mid`.
+    fn message(&self, mid: Option<&str>, payload: &RawValue) -> Arc<Envelope> {
+        Arc::new(
+            Envelope::json(Bytes::copy_from_slice(payload.get().as_bytes()))
+                .from(Some(self.client_id.clone()))
+                .mid(mid),
+        )
+    }
+
     async fn hello(
         &mut self,
         id: Option<u64>,
@@ -183,7 +237,7 @@ impl V1 {
         &mut self,
         id: Option<u64>,
         mid: Option<&str>,
-        targets: &Targets,
+        targets: &Targets<TargetName<'_>>,
         payload: &RawValue,
         conn: &mut Conn<()>,
     ) -> Outcome {
@@ -192,40 +246,17 @@ impl V1 {
             hub.metrics().error(ErrorKind::Forbidden);
             return error(id, &refusal);
         }
-        let backend = hub.backend();
         let mut pending = None;
         if let Some(mid) = mid {
-            match backend.dedup(&self.client_id, mid).await {
+            match hub.backend().dedup(&self.client_id, mid).await {
                 Dedup::New => pending = Some(DedupGuard::new(hub, &self.client_id, mid)),
-                Dedup::InFlight => {
-                    return error(
-                        id,
-                        &RequestError::new(
-                            "in_flight",
-                            "a send with this mid is being handled: wait for its ack",
-                        )
-                        .temporary(),
-                    );
-                }
-                Dedup::Done(report) => {
-                    return ack(id, |out| reply::sent(out, Some(mid), &report, true));
-                }
+                seen => return not_new(id, mid, seen),
             }
         }
-        let message = Envelope::json(Bytes::copy_from_slice(payload.get().as_bytes()))
-            .from(Some(self.client_id.clone()))
-            .mid(mid);
-        let report = hub.deliver(&targets.ids, &Arc::new(message)).await;
-        if let Some(guard) = pending {
-            let lists = targets.report_lists(&report);
-            guard.done(&lists);
-            return ack(id, |out| reply::sent(out, mid, &lists, false));
-        }
-        // The usual send: the lists go straight into the ack's frame.
-        ack(id, |out| {
-            reply::sent_head(out, mid);
-            targets.write_report_lists(&report, out);
-        })
+        let ids = targets.client_ids();
+        let report = hub.deliver(&ids, &self.message(mid, payload)).await;
+        let outcomes = TargetOutcomes::from_report(&report, targets.ids.len());
+        sent(id, mid, targets, &outcomes, pending)
     }
 
     async fn publish(
@@ -440,6 +471,45 @@ fn ack(id: Option<u64>, fields: impl FnOnce(&mut String)) -> Outcome {
     })))
 }
 
+/// A send's ack: the report's lists (recorded for its `mid` first, when
+/// it has one). The usual send, without a `mid`, writes the lists straight
+/// into the ack's frame.
+fn sent(
+    id: Option<u64>,
+    mid: Option<&str>,
+    targets: &Targets<TargetName<'_>>,
+    outcomes: &TargetOutcomes,
+    pending: Option<DedupGuard>,
+) -> Outcome {
+    if let Some(guard) = pending {
+        let lists = targets.outcome_lists(outcomes);
+        guard.done(&lists);
+        return ack(id, |out| reply::sent(out, mid, &lists, false));
+    }
+    ack(id, |out| {
+        reply::sent_head(out, mid);
+        targets.write_outcome_lists(outcomes, out);
+    })
+}
+
+/// The answer to a send whose `mid` was seen before: still in flight (a
+/// temporary error), or done (its stored report, marked duplicate).
+fn not_new(id: Option<u64>, mid: &str, seen: Dedup) -> Outcome {
+    match seen {
+        Dedup::Done(report) => ack(id, |out| reply::sent(out, Some(mid), &report, true)),
+        // `New` is the caller's; were it to get here, "in flight" is the
+        // answer that makes the client retry rather than lose its send.
+        Dedup::InFlight | Dedup::New => error(
+            id,
+            &RequestError::new(
+                "in_flight",
+                "a send with this mid is being handled: wait for its ack",
+            )
+            .temporary(),
+        ),
+    }
+}
+
 /// A refused request: an ack with the error for a request with an id, an
 /// `error` frame otherwise.
 fn error(id: Option<u64>, error: &RequestError) -> Outcome {
@@ -455,7 +525,10 @@ fn bad_hello(reason: &str) -> Outcome {
 }
 
 /// The first target the client's token does not allow, as the refusal.
-fn forbidden_target(permissions: &Permissions, targets: &Targets) -> Option<RequestError> {
+fn forbidden_target(
+    permissions: &Permissions,
+    targets: &Targets<TargetName<'_>>,
+) -> Option<RequestError> {
     if permissions.is_unrestricted() {
         return None;
     }
@@ -463,7 +536,7 @@ fn forbidden_target(permissions: &Permissions, targets: &Targets) -> Option<Requ
         .ids
         .iter()
         .enumerate()
-        .find(|(_, id)| !permissions.may_send_to(id))?;
+        .find(|(_, id)| !permissions.may_send_to(&id.to_client_id()))?;
     Some(RequestError::new(
         "forbidden_target",
         format!(
@@ -531,5 +604,47 @@ impl Drop for DedupGuard {
         if self.armed {
             self.hub.backend().dedup_abort(&self.sender, &self.mid);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::NamePattern;
+
+    /// Targets named by their text (numbers as digits) are checked against
+    /// `sb_targets` as the IDs they name, and the refusal points at the
+    /// first listing of the first forbidden one.
+    #[test]
+    fn forbidden_targets_are_found_by_their_text() {
+        let patterns = ["bob", "team-*", "7"].map(|p| NamePattern::new(p).expect("pattern"));
+        let permissions = Permissions {
+            targets: Some(patterns.to_vec()),
+            ..Permissions::default()
+        };
+        let allowed = send_frame::parse(
+            r#"{"type":"send","targets":["bob",7,"team-a","7"],"payload":1}"#,
+            10,
+        )
+        .expect("send");
+        let Kind::Send { targets, .. } = allowed.kind else {
+            panic!("not a send");
+        };
+        assert!(forbidden_target(&permissions, &targets).is_none());
+        let refused = send_frame::parse(
+            r#"{"type":"send","targets":["bob",8,"carol",8],"payload":1}"#,
+            10,
+        )
+        .expect("send");
+        let Kind::Send { targets, .. } = refused.kind else {
+            panic!("not a send");
+        };
+        let error = forbidden_target(&permissions, &targets).expect("refused");
+        assert_eq!(error.code, "forbidden_target");
+        assert!(
+            error.message.starts_with("targets[1] (8)"),
+            "{}",
+            error.message
+        );
     }
 }

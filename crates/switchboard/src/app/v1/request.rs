@@ -9,7 +9,8 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use crate::app::relay::{
-    RequestError, Targets, object_str, parse_targets, parse_topic, present, require_payload,
+    RequestError, TargetName, Targets, object_str, parse_targets, parse_topic, present,
+    require_payload,
 };
 use crate::backend::{MAX_META_BYTES, PresenceMode, ResumePoint};
 use crate::id::Topic;
@@ -25,6 +26,11 @@ pub(crate) struct Request<'a> {
     pub(crate) kind: Kind<'a>,
 }
 
+/// What a request asks. `Send` is far larger than the others (its targets
+/// sit inline, up to 4 in a `SmallVec`, as the plain relay's do): a
+/// `Kind` lives on the stack for one frame, and boxing the targets would
+/// put back the allocation per send the immediate path removed.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub(crate) enum Kind<'a> {
     Hello {
@@ -32,7 +38,9 @@ pub(crate) enum Kind<'a> {
     },
     Send {
         mid: Option<Cow<'a, str>>,
-        targets: Targets,
+        /// Named by their text (borrowed from the frame, or a number's
+        /// digits): a send at once makes no `ClientId` per target.
+        targets: Targets<TargetName<'a>>,
         payload: &'a RawValue,
     },
     Publish {

@@ -19,7 +19,7 @@ use serde::de::{self, Deserialize, Deserializer, IgnoredAny, MapAccess, Visitor}
 use serde_json::value::RawValue;
 
 use super::request::{Kind, MAX_MID_LEN, Request};
-use crate::app::relay::{Targets, TargetsSeed};
+use crate::app::relay::{TargetName, Targets, TargetsSeed};
 use crate::runtime::delivery::MAX_REQUEST_ID;
 
 /// How a send this path takes starts: the order docs/protocol-v1.md
@@ -60,7 +60,7 @@ impl<'de> Visitor<'de> for SendVisitor {
         let mut is_send = false;
         let mut id: Option<u64> = None;
         let mut mid: Option<Cow<'de, str>> = None;
-        let mut targets: Option<Targets> = None;
+        let mut targets: Option<Targets<TargetName<'de>>> = None;
         let mut payload: Option<&'de RawValue> = None;
         while let Some(Str(key)) = map.next_key::<Str<'de>>()? {
             match key.as_ref() {
@@ -75,7 +75,10 @@ impl<'de> Visitor<'de> for SendVisitor {
                 "mid" if mid.is_none() => mid = Some(map.next_value::<Str<'de>>()?.0),
                 "targets" if targets.is_none() => {
                     let max = self.max_targets;
-                    targets = Some(map.next_value_seed(TargetsSeed { max })?);
+                    targets = Some(map.next_value_seed(TargetsSeed {
+                        max,
+                        ids: std::marker::PhantomData,
+                    })?);
                 }
                 "payload" if payload.is_none() => payload = Some(map.next_value()?),
                 // A duplicate, or a field of another request (which
@@ -134,6 +137,7 @@ impl<'de> Deserialize<'de> for Str<'de> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::app::relay::TargetId as _;
     use crate::app::v1::request;
 
     /// What a parsed request says, to compare the two paths.
@@ -150,7 +154,7 @@ mod tests {
                 targets
                     .ids
                     .iter()
-                    .map(|id| id.as_str().to_owned())
+                    .map(|id| id.text().to_owned())
                     .collect::<Vec<_>>(),
                 payload.get()
             ),

@@ -58,7 +58,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::Shared;
 use crate::backend::presence::timers::{Fire, Timers};
-use crate::backend::presence::watchers::Watchers;
+use crate::backend::presence::watchers::{Coalescing, Watchers};
 use crate::backend::presence::{
     Change, Departure, Event, PresenceMember, PresenceMode, PresenceSettings, PresenceSnapshot,
 };
@@ -292,7 +292,10 @@ impl PresenceMembers {
         let (ops, rx) = mpsc::unbounded_channel();
         Self {
             instance,
-            watchers: Watchers::new(settings.coalesce, settings.max_members),
+            watchers: Watchers::new(Coalescing {
+                window: settings.coalesce,
+                max_members: settings.max_members,
+            }),
             timers: Timers::new(),
             settings,
             ops,
