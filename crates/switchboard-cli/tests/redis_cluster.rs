@@ -272,6 +272,16 @@ async fn the_cross_node_suite_runs_on_a_redis_cluster() {
     assert_eq!(next_text(&mut alice).await, r#""hi""#);
     assert_eq!(next_text(&mut bob_b).await, r#""hi""#);
     assert_eq!(next_text(&mut bob_c).await, r#""hi""#);
+    // The location cache (client-side caching) is not used on a cluster:
+    // every send reads the locations from the shards.
+    let (status, metrics) = http(b.addr(), "GET", "/metrics", None).await;
+    assert_eq!(status, 200);
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "switchboard_redis_location_cache_entries 0"),
+        "{metrics}"
+    );
 
     // Topics: subscribers on every node, publishes from any node.
     for client in [&mut alice, &mut bob_b, &mut carol] {

@@ -193,6 +193,9 @@ impl Shared {
                     closed
                 };
             }
+            // Everything Redis sent before it (an invalidation of `P:v1`)
+            // is handled: the answer says so.
+            Kind::Sync => {}
             Kind::Ack => return,
         }
         let answer = ack.encode(&[]);
@@ -649,5 +652,45 @@ impl Shared {
             .sum();
         let replies = self.collect(&mut rx, expected, deadline).await;
         Some(replies.iter().map(|r| r.count).sum())
+    }
+}
+
+impl Shared {
+    /// A barrier: asks every other node (`P:nodes`, read now) to answer
+    /// once it has handled everything Redis sent it before, and waits for
+    /// the answers, at most one request timeout. Redis sends a node its
+    /// pushes in order on its one connection, so an invalidation written
+    /// before this is handled by the node before it answers.
+    pub(super) async fn sync_nodes(&self, link: &Link) {
+        let deadline = tokio::time::Instant::now() + self.config.request_timeout;
+        let mut conn = link.conn.clone();
+        let mut zrange = ::redis::cmd("ZRANGE");
+        zrange.arg(self.keys.nodes()).arg(0).arg(-1);
+        let read = zrange.query_async::<Vec<String>>(&mut conn);
+        let Ok(Ok(members)) = tokio::time::timeout_at(deadline, read).await else {
+            return;
+        };
+        let members: Vec<String> = members.into_iter().filter(|m| !self.is_own(m)).collect();
+        if members.is_empty() {
+            return;
+        }
+        let (request, mut rx, _guard) = self.register_request();
+        let messages: Vec<(String, Vec<u8>)> = members
+            .into_iter()
+            .map(|member| {
+                let header = Header::new(Kind::Sync, request, &link.member);
+                (member, header.encode(&[]))
+            })
+            .collect();
+        self.count_published(Kind::Sync, messages.len());
+        let Ok(counts) = tokio::time::timeout_at(deadline, self.publish_each(link, messages)).await
+        else {
+            return;
+        };
+        let expected: usize = counts
+            .iter()
+            .map(|c| usize::try_from(c.unwrap_or(0)).unwrap_or(0))
+            .sum();
+        self.collect(&mut rx, expected, deadline).await;
     }
 }

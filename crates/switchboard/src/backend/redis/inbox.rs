@@ -300,10 +300,16 @@ impl Shared {
         let meta_ttl = ms(limits.meta_ttl).to_string();
         let (resume_epoch, resume_seq) =
             resume.map_or(("", 0), |point| (point.epoch.as_str(), point.seq));
-        let (reply,): (Value,) = with_scripts(self, &mut conn, |shas| {
+        let (previous, reply): (Option<String>, Value) = with_scripts(self, &mut conn, |shas| {
             let mut pipe = ::redis::pipe();
-            // The flag before the retention it covers.
-            self.flag_pipe(&mut pipe);
+            // The flag before the retention it covers (`GET`: was it
+            // there?).
+            pipe.cmd("SET")
+                .arg(self.keys.v1_flag())
+                .arg(1)
+                .arg("PX")
+                .arg(ms(hold(&self.inbox_limits) + FLAG_MARGIN))
+                .arg("GET");
             pipe.cmd("EVALSHA")
                 .arg(&shas.attach)
                 .arg(2)
@@ -318,6 +324,14 @@ impl Shared {
         })
         .await?;
         self.v1_seen();
+        if previous.is_none() && !self.client.is_cluster() {
+            // The first v1 ID of the cluster (or the first since the flag
+            // expired): other nodes may hold the flag as absent in their
+            // location cache, its invalidation on its way. Wait until they
+            // have handled it, so that a message sent after this hello's
+            // welcome is numbered (docs/scaling.md, "The location cache").
+            self.sync_nodes(link).await;
+        }
         let read = Read::parse(reply).ok_or_else(|| super::err("unexpected attach reply"))?;
         let (status, lost, replay) = match resume {
             None => (ResumeStatus::New, Vec::new(), Vec::new()),

@@ -12,8 +12,8 @@ use crate::metrics::Counter;
 pub(super) struct Stats {
     pub(super) connects: Counter,
     pub(super) connection_failures: Counter,
-    pub(super) published: [Counter; 4],
-    pub(super) received: [Counter; 4],
+    pub(super) published: [Counter; 5],
+    pub(super) received: [Counter; 5],
     pub(super) ack_timeouts: Counter,
     pub(super) acks_dropped: Counter,
     pub(super) invalid: Counter,
@@ -32,10 +32,11 @@ pub(super) fn kind_index(kind: Kind) -> usize {
         Kind::Pub => 1,
         Kind::Close => 2,
         Kind::Ack => 3,
+        Kind::Sync => 4,
     }
 }
 
-pub(super) const KIND_LABELS: [&str; 4] = ["send", "pub", "close", "ack"];
+pub(super) const KIND_LABELS: [&str; 5] = ["send", "pub", "close", "ack", "sync"];
 
 impl Stats {
     /// Appends the backend's metrics in the Prometheus text format.

@@ -15,6 +15,10 @@ pub(super) enum Kind {
     Close,
     /// An answer to `r`.
     Ack,
+    /// Answer once everything Redis sent before this is handled: the
+    /// barrier of the first v1 hello (`inbox.rs`), after which no node
+    /// still holds `P:v1` as absent in its location cache.
+    Sync,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
