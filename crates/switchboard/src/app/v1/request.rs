@@ -26,6 +26,11 @@ pub(crate) struct Request<'a> {
     pub(crate) kind: Kind<'a>,
 }
 
+/// What a request asks. `Send` is far larger than the others (its targets
+/// sit inline, up to 4 in a `SmallVec`, as the plain relay's do): a
+/// `Kind` lives on the stack for one frame, and boxing the targets would
+/// put back the allocation per send the immediate path removed.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub(crate) enum Kind<'a> {
     Hello {
