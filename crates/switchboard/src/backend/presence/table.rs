@@ -8,8 +8,8 @@
 //! its entry, so a change reaches them without another lookup, and the
 //! window finds a member by the ID hash already made. Callgrind
 //! (tests/presence_cost.rs, 20 clients churning one topic with a full
-//! watcher): presence adds 1,065 instructions per pair, 6.9 % of the
-//! churn; with a SipHashed map per lookup (connection sets, members,
+//! watcher): presence adds 1,065 to 1,324 instructions per pair, 6.9 to
+//! 8.2 % of the churn; with a SipHashed map per lookup (connection sets, members,
 //! watchers, window: 10 to 12 hashes per pair) it added 2,766. The guard
 //! `a_pair_hashes_the_topic_and_the_id_once_per_call` below counts the
 //! hashes.
