@@ -29,7 +29,7 @@ use crate::runtime::delivery::{push_json_str, push_u64};
 
 #[cfg(test)]
 mod differential;
-mod fast;
+pub(crate) mod fast;
 
 /// A relay or API request that could not be used: a stable `code` and a
 /// message that names what to fix. Sent to a WebSocket client as the text

@@ -138,8 +138,10 @@ impl MemoryBackend {
         message: &mut Shared<'_>,
         tally: &mut impl Tally,
     ) {
-        self.maybe_sweep();
-        let mut now = None;
+        // One clock read per send, shared by the sweep check and every
+        // inbox append (two before: the sweep read its own).
+        let now = Instant::now();
+        self.maybe_sweep(now);
         for (i, id) in targets.iter().enumerate() {
             let id: &str = id.borrow();
             let mut shard = self.shard(id).lock();
@@ -148,7 +150,6 @@ impl MemoryBackend {
                 continue;
             };
             let numbered = entry.inbox.as_mut().and_then(|inbox| {
-                let now = *now.get_or_insert_with(Instant::now);
                 inbox.append(message.arc(), now, &self.inbox_limits, &self.retained_bytes)
             });
             if matches!(numbered, Some((_, true))) {
@@ -184,7 +185,7 @@ impl MemoryBackend {
     ) -> SendReport {
         // No inbox here; the sweep keeps the `mid` store (used while the
         // caller cannot reach its own) from keeping expired senders.
-        self.maybe_sweep();
+        self.maybe_sweep(Instant::now());
         let mut report = SendReport::default();
         for (i, id) in targets.iter().enumerate() {
             let shard = self.shard(id).lock();
@@ -291,12 +292,12 @@ impl MemoryBackend {
     /// budget) and forgets inboxes whose meta has expired. Done on the
     /// sending path rather than by a task of its own, so that an idle
     /// backend costs nothing; one shard at a time keeps each pass short.
-    fn maybe_sweep(&self) {
+    /// `now` is the caller's clock read (a send reads the clock once).
+    fn maybe_sweep(&self, now: Instant) {
         let shard = {
             let Some(mut sweep) = self.sweep.try_lock() else {
                 return;
             };
-            let now = Instant::now();
             if now < sweep.1 + SWEEP_EVERY {
                 return;
             }
@@ -304,7 +305,6 @@ impl MemoryBackend {
             sweep.0 = (sweep.0 + 1) % SHARDS;
             sweep.0
         };
-        let now = Instant::now();
         self.clients[shard].lock().retain(|_, entry| {
             if let Some(inbox) = entry.inbox.as_mut() {
                 inbox.trim(now, &self.inbox_limits, &self.retained_bytes);

@@ -124,7 +124,7 @@ fn plain_string(input: &str, (start, end): Span) -> Option<&str> {
 /// The `targets` array starting at `start`, and the index after it: integers
 /// that fit 64 bits and strings without escapes that are valid client
 /// IDs, deduplicated as the serde path does ([`TargetsBuilder`]).
-fn parse_targets(
+pub(crate) fn parse_targets(
     input: &str,
     start: usize,
     max: usize,
@@ -191,7 +191,7 @@ fn parse_targets(
 /// A non-negative integer without fraction or exponent that fits a `u64`,
 /// and the index after it; `None` for anything else (serde_json reads
 /// those as floats).
-fn integer(bytes: &[u8], at: usize) -> Option<(u64, usize)> {
+pub(crate) fn integer(bytes: &[u8], at: usize) -> Option<(u64, usize)> {
     let mut n: u64 = 0;
     let mut end = at;
     while let Some(&digit @ b'0'..=b'9') = bytes.get(end) {

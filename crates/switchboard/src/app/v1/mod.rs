@@ -11,6 +11,7 @@
 //! runtime in the connection's v1 format (`runtime::delivery`), because they
 //! are queued by other connections and never pass through this handler.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -32,6 +33,7 @@ mod presence;
 pub(crate) mod reply;
 pub(crate) mod request;
 mod send_frame;
+mod send_scan;
 
 use presence::Presence;
 use request::{Kind, Request};
@@ -154,14 +156,27 @@ impl V1 {
             return None;
         }
         let hub = conn.hub();
-        let Request { id, kind } = send_frame::parse(text, hub.limits().max_targets)?;
-        let Kind::Send {
-            mid,
-            targets,
-            payload,
-        } = kind
-        else {
-            return None;
+        let max_targets = hub.limits().max_targets;
+        // The scanner first (no serde); what it leaves, serde's one pass.
+        let (id, mid, targets, payload) = match send_scan::scan(text, max_targets) {
+            Some(send) => (
+                send.id,
+                send.mid.map(Cow::Borrowed),
+                send.targets,
+                send.payload,
+            ),
+            None => {
+                let Request { id, kind } = send_frame::parse(text, max_targets)?;
+                let Kind::Send {
+                    mid,
+                    targets,
+                    payload,
+                } = kind
+                else {
+                    return None;
+                };
+                (id, mid, targets, payload.get())
+            }
         };
         let mid = mid.as_deref();
         if let Some(refusal) = forbidden_target(&self.permissions, &targets) {
@@ -182,9 +197,9 @@ impl V1 {
 
     /// The message of a send: the payload copied out of the read buffer,
     /// the sender, the `mid`.
-    fn message(&self, mid: Option<&str>, payload: &RawValue) -> Arc<Envelope> {
+    fn message(&self, mid: Option<&str>, payload: &str) -> Arc<Envelope> {
         Arc::new(
-            Envelope::json(Bytes::copy_from_slice(payload.get().as_bytes()))
+            Envelope::json(Bytes::copy_from_slice(payload.as_bytes()))
                 .from(Some(self.client_id.clone()))
                 .mid(mid),
         )
@@ -254,7 +269,7 @@ impl V1 {
             }
         }
         let ids = targets.client_ids();
-        let report = hub.deliver(&ids, &self.message(mid, payload)).await;
+        let report = hub.deliver(&ids, &self.message(mid, payload.get())).await;
         let outcomes = TargetOutcomes::from_report(&report, targets.ids.len());
         sent(id, mid, targets, &outcomes, pending)
     }
