@@ -101,18 +101,38 @@ fn digits_end(input: &[u8], mut at: usize) -> usize {
 }
 
 /// After an object's `{` or `,` (and whitespace): a key, its colon and
-/// the whitespace before the value. Returns where the value starts.
+/// the whitespace before the value. Returns the index just after the key's
+/// closing quote, whether the key holds an escape, and where the value
+/// starts.
 #[inline]
-fn member_value_start(input: &[u8], at: usize) -> Option<usize> {
+fn member(input: &[u8], at: usize) -> Option<(usize, bool, usize)> {
     if input.get(at) != Some(&b'"') {
         return None;
     }
-    let (end, _) = string_end(input, at + 1)?;
-    let colon = skip_ws(input, end);
+    let (key_end, escaped) = string_end(input, at + 1)?;
+    let colon = skip_ws(input, key_end);
     if input.get(colon) != Some(&b':') {
         return None;
     }
-    Some(skip_ws(input, colon + 1))
+    Some((key_end, escaped, skip_ws(input, colon + 1)))
+}
+
+/// Where a member's value starts (see [`member`]), whatever its key.
+#[inline]
+fn member_value_start(input: &[u8], at: usize) -> Option<usize> {
+    member(input, at).map(|(_, _, value)| value)
+}
+
+/// An object member's key without escapes: `at` is at the key's opening
+/// quote. Returns the key's bytes and where the member's value starts. A
+/// key with escapes answers `None`: it may spell a known field, which only
+/// serde_json decodes.
+#[inline]
+pub(crate) fn plain_key(input: &[u8], at: usize) -> Option<(&[u8], usize)> {
+    match member(input, at)? {
+        (key_end, false, value) => Some((&input[at + 1..key_end - 1], value)),
+        (_, true, _) => None,
+    }
 }
 
 /// A value's end: `at` is at its first byte (after any whitespace).

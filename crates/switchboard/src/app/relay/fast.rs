@@ -14,7 +14,7 @@
 //! Measured (callgrind, `callgrind-hotpath.sh relay`): see docs/design.md
 //! "Per-message costs".
 
-use crate::app::json_scan::{skip_ws, string_end, value_end};
+use crate::app::json_scan::{plain_key, skip_ws, string_end, value_end};
 use crate::id::{ClientId, Digits, Topic};
 
 use super::{Request, TargetName, Targets, TargetsBuilder, Written};
@@ -38,20 +38,7 @@ pub(super) fn parse(input: &str, max_targets: usize) -> Option<Request<'_>> {
         return None;
     }
     loop {
-        if bytes.get(at) != Some(&b'"') {
-            return None;
-        }
-        let (key_end, escaped) = string_end(bytes, at + 1)?;
-        if escaped {
-            // A key with escapes may spell a known field: serde_json decodes it.
-            return None;
-        }
-        let key = &bytes[at + 1..key_end - 1];
-        let colon = skip_ws(bytes, key_end);
-        if bytes.get(colon) != Some(&b':') {
-            return None;
-        }
-        let start = skip_ws(bytes, colon + 1);
+        let (key, start) = plain_key(bytes, at)?;
         let mut ignored = None;
         let field = match key {
             b"type" => &mut kind,

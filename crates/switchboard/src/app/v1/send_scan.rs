@@ -17,7 +17,7 @@
 //! [`send_frame::parse`]: super::send_frame::parse
 
 use super::request::MAX_MID_LEN;
-use crate::app::json_scan::{skip_ws, string_end, value_end};
+use crate::app::json_scan::{plain_key, skip_ws, string_end, value_end};
 use crate::app::relay::fast::{integer, parse_targets};
 use crate::app::relay::{TargetName, Targets};
 use crate::runtime::delivery::MAX_REQUEST_ID;
@@ -47,20 +47,7 @@ pub(super) fn scan(input: &str, max_targets: usize) -> Option<ScannedSend<'_>> {
     let mut payload = None;
     let mut at = skip_ws(bytes, SEND_START.len());
     loop {
-        if bytes.get(at) != Some(&b'"') {
-            return None;
-        }
-        let (key_end, escaped) = string_end(bytes, at + 1)?;
-        if escaped {
-            // It may spell a known field: serde decodes it.
-            return None;
-        }
-        let key = &bytes[at + 1..key_end - 1];
-        let colon = skip_ws(bytes, key_end);
-        if bytes.get(colon) != Some(&b':') {
-            return None;
-        }
-        let start = skip_ws(bytes, colon + 1);
+        let (key, start) = plain_key(bytes, at)?;
         let end = match key {
             b"id" if id.is_none() => {
                 // Non-negative integers only: serde's other readings of
