@@ -9,7 +9,8 @@
 # switchboard.v1: hello, sends with ids, an ack per send, msg envelopes
 # numbered in each receiver's inbox), echo (100 connections x 1 in flight,
 # 32 B text) or fanout (one relay frame to 2,000 subscribers, one publish
-# in flight).
+# in flight) or handshake (opens and closes 500, then 2,500 idle
+# connections with `hold`: instructions per connection, upgrade and close).
 #
 # Besides instructions per frame written, the relay workloads print
 # instructions per relayed delivery (`switchboard_relay_deliveries_total`):
@@ -32,7 +33,7 @@
 # switchboard-cli -p switchboard-bench).
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
-WORKLOAD=${1:?usage: callgrind-hotpath.sh relay|relay-v1|echo|fanout [OUT_DIR]}
+WORKLOAD=${1:?usage: callgrind-hotpath.sh relay|relay-v1|echo|fanout|handshake [OUT_DIR]}
 OUT=${2:-$(mktemp -d -t sb-callgrind-XXXXXX)}
 mkdir -p "$OUT"
 # Not SWITCHBOARD_*: the server refuses unknown variables with that prefix.
@@ -52,11 +53,29 @@ ADDR=$(grep -o 'listening on http://[0-9.:]*' "$LOG" | head -1 | sed 's|listenin
 [ -n "$ADDR" ] || { echo "the server did not start: $(cat "$LOG")" >&2; exit 1; }
 
 frames_out() {
+  if [ "$WORKLOAD" = handshake ]; then
+    connections
+    return
+  fi
   curl -sf "http://$ADDR/metrics" | awk '$1 == "switchboard_frames_out_total" {print $2}'
 }
 
 deliveries() {
   curl -sf "http://$ADDR/metrics" | awk '$1 == "switchboard_relay_deliveries_total" {print $2}'
+}
+
+metric() {
+  curl -sf "http://$ADDR/metrics" | awk -v name="$1" '$1 == name {print $2}'
+}
+
+# The handshake workload counts connections, not frames; it waits for the
+# closes to be handled so that each dump holds whole connections.
+connections() {
+  for _ in $(seq 300); do
+    [ "$(metric switchboard_connections_open)" = 0 ] && break
+    sleep 0.2
+  done
+  metric switchboard_connections_total
 }
 
 # Runs the load generator for a short (1) or long (2) run.
@@ -79,8 +98,12 @@ load() {
     "$B" --threads 1 fanout --url "ws://$ADDR/ws" --via relay -n 2000 -k 1 --drain 30 \
       -m "$([ "$long" = 2 ] && echo 60 || echo 20)"
     ;;
+  handshake)
+    "$B" --threads 1 hold --url "ws://$ADDR/ws" --settle 1 \
+      -n "$([ "$long" = 2 ] && echo 2500 || echo 500)"
+    ;;
   *)
-    echo "unknown workload $WORKLOAD: use relay, relay-v1, echo or fanout" >&2
+    echo "unknown workload $WORKLOAD: use relay, relay-v1, echo, fanout or handshake" >&2
     exit 2
     ;;
   esac
@@ -121,8 +144,9 @@ f0, f1, f2, i1, i2, d0, d1, d2 = map(int, (f0, f1, f2, i1, i2, d0, d1, d2))
 short, long_ = (f1 - f0), (f2 - f1)
 ok = all(json.load(open(f"{out}/{n}.json"))["ok"] for n in ("short", "long"))
 per = (i2 - i1) / (long_ - short)
-line = (f"{workload}: short run {short} frames {i1} Ir, long run {long_} frames {i2} Ir; "
-        f"{per:,.0f} instructions per frame written")
+unit = "connections" if workload == "handshake" else "frames"
+line = (f"{workload}: short run {short} {unit} {i1} Ir, long run {long_} {unit} {i2} Ir; "
+        f"{per:,.0f} instructions per {'connection' if workload == 'handshake' else 'frame written'}")
 dshort, dlong = (d1 - d0), (d2 - d1)
 if workload.startswith("relay") and dlong != dshort:
     line += f", {(i2 - i1) / (dlong - dshort):,.0f} per relayed delivery ({dlong} in the long run)"

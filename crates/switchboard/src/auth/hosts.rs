@@ -84,22 +84,35 @@ impl AllowedHosts {
 /// browsers answer them with loopback, so no outsider can point them
 /// elsewhere), `127.0.0.0/8`, `::1`, and `::ffff:127.x.y.z`.
 pub fn is_loopback_host(host: &str) -> bool {
-    let host = normalize(host);
-    if host == "localhost" || host.ends_with(".localhost") {
+    // Checked on every request's `Host`, so without the lower-case copy
+    // `normalize` makes (one allocation per request).
+    let host = strip_brackets_and_dot(host);
+    let localhost = |name: &str| name.eq_ignore_ascii_case("localhost");
+    if localhost(host)
+        || host
+            .len()
+            .checked_sub(".localhost".len())
+            .and_then(|dot| host.get(dot..))
+            .is_some_and(|tail| tail.starts_with('.') && localhost(&tail[1..]))
+    {
         return true;
     }
     host.parse::<IpAddr>()
         .is_ok_and(|ip| ip.to_canonical().is_loopback())
 }
 
-/// Lower case, without IPv6 brackets or a trailing dot.
-fn normalize(host: &str) -> String {
+/// Without IPv6 brackets or a trailing dot.
+fn strip_brackets_and_dot(host: &str) -> &str {
     let host = host
         .strip_prefix('[')
         .and_then(|h| h.strip_suffix(']'))
         .unwrap_or(host);
-    let host = host.strip_suffix('.').unwrap_or(host);
-    host.to_ascii_lowercase()
+    host.strip_suffix('.').unwrap_or(host)
+}
+
+/// Lower case, without IPv6 brackets or a trailing dot.
+fn normalize(host: &str) -> String {
+    strip_brackets_and_dot(host).to_ascii_lowercase()
 }
 
 fn parse(raw: &str) -> Result<HostPattern, HostError> {
@@ -174,6 +187,8 @@ mod tests {
             "LOCALHOST",
             "localhost.",
             "app.localhost",
+            "App.LocalHost.",
+            ".localhost",
             "127.0.0.1",
             "127.1.2.3",
             "[::1]",
@@ -186,6 +201,9 @@ mod tests {
             "evil.example",
             "localhost.evil.example",
             "mylocalhost",
+            "localhost..",
+            "é.localhos",
+            "élocalhost",
             "0.0.0.0",
             "10.0.0.1",
             "[::]",
